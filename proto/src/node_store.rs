@@ -1,0 +1,81 @@
+//! Where manifest nodes come from and go to. The core reads nodes through [`NodeSource`] and writes them through
+//! [`NodeSink`]; the daemon backs both with its on-disk store, tests and the simulator with a map.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::node::NodeHash;
+
+/// Error text from a node store's backing storage (the core cannot name the shell's error types).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("node store: {0}")]
+pub struct SourceError(pub String);
+
+pub trait NodeSource {
+    /// The encoded bytes of node `hash`, or `None` if this store does not hold it.
+    fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError>;
+
+    /// Whether this store holds node `hash`.
+    fn has_node(&self, hash: &NodeHash) -> Result<bool, SourceError> {
+        Ok(self.node_bytes(hash)?.is_some())
+    }
+}
+
+pub trait NodeSink {
+    /// Stores an encoded node under its hash (storing the same node twice is harmless).
+    fn put_node(&mut self, hash: NodeHash, bytes: Vec<u8>);
+}
+
+impl NodeSource for HashMap<NodeHash, Vec<u8>> {
+    fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
+        Ok(self.get(hash).cloned())
+    }
+}
+
+impl NodeSink for HashMap<NodeHash, Vec<u8>> {
+    fn put_node(&mut self, hash: NodeHash, bytes: Vec<u8>) {
+        self.entry(hash).or_insert(bytes);
+    }
+}
+
+impl NodeSource for BTreeMap<NodeHash, Vec<u8>> {
+    fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
+        Ok(self.get(hash).cloned())
+    }
+}
+
+impl NodeSink for BTreeMap<NodeHash, Vec<u8>> {
+    fn put_node(&mut self, hash: NodeHash, bytes: Vec<u8>) {
+        self.entry(hash).or_insert(bytes);
+    }
+}
+
+/// A sink that records what was written on top of a source: reads see both. Used to build a new manifest next to
+/// an old one and learn exactly which nodes are new.
+pub struct Overlay<'a, S> {
+    pub base: &'a S,
+    pub added: HashMap<NodeHash, Vec<u8>>,
+}
+
+impl<'a, S: NodeSource> Overlay<'a, S> {
+    pub fn new(base: &'a S) -> Self {
+        Self { base, added: HashMap::new() }
+    }
+}
+
+impl<S: NodeSource> NodeSource for Overlay<'_, S> {
+    fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
+        match self.added.get(hash) {
+            Some(bytes) => Ok(Some(bytes.clone())),
+            None => self.base.node_bytes(hash),
+        }
+    }
+}
+
+impl<S: NodeSource> NodeSink for Overlay<'_, S> {
+    fn put_node(&mut self, hash: NodeHash, bytes: Vec<u8>) {
+        if !self.added.contains_key(&hash) && matches!(self.base.has_node(&hash), Ok(true)) {
+            return;
+        }
+        self.added.insert(hash, bytes);
+    }
+}

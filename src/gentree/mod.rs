@@ -1,0 +1,1 @@
+//! Test-tree generator (being written).
