@@ -1,3 +1,14 @@
 //! mirrormesh: the daemon and command-line shell around the protocol core (`mirrormesh-proto`).
+//!
+//! # Layout
+//! - [`key`]: node keys (PKCS#8 PEM files) and the identities derived from them.
+//! - [`store`]: the node's crash-safe state database (manifest nodes, deltas, roots, scan cache).
+//! - [`scan`]: scanning a served tree into a manifest, with a stat cache.
+//! - [`publish`]: signing and recording a snapshot.
+//! - [`gentree`]: Alpine-like test trees for tests, benchmarks and the demo.
 
 pub mod gentree;
+pub mod key;
+pub mod publish;
+pub mod scan;
+pub mod store;

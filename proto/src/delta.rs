@@ -178,26 +178,40 @@ impl ManifestDelta {
         }
         order.sort_by_key(|p| (depth(p), *p));
 
-        let mut old_entries: HashMap<&str, Vec<Entry>> = HashMap::new();
+        // Top-down, find each directory's old root. Only directories that are parents of other rebuilt directories
+        // keep their entries in memory (they are needed to look their children up); the rest are loaded one at a
+        // time below, so memory stays bounded by the largest directory, not the tree.
+        let parents: BTreeSet<&str> = order.iter().filter(|p| !p.is_empty()).map(|p| split_parent(p).0).collect();
+        let mut parent_entries: HashMap<&str, Vec<Entry>> = HashMap::new();
+        let mut old_roots: HashMap<&str, NodeHash> = HashMap::new();
         for &path in &order {
             let root = if path.is_empty() {
                 self.base
             } else {
                 let (parent, name) = split_parent(path);
-                let parent_entries = old_entries.get(parent).ok_or_else(|| DeltaError::UnknownDir(path.to_owned()))?;
-                match parent_entries.iter().find(|e| e.name == name).map(|e| &e.kind) {
-                    Some(EntryKind::Dir { root, .. }) => *root,
+                let entries = parent_entries.get(parent).ok_or_else(|| DeltaError::UnknownDir(path.to_owned()))?;
+                match entries.binary_search_by(|e| e.name.as_str().cmp(name)).map(|i| &entries[i].kind) {
+                    Ok(EntryKind::Dir { root, .. }) => *root,
                     _ => return Err(DeltaError::UnknownDir(path.to_owned())),
                 }
             };
-            old_entries.insert(path, load_entries(source, &root)?);
+            old_roots.insert(path, root);
+            if parents.contains(path) {
+                parent_entries.insert(path, load_entries(source, &root)?);
+            }
         }
 
         let changes_of: HashMap<&str, &[DeltaChange]> =
             self.dirs.iter().map(|d| (d.path.as_str(), d.changes.as_slice())).collect();
         let mut rebuilt: HashMap<&str, NodeHash> = HashMap::new();
         for &path in order.iter().rev() {
-            let old = old_entries.remove(path).unwrap_or_default();
+            let old = match parent_entries.remove(path) {
+                Some(entries) => entries,
+                None => {
+                    let root = old_roots.get(path).ok_or_else(|| DeltaError::UnknownDir(path.to_owned()))?;
+                    load_entries(source, root)?
+                }
+            };
             let changes = changes_of.get(path).copied().unwrap_or_default();
             let mut entries = merge(path, old, changes)?;
             for entry in &mut entries {

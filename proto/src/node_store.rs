@@ -29,6 +29,10 @@ impl NodeSource for HashMap<NodeHash, Vec<u8>> {
     fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
         Ok(self.get(hash).cloned())
     }
+
+    fn has_node(&self, hash: &NodeHash) -> Result<bool, SourceError> {
+        Ok(self.contains_key(hash))
+    }
 }
 
 impl NodeSink for HashMap<NodeHash, Vec<u8>> {
@@ -40,6 +44,10 @@ impl NodeSink for HashMap<NodeHash, Vec<u8>> {
 impl NodeSource for BTreeMap<NodeHash, Vec<u8>> {
     fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
         Ok(self.get(hash).cloned())
+    }
+
+    fn has_node(&self, hash: &NodeHash) -> Result<bool, SourceError> {
+        Ok(self.contains_key(hash))
     }
 }
 
