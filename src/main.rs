@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use mirrormesh::gentree::{self, GenTreeArgs};
 use mirrormesh::key::NodeKey;
 use mirrormesh::publish::{DEFAULT_VALIDITY, PublishOptions, human_bytes, publish};
 use mirrormesh::store::StateStore;
@@ -36,6 +37,8 @@ enum Command {
     },
     /// Scan a tree, sign a new snapshot of it and record it in the state directory.
     Publish(PublishArgs),
+    /// Generate an Alpine-like repository tree (or update one) for tests, benchmarks and demos.
+    GenTree(GenTreeArgs),
 }
 
 #[derive(clap::Args)]
@@ -127,5 +130,6 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::GenTree(args) => gentree::run(&args),
     }
 }

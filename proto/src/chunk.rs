@@ -1,9 +1,9 @@
 //! The content model: a file's bytes are cut into fixed-size chunks, each named by the blake3 hash of its bytes.
 //!
-//! Why 1 MiB (see PROTOCOL.md, "Chunk size", for the numbers): 97% of Alpine packages fit in one chunk, so for
+//! Why 1 MiB (see PROTOCOL.md, "Chunk size", for the numbers): 93% of Alpine packages fit in one chunk, so for
 //! most files "a chunk" is "the file" and the per-request cost is paid per *batch* of files, not per chunk; the large
-//! files that carry most of the bytes (p99 15 MiB, max 124 MiB) still split into enough pieces to be fetched from
-//! several peers at once; and the chunk-id metadata for a 3.6 GiB repository stays at ~8,100 ids (260 KB).
+//! files that carry most of the bytes (p99 15 MiB, max 124 MiB) still split into 15 to 125 pieces, enough to be
+//! fetched from several peers at once; and the chunk ids of a 3.6 GiB repository stay at ~8,100 (260 KB).
 
 use crate::hash_id::hash_id;
 

@@ -131,7 +131,7 @@ impl ManifestDelta {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let delta: ManifestDelta = wire::decode(bytes, DELTA_BYTES_MAX)?;
+        let delta: ManifestDelta = wire::decode_canonical(bytes, DELTA_BYTES_MAX)?;
         for (i, dir) in delta.dirs.iter().enumerate() {
             validate_rel_path(&dir.path)?;
             if i > 0 && delta.dirs[i - 1].path >= dir.path {

@@ -4,8 +4,8 @@
 //! The daemon and the simulator drive the same code.
 //!
 //! Architecture invariant: no I/O. This crate opens no socket or file, reads no clock and draws no randomness; time
-//! is passed in as a [`Timestamp`], and collections whose order reaches an output are ordered. The root package's
-//! `tests/proto_purity.rs` fails if a dependency or an API that could break this appears.
+//! is passed in as a [`Timestamp`], and collections whose order reaches an output are ordered. This crate's
+//! `tests/purity.rs` fails if a dependency or an API that could break this appears.
 //!
 //! Architecture invariant: nothing from a peer is trusted before it is verified. Nodes and deltas are checked
 //! against their hash ([`node::verify_node`], [`delta::DeltaHash`]), roots against a pinned key, a sequence number

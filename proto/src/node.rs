@@ -81,7 +81,7 @@ impl Node {
 
     /// Decodes and validates a node (without checking its hash: see [`verify_node`]).
     pub fn decode(bytes: &[u8]) -> Result<Node, DecodeError> {
-        let node: Node = wire::decode(bytes, NODE_BYTES_MAX)?;
+        let node: Node = wire::decode_canonical(bytes, NODE_BYTES_MAX)?;
         node.validate()?;
         Ok(node)
     }

@@ -26,6 +26,8 @@ pub enum DecodeError {
     Malformed(String),
     #[error("{0} trailing bytes after the value")]
     TrailingBytes(usize),
+    #[error("not the canonical encoding of its value")]
+    NonCanonical,
     #[error("invalid value: {0}")]
     Invalid(&'static str),
     #[error("bad path: {0}")]
@@ -52,6 +54,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max_len: usize) -> Result<T, De
     let (value, rest) = postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes(rest.len()));
+    }
+    Ok(value)
+}
+
+/// [`decode`], and also refuses input that is not exactly what [`encode`] produces for the decoded value (postcard
+/// accepts overlong varints). Content-addressed objects use this, so one value has one encoding and one hash.
+pub fn decode_canonical<T: DeserializeOwned + Serialize>(bytes: &[u8], max_len: usize) -> Result<T, DecodeError> {
+    let value = decode(bytes, max_len)?;
+    if encode(&value) != bytes {
+        return Err(DecodeError::NonCanonical);
     }
     Ok(value)
 }

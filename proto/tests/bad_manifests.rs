@@ -150,3 +150,23 @@ fn bad_deltas_are_refused() {
         Err(mirrormesh_proto::delta::DeltaError::RemoveMissing(_))
     ));
 }
+
+/// Found by the `decode_node` fuzz target: postcard accepts an overlong varint (here a directory mode `109` written
+/// as `0xED 0x00`), so the same node had two encodings and two hashes. Node decoding now accepts only the
+/// canonical encoding.
+#[test]
+fn non_canonical_node_encoding_is_refused() {
+    let crash: &[u8] = &[
+        1, 0, 2, 4, 101, 100, 103, 101, 2, 237, 0, 0, 0, 0, 0, 0, 0, 9, 153, 156, 158, 67, 139, 211, 158, 197, 44, 201,
+        24, 83, 56, 111, 237, 135, 145, 63, 103, 53, 130, 89, 152, 160, 193, 13, 108, 97, 116, 101, 115, 116, 45, 115,
+        116, 97, 98, 108, 101, 1, 4, 101, 100, 103, 101,
+    ];
+    assert_eq!(Node::decode(crash), Err(DecodeError::NonCanonical));
+    // The canonical form of the same value still decodes.
+    let canonical = [
+        1, 0, 2, 4, 101, 100, 103, 101, 2, 109, 0, 0, 0, 0, 0, 0, 9, 153, 156, 158, 67, 139, 211, 158, 197, 44, 201,
+        24, 83, 56, 111, 237, 135, 145, 63, 103, 53, 130, 89, 152, 160, 193, 13, 108, 97, 116, 101, 115, 116, 45, 115,
+        116, 97, 98, 108, 101, 1, 4, 101, 100, 103, 101,
+    ];
+    assert!(Node::decode(&canonical).is_ok());
+}
