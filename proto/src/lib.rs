@@ -23,6 +23,9 @@
 //! - [`root`]: signed roots, the publisher trust store and rollback protection.
 //! - [`wire`]: the versioned, bounded encoding every message and object uses.
 //! - [`node_store`]: the traits through which the core reads and writes nodes.
+//! - [`control`]: control-plane messages (hello, have, node and delta fetches) and the gossip topic.
+//! - [`transfer`]: data-plane messages (chunk requests and replies).
+//! - [`sync`]: the sync engine: manifest fetch, chunk scheduler, the origin's super-seeding, apply ordering.
 //! - [`timestamp`]: time, as passed in.
 //!
 //! The protocol itself (every message, object and limit) is specified in `PROTOCOL.md` beside this crate.
@@ -33,6 +36,7 @@ mod hash_id;
 
 pub mod builder;
 pub mod chunk;
+pub mod control;
 pub mod delta;
 pub mod diff;
 pub mod entry;
@@ -40,7 +44,9 @@ pub mod node;
 pub mod node_store;
 pub mod path;
 pub mod root;
+pub mod sync;
 pub mod timestamp;
+pub mod transfer;
 pub mod tree;
 pub mod wire;
 

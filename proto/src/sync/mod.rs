@@ -1,0 +1,875 @@
+//! The sync engine: one repository's state machine, shared by the daemon and the simulator.
+//!
+//! The engine decides; its caller does. It takes events (a peer connected, a root arrived, nodes or chunks
+//! arrived, a tick) with the current time and returns what to do as [`Output`]s. It never reads a clock, opens a
+//! socket or touches a disk: manifest nodes are read through a [`NodeSource`] the caller passes in, and everything
+//! else the engine learns from events.
+//!
+//! # Call order
+//! 1. Create with [`Engine::new`] from the persisted state (the applied snapshot and the newest accepted root).
+//! 2. Feed events through the `handle_*` methods as they happen, each with the current time.
+//! 3. After every call, drain [`Engine::poll_output`] and execute the outputs **in order**. `StoreNodes` must be
+//!    durable and readable through the source before the next call; `Stage` is answered by
+//!    [`Engine::handle_staged`], `Apply` by [`Engine::handle_applied`], each fetch by its answer or failure.
+//! 4. Call [`Engine::handle_tick`] periodically (every few tens of milliseconds) and whenever
+//!    [`Engine::wants_tick`] says deferred work is waiting.
+//!
+//! # Life of a snapshot (mirror role)
+//! A newer root is accepted ([`RootTracker`]) → its manifest is fetched (the delta when this node holds its base,
+//! otherwise nodes; [`manifest_fetch`]) → the diff against the applied snapshot gives the files to stage → the
+//! caller stages them, copying chunks it already holds, and reports what it holds → the rest is fetched from peers
+//! ([`scheduler`]), with the origin asked only for chunks no peer holds → every chunk held: `Apply` → applied:
+//! the node announces that it is complete at the new snapshot.
+//!
+//! The origin role publishes instead of syncing ([`Engine::handle_published`]) and answers chunk requests through
+//! [`Engine::serve_decision`] ([`seeder`]).
+
+pub mod manifest_fetch;
+pub mod scheduler;
+pub mod seeder;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::chunk::{ChunkId, chunk_range};
+use crate::control::{HAVE_CHUNKS_MAX, Have, Hello};
+use crate::delta::DeltaHash;
+use crate::diff::{Change, diff};
+use crate::entry::{EntryKind, FileMeta};
+use crate::node::NodeHash;
+use crate::node_store::{NodeSource, SourceError};
+use crate::root::{PublisherKey, RepoId, RootError, RootTracker, SignedRoot, VerifiedRoot};
+use crate::timestamp::Timestamp;
+use manifest_fetch::{FetchOut, ManifestFetch};
+use scheduler::{BanReason, ChunkOutcome, SchedOut, Scheduler, SchedulerLimits};
+use seeder::{Seeder, SeederLimits, ServeDecision};
+
+/// What the engine needs of a peer identity: the daemon uses libp2p `PeerId`s, the simulator integers.
+pub trait PeerKey: Clone + Ord + Eq + std::hash::Hash + std::fmt::Debug {}
+impl<T: Clone + Ord + Eq + std::hash::Hash + std::fmt::Debug> PeerKey for T {}
+
+/// Correlates an answer with the request the engine asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReqId(pub u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Publishes snapshots and serves them, handing each chunk out about once.
+    Origin,
+    /// Follows the origin's snapshots, fetching from peers first.
+    Mirror,
+}
+
+/// Chunks one peer may be recorded as holding (beyond it, its announcements are ignored).
+pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 22;
+/// How often newly held chunks are announced to peers.
+pub const HAVE_FLUSH_MS: u64 = 50;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig<P> {
+    pub repo: RepoId,
+    pub role: Role,
+    /// Publisher keys whose roots are accepted.
+    pub trusted: Vec<PublisherKey>,
+    /// Peers that are origins: asked last, and only for chunks no other peer holds.
+    pub origins: BTreeSet<P>,
+    /// Mixed into chunk tie-breaking so that nodes start on different chunks (derive it from the node id).
+    pub salt: u64,
+    pub scheduler: SchedulerLimits,
+    pub seeder: SeederLimits,
+}
+
+/// A file to stage for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageFile {
+    pub path: String,
+    pub meta: FileMeta,
+}
+
+/// Where a root came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootVia<P> {
+    Gossip(P),
+    Hello(P),
+    /// Local state or the operator.
+    Local,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output<P> {
+    /// Publish this root on the repository's gossip topic.
+    Gossip(SignedRoot),
+    /// Send this hello to a peer (as a request; it answers with its own).
+    SendHello(P, Hello),
+    SendHave(P, Have),
+    FetchNodes {
+        peer: P,
+        req: ReqId,
+        hashes: Vec<crate::node::NodeHash>,
+    },
+    FetchDelta {
+        peer: P,
+        req: ReqId,
+        hash: DeltaHash,
+    },
+    /// Verified manifest nodes, children before parents: store them durably, in order.
+    StoreNodes(Vec<(NodeHash, Vec<u8>)>),
+    /// A verified delta: keep it to serve to peers.
+    StoreDelta(DeltaHash, Vec<u8>),
+    /// Prepare staging for these files (copy chunks held locally), then call `handle_staged`.
+    Stage {
+        seq: u64,
+        files: Vec<StageFile>,
+    },
+    FetchChunks {
+        peer: P,
+        req: ReqId,
+        chunks: Vec<ChunkId>,
+    },
+    /// Stop a chunk request (its chunks arrived elsewhere, it timed out, or the peer was banned).
+    Cancel {
+        peer: P,
+        req: ReqId,
+    },
+    /// Every chunk is staged and verified: apply the changes to the served tree, then call `handle_applied`.
+    Apply {
+        target: VerifiedRoot,
+        changes: Vec<Change>,
+    },
+    /// Stop using this peer for the current snapshot.
+    Ban {
+        peer: P,
+        reason: BanReason,
+    },
+    Notice(Notice<P>),
+}
+
+/// Things worth counting or logging.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice<P> {
+    RootAccepted {
+        seq: u64,
+    },
+    RootRejected {
+        from: Option<P>,
+        error: RootError,
+    },
+    /// The delta did not reproduce the signed root; nodes were fetched instead.
+    DeltaRejected,
+    /// Some needed chunk is held by no connected peer and no origin is connected.
+    WaitingForOrigin {
+        chunks: usize,
+    },
+    /// The manifest could not be read or diffed (a damaged store); retried on the next tick.
+    ManifestError(String),
+    /// A peer spoke about a repository this node does not follow.
+    WrongRepo {
+        from: P,
+    },
+    SyncComplete {
+        seq: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineStatus {
+    pub repo: RepoId,
+    /// The applied snapshot.
+    pub current: Option<(u64, NodeHash)>,
+    /// The snapshot being synced to.
+    pub target: Option<(u64, NodeHash)>,
+    pub phase: &'static str,
+    pub bytes_missing: u64,
+    pub chunks_missing: usize,
+    pub waiting_for_origin: bool,
+    pub peers: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+struct PeerInfo {
+    is_origin: bool,
+    /// Its hello arrived.
+    greeted: bool,
+    /// Sequence number of the newest valid root it told us about.
+    advertised: Option<u64>,
+    complete_seq: Option<u64>,
+    /// Chunks it announced since it last completed a snapshot.
+    holdings: BTreeSet<ChunkId>,
+}
+
+enum Phase<P: PeerKey> {
+    Idle,
+    Manifest {
+        target: VerifiedRoot,
+        fetch: ManifestFetch<P>,
+    },
+    /// The manifest is complete; planning waits for the next call so the store holds every node.
+    Planned {
+        target: VerifiedRoot,
+    },
+    Staging {
+        target: VerifiedRoot,
+        changes: Vec<Change>,
+        files: Vec<StageFile>,
+    },
+    Transfer {
+        target: VerifiedRoot,
+        changes: Vec<Change>,
+        sched: Scheduler<P>,
+        held: BTreeSet<ChunkId>,
+    },
+    Applying {
+        target: VerifiedRoot,
+    },
+}
+
+pub struct Engine<P: PeerKey> {
+    cfg: EngineConfig<P>,
+    roots: RootTracker,
+    current: Option<VerifiedRoot>,
+    phase: Phase<P>,
+    peers: BTreeMap<P, PeerInfo>,
+    /// Peers banned for the snapshot being synced.
+    banned: BTreeSet<P>,
+    seeder: Seeder<P>,
+    next_req: u64,
+    out: VecDeque<Output<P>>,
+    have_outbox: Vec<ChunkId>,
+    last_have_flush: Timestamp,
+    waiting_for_origin: bool,
+}
+
+impl<P: PeerKey> Engine<P> {
+    /// An engine restored from persisted state: `current` is the applied snapshot, `latest` the newest accepted
+    /// root (which may be newer: the sync resumes on the first tick).
+    pub fn new(cfg: EngineConfig<P>, current: Option<VerifiedRoot>, latest: Option<VerifiedRoot>) -> Self {
+        let mut roots = RootTracker::new(cfg.trusted.iter().copied(), [cfg.repo.clone()]);
+        if let Some(root) = latest.clone().or_else(|| current.clone()) {
+            roots.restore(root);
+        }
+        let seeder = Seeder::new(cfg.seeder.clone());
+        let mut engine = Self {
+            cfg,
+            roots,
+            current,
+            phase: Phase::Idle,
+            peers: BTreeMap::new(),
+            banned: BTreeSet::new(),
+            seeder,
+            next_req: 0,
+            out: VecDeque::new(),
+            have_outbox: Vec::new(),
+            last_have_flush: Timestamp(0),
+            waiting_for_origin: false,
+        };
+        if let Some(latest) = latest
+            && engine.is_newer(&latest)
+            && engine.cfg.role == Role::Mirror
+        {
+            // Resumed on the first call with a source (the manifest may be complete already).
+            engine.phase = Phase::Manifest { fetch: ManifestFetch::resume(latest.body.root), target: latest };
+        }
+        engine
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output<P>> {
+        self.out.pop_front()
+    }
+
+    /// Deferred work is waiting for a call with a source (see the call order).
+    pub fn wants_tick(&self) -> bool {
+        matches!(self.phase, Phase::Planned { .. })
+            || matches!(&self.phase, Phase::Manifest { fetch, .. } if fetch.needs_start())
+    }
+
+    pub fn current(&self) -> Option<&VerifiedRoot> {
+        self.current.as_ref()
+    }
+
+    /// The newest accepted root.
+    pub fn latest(&self) -> Option<&VerifiedRoot> {
+        self.roots.latest(&self.cfg.repo)
+    }
+
+    pub fn role(&self) -> Role {
+        self.cfg.role
+    }
+
+    /// This node's hello (the caller adds its data-plane addresses).
+    pub fn hello(&self) -> Hello {
+        Hello {
+            repo: self.cfg.repo.clone(),
+            root: self.latest().map(|r| r.signed.clone()),
+            complete_seq: self.current.as_ref().map(|c| c.body.seq),
+            data_addrs: Vec::new(),
+        }
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        let (phase, target, bytes_missing, chunks_missing) = match &self.phase {
+            Phase::Idle => ("idle", None, 0, 0),
+            Phase::Manifest { target, .. } | Phase::Planned { target } => ("fetching-manifest", Some(target), 0, 0),
+            Phase::Staging { target, .. } => ("staging", Some(target), 0, 0),
+            Phase::Transfer { target, sched, .. } => {
+                ("transferring", Some(target), sched.bytes_missing(), sched.chunks_missing())
+            }
+            Phase::Applying { target } => ("applying", Some(target), 0, 0),
+        };
+        EngineStatus {
+            repo: self.cfg.repo.clone(),
+            current: self.current.as_ref().map(|c| (c.body.seq, c.body.root)),
+            target: target.map(|t| (t.body.seq, t.body.root)),
+            phase,
+            bytes_missing,
+            chunks_missing,
+            waiting_for_origin: self.waiting_for_origin,
+            peers: self.peers.values().filter(|p| p.greeted).count(),
+        }
+    }
+
+    pub fn is_banned(&self, peer: &P) -> bool {
+        self.banned.contains(peer)
+    }
+
+    // ---- events -------------------------------------------------------------------------------------------
+
+    pub fn handle_peer_connected(&mut self, _now: Timestamp, peer: P) {
+        let is_origin = self.cfg.origins.contains(&peer);
+        self.peers.entry(peer.clone()).or_insert(PeerInfo {
+            is_origin,
+            greeted: false,
+            advertised: None,
+            complete_seq: None,
+            holdings: BTreeSet::new(),
+        });
+        self.out.push_back(Output::SendHello(peer, self.hello()));
+    }
+
+    pub fn handle_peer_disconnected(&mut self, now: Timestamp, peer: &P) {
+        self.peers.remove(peer);
+        match &mut self.phase {
+            Phase::Manifest { fetch, .. } => fetch.on_peer_gone(peer),
+            Phase::Transfer { sched, .. } => {
+                let outs = sched.remove_peer(peer);
+                self.sched_outputs(outs);
+            }
+            _ => {}
+        }
+        self.pump(now);
+    }
+
+    pub fn handle_hello(
+        &mut self,
+        now: Timestamp,
+        peer: P,
+        hello: Hello,
+        source: &impl NodeSource,
+    ) -> Result<(), EngineError> {
+        if hello.repo != self.cfg.repo {
+            self.out.push_back(Output::Notice(Notice::WrongRepo { from: peer }));
+            return Ok(());
+        }
+        let is_origin = self.cfg.origins.contains(&peer);
+        let info = self.peers.entry(peer.clone()).or_insert(PeerInfo {
+            is_origin,
+            greeted: false,
+            advertised: None,
+            complete_seq: None,
+            holdings: BTreeSet::new(),
+        });
+        let first = !info.greeted;
+        info.greeted = true;
+        info.complete_seq = hello.complete_seq;
+        if let Some(root) = hello.root {
+            self.handle_root(now, RootVia::Hello(peer.clone()), root, source)?;
+        }
+        if let Phase::Transfer { target, sched, held, .. } = &mut self.phase {
+            let seq = target.body.seq;
+            let holds_all = hello.complete_seq == Some(seq);
+            sched.set_peer(&peer, is_origin, holds_all);
+            if first {
+                // Tell the newcomer what we already hold of this snapshot.
+                let complete_seq = self.current.as_ref().map(|c| c.body.seq);
+                let held: Vec<ChunkId> = held.iter().copied().collect();
+                for part in held.chunks(HAVE_CHUNKS_MAX) {
+                    let have = Have { repo: self.cfg.repo.clone(), seq, complete_seq, chunks: part.to_vec() };
+                    self.out.push_back(Output::SendHave(peer.clone(), have));
+                }
+            }
+        }
+        self.advance(now, source)
+    }
+
+    pub fn handle_root(
+        &mut self,
+        now: Timestamp,
+        via: RootVia<P>,
+        root: SignedRoot,
+        source: &impl NodeSource,
+    ) -> Result<(), EngineError> {
+        let from = match &via {
+            RootVia::Gossip(p) | RootVia::Hello(p) => Some(p.clone()),
+            RootVia::Local => None,
+        };
+        match self.roots.accept(now, &root) {
+            Ok(verified) => {
+                if let Some(info) = from.as_ref().and_then(|p| self.peers.get_mut(p)) {
+                    info.advertised = Some(verified.body.seq);
+                }
+                self.out.push_back(Output::Notice(Notice::RootAccepted { seq: verified.body.seq }));
+                if matches!(via, RootVia::Hello(_)) {
+                    // Learned outside gossip: pass it on so peers that missed the gossip message hear of it.
+                    self.out.push_back(Output::Gossip(root));
+                }
+                if self.cfg.role == Role::Mirror {
+                    self.start_sync(now, verified, source)?;
+                }
+            }
+            Err(RootError::Replay { seq }) => {
+                if let Some(info) = from.as_ref().and_then(|p| self.peers.get_mut(p)) {
+                    info.advertised = info.advertised.max(Some(seq));
+                }
+            }
+            Err(error) => {
+                if let (Err(RootError::Rollback { .. }) | Err(RootError::Equivocation { .. }), Some(p)) =
+                    (self.roots.check(now, &root), &from)
+                    && let Some(info) = self.peers.get_mut(p)
+                    && let Ok(body) = root.verify_signature()
+                {
+                    // A validly signed but older root still tells us what the peer holds.
+                    info.advertised = info.advertised.max(Some(body.seq));
+                }
+                self.out.push_back(Output::Notice(Notice::RootRejected { from, error }));
+            }
+        }
+        self.pump(now);
+        Ok(())
+    }
+
+    pub fn handle_have(&mut self, now: Timestamp, peer: P, have: Have) {
+        if have.repo != self.cfg.repo {
+            self.out.push_back(Output::Notice(Notice::WrongRepo { from: peer }));
+            return;
+        }
+        let Some(info) = self.peers.get_mut(&peer) else { return };
+        if have.complete_seq > info.complete_seq {
+            info.holdings.clear();
+        }
+        info.complete_seq = info.complete_seq.max(have.complete_seq);
+        for id in &have.chunks {
+            if info.holdings.len() >= HOLDINGS_PER_PEER_MAX {
+                break;
+            }
+            info.holdings.insert(*id);
+        }
+        let (is_origin, complete_seq) = (info.is_origin, info.complete_seq);
+        if let Phase::Transfer { target, sched, .. } = &mut self.phase {
+            sched.set_peer(&peer, is_origin, complete_seq == Some(target.body.seq));
+            for id in &have.chunks {
+                sched.add_holding(&peer, id);
+            }
+        }
+        self.pump(now);
+    }
+
+    pub fn handle_nodes(
+        &mut self,
+        now: Timestamp,
+        _peer: P,
+        req: ReqId,
+        nodes: Vec<Option<Vec<u8>>>,
+        source: &impl NodeSource,
+    ) -> Result<(), EngineError> {
+        if let Phase::Manifest { fetch, .. } = &mut self.phase {
+            let outs = fetch.on_nodes(req, nodes, source)?;
+            self.fetch_outputs(outs);
+        }
+        self.advance(now, source)
+    }
+
+    pub fn handle_delta(
+        &mut self,
+        now: Timestamp,
+        _peer: P,
+        req: ReqId,
+        delta: Option<Vec<u8>>,
+        source: &impl NodeSource,
+    ) -> Result<(), EngineError> {
+        if let Phase::Manifest { fetch, .. } = &mut self.phase {
+            let outs = fetch.on_delta(req, delta, source)?;
+            self.fetch_outputs(outs);
+        }
+        self.advance(now, source)
+    }
+
+    /// A node or delta request failed.
+    pub fn handle_fetch_failed(&mut self, now: Timestamp, _peer: P, req: ReqId) {
+        if let Phase::Manifest { fetch, .. } = &mut self.phase {
+            fetch.on_failed(req);
+        }
+        self.pump(now);
+    }
+
+    /// The caller staged snapshot `seq` and holds these chunks of it (copied locally or verified from an earlier
+    /// run).
+    pub fn handle_staged(&mut self, now: Timestamp, seq: u64, held: Vec<ChunkId>) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let Phase::Staging { target, changes, files } = phase else {
+            self.phase = phase;
+            return;
+        };
+        if target.body.seq != seq {
+            self.phase = Phase::Staging { target, changes, files };
+            return;
+        }
+        let held: BTreeSet<ChunkId> = held.into_iter().collect();
+        let needed = files.iter().flat_map(|f| {
+            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| {
+                let (_, len) = chunk_range(f.meta.size, i as u64)?;
+                (!held.contains(id)).then_some((*id, len))
+            })
+        });
+        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, needed);
+        for (peer, info) in &self.peers {
+            if !info.greeted || self.banned.contains(peer) {
+                continue;
+            }
+            sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
+            for id in &info.holdings {
+                sched.add_holding(peer, id);
+            }
+        }
+        self.have_outbox.extend(held.iter().copied());
+        self.phase = Phase::Transfer { target, changes, sched, held };
+        self.finish_if_done(now);
+        self.pump(now);
+    }
+
+    /// One chunk of request `req` turned out as `outcome` (the caller verified the hash).
+    pub fn handle_chunk(&mut self, now: Timestamp, _peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
+        let Phase::Transfer { sched, held, .. } = &mut self.phase else { return };
+        let verified = outcome == ChunkOutcome::Verified;
+        let outs = sched.on_chunk(now, req, &id, outcome);
+        if verified && held.insert(id) {
+            self.have_outbox.push(id);
+        }
+        self.sched_outputs(outs);
+        self.finish_if_done(now);
+        self.pump(now);
+    }
+
+    /// A chunk request finished: `bytes` of chunk data arrived over it.
+    pub fn handle_chunks_done(&mut self, now: Timestamp, _peer: P, req: ReqId, bytes: u64) {
+        if let Phase::Transfer { sched, .. } = &mut self.phase {
+            sched.on_request_done(now, req, bytes);
+        }
+        self.pump(now);
+    }
+
+    pub fn handle_chunks_failed(&mut self, now: Timestamp, _peer: P, req: ReqId) {
+        if let Phase::Transfer { sched, .. } = &mut self.phase {
+            sched.on_request_failed(req);
+        }
+        self.pump(now);
+    }
+
+    /// The caller applied snapshot `seq` to the served tree.
+    pub fn handle_applied(&mut self, now: Timestamp, seq: u64, source: &impl NodeSource) -> Result<(), EngineError> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let Phase::Applying { target } = phase else {
+            self.phase = phase;
+            return Ok(());
+        };
+        if target.body.seq != seq {
+            self.phase = Phase::Applying { target };
+            return Ok(());
+        }
+        self.current = Some(target);
+        self.banned.clear();
+        self.waiting_for_origin = false;
+        for info in self.peers.values_mut() {
+            info.holdings.clear();
+        }
+        self.out.push_back(Output::Notice(Notice::SyncComplete { seq }));
+        self.announce_complete(seq);
+        if let Some(latest) = self.latest().cloned()
+            && self.is_newer(&latest)
+        {
+            self.start_sync(now, latest, source)?;
+        }
+        Ok(())
+    }
+
+    /// Origin role: a snapshot was published locally (its nodes are in the store).
+    pub fn handle_published(&mut self, now: Timestamp, root: SignedRoot) -> Result<(), RootError> {
+        let verified = self.roots.accept(now, &root)?;
+        let seq = verified.body.seq;
+        self.current = Some(verified);
+        self.seeder.reset();
+        for info in self.peers.values_mut() {
+            info.holdings.clear();
+        }
+        self.out.push_back(Output::Gossip(root));
+        self.announce_complete(seq);
+        Ok(())
+    }
+
+    /// How to answer `peer`'s request for chunk `id` (only the origin ever redirects).
+    pub fn serve_decision(&mut self, now: Timestamp, peer: &P, id: &ChunkId) -> ServeDecision<P> {
+        if self.cfg.role != Role::Origin {
+            return ServeDecision::Serve;
+        }
+        let seq = self.current.as_ref().map(|c| c.body.seq);
+        let holders: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(p, info)| {
+                *p != peer && info.greeted && (info.complete_seq == seq && seq.is_some() || info.holdings.contains(id))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        let peers = &self.peers;
+        self.seeder.decide(now, peer, id, &holders, |p| peers.contains_key(p))
+    }
+
+    pub fn seeder_counts(&self) -> (u64, u64) {
+        (self.seeder.served, self.seeder.redirects)
+    }
+
+    pub fn handle_tick(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
+        match &mut self.phase {
+            Phase::Manifest { fetch, .. } => {
+                for (_, req) in fetch.overdue(now) {
+                    fetch.on_failed(req);
+                }
+            }
+            Phase::Transfer { sched, .. } => {
+                let outs = sched.on_tick(now);
+                self.sched_outputs(outs);
+            }
+            _ => {}
+        }
+        if now.millis_since(self.last_have_flush) >= HAVE_FLUSH_MS {
+            self.flush_haves(now);
+        }
+        self.advance(now, source)
+    }
+
+    // ---- internals ----------------------------------------------------------------------------------------
+
+    fn is_newer(&self, root: &VerifiedRoot) -> bool {
+        self.current.as_ref().is_none_or(|c| root.body.seq > c.body.seq)
+    }
+
+    fn start_sync(
+        &mut self,
+        now: Timestamp,
+        target: VerifiedRoot,
+        source: &impl NodeSource,
+    ) -> Result<(), EngineError> {
+        if !self.is_newer(&target) {
+            return Ok(());
+        }
+        match &self.phase {
+            // Finish applying first; `handle_applied` picks up the newer root.
+            Phase::Applying { .. } => return Ok(()),
+            Phase::Manifest { target: t, .. }
+            | Phase::Planned { target: t }
+            | Phase::Staging { target: t, .. }
+            | Phase::Transfer { target: t, .. }
+                if t.body.seq >= target.body.seq =>
+            {
+                return Ok(());
+            }
+            _ => {}
+        }
+        // Abandon a sync to an older snapshot (staged chunks stay staged and are found again).
+        if let Phase::Transfer { sched, .. } = &mut self.phase {
+            let outs = sched.cancel_all();
+            self.sched_outputs(outs);
+        }
+        self.banned.clear();
+        let base = self.current.as_ref().map(|c| c.body.root);
+        let delta = target.body.delta.as_ref().filter(|d| Some(d.base_root) == base).map(|d| (d.hash, d.base_root));
+        let fetch = ManifestFetch::new(target.body.root, delta, source)?;
+        self.phase = if fetch.is_complete() { Phase::Planned { target } } else { Phase::Manifest { target, fetch } };
+        self.advance(now, source)
+    }
+
+    /// Moves deferred phases forward: a started fetch, a complete manifest to plan.
+    fn advance(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
+        if let Phase::Manifest { fetch, .. } = &mut self.phase
+            && fetch.needs_start()
+        {
+            *fetch = ManifestFetch::new(fetch.root(), None, source)?;
+        }
+        if let Phase::Manifest { fetch, target } = &self.phase
+            && fetch.is_complete()
+        {
+            let target = target.clone();
+            self.phase = Phase::Planned { target };
+            // The nodes just completed are handed to the store by outputs not yet executed: plan on the next call.
+            self.pump(now);
+            return Ok(());
+        }
+        if let Phase::Planned { target } = &self.phase {
+            let target = target.clone();
+            self.plan(now, target, source)?;
+        }
+        self.pump(now);
+        Ok(())
+    }
+
+    fn plan(&mut self, now: Timestamp, target: VerifiedRoot, source: &impl NodeSource) -> Result<(), EngineError> {
+        let base = self.current.as_ref().map(|c| c.body.root);
+        let changes = match diff(source, base.as_ref(), &target.body.root) {
+            Ok((changes, _)) => changes,
+            Err(crate::diff::DiffError::Source(e)) => return Err(e.into()),
+            Err(crate::diff::DiffError::Missing(hash)) => {
+                // A node the store should hold is gone: fetch that subtree again, then plan again.
+                self.out
+                    .push_back(Output::Notice(Notice::ManifestError(format!("node {hash} missing from the store"))));
+                self.phase = Phase::Manifest { fetch: ManifestFetch::resume(hash), target };
+                return Ok(());
+            }
+            Err(e) => {
+                // A stored node is damaged or the manifest breaks a rule: nothing to apply until a new root.
+                self.out.push_back(Output::Notice(Notice::ManifestError(e.to_string())));
+                self.phase = Phase::Idle;
+                return Ok(());
+            }
+        };
+        let files: Vec<StageFile> = changes
+            .iter()
+            .filter_map(|c| match c.new.as_ref().map(|e| &e.kind) {
+                Some(EntryKind::File(meta)) => Some(StageFile { path: c.path.clone(), meta: meta.clone() }),
+                _ => None,
+            })
+            .collect();
+        let seq = target.body.seq;
+        self.out.push_back(Output::Stage { seq, files: files.clone() });
+        self.phase = Phase::Staging { target, changes, files };
+        let _ = now;
+        Ok(())
+    }
+
+    fn finish_if_done(&mut self, now: Timestamp) {
+        let done = matches!(&self.phase, Phase::Transfer { sched, .. } if sched.is_done());
+        if !done {
+            return;
+        }
+        self.flush_haves(now);
+        if let Phase::Transfer { target, changes, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
+            self.out.push_back(Output::Apply { target: target.clone(), changes });
+            self.phase = Phase::Applying { target };
+        }
+    }
+
+    fn pump(&mut self, now: Timestamp) {
+        let mut next = self.next_req;
+        let mut next_req = || {
+            next += 1;
+            ReqId(next)
+        };
+        match &mut self.phase {
+            Phase::Manifest { target, fetch } => {
+                let seq = target.body.seq;
+                let mut candidates: Vec<(bool, P)> = self
+                    .peers
+                    .iter()
+                    .filter(|(p, info)| {
+                        info.greeted
+                            && !self.banned.contains(*p)
+                            && (info.advertised >= Some(seq) || info.complete_seq >= Some(seq))
+                    })
+                    .map(|(p, info)| (info.is_origin, p.clone()))
+                    .collect();
+                candidates.sort();
+                let peers: Vec<P> = candidates.into_iter().map(|(_, p)| p).collect();
+                let outs = fetch.pump(now, &peers, &mut next_req);
+                self.next_req = next;
+                self.fetch_outputs(outs);
+            }
+            Phase::Transfer { sched, .. } => {
+                let outs = sched.pump(now, &mut next_req);
+                self.next_req = next;
+                let waiting = sched.unavailable();
+                self.sched_outputs(outs);
+                if (waiting > 0) != self.waiting_for_origin {
+                    self.waiting_for_origin = waiting > 0;
+                    if waiting > 0 {
+                        self.out.push_back(Output::Notice(Notice::WaitingForOrigin { chunks: waiting }));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn fetch_outputs(&mut self, outs: Vec<FetchOut<P>>) {
+        for out in outs {
+            match out {
+                FetchOut::Nodes { peer, req, hashes } => self.out.push_back(Output::FetchNodes { peer, req, hashes }),
+                FetchOut::Delta { peer, req, hash } => self.out.push_back(Output::FetchDelta { peer, req, hash }),
+                FetchOut::Store(nodes) => self.out.push_back(Output::StoreNodes(nodes)),
+                FetchOut::StoreDelta(hash, bytes) => self.out.push_back(Output::StoreDelta(hash, bytes)),
+                FetchOut::Corrupt { peer } => {
+                    if self.banned.insert(peer.clone()) {
+                        self.out.push_back(Output::Ban { peer, reason: BanReason::CorruptMetadata });
+                    }
+                }
+                FetchOut::DeltaRejected => self.out.push_back(Output::Notice(Notice::DeltaRejected)),
+            }
+        }
+    }
+
+    fn sched_outputs(&mut self, outs: Vec<SchedOut<P>>) {
+        for out in outs {
+            match out {
+                SchedOut::Fetch(f) => {
+                    self.out.push_back(Output::FetchChunks { peer: f.peer, req: f.req, chunks: f.chunks })
+                }
+                SchedOut::Cancel { peer, req } => self.out.push_back(Output::Cancel { peer, req }),
+                SchedOut::Ban { peer, reason } => {
+                    self.banned.insert(peer.clone());
+                    self.out.push_back(Output::Ban { peer, reason });
+                }
+            }
+        }
+    }
+
+    fn flush_haves(&mut self, now: Timestamp) {
+        self.last_have_flush = now;
+        if self.have_outbox.is_empty() {
+            return;
+        }
+        let seq = match &self.phase {
+            Phase::Transfer { target, .. } | Phase::Applying { target } => target.body.seq,
+            _ => {
+                self.have_outbox.clear();
+                return;
+            }
+        };
+        let complete_seq = self.current.as_ref().map(|c| c.body.seq);
+        let chunks = std::mem::take(&mut self.have_outbox);
+        let peers: Vec<P> = self.peers.iter().filter(|(_, i)| i.greeted).map(|(p, _)| p.clone()).collect();
+        for part in chunks.chunks(HAVE_CHUNKS_MAX) {
+            for peer in &peers {
+                let have = Have { repo: self.cfg.repo.clone(), seq, complete_seq, chunks: part.to_vec() };
+                self.out.push_back(Output::SendHave(peer.clone(), have));
+            }
+        }
+    }
+
+    fn announce_complete(&mut self, seq: u64) {
+        let peers: Vec<P> = self.peers.iter().filter(|(_, i)| i.greeted).map(|(p, _)| p.clone()).collect();
+        for peer in peers {
+            let have = Have { repo: self.cfg.repo.clone(), seq, complete_seq: Some(seq), chunks: Vec::new() };
+            self.out.push_back(Output::SendHave(peer, have));
+        }
+    }
+}

@@ -1,0 +1,626 @@
+//! The chunk scheduler: which chunk to ask which peer for, and when.
+//!
+//! - **Rarest first.** Unrequested chunks wait in a queue ordered by how many non-origin peers announced them
+//!   (fewest first), ties broken by a per-node salted hash so that nodes start on different chunks.
+//! - **Windows.** Each peer has a byte window of requests in flight, adapted to its measured throughput (the bytes
+//!   it can deliver in [`SchedulerLimits::window_target_ms`]); several requests are in flight per peer.
+//! - **Batches.** Small chunks travel many per request, up to [`SchedulerLimits::request_bytes_target`].
+//! - **Origin last.** An origin peer is asked only for chunks that no connected, unbanned non-origin peer holds; if
+//!   it answers "elsewhere" (super-seeding), the chunk is not asked of it again for a while.
+//! - **Endgame.** Once every chunk is requested, idle peers also ask for chunks in flight elsewhere (at most
+//!   [`SchedulerLimits::endgame_copies_max`] copies); a request whose chunks all arrived elsewhere is cancelled.
+//! - **Bans.** A peer that delivers a chunk with the wrong hash is banned for the rest of this snapshot; a peer that
+//!   claims to hold chunks it then does not have is banned after [`SchedulerLimits::lies_max`] such answers.
+//!
+//! All collections that reach outputs are ordered, so the same inputs give the same requests.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::chunk::ChunkId;
+use crate::sync::{PeerKey, ReqId};
+use crate::timestamp::Timestamp;
+use crate::transfer::CHUNKS_PER_REQUEST_MAX;
+
+/// Tunables of the scheduler, each a named limit.
+#[derive(Clone, Debug)]
+pub struct SchedulerLimits {
+    /// A request is closed once it asks for this many bytes.
+    pub request_bytes_target: u64,
+    /// Most chunks in one request.
+    pub request_chunks_max: usize,
+    /// Requests in flight to one peer.
+    pub requests_in_flight_per_peer_max: usize,
+    /// Window of a peer not yet measured.
+    pub window_initial: u64,
+    pub window_min: u64,
+    pub window_max: u64,
+    /// The window is the bytes a peer delivers in this long at its measured rate.
+    pub window_target_ms: u64,
+    /// A request times out after this long plus the time its bytes take at `timeout_rate_min` bytes per second.
+    pub request_timeout_base_ms: u64,
+    pub timeout_rate_min: u64,
+    /// After an origin redirect, the chunk is not asked of the origin again for this long.
+    pub redirect_defer_ms: u64,
+    /// Copies of one chunk in flight at once during the endgame.
+    pub endgame_copies_max: usize,
+    /// "Missing" answers for chunks a peer claimed to hold before it is banned.
+    pub lies_max: u32,
+}
+
+impl Default for SchedulerLimits {
+    fn default() -> Self {
+        Self {
+            request_bytes_target: 1 << 20,
+            request_chunks_max: CHUNKS_PER_REQUEST_MAX,
+            requests_in_flight_per_peer_max: 32,
+            window_initial: 8 << 20,
+            window_min: 2 << 20,
+            window_max: 64 << 20,
+            window_target_ms: 250,
+            request_timeout_base_ms: 10_000,
+            timeout_rate_min: 256 << 10,
+            redirect_defer_ms: 2_000,
+            endgame_copies_max: 2,
+            lies_max: 16,
+        }
+    }
+}
+
+/// Why a peer is banned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BanReason {
+    /// It sent bytes that do not hash to the chunk id asked for.
+    CorruptChunk,
+    /// It claimed to hold chunks it did not have, too often.
+    FalseHave,
+    /// It sent a manifest node or delta that does not hash to its name.
+    CorruptMetadata,
+}
+
+/// A request the scheduler wants sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkFetch<P> {
+    pub peer: P,
+    pub req: ReqId,
+    pub chunks: Vec<ChunkId>,
+}
+
+/// What the scheduler decided after an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SchedOut<P> {
+    Fetch(ChunkFetch<P>),
+    Cancel { peer: P, req: ReqId },
+    Ban { peer: P, reason: BanReason },
+}
+
+/// How one requested chunk turned out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkOutcome<P> {
+    /// Received and its hash matched.
+    Verified,
+    /// Received, hash mismatch.
+    Corrupt,
+    /// The peer does not hold it.
+    Missing,
+    /// The origin points at these peers instead.
+    Elsewhere(Vec<P>),
+}
+
+struct Slot<P> {
+    size: u64,
+    /// Non-origin peers (connected, unbanned, not "holds everything") that announced this chunk.
+    explicit: u32,
+    tiebreak: u64,
+    /// Requests this chunk is in flight in.
+    in_flight: BTreeSet<(P, ReqId)>,
+    /// The origin is not asked for this chunk before this instant.
+    origin_deferred_until: Timestamp,
+}
+
+struct PeerSched {
+    is_origin: bool,
+    /// Holds every chunk of the target snapshot (it is complete at it).
+    holds_all: bool,
+    banned: bool,
+    /// Needed chunks this peer announced.
+    explicit: BTreeSet<ChunkId>,
+    /// Chunks this peer answered "missing" for: never asked of it again in this snapshot.
+    missing: BTreeSet<ChunkId>,
+    requests: BTreeSet<ReqId>,
+    in_flight_bytes: u64,
+    window: u64,
+    /// Measured delivery rate, bytes per second (exponentially weighted).
+    rate: Option<f64>,
+    lies: u32,
+}
+
+struct Request<P> {
+    peer: P,
+    /// Chunks not yet answered.
+    pending: BTreeSet<ChunkId>,
+    bytes: u64,
+    sent_at: Timestamp,
+}
+
+pub struct Scheduler<P: PeerKey> {
+    limits: SchedulerLimits,
+    /// Every needed chunk not yet held.
+    chunks: BTreeMap<ChunkId, Slot<P>>,
+    /// Needed chunks not in flight anywhere, rarest first: (explicit holders, tiebreak, id).
+    queue: BTreeSet<(u32, u64, ChunkId)>,
+    peers: BTreeMap<P, PeerSched>,
+    /// Connected, unbanned non-origin peers that hold every chunk.
+    holds_all_count: u32,
+    requests: BTreeMap<ReqId, Request<P>>,
+    bytes_missing: u64,
+    /// Bytes received that were already held (endgame duplicates, late answers).
+    pub duplicate_bytes: u64,
+}
+
+/// splitmix64: spreads chunk ids so different salts order chunks differently.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl<P: PeerKey> Scheduler<P> {
+    /// A scheduler for these needed chunks (id, size).
+    pub fn new(limits: SchedulerLimits, salt: u64, needed: impl IntoIterator<Item = (ChunkId, u64)>) -> Self {
+        let mut s = Self {
+            limits,
+            chunks: BTreeMap::new(),
+            queue: BTreeSet::new(),
+            peers: BTreeMap::new(),
+            holds_all_count: 0,
+            requests: BTreeMap::new(),
+            bytes_missing: 0,
+            duplicate_bytes: 0,
+        };
+        for (id, size) in needed {
+            if s.chunks.contains_key(&id) {
+                continue;
+            }
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&id.0[..8]);
+            let tiebreak = mix(u64::from_le_bytes(first) ^ salt);
+            s.bytes_missing += size;
+            s.queue.insert((0, tiebreak, id));
+            s.chunks.insert(
+                id,
+                Slot { size, explicit: 0, tiebreak, in_flight: BTreeSet::new(), origin_deferred_until: Timestamp(0) },
+            );
+        }
+        s
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    pub fn bytes_missing(&self) -> u64 {
+        self.bytes_missing
+    }
+
+    pub fn chunks_missing(&self) -> usize {
+        self.chunks.len()
+    }
+
+    pub fn is_needed(&self, id: &ChunkId) -> bool {
+        self.chunks.contains_key(id)
+    }
+
+    /// Chunks that no connected peer (origin included) can supply right now.
+    pub fn unavailable(&self) -> usize {
+        let origin_up = self.peers.values().any(|p| p.is_origin && !p.banned);
+        if origin_up || self.holds_all_count > 0 {
+            return 0;
+        }
+        self.chunks.values().filter(|s| s.explicit == 0).count()
+    }
+
+    pub fn requests_in_flight(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Adds or updates a connected peer.
+    pub fn set_peer(&mut self, peer: &P, is_origin: bool, holds_all: bool) {
+        let entry = self.peers.entry(peer.clone()).or_insert_with(|| PeerSched {
+            is_origin,
+            holds_all: false,
+            banned: false,
+            explicit: BTreeSet::new(),
+            missing: BTreeSet::new(),
+            requests: BTreeSet::new(),
+            in_flight_bytes: 0,
+            window: self.limits.window_initial,
+            rate: None,
+            lies: 0,
+        });
+        let before = contribution(entry);
+        entry.is_origin = is_origin;
+        entry.holds_all = holds_all;
+        let after = contribution(entry);
+        if before != after {
+            let explicit: Vec<ChunkId> = entry.explicit.iter().copied().collect();
+            self.contribute(before, &explicit, -1);
+            self.contribute(after, &explicit, 1);
+        }
+    }
+
+    /// A peer announced that it holds `id`.
+    pub fn add_holding(&mut self, peer: &P, id: &ChunkId) {
+        if !self.chunks.contains_key(id) {
+            return;
+        }
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        if p.missing.contains(id) || !p.explicit.insert(*id) {
+            return;
+        }
+        if contribution(p) == Contribution::Explicit {
+            self.adjust_explicit(id, 1);
+        }
+    }
+
+    /// A peer disconnected: its requests are abandoned and its holdings forgotten.
+    pub fn remove_peer(&mut self, peer: &P) -> Vec<SchedOut<P>> {
+        let Some(p) = self.peers.remove(peer) else { return Vec::new() };
+        let explicit: Vec<ChunkId> = p.explicit.iter().copied().collect();
+        self.contribute(contribution(&p), &explicit, -1);
+        for req in p.requests {
+            self.drop_request(req);
+        }
+        Vec::new()
+    }
+
+    /// Marks `id` as held (received or found locally) without a request.
+    pub fn mark_held(&mut self, id: &ChunkId) -> Vec<SchedOut<P>> {
+        self.complete_chunk(id)
+    }
+
+    /// Records the outcome of one chunk of request `req`. Returns follow-up actions (cancels, bans).
+    pub fn on_chunk(&mut self, now: Timestamp, req: ReqId, id: &ChunkId, outcome: ChunkOutcome<P>) -> Vec<SchedOut<P>> {
+        let Some(request) = self.requests.get_mut(&req) else {
+            if matches!(outcome, ChunkOutcome::Verified) {
+                return self.complete_chunk(id);
+            }
+            return Vec::new();
+        };
+        if !request.pending.remove(id) {
+            return Vec::new();
+        }
+        let peer = request.peer.clone();
+        let size = self.chunks.get(id).map_or(0, |s| s.size);
+        if let Some(slot) = self.chunks.get_mut(id) {
+            slot.in_flight.remove(&(peer.clone(), req));
+        }
+        match outcome {
+            ChunkOutcome::Verified => self.complete_chunk(id),
+            ChunkOutcome::Corrupt => self.ban(&peer, BanReason::CorruptChunk),
+            ChunkOutcome::Missing => {
+                let mut out = Vec::new();
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.missing.insert(*id);
+                    let claimed = p.holds_all || p.explicit.contains(id);
+                    if p.explicit.remove(id) && contribution(p) == Contribution::Explicit {
+                        self.adjust_explicit(id, -1);
+                    }
+                    if claimed && !self.peers.get(&peer).is_some_and(|p| p.is_origin) {
+                        let lies = self.peers.get_mut(&peer).map_or(0, |p| {
+                            p.lies += 1;
+                            p.lies
+                        });
+                        if lies > self.limits.lies_max {
+                            out.extend(self.ban(&peer, BanReason::FalseHave));
+                        }
+                    }
+                }
+                self.release(req, &peer, size);
+                self.requeue(id);
+                out
+            }
+            ChunkOutcome::Elsewhere(_) => {
+                if let Some(slot) = self.chunks.get_mut(id) {
+                    slot.origin_deferred_until = now.plus_ms(self.limits.redirect_defer_ms);
+                }
+                self.release(req, &peer, size);
+                self.requeue(id);
+                Vec::new()
+            }
+        }
+    }
+
+    /// The request finished (stream closed): measures the peer and requeues anything it did not answer.
+    pub fn on_request_done(&mut self, now: Timestamp, req: ReqId, bytes_received: u64) {
+        let Some(request) = self.requests.get(&req) else { return };
+        let elapsed_ms = now.millis_since(request.sent_at).max(1);
+        let peer = request.peer.clone();
+        if bytes_received > 0
+            && let Some(p) = self.peers.get_mut(&peer)
+        {
+            let sample = bytes_received as f64 * 1000.0 / elapsed_ms as f64;
+            let rate = p.rate.map_or(sample, |r| 0.7 * r + 0.3 * sample);
+            p.rate = Some(rate);
+            let window = (rate * self.limits.window_target_ms as f64 / 1000.0) as u64;
+            p.window = window.clamp(self.limits.window_min, self.limits.window_max);
+        }
+        self.drop_request(req);
+    }
+
+    /// The request failed (connection error, reset, timeout): requeue its chunks and shrink the peer's window.
+    pub fn on_request_failed(&mut self, req: ReqId) {
+        if let Some(request) = self.requests.get(&req)
+            && let Some(p) = self.peers.get_mut(&request.peer)
+        {
+            p.window = (p.window / 2).max(self.limits.window_min);
+        }
+        self.drop_request(req);
+    }
+
+    /// Times out overdue requests.
+    pub fn on_tick(&mut self, now: Timestamp) -> Vec<SchedOut<P>> {
+        let overdue: Vec<(ReqId, P)> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| {
+                let allowed =
+                    self.limits.request_timeout_base_ms + r.bytes * 1000 / self.limits.timeout_rate_min.max(1);
+                now.millis_since(r.sent_at) > allowed
+            })
+            .map(|(id, r)| (*id, r.peer.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (req, peer) in overdue {
+            self.on_request_failed(req);
+            out.push(SchedOut::Cancel { peer, req });
+        }
+        out
+    }
+
+    /// Fills every peer's window; `next_req` hands out request ids. Non-origin peers are served first.
+    pub fn pump(&mut self, now: Timestamp, next_req: &mut impl FnMut() -> ReqId) -> Vec<SchedOut<P>> {
+        let mut out = Vec::new();
+        let order: Vec<P> = {
+            let mut regular: Vec<&P> = self.peers.iter().filter(|(_, p)| !p.is_origin).map(|(k, _)| k).collect();
+            regular.extend(self.peers.iter().filter(|(_, p)| p.is_origin).map(|(k, _)| k));
+            regular.into_iter().cloned().collect()
+        };
+        for peer in order {
+            while let Some(fetch) = self.next_request(now, &peer, next_req) {
+                out.push(SchedOut::Fetch(fetch));
+            }
+        }
+        out
+    }
+
+    fn next_request(
+        &mut self,
+        now: Timestamp,
+        peer: &P,
+        next_req: &mut impl FnMut() -> ReqId,
+    ) -> Option<ChunkFetch<P>> {
+        let limits = self.limits.clone();
+        let p = self.peers.get(peer)?;
+        if p.banned || p.requests.len() >= limits.requests_in_flight_per_peer_max || p.in_flight_bytes >= p.window {
+            return None;
+        }
+        let budget = (p.window - p.in_flight_bytes).min(limits.request_bytes_target).max(1);
+        let mut picked: Vec<ChunkId> = Vec::new();
+        let mut bytes = 0u64;
+        let mut take = |id: ChunkId, size: u64, picked: &mut Vec<ChunkId>| {
+            picked.push(id);
+            bytes += size;
+            bytes >= budget || picked.len() >= limits.request_chunks_max
+        };
+
+        if p.is_origin {
+            // Only chunks no one else can supply, and not ones the origin just redirected.
+            if self.holds_all_count == 0 {
+                for &(explicit, _, id) in &self.queue {
+                    if explicit > 0 {
+                        break;
+                    }
+                    let Some(slot) = self.chunks.get(&id) else { continue };
+                    if slot.origin_deferred_until > now || p.missing.contains(&id) {
+                        continue;
+                    }
+                    if take(id, slot.size, &mut picked) {
+                        break;
+                    }
+                }
+            }
+        } else if p.holds_all {
+            for &(_, _, id) in &self.queue {
+                if p.missing.contains(&id) {
+                    continue;
+                }
+                let size = self.chunks.get(&id).map_or(0, |s| s.size);
+                if take(id, size, &mut picked) {
+                    break;
+                }
+            }
+        } else {
+            let mut candidates: Vec<(u32, u64, ChunkId)> = p
+                .explicit
+                .iter()
+                .filter_map(|id| self.chunks.get(id).map(|s| (s.explicit, s.tiebreak, *id)))
+                .filter(|key| self.queue.contains(key))
+                .collect();
+            candidates.sort_unstable();
+            for (_, _, id) in candidates {
+                let size = self.chunks.get(&id).map_or(0, |s| s.size);
+                if take(id, size, &mut picked) {
+                    break;
+                }
+            }
+        }
+
+        if picked.is_empty() && self.queue.is_empty() && !p.is_origin {
+            // Endgame: help with chunks in flight elsewhere.
+            for (id, slot) in &self.chunks {
+                let in_flight_here = slot.in_flight.iter().any(|(q, _)| q == peer);
+                let can = p.holds_all || p.explicit.contains(id);
+                let allowed =
+                    !in_flight_here && !p.missing.contains(id) && slot.in_flight.len() < limits.endgame_copies_max;
+                if can && allowed && take(*id, slot.size, &mut picked) {
+                    break;
+                }
+            }
+        }
+        if picked.is_empty() {
+            return None;
+        }
+
+        let req = next_req();
+        let mut total = 0;
+        for id in &picked {
+            if let Some(slot) = self.chunks.get_mut(id) {
+                self.queue.remove(&(slot.explicit, slot.tiebreak, *id));
+                slot.in_flight.insert((peer.clone(), req));
+                total += slot.size;
+            }
+        }
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.requests.insert(req);
+            p.in_flight_bytes += total;
+        }
+        self.requests.insert(
+            req,
+            Request { peer: peer.clone(), pending: picked.iter().copied().collect(), bytes: total, sent_at: now },
+        );
+        Some(ChunkFetch { peer: peer.clone(), req, chunks: picked })
+    }
+
+    fn complete_chunk(&mut self, id: &ChunkId) -> Vec<SchedOut<P>> {
+        let Some(slot) = self.chunks.remove(id) else {
+            return Vec::new();
+        };
+        self.queue.remove(&(slot.explicit, slot.tiebreak, *id));
+        self.bytes_missing -= slot.size;
+        let mut out = Vec::new();
+        for (peer, req) in slot.in_flight {
+            // Another copy of this chunk is in flight: stop counting it, and cancel the request if nothing in it
+            // is still needed.
+            self.release(req, &peer, slot.size);
+            let useless =
+                self.requests.get(&req).is_some_and(|r| r.pending.iter().all(|c| !self.chunks.contains_key(c)));
+            if useless {
+                self.drop_request(req);
+                out.push(SchedOut::Cancel { peer, req });
+            }
+        }
+        out
+    }
+
+    /// Stops counting `size` bytes of `req` against `peer`'s window.
+    fn release(&mut self, req: ReqId, peer: &P, size: u64) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.in_flight_bytes = p.in_flight_bytes.saturating_sub(size);
+        }
+        if let Some(r) = self.requests.get_mut(&req) {
+            r.bytes = r.bytes.saturating_sub(size);
+        }
+    }
+
+    /// Forgets a request: its unanswered chunks go back to the queue.
+    fn drop_request(&mut self, req: ReqId) {
+        let Some(request) = self.requests.remove(&req) else { return };
+        if let Some(p) = self.peers.get_mut(&request.peer) {
+            p.requests.remove(&req);
+            p.in_flight_bytes = p.in_flight_bytes.saturating_sub(request.bytes);
+        }
+        for id in request.pending {
+            if let Some(slot) = self.chunks.get_mut(&id) {
+                slot.in_flight.remove(&(request.peer.clone(), req));
+            }
+            self.requeue(&id);
+        }
+    }
+
+    /// Puts a needed chunk back in the queue if nothing is fetching it.
+    fn requeue(&mut self, id: &ChunkId) {
+        if let Some(slot) = self.chunks.get(id)
+            && slot.in_flight.is_empty()
+        {
+            self.queue.insert((slot.explicit, slot.tiebreak, *id));
+        }
+    }
+
+    fn ban(&mut self, peer: &P, reason: BanReason) -> Vec<SchedOut<P>> {
+        let Some(p) = self.peers.get_mut(peer) else { return Vec::new() };
+        if p.banned {
+            return Vec::new();
+        }
+        let before = contribution(p);
+        p.banned = true;
+        let explicit: Vec<ChunkId> = p.explicit.iter().copied().collect();
+        let requests: Vec<ReqId> = p.requests.iter().copied().collect();
+        self.contribute(before, &explicit, -1);
+        let mut out = vec![SchedOut::Ban { peer: peer.clone(), reason }];
+        for req in requests {
+            self.drop_request(req);
+            out.push(SchedOut::Cancel { peer: peer.clone(), req });
+        }
+        out
+    }
+
+    /// Abandons every request (the target changed).
+    pub fn cancel_all(&mut self) -> Vec<SchedOut<P>> {
+        let requests: Vec<(ReqId, P)> = self.requests.iter().map(|(r, q)| (*r, q.peer.clone())).collect();
+        requests
+            .into_iter()
+            .map(|(req, peer)| {
+                self.drop_request(req);
+                SchedOut::Cancel { peer, req }
+            })
+            .collect()
+    }
+
+    pub fn is_banned(&self, peer: &P) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.banned)
+    }
+
+    /// Adds (`sign = 1`) or removes (`-1`) a peer's contribution to availability.
+    fn contribute(&mut self, contribution: Contribution, explicit: &[ChunkId], sign: i64) {
+        match contribution {
+            Contribution::Nothing => {}
+            // A holds-all peer adds to every chunk at once, which leaves the queue order unchanged.
+            Contribution::All => self.holds_all_count = (i64::from(self.holds_all_count) + sign).max(0) as u32,
+            Contribution::Explicit => {
+                for id in explicit {
+                    self.adjust_explicit(id, sign);
+                }
+            }
+        }
+    }
+
+    fn adjust_explicit(&mut self, id: &ChunkId, delta: i64) {
+        let Some(slot) = self.chunks.get_mut(id) else { return };
+        let queued = self.queue.remove(&(slot.explicit, slot.tiebreak, *id));
+        slot.explicit = (i64::from(slot.explicit) + delta).max(0) as u32;
+        if queued {
+            self.queue.insert((slot.explicit, slot.tiebreak, *id));
+        }
+    }
+}
+
+/// How a connected peer adds to chunk availability (the origin never does: it is the supplier of last resort).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contribution {
+    Nothing,
+    /// Every needed chunk (the peer is complete at the target snapshot).
+    All,
+    /// The chunks it announced.
+    Explicit,
+}
+
+fn contribution(p: &PeerSched) -> Contribution {
+    if p.banned || p.is_origin {
+        Contribution::Nothing
+    } else if p.holds_all {
+        Contribution::All
+    } else {
+        Contribution::Explicit
+    }
+}

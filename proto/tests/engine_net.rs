@@ -1,0 +1,498 @@
+//! The sync engine across a small in-process network: engines exchange messages through a FIFO queue with instant
+//! delivery, virtual time advances 50 ms per idle round. Checks convergence, origin load, delta use, late joiners,
+//! bans of corrupt and lying peers, forged and rolled-back roots, and determinism.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use mirrormesh_proto::chunk::{ChunkId, chunk_range};
+use mirrormesh_proto::control::{Have, Hello};
+use mirrormesh_proto::delta::{DeltaHash, ManifestDelta};
+use mirrormesh_proto::diff::diff;
+use mirrormesh_proto::entry::EntryKind;
+use mirrormesh_proto::node::NodeHash;
+use mirrormesh_proto::root::{DeltaRef, RootBody, RootError, SignedRoot, publisher_key};
+use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
+use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
+use mirrormesh_proto::sync::{Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
+use mirrormesh_proto::tree::TreeDir;
+use mirrormesh_proto::{RepoId, Timestamp};
+use support::*;
+
+const SECRET: [u8; 32] = [5; 32];
+const ORIGIN: u32 = 0;
+
+#[derive(Default)]
+struct Node {
+    engine: Option<Engine<u32>>,
+    nodes: Nodes,
+    deltas: HashMap<DeltaHash, Vec<u8>>,
+    chunks: BTreeSet<ChunkId>,
+    applied: Option<NodeHash>,
+    corrupt: bool,
+    liar: bool,
+    bans: Vec<(u32, BanReason)>,
+    notices: Vec<Notice<u32>>,
+    bytes_from_peers: u64,
+    bytes_from_origin: u64,
+}
+
+enum Msg {
+    Hello { from: u32, to: u32, hello: Hello, reply: bool },
+    Have { from: u32, to: u32, have: Have },
+    Root { from: u32, to: u32, root: SignedRoot },
+    GetNodes { from: u32, to: u32, req: ReqId, hashes: Vec<NodeHash> },
+    GetDelta { from: u32, to: u32, req: ReqId, hash: DeltaHash },
+    GetChunks { from: u32, to: u32, req: ReqId, chunks: Vec<ChunkId> },
+}
+
+struct Net {
+    nodes: BTreeMap<u32, Node>,
+    links: BTreeSet<(u32, u32)>,
+    queue: VecDeque<Msg>,
+    now: Timestamp,
+    sizes: HashMap<ChunkId, u64>,
+    seq: u64,
+    tree: TreeDir,
+    root: Option<NodeHash>,
+    /// Every output, for the determinism check.
+    trace: blake3::Hasher,
+    lies_max: u32,
+}
+
+fn repo() -> RepoId {
+    RepoId::new("alpine").unwrap()
+}
+
+impl Net {
+    fn new(mirrors: u32) -> Self {
+        let mut net = Net {
+            nodes: BTreeMap::new(),
+            links: BTreeSet::new(),
+            queue: VecDeque::new(),
+            now: Timestamp(1_800_000_000_000),
+            sizes: HashMap::new(),
+            seq: 0,
+            tree: TreeDir::default(),
+            root: None,
+            trace: blake3::Hasher::new(),
+            lies_max: 16,
+        };
+        for id in 0..=mirrors {
+            net.add_node(id);
+        }
+        net
+    }
+
+    fn add_node(&mut self, id: u32) {
+        let cfg = EngineConfig {
+            repo: repo(),
+            role: if id == ORIGIN { Role::Origin } else { Role::Mirror },
+            trusted: vec![publisher_key(&SECRET)],
+            origins: [ORIGIN].into_iter().collect(),
+            salt: u64::from(id) * 0x9e37_79b9,
+            scheduler: SchedulerLimits { lies_max: self.lies_max, ..SchedulerLimits::default() },
+            seeder: SeederLimits::default(),
+        };
+        self.nodes.insert(id, Node { engine: Some(Engine::new(cfg, None, None)), ..Node::default() });
+    }
+
+    fn node(&mut self, id: u32) -> &mut Node {
+        self.nodes.get_mut(&id).expect("node exists")
+    }
+
+    fn applied(&self, id: u32) -> Option<NodeHash> {
+        self.nodes[&id].applied
+    }
+
+    fn connect(&mut self, a: u32, b: u32) {
+        self.links.insert((a.min(b), a.max(b)));
+        let now = self.now;
+        for (x, y) in [(a, b), (b, a)] {
+            self.node(x).engine.as_mut().unwrap().handle_peer_connected(now, y);
+            self.drain(x);
+            if self.node(x).liar {
+                // Claims every chunk right away (the Have handler swaps in the full list).
+                let have = Have { repo: repo(), seq: self.seq, complete_seq: None, chunks: Vec::new() };
+                self.queue.push_back(Msg::Have { from: x, to: y, have });
+            }
+        }
+    }
+
+    fn connected(&self, a: u32, b: u32) -> bool {
+        self.links.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// The origin publishes the current tree (with a delta against the previous snapshot when there is one).
+    fn publish(&mut self) -> SignedRoot {
+        let now = self.now;
+        let origin = self.nodes.get_mut(&ORIGIN).unwrap();
+        let mut tree = self.tree.clone();
+        let root = tree.build(&mut origin.nodes).unwrap();
+        let (everything, _) = diff(&origin.nodes, None, &root).unwrap();
+        for change in &everything {
+            if let Some(EntryKind::File(meta)) = change.new.as_ref().map(|e| &e.kind) {
+                for (i, id) in meta.chunks.iter().enumerate() {
+                    self.sizes.insert(*id, chunk_range(meta.size, i as u64).unwrap().1);
+                    origin.chunks.insert(*id);
+                }
+            }
+        }
+        let delta = self.root.map(|base| {
+            let (changes, _) = diff(&origin.nodes, Some(&base), &root).unwrap();
+            let bytes = ManifestDelta::from_changes(base, root, &changes).encode();
+            let hash = DeltaHash::of(&bytes);
+            origin.deltas.insert(hash, bytes.clone());
+            DeltaRef { base_seq: self.seq, base_root: base, hash, len: bytes.len() as u32 }
+        });
+        self.seq += 1;
+        let body = RootBody {
+            repo: repo(),
+            seq: self.seq,
+            created: now,
+            expires: now.plus_ms(86_400_000),
+            root,
+            files: 0,
+            bytes: 0,
+            delta,
+        };
+        let signed = SignedRoot::sign(&SECRET, &body);
+        origin.applied = Some(root);
+        origin.engine.as_mut().unwrap().handle_published(now, signed.clone()).unwrap();
+        self.root = Some(root);
+        self.drain(ORIGIN);
+        signed
+    }
+
+    /// Executes every output of node `id`.
+    fn drain(&mut self, id: u32) {
+        loop {
+            let now = self.now;
+            let node = self.nodes.get_mut(&id).unwrap();
+            let Some(out) = node.engine.as_mut().unwrap().poll_output() else { break };
+            self.trace.update(format!("{id} {out:?}").as_bytes());
+            match out {
+                Output::Gossip(root) => {
+                    let peers: Vec<u32> =
+                        self.nodes.keys().copied().filter(|&p| p != id && self.connected(id, p)).collect();
+                    for to in peers {
+                        self.queue.push_back(Msg::Root { from: id, to, root: root.clone() });
+                    }
+                }
+                Output::SendHello(to, hello) => self.queue.push_back(Msg::Hello { from: id, to, hello, reply: false }),
+                Output::SendHave(to, have) => self.queue.push_back(Msg::Have { from: id, to, have }),
+                Output::FetchNodes { peer, req, hashes } => {
+                    self.queue.push_back(Msg::GetNodes { from: id, to: peer, req, hashes })
+                }
+                Output::FetchDelta { peer, req, hash } => {
+                    self.queue.push_back(Msg::GetDelta { from: id, to: peer, req, hash })
+                }
+                Output::StoreNodes(nodes) => node.nodes.extend(nodes),
+                Output::StoreDelta(hash, bytes) => {
+                    node.deltas.insert(hash, bytes);
+                }
+                Output::Stage { seq, files } => {
+                    let held: Vec<ChunkId> = files
+                        .iter()
+                        .flat_map(|f| f.meta.chunks.iter())
+                        .filter(|c| node.chunks.contains(c))
+                        .copied()
+                        .collect();
+                    node.engine.as_mut().unwrap().handle_staged(now, seq, held);
+                }
+                Output::FetchChunks { peer, req, chunks } => {
+                    self.queue.push_back(Msg::GetChunks { from: id, to: peer, req, chunks })
+                }
+                Output::Cancel { .. } => {}
+                Output::Apply { target, .. } => {
+                    node.applied = Some(target.body.root);
+                    let Node { engine, nodes, .. } = node;
+                    engine.as_mut().unwrap().handle_applied(now, target.body.seq, nodes).unwrap();
+                }
+                Output::Ban { peer, reason } => node.bans.push((peer, reason)),
+                Output::Notice(notice) => node.notices.push(notice),
+            }
+        }
+    }
+
+    fn deliver(&mut self, msg: Msg) {
+        let now = self.now;
+        let (from, to) = match &msg {
+            Msg::Hello { from, to, .. }
+            | Msg::Have { from, to, .. }
+            | Msg::Root { from, to, .. }
+            | Msg::GetNodes { from, to, .. }
+            | Msg::GetDelta { from, to, .. }
+            | Msg::GetChunks { from, to, .. } => (*from, *to),
+        };
+        if !self.connected(from, to) {
+            return;
+        }
+        match msg {
+            Msg::Hello { hello, reply, .. } => {
+                let node = self.node(to);
+                let Node { engine, nodes, .. } = node;
+                let engine = engine.as_mut().unwrap();
+                engine.handle_hello(now, from, hello, nodes).unwrap();
+                if !reply {
+                    let answer = engine.hello();
+                    self.queue.push_back(Msg::Hello { from: to, to: from, hello: answer, reply: true });
+                }
+            }
+            Msg::Have { mut have, .. } => {
+                if self.node(from).liar {
+                    have.chunks = self.sizes.keys().copied().collect();
+                    have.chunks.sort();
+                }
+                self.node(to).engine.as_mut().unwrap().handle_have(now, from, have);
+            }
+            Msg::Root { root, .. } => {
+                let Node { engine, nodes, .. } = self.node(to);
+                engine.as_mut().unwrap().handle_root(now, RootVia::Gossip(from), root, nodes).unwrap();
+            }
+            Msg::GetNodes { req, hashes, .. } => {
+                let answer: Vec<Option<Vec<u8>>> = hashes.iter().map(|h| self.node(to).nodes.get(h).cloned()).collect();
+                let Node { engine, nodes, .. } = self.node(from);
+                engine.as_mut().unwrap().handle_nodes(now, to, req, answer, nodes).unwrap();
+            }
+            Msg::GetDelta { req, hash, .. } => {
+                let answer = self.node(to).deltas.get(&hash).cloned();
+                let Node { engine, nodes, .. } = self.node(from);
+                engine.as_mut().unwrap().handle_delta(now, to, req, answer, nodes).unwrap();
+            }
+            Msg::GetChunks { req, chunks, .. } => {
+                let mut bytes = 0;
+                for id in chunks {
+                    let size = self.sizes[&id];
+                    let server = self.node(to);
+                    let decision = server.engine.as_mut().unwrap().serve_decision(now, &from, &id);
+                    let outcome = match decision {
+                        ServeDecision::Elsewhere(peers) => ChunkOutcome::Elsewhere(peers),
+                        ServeDecision::Serve if !server.chunks.contains(&id) => ChunkOutcome::Missing,
+                        ServeDecision::Serve if server.corrupt => ChunkOutcome::Corrupt,
+                        ServeDecision::Serve => {
+                            bytes += size;
+                            let client = self.node(from);
+                            client.chunks.insert(id);
+                            if to == ORIGIN {
+                                client.bytes_from_origin += size;
+                            } else {
+                                client.bytes_from_peers += size;
+                            }
+                            ChunkOutcome::Verified
+                        }
+                    };
+                    self.node(from).engine.as_mut().unwrap().handle_chunk(now, to, req, id, outcome);
+                    self.drain(from);
+                }
+                self.node(from).engine.as_mut().unwrap().handle_chunks_done(now, to, req, bytes);
+            }
+        }
+        self.drain(from);
+        self.drain(to);
+    }
+
+    /// Runs until nothing is queued and no engine wants more, or `rounds` idle rounds pass.
+    fn run(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            while let Some(msg) = self.queue.pop_front() {
+                self.deliver(msg);
+            }
+            self.now = self.now.plus_ms(50);
+            let ids: Vec<u32> = self.nodes.keys().copied().collect();
+            for id in ids {
+                let now = self.now;
+                let Node { engine, nodes, .. } = self.node(id);
+                engine.as_mut().unwrap().handle_tick(now, nodes).unwrap();
+                self.drain(id);
+            }
+            if self.queue.is_empty() && self.converged() {
+                return;
+            }
+        }
+    }
+
+    fn converged(&self) -> bool {
+        self.nodes.iter().all(|(id, n)| *id == ORIGIN || n.corrupt || n.liar || n.applied == self.root)
+    }
+
+    fn origin_bytes(&self) -> u64 {
+        self.nodes.values().map(|n| n.bytes_from_origin).sum()
+    }
+
+    fn tree_bytes(&self) -> u64 {
+        self.tree.totals().bytes
+    }
+}
+
+/// A tree of `files` packages with a realistic spread of sizes (some span several chunks).
+fn packages(tree: &mut TreeDir, files: u64, version: u64) {
+    for i in 0..files {
+        let size = match i % 10 {
+            0 => 3_500_000 + i * 1000,
+            1..=3 => 400_000 + i * 100,
+            _ => 20_000 + i * 10,
+        };
+        tree.insert_file(
+            &format!("alpine/edge/main/x86_64/pkg{i:04}-1.{version}-r0.apk"),
+            file(size, version << 32 | i),
+        )
+        .unwrap();
+    }
+}
+
+fn full_mesh(net: &mut Net) {
+    let ids: Vec<u32> = net.nodes.keys().copied().collect();
+    for (i, a) in ids.iter().enumerate() {
+        for b in &ids[i + 1..] {
+            net.connect(*a, *b);
+        }
+    }
+}
+
+#[test]
+fn four_mirrors_sync_and_update_with_one_origin_copy() {
+    let mut net = Net::new(4);
+    packages(&mut net.tree, 120, 0);
+    net.publish();
+    full_mesh(&mut net);
+    net.run(400);
+    assert!(net.converged(), "all mirrors apply the first snapshot");
+    let ratio = net.origin_bytes() as f64 / net.tree_bytes() as f64;
+    println!("initial: origin sent {:.3} x tree bytes", ratio);
+    assert!(ratio <= 1.10, "origin sent {ratio:.3} x the tree");
+    for id in 1..=4 {
+        assert!(net.node(id).bytes_from_peers > 0, "mirror {id} fetched from peers too");
+    }
+
+    // An update: 12 packages rebuilt (new file, old one removed).
+    let before = net.origin_bytes();
+    let mut update_bytes = 0;
+    for i in (0..120).step_by(10) {
+        let dir = net.tree.dir_mut("alpine/edge/main/x86_64").unwrap();
+        dir.entries.retain(|e| e.name != format!("pkg{i:04}-1.0-r0.apk"));
+        let meta = file(3_000_000 + i * 7, 1 << 40 | i);
+        update_bytes += meta.size;
+        net.tree.insert_file(&format!("alpine/edge/main/x86_64/pkg{i:04}-1.1-r0.apk"), meta).unwrap();
+    }
+    net.publish();
+    net.run(400);
+    assert!(net.converged(), "all mirrors apply the update");
+    let ratio = (net.origin_bytes() - before) as f64 / update_bytes as f64;
+    println!("update: origin sent {:.3} x update bytes", ratio);
+    assert!(ratio <= 1.10, "origin sent {ratio:.3} x the update");
+    for id in 1..=4 {
+        let n = net.node(id);
+        assert!(!n.notices.contains(&Notice::DeltaRejected), "mirror {id} used the delta");
+        assert!(n.notices.contains(&Notice::SyncComplete { seq: 2 }));
+    }
+
+    // A mirror that joins late gets everything from peers.
+    net.add_node(9);
+    let before = net.origin_bytes();
+    for id in 0..=4 {
+        net.connect(9, id);
+    }
+    net.run(400);
+    assert_eq!(net.applied(9), net.root, "the late joiner converges");
+    assert_eq!(net.origin_bytes(), before, "and costs the origin nothing");
+}
+
+#[test]
+fn a_corrupt_peer_is_banned_and_the_sync_completes() {
+    let mut net = Net::new(4);
+    packages(&mut net.tree, 60, 0);
+    net.publish();
+    // Mirror 1 gets the snapshot first, then turns bad.
+    net.connect(0, 1);
+    net.run(200);
+    assert_eq!(net.applied(1), net.root);
+    net.node(1).corrupt = true;
+    full_mesh(&mut net);
+    net.run(400);
+    for id in 2..=4 {
+        assert_eq!(net.applied(id), net.root, "mirror {id} converges");
+        let n = net.node(id);
+        assert!(n.bans.contains(&(1, BanReason::CorruptChunk)), "mirror {id} banned the corrupt peer: {:?}", n.bans);
+    }
+}
+
+#[test]
+fn a_peer_lying_about_what_it_holds_is_banned() {
+    let mut net = Net::new(3);
+    net.lies_max = 3;
+    net.nodes.clear();
+    for id in 0..=3 {
+        net.add_node(id);
+    }
+    packages(&mut net.tree, 60, 0);
+    net.publish();
+    net.node(3).liar = true;
+    full_mesh(&mut net);
+    net.run(400);
+    for id in 1..=2 {
+        assert_eq!(net.applied(id), net.root, "mirror {id} converges");
+        let n = net.node(id);
+        assert!(n.bans.contains(&(3, BanReason::FalseHave)), "mirror {id} banned the liar: {:?}", n.bans);
+    }
+}
+
+#[test]
+fn forged_and_rolled_back_roots_are_ignored() {
+    let mut net = Net::new(2);
+    packages(&mut net.tree, 20, 0);
+    let first = net.publish();
+    packages(&mut net.tree, 25, 1);
+    net.publish();
+    full_mesh(&mut net);
+    net.run(200);
+    let good = net.root;
+    assert_eq!(net.applied(1), good);
+
+    // A root for an empty tree signed by an unknown key, and the older genuine root again.
+    let now = net.now;
+    let mut empty = Nodes::new();
+    let evil_root = TreeDir::default().build(&mut empty).unwrap();
+    let forged_body = RootBody {
+        repo: repo(),
+        seq: 99,
+        created: now,
+        expires: now.plus_ms(1000),
+        root: evil_root,
+        files: 0,
+        bytes: 0,
+        delta: None,
+    };
+    let forged = SignedRoot::sign(&[66; 32], &forged_body);
+    net.queue.push_back(Msg::Root { from: 2, to: 1, root: forged });
+    net.queue.push_back(Msg::Root { from: 2, to: 1, root: first });
+    net.run(50);
+    let n = net.node(1);
+    assert_eq!(n.applied, good, "nothing changed");
+    let reasons: Vec<&str> = n
+        .notices
+        .iter()
+        .filter_map(|x| match x {
+            Notice::RootRejected { error, .. } => Some(error.reason()),
+            _ => None,
+        })
+        .collect();
+    assert!(reasons.contains(&"unknown_publisher"), "{reasons:?}");
+    assert!(reasons.contains(&"rollback"), "{reasons:?}");
+    assert!(!n.notices.iter().any(|x| matches!(x, Notice::RootRejected { error: RootError::BadSignature, .. })));
+}
+
+#[test]
+fn the_same_run_gives_the_same_trace() {
+    let run = || {
+        let mut net = Net::new(4);
+        packages(&mut net.tree, 80, 0);
+        net.publish();
+        full_mesh(&mut net);
+        net.run(400);
+        assert!(net.converged());
+        net.trace.finalize()
+    };
+    assert_eq!(run(), run());
+}
