@@ -7,8 +7,20 @@
 //! - [`publish`]: signing and recording a snapshot.
 //! - [`gentree`]: Alpine-like test trees for tests, benchmarks and the demo.
 
+pub mod admin;
+pub mod admin_client;
+pub mod apply;
+pub mod chunk_index;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod demo;
 pub mod gentree;
 pub mod key;
+pub mod local_fabric;
 pub mod publish;
 pub mod scan;
+pub mod staging;
+pub mod status;
 pub mod store;
+pub mod swarm;

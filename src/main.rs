@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use mirrormesh::admin_client::AdminClient;
+use mirrormesh::config::{Config, DEFAULT_ADMIN};
 use mirrormesh::gentree::{self, GenTreeArgs};
 use mirrormesh::key::NodeKey;
 use mirrormesh::publish::{DEFAULT_VALIDITY, PublishOptions, human_bytes, publish};
+use mirrormesh::status::Status;
 use mirrormesh::store::StateStore;
 use mirrormesh_proto::RepoId;
 
@@ -35,23 +38,58 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Scan a tree, sign a new snapshot of it and record it in the state directory.
+    /// Run the node: origin or mirror, as its config file says.
+    Daemon {
+        /// The node's configuration file (TOML; every key is described in the README).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Sign a new snapshot: through a running origin daemon (--admin), or offline (--tree --key --state).
     Publish(PublishArgs),
+    /// Show a running node's snapshot, sync state and peers.
+    Status(StatusArgs),
     /// Generate an Alpine-like repository tree (or update one) for tests, benchmarks and demos.
     GenTree(GenTreeArgs),
+    /// Run a whole fabric on loopback (an origin and 4 mirrors, real daemons), sync, update, verify, report.
+    Demo(mirrormesh::demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The daemon's admin address (its `admin.listen`).
+    #[arg(long, default_value = DEFAULT_ADMIN)]
+    admin: String,
+    /// Bearer token for an admin API that is not on loopback.
+    #[arg(long, env = "MIRRORMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Print the daemon's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
 struct PublishArgs {
-    /// The tree to publish (the directory nginx/rsyncd serve).
+    /// Ask the running origin daemon at this admin address to publish (it scans its own tree).
+    #[arg(long, conflicts_with_all = ["tree", "key", "state"])]
+    admin: Option<String>,
+    /// Bearer token for an admin API that is not on loopback.
+    #[arg(long, env = "MIRRORMESH_TOKEN", hide_env_values = true, requires = "admin")]
+    token: Option<String>,
+    /// Offline: the tree to publish (the directory nginx/rsyncd serve).
+    #[arg(long, requires_all = ["key", "state"])]
+    tree: Option<PathBuf>,
+    /// Offline: the publisher's key file.
     #[arg(long)]
-    tree: PathBuf,
-    /// The publisher's key file.
+    key: Option<PathBuf>,
+    /// Offline: state directory (manifest nodes, roots, scan cache). Not while a daemon uses it.
     #[arg(long)]
-    key: PathBuf,
-    /// State directory (manifest nodes, roots, scan cache).
-    #[arg(long)]
-    state: PathBuf,
+    state: Option<PathBuf>,
     /// Repository name carried in the signed root.
     #[arg(long, default_value = "alpine")]
     repo: String,
@@ -90,12 +128,38 @@ fn run(command: Command) -> Result<()> {
             println!("public key {public}");
             Ok(())
         }
+        Command::Daemon { config } => run_daemon(&config),
+        Command::Status(args) => {
+            let client = AdminClient::new(&args.admin.admin, args.admin.token, Duration::from_secs(10));
+            let status = client.status()?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Publish(PublishArgs { admin: Some(admin), token, .. }) => {
+            let client = AdminClient::new(&admin, token, Duration::from_secs(3600));
+            let r = client.publish()?;
+            println!("published {} seq {}", r.repo, r.seq);
+            println!("  root      {}", r.root);
+            println!("  files     {} ({}, {} bytes)", r.files, human_bytes(r.bytes), r.bytes);
+            match r.delta_bytes {
+                Some(d) => println!("  changes   {}, delta {}", r.changes, human_bytes(d as u64)),
+                None => println!("  changes   {}", r.changes),
+            }
+            Ok(())
+        }
         Command::Publish(args) => {
-            let key = NodeKey::load(&args.key)?;
-            let store = StateStore::open(&args.state)?;
+            let (Some(tree), Some(key), Some(state)) = (args.tree, args.key, args.state) else {
+                anyhow::bail!("publish needs --admin ADDR (a running origin) or all of --tree, --key and --state");
+            };
+            let key = NodeKey::load(&key)?;
+            let store = StateStore::open(&state)?;
             let repo = RepoId::new(&args.repo).with_context(|| format!("--repo {:?}", args.repo))?;
             let opts = PublishOptions {
-                tree: &args.tree,
+                tree: &tree,
                 repo,
                 validity: Duration::from_secs(args.valid_hours.saturating_mul(3600)),
                 progress: true,
@@ -131,5 +195,79 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::GenTree(args) => gentree::run(&args),
+        Command::Demo(args) => mirrormesh::demo::run(&args),
+    }
+}
+
+fn run_daemon(config: &std::path::Path) -> Result<()> {
+    let cfg = Config::load(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let admin_listen = cfg.admin_listen;
+        let token = cfg.admin_token.clone();
+        let (daemon, handle) = mirrormesh::daemon::Daemon::start(cfg).await?;
+        let admin = mirrormesh::admin::serve(admin_listen, token, handle.clone()).await?;
+        tracing::info!(%admin, data = %handle.data_addr, listen = ?handle.listen_addrs, "admin API listening");
+        daemon.run(shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn print_status(s: &Status) {
+    println!("node   {} ({})", s.node_id, s.role);
+    for r in &s.repos {
+        let seq = r.seq.map_or("-".into(), |s| s.to_string());
+        let root = r.root.as_deref().map_or("-", |r| &r[..12.min(r.len())]);
+        println!("repo   {}  seq {seq}  root {root}  {} files, {}", r.name, r.files, human_bytes(r.bytes));
+        match r.target_seq {
+            Some(target) => println!(
+                "state  {} ({}) -> seq {target}, {} missing in {} chunks{}",
+                r.state,
+                r.phase,
+                human_bytes(r.bytes_missing),
+                r.chunks_missing,
+                if r.waiting_for_origin { ", waiting for origin" } else { "" }
+            ),
+            None => println!("state  {}", r.state),
+        }
+    }
+    println!(
+        "bytes  served {}, fetched {} ({} from origin)",
+        human_bytes(s.bytes_served_total),
+        human_bytes(s.bytes_fetched_total),
+        human_bytes(s.bytes_fetched_from_origin)
+    );
+    if let Some(e) = &s.last_error {
+        println!("error  {e}");
+    }
+    println!();
+    println!("{:<20} {:<24} {:>6} {:>10} {:>10} {:>6}", "peer", "address", "origin", "sent", "received", "banned");
+    for p in &s.peers {
+        let id = if p.id.len() > 20 { format!("{}..{}", &p.id[..8], &p.id[p.id.len() - 10..]) } else { p.id.clone() };
+        let addr = p.data_address.clone().unwrap_or_else(|| p.address.clone());
+        println!(
+            "{:<20} {:<24} {:>6} {:>10} {:>10} {:>6}",
+            id,
+            addr,
+            if p.origin { "yes" } else { "" },
+            human_bytes(p.bytes_sent),
+            human_bytes(p.bytes_received),
+            if p.banned { "yes" } else { "" }
+        );
     }
 }

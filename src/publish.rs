@@ -38,6 +38,10 @@ pub struct PublishReport {
     pub new_nodes: usize,
     pub new_node_bytes: usize,
     pub delta_bytes: Option<usize>,
+    /// Regular files added or changed since the previous snapshot (all of them for the first), and their bytes:
+    /// what mirrors must fetch.
+    pub changed_files: u64,
+    pub changed_bytes: u64,
 }
 
 /// The wall clock as the core's timestamp.
@@ -101,6 +105,14 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
     writer.set_root(&signed, &opts.repo)?;
     let (new_nodes, new_node_bytes) = (writer.new_nodes, writer.new_node_bytes);
     writer.commit()?;
+    let (changed_files, changed_bytes) = if previous.is_some() {
+        changes.iter().fold((0, 0), |(n, b), c| match c.new.as_ref().map(|e| &e.kind) {
+            Some(EntryKind::File(meta)) => (n + 1, b + meta.size),
+            _ => (n, b),
+        })
+    } else {
+        (scanned.stats.files, scanned.stats.bytes)
+    };
 
     Ok(PublishReport {
         signed,
@@ -112,6 +124,8 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         new_nodes,
         new_node_bytes,
         delta_bytes: delta.map(|(_, d)| d.len()),
+        changed_files,
+        changed_bytes,
     })
 }
 

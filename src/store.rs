@@ -8,6 +8,9 @@
 //! - `roots`: repository name -> the newest signed root this node published or accepted.
 //! - `scan_cache`: path -> what the publisher last learned of a file (size, times, inode, chunk ids), so a rescan
 //!   of an unchanged tree only stats files.
+//! - `applied`: repository name -> the signed root of the snapshot the served tree holds (a mirror's `roots` entry
+//!   may be newer while it syncs).
+//! - `pending_deletions`: path -> when (unix ms) a file or directory that a new snapshot removed may be deleted.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +28,8 @@ const NODES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("nodes");
 const DELTAS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("deltas");
 const ROOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("roots");
 const SCAN_CACHE: TableDefinition<&str, &[u8]> = TableDefinition::new("scan_cache");
+const APPLIED: TableDefinition<&str, &[u8]> = TableDefinition::new("applied");
+const PENDING_DELETIONS: TableDefinition<&str, u64> = TableDefinition::new("pending_deletions");
 
 /// File name of the database inside the state directory.
 pub const STATE_DB: &str = "state.redb";
@@ -47,6 +52,8 @@ impl StateStore {
         txn.open_table(DELTAS)?;
         txn.open_table(ROOTS)?;
         txn.open_table(SCAN_CACHE)?;
+        txn.open_table(APPLIED)?;
+        txn.open_table(PENDING_DELETIONS)?;
         txn.commit()?;
         Ok(Self { db, dir: dir.to_owned() })
     }
@@ -73,6 +80,22 @@ pub struct StoreReader {
 impl StoreReader {
     pub fn root(&self, repo: &RepoId) -> Result<Option<SignedRoot>> {
         decode_root(repo, self.txn.open_table(ROOTS)?.get(repo.as_str())?.map(|v| v.value().to_vec()))
+    }
+
+    /// The snapshot the served tree holds.
+    pub fn applied(&self, repo: &RepoId) -> Result<Option<SignedRoot>> {
+        decode_root(repo, self.txn.open_table(APPLIED)?.get(repo.as_str())?.map(|v| v.value().to_vec()))
+    }
+
+    /// Deletions waiting for their grace period: (path, due unix ms), in path order.
+    pub fn pending_deletions(&self) -> Result<Vec<(String, u64)>> {
+        let table = self.txn.open_table(PENDING_DELETIONS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            out.push((k.value().to_owned(), v.value()));
+        }
+        Ok(out)
     }
 
     pub fn delta(&self, hash: &DeltaHash) -> Result<Option<Vec<u8>>> {
@@ -125,6 +148,21 @@ impl StoreWriter {
 
     pub fn set_root(&mut self, root: &SignedRoot, repo: &RepoId) -> Result<()> {
         self.txn.open_table(ROOTS)?.insert(repo.as_str(), root.encode().as_slice())?;
+        Ok(())
+    }
+
+    pub fn set_applied(&mut self, root: &SignedRoot, repo: &RepoId) -> Result<()> {
+        self.txn.open_table(APPLIED)?.insert(repo.as_str(), root.encode().as_slice())?;
+        Ok(())
+    }
+
+    pub fn add_pending_deletion(&mut self, path: &str, due_ms: u64) -> Result<()> {
+        self.txn.open_table(PENDING_DELETIONS)?.insert(path, due_ms)?;
+        Ok(())
+    }
+
+    pub fn remove_pending_deletion(&mut self, path: &str) -> Result<()> {
+        self.txn.open_table(PENDING_DELETIONS)?.remove(path)?;
         Ok(())
     }
 

@@ -63,6 +63,9 @@ pub enum Role {
 pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 22;
 /// How often newly held chunks are announced to peers.
 pub const HAVE_FLUSH_MS: u64 = 50;
+/// After this node fails to keep a chunk (staging write error, e.g. a full disk), no chunk is requested for this
+/// long; the error is reported each time.
+pub const LOCAL_FAILURE_BACKOFF_MS: u64 = 2_000;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig<P> {
@@ -165,6 +168,8 @@ pub enum Notice<P> {
     WrongRepo {
         from: P,
     },
+    /// Chunks could not be kept locally; fetching pauses for `LOCAL_FAILURE_BACKOFF_MS`.
+    LocalFailure,
     SyncComplete {
         seq: u64,
     },
@@ -241,6 +246,8 @@ pub struct Engine<P: PeerKey> {
     have_outbox: Vec<ChunkId>,
     last_have_flush: Timestamp,
     waiting_for_origin: bool,
+    /// No chunk requests before this instant (after a local failure).
+    paused_until: Timestamp,
 }
 
 impl<P: PeerKey> Engine<P> {
@@ -265,6 +272,7 @@ impl<P: PeerKey> Engine<P> {
             have_outbox: Vec::new(),
             last_have_flush: Timestamp(0),
             waiting_for_origin: false,
+            paused_until: Timestamp(0),
         };
         if let Some(latest) = latest
             && engine.is_newer(&latest)
@@ -553,6 +561,10 @@ impl<P: PeerKey> Engine<P> {
     pub fn handle_chunk(&mut self, now: Timestamp, _peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
         let Phase::Transfer { sched, held, .. } = &mut self.phase else { return };
         let verified = outcome == ChunkOutcome::Verified;
+        if outcome == ChunkOutcome::Dropped {
+            self.paused_until = now.plus_ms(LOCAL_FAILURE_BACKOFF_MS);
+            self.out.push_back(Output::Notice(Notice::LocalFailure));
+        }
         let outs = sched.on_chunk(now, req, &id, outcome);
         if verified && held.insert(id) {
             self.have_outbox.push(id);
@@ -794,6 +806,7 @@ impl<P: PeerKey> Engine<P> {
                 self.next_req = next;
                 self.fetch_outputs(outs);
             }
+            Phase::Transfer { .. } if now < self.paused_until => {}
             Phase::Transfer { sched, .. } => {
                 let outs = sched.pump(now, &mut next_req);
                 self.next_req = next;

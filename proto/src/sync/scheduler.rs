@@ -104,6 +104,9 @@ pub enum ChunkOutcome<P> {
     Missing,
     /// The origin points at these peers instead.
     Elsewhere(Vec<P>),
+    /// Received and verified, but this node could not keep it (a staging write failed): fetch it again later,
+    /// without blaming the peer.
+    Dropped,
 }
 
 struct Slot<P> {
@@ -239,6 +242,10 @@ impl<P: PeerKey> Scheduler<P> {
             lies: 0,
         });
         let before = contribution(entry);
+        if holds_all && !entry.holds_all {
+            // It completed the snapshot: whatever it lacked before, it holds now.
+            entry.missing.clear();
+        }
         entry.is_origin = is_origin;
         entry.holds_all = holds_all;
         let after = contribution(entry);
@@ -255,7 +262,9 @@ impl<P: PeerKey> Scheduler<P> {
             return;
         }
         let Some(p) = self.peers.get_mut(peer) else { return };
-        if p.missing.contains(id) || !p.explicit.insert(*id) {
+        // A fresh announcement outweighs an earlier "missing" answer: the peer has it now.
+        p.missing.remove(id);
+        if !p.explicit.insert(*id) {
             return;
         }
         if contribution(p) == Contribution::Explicit {
@@ -324,6 +333,11 @@ impl<P: PeerKey> Scheduler<P> {
                 if let Some(slot) = self.chunks.get_mut(id) {
                     slot.origin_deferred_until = now.plus_ms(self.limits.redirect_defer_ms);
                 }
+                self.release(req, &peer, size);
+                self.requeue(id);
+                Vec::new()
+            }
+            ChunkOutcome::Dropped => {
                 self.release(req, &peer, size);
                 self.requeue(id);
                 Vec::new()
@@ -622,5 +636,57 @@ fn contribution(p: &PeerSched) -> Contribution {
         Contribution::All
     } else {
         Contribution::Explicit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId([n; 32])
+    }
+
+    fn fetches(outs: &[SchedOut<u32>]) -> Vec<(u32, Vec<ChunkId>)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                SchedOut::Fetch(f) => Some((f.peer, f.chunks.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_peer_that_lacked_a_chunk_is_asked_again_once_it_completes() {
+        let mut s = Scheduler::new(SchedulerLimits::default(), 1, [(id(1), 100)]);
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            ReqId(n)
+        };
+        s.set_peer(&7, false, false);
+        s.add_holding(&7, &id(1));
+        let outs = s.pump(Timestamp(0), &mut next);
+        assert_eq!(fetches(&outs), vec![(7, vec![id(1)])]);
+        s.on_chunk(Timestamp(1), ReqId(1), &id(1), ChunkOutcome::Missing);
+        s.on_request_done(Timestamp(1), ReqId(1), 0);
+        assert!(fetches(&s.pump(Timestamp(2), &mut next)).is_empty(), "not asked again right away");
+        s.set_peer(&7, false, true);
+        assert_eq!(fetches(&s.pump(Timestamp(3), &mut next)), vec![(7, vec![id(1)])], "asked again once complete");
+    }
+
+    #[test]
+    fn the_origin_is_asked_only_for_what_no_peer_holds() {
+        let mut s = Scheduler::new(SchedulerLimits::default(), 1, [(id(1), 100), (id(2), 100)]);
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            ReqId(n)
+        };
+        s.set_peer(&0, true, true);
+        s.set_peer(&5, false, false);
+        s.add_holding(&5, &id(1));
+        let outs = fetches(&s.pump(Timestamp(0), &mut next));
+        assert_eq!(outs, vec![(5, vec![id(1)]), (0, vec![id(2)])]);
     }
 }

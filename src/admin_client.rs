@@ -1,0 +1,80 @@
+//! The CLI's side of the admin API: `mirrormesh status`, `mirrormesh publish --admin`.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use serde::de::DeserializeOwned;
+
+use crate::status::{PublishReply, Status};
+
+/// A client for one daemon's admin API.
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl AdminClient {
+    /// `addr` is `host:port` (as in `admin.listen`) or a full `http://` URL.
+    pub fn new(addr: &str, token: Option<String>, timeout: Duration) -> Self {
+        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let config = ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build();
+        Self { base, token, agent: config.into() }
+    }
+
+    fn call<T: DeserializeOwned>(&self, method: &str, path: &str) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let result = match method {
+            "POST" => {
+                let mut req = self.agent.post(&url);
+                if let Some(auth) = &auth {
+                    req = req.header("authorization", auth);
+                }
+                req.send_empty()
+            }
+            _ => {
+                let mut req = self.agent.get(&url);
+                if let Some(auth) = &auth {
+                    req = req.header("authorization", auth);
+                }
+                req.call()
+            }
+        };
+        let mut response = result.map_err(|e| anyhow!("cannot reach the mirrormesh daemon at {}: {e}", self.base))?;
+        let code = response.status().as_u16();
+        let body = response.body_mut().read_to_string().map_err(|e| anyhow!("reading the answer from {url}: {e}"))?;
+        match code {
+            200 => serde_json::from_str(&body).map_err(|e| anyhow!("unexpected answer from {url}: {e}")),
+            401 => bail!("{url}: unauthorized (give the admin token with --token or MIRRORMESH_TOKEN)"),
+            _ => bail!("{url}: HTTP {code}: {}", body.trim()),
+        }
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        self.call("GET", "/status")
+    }
+
+    pub fn publish(&self) -> Result<PublishReply> {
+        self.call("POST", "/publish")
+    }
+
+    /// Blocks until the node's applied snapshot reaches `seq` (or the timeout, in milliseconds, passes).
+    pub fn wait_for_seq(&self, seq: u64, timeout_ms: u64) -> Result<Status> {
+        self.call("GET", &format!("/wait?seq={seq}&timeout_ms={timeout_ms}"))
+    }
+
+    /// Blocks until the node applied `seq`, is idle and has no removal pending.
+    pub fn wait_settled(&self, seq: u64, timeout_ms: u64) -> Result<Status> {
+        self.call("GET", &format!("/wait?seq={seq}&settled=true&timeout_ms={timeout_ms}"))
+    }
+
+    /// Blocks until the node has fetched at least `bytes` chunk bytes.
+    pub fn wait_fetched(&self, bytes: u64, timeout_ms: u64) -> Result<Status> {
+        self.call("GET", &format!("/wait?fetched_bytes={bytes}&timeout_ms={timeout_ms}"))
+    }
+}

@@ -1,0 +1,193 @@
+//! Applying a staged snapshot to the served tree, in the order mirrors have learned to rely on:
+//!
+//! 1. new directories (parents first);
+//! 2. new and changed files that are not index files: each staged file gets its mode and mtime, is flushed to disk,
+//!    and is renamed into place (atomic: a reader sees the old file or the new one, never a mix);
+//! 3. symlinks (created in staging, renamed into place) and directory mode changes;
+//! 4. index files (`repo.index_globs`, default `APKINDEX.tar.gz`), so no index names a package not yet in place;
+//! 5. the directories written to are flushed;
+//! 6. removals are not done here: they are returned, to be carried out after the grace period.
+//!
+//! No temporary name ever appears inside the tree. A crash at any point leaves a consistent tree (old index with
+//! old files still present, or new files with the old index, or everything new); re-running the apply after a
+//! restart finishes it, since staging finds the files already in place.
+
+use std::collections::BTreeMap;
+use std::fs::{File, FileTimes, OpenOptions, Permissions};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use mirrormesh_proto::diff::Change;
+use mirrormesh_proto::entry::{EntryKind, FileMeta};
+use mirrormesh_proto::tree::split_parent;
+
+use crate::config::glob_match;
+use crate::staging::{FileKey, Staging};
+
+#[derive(Debug, Default, Clone)]
+pub struct ApplyReport {
+    pub files: usize,
+    pub index_files: usize,
+    pub symlinks: usize,
+    pub dirs_created: usize,
+    pub bytes: u64,
+    /// Paths to remove once the grace period is over, deepest first.
+    pub removals: Vec<String>,
+    /// Paths written by this apply (pending removals of these paths must be cancelled).
+    pub written: Vec<String>,
+}
+
+/// Applies `changes` to the tree, taking file contents from `staging` (blocking).
+pub fn apply(staging: &Staging, changes: &[Change], index_globs: &[String]) -> Result<ApplyReport> {
+    let tree = staging.tree().to_owned();
+    let plan = staging.plan().context("no staged snapshot to apply")?;
+    let mut report = ApplyReport::default();
+    let is_index = |path: &str| index_globs.iter().any(|g| glob_match(g, split_parent(path).1));
+
+    let mut files: Vec<(&str, &FileMeta)> = Vec::new();
+    let mut indexes: Vec<(&str, &FileMeta)> = Vec::new();
+    let mut links: Vec<(&str, &str)> = Vec::new();
+    let mut dirs: Vec<(&str, u32, bool)> = Vec::new();
+    for change in changes {
+        let old_kind = change.old.as_ref().map(|e| &e.kind);
+        match change.new.as_ref().map(|e| &e.kind) {
+            Some(EntryKind::File(meta)) if is_index(&change.path) => indexes.push((&change.path, meta)),
+            Some(EntryKind::File(meta)) => files.push((&change.path, meta)),
+            Some(EntryKind::Symlink { target }) => links.push((&change.path, target)),
+            Some(EntryKind::Dir { mode, .. }) => {
+                let created = !matches!(old_kind, Some(EntryKind::Dir { .. }));
+                dirs.push((&change.path, *mode, created));
+            }
+            None => report.removals.push(change.path.clone()),
+        }
+    }
+    // Deepest first, so a directory is removed after its contents.
+    report.removals.sort_by(|a, b| b.matches('/').count().cmp(&a.matches('/').count()).then(b.cmp(a)));
+
+    for (path, mode, created) in &dirs {
+        let full = tree.join(path);
+        if *created {
+            clear_other_kind(&full, Kind::Dir)?;
+            match std::fs::create_dir(&full) {
+                Ok(()) => report.dirs_created += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).with_context(|| format!("creating directory {}", full.display())),
+            }
+        }
+        std::fs::set_permissions(&full, Permissions::from_mode(*mode))
+            .with_context(|| format!("setting mode of {}", full.display()))?;
+    }
+
+    // How many paths still need each staged file: the last one takes it by rename, the others get copies.
+    let mut uses: BTreeMap<FileKey, usize> = BTreeMap::new();
+    for (path, _) in files.iter().chain(&indexes) {
+        if let Some((key, _)) = plan.paths.get(*path) {
+            *uses.entry(*key).or_default() += 1;
+        }
+    }
+    let mut touched_dirs = std::collections::BTreeSet::new();
+    let mut place = |path: &str, meta: &FileMeta, report: &mut ApplyReport| -> Result<()> {
+        let (key, _) = plan.paths.get(path).with_context(|| format!("{path} was not staged"))?;
+        let staged = staging.object_path(key);
+        let remaining = uses.get_mut(key).context("staged file accounting")?;
+        *remaining -= 1;
+        let source = if *remaining > 0 {
+            let copy = staging.tmp_path(&format!("copy-{}", report.files + report.index_files));
+            std::fs::copy(&staged, &copy).with_context(|| format!("copying {}", staged.display()))?;
+            copy
+        } else {
+            staged
+        };
+        finalize(&source, meta)?;
+        let full = tree.join(path);
+        clear_other_kind(&full, Kind::File)?;
+        std::fs::rename(&source, &full)
+            .with_context(|| format!("renaming {} into {}", source.display(), full.display()))?;
+        touched_dirs.insert(split_parent(path).0.to_owned());
+        report.bytes += meta.size;
+        report.written.push(path.to_owned());
+        Ok(())
+    };
+    for (path, meta) in &files {
+        place(path, meta, &mut report)?;
+        report.files += 1;
+    }
+    for (i, (path, target)) in links.iter().enumerate() {
+        let tmp = staging.tmp_path(&format!("link-{i}"));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("creating symlink {}", tmp.display()))?;
+        let full = tree.join(path);
+        clear_other_kind(&full, Kind::Symlink)?;
+        std::fs::rename(&tmp, &full).with_context(|| format!("renaming symlink into {}", full.display()))?;
+        report.written.push((*path).to_owned());
+        report.symlinks += 1;
+    }
+    for (path, meta) in &indexes {
+        place(path, meta, &mut report)?;
+        report.index_files += 1;
+    }
+    for dir in touched_dirs {
+        let full = tree.join(&dir);
+        File::open(&full)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("flushing directory {}", full.display()))?;
+    }
+    Ok(report)
+}
+
+/// Sets a staged file's mode and mtime and flushes it.
+fn finalize(path: &Path, meta: &FileMeta) -> Result<()> {
+    let file = OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    if file.metadata()?.len() != meta.size {
+        bail!("staged file {} has the wrong size", path.display());
+    }
+    file.set_permissions(Permissions::from_mode(meta.mode))?;
+    let mtime = if meta.mtime >= 0 {
+        UNIX_EPOCH + Duration::from_secs(meta.mtime as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(meta.mtime.unsigned_abs())
+    };
+    file.set_times(FileTimes::new().set_modified(mtime).set_accessed(SystemTime::now()))?;
+    file.sync_all().with_context(|| format!("flushing {}", path.display()))?;
+    Ok(())
+}
+
+#[derive(PartialEq)]
+enum Kind {
+    File,
+    Symlink,
+    Dir,
+}
+
+/// A path about to receive an entry of another kind (a file that became a directory, say) is cleared first:
+/// rename cannot replace a directory by a file or the reverse.
+fn clear_other_kind(path: &Path, want: Kind) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let have = if meta.is_dir() {
+        Kind::Dir
+    } else if meta.is_symlink() {
+        Kind::Symlink
+    } else {
+        Kind::File
+    };
+    if have == want || (have != Kind::Dir && want != Kind::Dir) {
+        return Ok(());
+    }
+    if have == Kind::Dir { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) }
+        .with_context(|| format!("clearing {} for an entry of another kind", path.display()))
+}
+
+/// Carries out one removal whose grace period is over. A directory is removed only once empty.
+pub fn remove(tree: &Path, path: &str) -> Result<()> {
+    let full = tree.join(path);
+    let Ok(meta) = std::fs::symlink_metadata(&full) else { return Ok(()) };
+    let result = if meta.is_dir() { std::fs::remove_dir(&full) } else { std::fs::remove_file(&full) };
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", full.display())),
+    }
+}

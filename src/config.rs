@@ -1,0 +1,337 @@
+//! The daemon's configuration file (TOML). Every key is documented in the README ("Configuration"); unknown keys
+//! are errors, and every error names the key and the problem.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use libp2p::{Multiaddr, PeerId};
+use mirrormesh_proto::{PublisherKey, RepoId};
+use serde::Deserialize;
+
+use crate::key::parse_publisher;
+
+/// Default data-plane port; the control plane's default is one below.
+pub const DEFAULT_DATA_PORT: u16 = 4002;
+/// Default admin HTTP address: loopback only.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7480";
+/// Default deletion grace period: files a new snapshot removes stay this long (clients mid-download finish).
+pub const DEFAULT_DELETE_GRACE_SECS: u64 = 300;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    Origin,
+    Mirror,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node: NodeSection,
+    repo: RepoSection,
+    #[serde(default)]
+    network: NetworkSection,
+    #[serde(default)]
+    trust: TrustSection,
+    #[serde(default)]
+    admin: AdminSection,
+    #[serde(default)]
+    origin: OriginSection,
+    #[serde(default)]
+    faults: Faults,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSection {
+    key: PathBuf,
+    role: RoleName,
+    state_dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepoSection {
+    #[serde(default = "default_repo")]
+    name: String,
+    tree: PathBuf,
+    staging_dir: Option<PathBuf>,
+    #[serde(default = "default_index_globs")]
+    index_globs: Vec<String>,
+    #[serde(default = "default_grace")]
+    delete_grace_secs: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkSection {
+    listen: Option<String>,
+    data_listen: Option<String>,
+    #[serde(default)]
+    bootstrap: Vec<String>,
+    allow: Option<Vec<String>>,
+    upload_bytes_per_sec: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustSection {
+    #[serde(default)]
+    publishers: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    listen: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OriginSection {
+    #[serde(default)]
+    watch: bool,
+    quiet_secs: Option<u64>,
+    validity_hours: Option<u64>,
+}
+
+/// Fault injection, for testing the fabric's defences against misbehaving peers. Never set in production.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// Serve chunks with one byte flipped (peers must detect it by hash and ban this node).
+    #[serde(default)]
+    pub corrupt_served_chunks: bool,
+}
+
+fn default_repo() -> String {
+    "alpine".into()
+}
+fn default_index_globs() -> Vec<String> {
+    vec!["APKINDEX.tar.gz".into()]
+}
+fn default_grace() -> u64 {
+    DEFAULT_DELETE_GRACE_SECS
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub key: PathBuf,
+    pub role: RoleName,
+    pub state_dir: PathBuf,
+    pub repo: RepoId,
+    pub tree: PathBuf,
+    pub staging_dir: PathBuf,
+    /// File-name globs (`*` and `?`) of index files, applied after every other file.
+    pub index_globs: Vec<String>,
+    pub delete_grace: Duration,
+    pub listen: Multiaddr,
+    pub data_listen: SocketAddr,
+    /// Bootstrap peers: each address ends in `/p2p/<peer id>`.
+    pub bootstrap: Vec<(PeerId, Multiaddr)>,
+    pub allow: Option<BTreeSet<PeerId>>,
+    pub upload_bytes_per_sec: Option<u64>,
+    /// Trusted publishers, as keys and as the peer ids of their nodes (the origins).
+    pub publishers: Vec<(PublisherKey, PeerId)>,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<String>,
+    pub watch: bool,
+    pub watch_quiet: Duration,
+    pub validity: Duration,
+    pub faults: Faults,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+            .with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Parses and validates config text; relative paths are taken relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        let file: File = toml::from_str(text).map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
+        let abs = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+
+        let repo = RepoId::new(&file.repo.name).map_err(|e| anyhow!("repo.name: {e}"))?;
+        let tree = abs(&file.repo.tree);
+        let staging_dir = match &file.repo.staging_dir {
+            Some(dir) => abs(dir),
+            None => default_staging(&tree).context("repo.staging_dir")?,
+        };
+        if staging_dir.starts_with(&tree) {
+            bail!(
+                "repo.staging_dir: {} is inside the served tree {}; it must be outside it",
+                staging_dir.display(),
+                tree.display()
+            );
+        }
+        for glob in &file.repo.index_globs {
+            if glob.is_empty() || glob.contains('/') {
+                bail!("repo.index_globs: {glob:?} must be a non-empty file-name pattern without '/'");
+            }
+        }
+
+        let listen_text =
+            file.network.listen.unwrap_or_else(|| format!("/ip4/0.0.0.0/udp/{}/quic-v1", DEFAULT_DATA_PORT - 1));
+        let listen: Multiaddr =
+            listen_text.parse().map_err(|e| anyhow!("network.listen: {listen_text:?} is not a multiaddr: {e}"))?;
+        let data_text = file.network.data_listen.unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_DATA_PORT}"));
+        let data_listen: SocketAddr =
+            data_text.parse().map_err(|e| anyhow!("network.data_listen: {data_text:?} is not ip:port: {e}"))?;
+        let mut bootstrap = Vec::new();
+        for text in &file.network.bootstrap {
+            let addr: Multiaddr =
+                text.parse().map_err(|e| anyhow!("network.bootstrap: {text:?} is not a multiaddr: {e}"))?;
+            let peer = addr
+                .iter()
+                .find_map(|p| match p {
+                    libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
+                    _ => None,
+                })
+                .ok_or_else(|| anyhow!("network.bootstrap: {text:?} must end in /p2p/<peer id>"))?;
+            bootstrap.push((peer, addr));
+        }
+        let allow = match file.network.allow {
+            None => None,
+            Some(list) if list.is_empty() => None,
+            Some(list) => Some(
+                list.iter()
+                    .map(|p| p.parse::<PeerId>().map_err(|e| anyhow!("network.allow: {p:?} is not a peer id: {e}")))
+                    .collect::<Result<BTreeSet<_>>>()?,
+            ),
+        };
+        if file.network.upload_bytes_per_sec == Some(0) {
+            bail!("network.upload_bytes_per_sec: must be positive (leave it out for no limit)");
+        }
+
+        let mut publishers = Vec::new();
+        for text in &file.trust.publishers {
+            let key = parse_publisher(text).map_err(|e| anyhow!("trust.publishers: {e}"))?;
+            let peer = crate::key::peer_id_of(&key).map_err(|e| anyhow!("trust.publishers: {text:?}: {e}"))?;
+            publishers.push((key, peer));
+        }
+        if file.node.role == RoleName::Mirror && publishers.is_empty() {
+            bail!("trust.publishers: a mirror needs at least one trusted publisher (the origin's node id)");
+        }
+
+        let admin_text = file.admin.listen.unwrap_or_else(|| DEFAULT_ADMIN.into());
+        let admin_listen: SocketAddr =
+            admin_text.parse().map_err(|e| anyhow!("admin.listen: {admin_text:?} is not ip:port: {e}"))?;
+        let admin_token = file.admin.token.filter(|t| !t.is_empty());
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+            bail!("admin.token: required when admin.listen ({admin_listen}) is not a loopback address");
+        }
+        if file.origin.watch && file.node.role != RoleName::Origin {
+            bail!("origin.watch: only an origin publishes");
+        }
+
+        Ok(Config {
+            key: abs(&file.node.key),
+            role: file.node.role,
+            state_dir: abs(&file.node.state_dir),
+            repo,
+            tree,
+            staging_dir,
+            index_globs: file.repo.index_globs,
+            delete_grace: Duration::from_secs(file.repo.delete_grace_secs),
+            listen,
+            data_listen,
+            bootstrap,
+            allow,
+            upload_bytes_per_sec: file.network.upload_bytes_per_sec,
+            publishers,
+            admin_listen,
+            admin_token,
+            watch: file.origin.watch,
+            watch_quiet: Duration::from_secs(file.origin.quiet_secs.unwrap_or(30)),
+            validity: Duration::from_secs(file.origin.validity_hours.unwrap_or(168).saturating_mul(3600)),
+            faults: file.faults,
+        })
+    }
+}
+
+/// `<parent of tree>/.<tree name>.mirrormesh-staging`: beside the tree, so on the same filesystem, outside it.
+fn default_staging(tree: &Path) -> Result<PathBuf> {
+    let name = tree
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow!("cannot derive a default from tree {}", tree.display()))?;
+    let parent = tree.parent().ok_or_else(|| anyhow!("tree {} has no parent directory", tree.display()))?;
+    Ok(parent.join(format!(".{name}.mirrormesh-staging")))
+}
+
+/// Whether a file name matches a glob with `*` (any run) and `?` (any one character).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: &str = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+
+    fn minimal(role: &str) -> String {
+        format!(
+            "[node]\nkey = \"node.key\"\nrole = \"{role}\"\nstate_dir = \"state\"\n[repo]\ntree = \"/srv/mirror\"\n[trust]\npublishers = [\"{PEER}\"]\n"
+        )
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse(&minimal("mirror"), Path::new("/etc/mm")).unwrap();
+        assert_eq!(c.key, Path::new("/etc/mm/node.key"));
+        assert_eq!(c.staging_dir, Path::new("/srv/.mirror.mirrormesh-staging"));
+        assert_eq!(c.repo.as_str(), "alpine");
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN);
+        assert_eq!(c.publishers.len(), 1);
+        assert_eq!(c.publishers[0].1.to_string(), PEER);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |text: String| format!("{:#}", Config::parse(&text, Path::new("/")).unwrap_err());
+        assert!(err(minimal("mirror") + "bogus = 1\n").contains("bogus"));
+        assert!(err(minimal("primary")).contains("role"));
+        assert!(err(minimal("mirror") + "[network]\nlisten = \"nonsense\"\n").contains("network.listen"));
+        assert!(err(minimal("mirror") + "[network]\ndata_listen = \"x\"\n").contains("network.data_listen"));
+        assert!(err(minimal("mirror") + "[network]\nbootstrap = [\"/ip4/1.2.3.4/udp/1/quic-v1\"]\n").contains("/p2p/"));
+        assert!(err(minimal("mirror") + "[network]\nallow = [\"nope\"]\n").contains("network.allow"));
+        assert!(err(minimal("mirror") + "[admin]\nlisten = \"0.0.0.0:7480\"\n").contains("admin.token"));
+        assert!(
+            err(minimal("mirror")
+                .replace("[trust]\npublishers = [\"12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA\"]\n", ""))
+            .contains("trust.publishers")
+        );
+        assert!(
+            err(minimal("mirror")
+                .replace("tree = \"/srv/mirror\"", "tree = \"/srv/mirror\"\nstaging_dir = \"/srv/mirror/.stage\""))
+            .contains("repo.staging_dir")
+        );
+        assert!(err(minimal("mirror") + "[origin]\nwatch = true\n").contains("origin.watch"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("APKINDEX.tar.gz", "APKINDEX.tar.gz"));
+        assert!(glob_match("*.db", "core.db"));
+        assert!(glob_match("Release*", "Release.gpg"));
+        assert!(!glob_match("*.db", "core.db.sig"));
+        assert!(glob_match("?x", "ax"));
+    }
+}

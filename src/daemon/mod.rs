@@ -1,0 +1,977 @@
+//! The daemon: one event loop that owns the sync engine, the libp2p swarm and the node's state, and turns the
+//! engine's outputs into gossip, control requests, data-plane fetches and file operations.
+//!
+//! Everything slow runs off the loop and reports back as a [`LoopEvent`]: staging (hashing), chunk fetches (one
+//! task per request, writing verified chunks into staging), applying a snapshot, publishing (origin). The loop
+//! itself only touches the state database (small, ordered writes) and in-memory state, so it stays responsive.
+//!
+//! State survives restarts: the applied snapshot, the newest accepted root, manifest nodes and deltas, pending
+//! deletions (the state database), and staged chunks (re-verified when staging is prepared again).
+
+mod serving;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
+use mirrormesh_proto::chunk::ChunkId;
+use mirrormesh_proto::control::{ControlRequest, ControlResponse, roots_topic};
+use mirrormesh_proto::diff::Change;
+use mirrormesh_proto::node_store::NodeSink;
+use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
+use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
+use mirrormesh_proto::sync::{Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
+use mirrormesh_proto::{SignedRoot, Timestamp, VerifiedRoot};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::apply::{self, ApplyReport};
+use crate::chunk_index::ChunkIndex;
+use crate::config::{Config, RoleName};
+use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, Fetched};
+use crate::key::NodeKey;
+use crate::publish::{PublishOptions, PublishReport, now, publish};
+use crate::staging::{Prepared, Staging};
+use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
+use crate::store::StateStore;
+use crate::swarm::{self, Behaviour, BehaviourEvent};
+
+/// How often the engine is ticked.
+pub const TICK: Duration = Duration::from_millis(50);
+/// Events queued from tasks to the loop.
+pub const LOOP_EVENTS_MAX: usize = 4096;
+/// Bytes of manifest nodes in one control response.
+pub const NODES_RESPONSE_BYTES_MAX: usize = 16 << 20;
+/// Bootstrap redial back-off bounds.
+pub const REDIAL_MIN: Duration = Duration::from_secs(1);
+pub const REDIAL_MAX: Duration = Duration::from_secs(30);
+
+/// Things tasks and the admin API tell the loop.
+pub enum LoopEvent {
+    Staged {
+        seq: u64,
+        result: Result<Prepared>,
+    },
+    Fetched {
+        peer: PeerId,
+        req: ReqId,
+        outcomes: Vec<(ChunkId, ChunkOutcome<PeerId>)>,
+        bytes: u64,
+        error: Option<String>,
+    },
+    Applied {
+        target: Box<VerifiedRoot>,
+        changes: Vec<Change>,
+        result: Result<ApplyReport>,
+    },
+    /// The origin's data plane asks how to answer a request.
+    Serve {
+        peer: PeerId,
+        chunks: Vec<ChunkId>,
+        reply: oneshot::Sender<Vec<Decision>>,
+    },
+    /// The admin API asks the origin to publish.
+    Publish {
+        reply: oneshot::Sender<Result<PublishReply, String>>,
+    },
+    Published {
+        result: Box<Result<PublishReport>>,
+        reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
+    },
+}
+
+enum Pending {
+    Hello,
+    Have,
+    Nodes { peer: PeerId, req: ReqId },
+    Delta { peer: PeerId, req: ReqId },
+}
+
+#[derive(Default)]
+struct PeerState {
+    address: Option<Multiaddr>,
+    data_addrs: Vec<SocketAddr>,
+    connected_since_ms: u64,
+    banned: bool,
+}
+
+struct Bootstrap {
+    peer: PeerId,
+    addr: Multiaddr,
+    connected: bool,
+    next_dial: Instant,
+    backoff: Duration,
+}
+
+pub struct Daemon {
+    cfg: Config,
+    key: NodeKey,
+    store: Arc<StateStore>,
+    engine: Engine<PeerId>,
+    swarm: Swarm<Behaviour>,
+    topic: gossipsub::IdentTopic,
+    data: DataPlane,
+    staging: Arc<Staging>,
+    index: Arc<RwLock<ChunkIndex>>,
+    peers: BTreeMap<PeerId, PeerState>,
+    origins: Vec<PeerId>,
+    pending: HashMap<OutboundRequestId, Pending>,
+    fetches: HashMap<ReqId, tokio::task::AbortHandle>,
+    bootstrap: Vec<Bootstrap>,
+    events_tx: mpsc::Sender<LoopEvent>,
+    events_rx: mpsc::Receiver<LoopEvent>,
+    status_tx: watch::Sender<Status>,
+    counters: BTreeMap<String, u64>,
+    last_error: Option<String>,
+    publishing: bool,
+    next_deletion_check: Instant,
+    /// Files and bytes of the applied snapshot (for status).
+    totals: (u64, u64),
+    pending_deletions: u64,
+    listen_addrs: Vec<Multiaddr>,
+}
+
+/// What the admin server and tests hold onto.
+#[derive(Clone)]
+pub struct Handle {
+    pub status: watch::Receiver<Status>,
+    pub events: mpsc::Sender<LoopEvent>,
+    pub data_addr: SocketAddr,
+    pub listen_addrs: Vec<Multiaddr>,
+}
+
+fn verified(root: &SignedRoot) -> Result<VerifiedRoot> {
+    let body = root.verify_signature().map_err(|e| anyhow!("stored root does not verify: {e}"))?;
+    Ok(VerifiedRoot { signed: root.clone(), body })
+}
+
+impl Daemon {
+    /// Opens the node's state, binds its sockets and returns the daemon (not yet running) and a handle to it.
+    pub async fn start(cfg: Config) -> Result<(Self, Handle)> {
+        let key = NodeKey::load(&cfg.key)?;
+        let store = Arc::new(StateStore::open(&cfg.state_dir)?);
+        let staging = Arc::new(Staging::open(&cfg.staging_dir, &cfg.tree)?);
+        let reader = store.reader()?;
+        let applied = reader.applied(&cfg.repo)?.map(|r| verified(&r)).transpose()?;
+        let latest = reader.root(&cfg.repo)?.map(|r| verified(&r)).transpose()?;
+        let index = match &applied {
+            Some(root) => ChunkIndex::build(&reader, &root.body.root)?,
+            None => ChunkIndex::default(),
+        };
+        let totals = applied.as_ref().map_or((0, 0), |a| (a.body.files, a.body.bytes));
+        drop(reader);
+
+        let role = match cfg.role {
+            RoleName::Origin => Role::Origin,
+            RoleName::Mirror => Role::Mirror,
+        };
+        let mut trusted: Vec<_> = cfg.publishers.iter().map(|(k, _)| *k).collect();
+        let mut origins: Vec<PeerId> = cfg.publishers.iter().map(|(_, p)| *p).collect();
+        if role == Role::Origin {
+            trusted.push(key.publisher_key());
+            origins.retain(|p| *p != key.peer_id());
+        }
+        let salt =
+            u64::from_le_bytes(blake3::hash(&key.peer_id().to_bytes()).as_bytes()[..8].try_into().unwrap_or([0; 8]));
+        let engine_cfg = EngineConfig {
+            repo: cfg.repo.clone(),
+            role,
+            trusted,
+            origins: origins.iter().copied().collect(),
+            salt,
+            scheduler: SchedulerLimits::default(),
+            seeder: SeederLimits::default(),
+        };
+        let engine = Engine::new(engine_cfg, applied, latest);
+
+        let (events_tx, events_rx) = mpsc::channel(LOOP_EVENTS_MAX);
+        let index = Arc::new(RwLock::new(index));
+        let serving = serving::Serving {
+            staging: staging.clone(),
+            index: index.clone(),
+            tree: cfg.tree.clone(),
+            decide_via: (role == Role::Origin).then(|| events_tx.clone()),
+            corrupt: cfg.faults.corrupt_served_chunks,
+        };
+        if cfg.faults.corrupt_served_chunks {
+            tracing::warn!("fault injection: serving corrupt chunks (faults.corrupt_served_chunks)");
+        }
+        let data = DataPlane::bind(
+            &key,
+            DataPlaneConfig {
+                listen: cfg.data_listen,
+                upload_rate: cfg.upload_bytes_per_sec,
+                allow: cfg.allow.clone(),
+                repo: cfg.repo.clone(),
+                timeouts: Default::default(),
+            },
+            Arc::new(serving),
+        )
+        .context("starting the data plane")?;
+
+        let mut swarm = swarm::build(&key)?;
+        let topic = gossipsub::IdentTopic::new(roots_topic(&cfg.repo));
+        swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| anyhow!("subscribing to {topic}: {e}"))?;
+        swarm.listen_on(cfg.listen.clone()).with_context(|| format!("network.listen {}", cfg.listen))?;
+        // Wait for the listener so the handle can say where the node listens.
+        let mut listen_addrs = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while listen_addrs.is_empty() {
+            match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
+                Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
+                Ok(SwarmEvent::ListenerError { error, .. }) => {
+                    return Err(anyhow!("network.listen {}: {error}", cfg.listen));
+                }
+                Ok(_) => {}
+                Err(_) => return Err(anyhow!("network.listen {}: no listening address after 10 s", cfg.listen)),
+            }
+        }
+
+        let bootstrap = cfg
+            .bootstrap
+            .iter()
+            .filter(|(peer, _)| *peer != key.peer_id())
+            .map(|(peer, addr)| Bootstrap {
+                peer: *peer,
+                addr: addr.clone(),
+                connected: false,
+                next_dial: Instant::now(),
+                backoff: REDIAL_MIN,
+            })
+            .collect();
+        let (status_tx, status_rx) = watch::channel(Status::default());
+        let pending_deletions = store.reader()?.pending_deletions()?.len() as u64;
+        let handle = Handle {
+            status: status_rx,
+            events: events_tx.clone(),
+            data_addr: data.local_addr(),
+            listen_addrs: listen_addrs.clone(),
+        };
+        let daemon = Daemon {
+            cfg,
+            key,
+            store,
+            engine,
+            swarm,
+            topic,
+            data,
+            staging,
+            index,
+            peers: BTreeMap::new(),
+            origins,
+            pending: HashMap::new(),
+            fetches: HashMap::new(),
+            bootstrap,
+            events_tx,
+            events_rx,
+            status_tx,
+            counters: BTreeMap::new(),
+            last_error: None,
+            publishing: false,
+            next_deletion_check: Instant::now(),
+            totals,
+            pending_deletions,
+            listen_addrs,
+        };
+        Ok((daemon, handle))
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        tracing::info!(node = %self.key.peer_id(), role = ?self.cfg.role, data = %self.data.local_addr(), "mirrormesh daemon running");
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        self.dial_bootstrap();
+        self.drive()?;
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some(event) = self.events_rx.recv() => self.on_loop_event(event),
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = tick.tick() => self.on_tick(),
+            }
+            if let Err(e) = self.drive() {
+                self.error(format!("{e:#}"));
+            }
+        }
+        self.data.close();
+        Ok(())
+    }
+
+    fn error(&mut self, message: String) {
+        tracing::error!("{message}");
+        self.last_error = Some(message);
+    }
+
+    fn count(&mut self, what: impl Into<String>) {
+        *self.counters.entry(what.into()).or_default() += 1;
+    }
+
+    // ---- the engine ---------------------------------------------------------------------------------------
+
+    /// Executes the engine's outputs, ticking it again while it has deferred work.
+    fn drive(&mut self) -> Result<()> {
+        for _ in 0..16 {
+            while let Some(out) = self.engine.poll_output() {
+                self.execute(out)?;
+            }
+            if !self.engine.wants_tick() {
+                break;
+            }
+            let reader = self.store.reader()?;
+            self.engine.handle_tick(now(), &reader)?;
+        }
+        self.publish_status();
+        Ok(())
+    }
+
+    fn execute(&mut self, out: Output<PeerId>) -> Result<()> {
+        match out {
+            Output::Gossip(root) => {
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), root.encode()) {
+                    // No subscribed peer yet, or a duplicate: peers learn the root from hellos instead.
+                    tracing::debug!("gossip not sent: {e}");
+                }
+            }
+            Output::SendHello(peer, mut hello) => {
+                hello.data_addrs = vec![self.data_addr_text()];
+                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Hello(hello));
+                self.pending.insert(id, Pending::Hello);
+            }
+            Output::SendHave(peer, have) => {
+                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Have(have));
+                self.pending.insert(id, Pending::Have);
+            }
+            Output::FetchNodes { peer, req, hashes } => {
+                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::GetNodes { hashes });
+                self.pending.insert(id, Pending::Nodes { peer, req });
+            }
+            Output::FetchDelta { peer, req, hash } => {
+                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::GetDelta { hash });
+                self.pending.insert(id, Pending::Delta { peer, req });
+            }
+            Output::StoreNodes(nodes) => {
+                let mut writer = self.store.writer()?;
+                for (hash, bytes) in nodes {
+                    writer.put_node(hash, bytes);
+                }
+                writer.commit()?;
+            }
+            Output::StoreDelta(hash, bytes) => {
+                let mut writer = self.store.writer()?;
+                writer.put_delta(&hash, &bytes)?;
+                writer.commit()?;
+            }
+            Output::Stage { seq, files } => {
+                let staging = self.staging.clone();
+                let index = self.index.clone();
+                let events = self.events_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = match index.read() {
+                        Ok(index) => staging.prepare(seq, &files, &index),
+                        Err(_) => Err(anyhow!("chunk index lock poisoned")),
+                    };
+                    let _ = events.blocking_send(LoopEvent::Staged { seq, result });
+                });
+            }
+            Output::FetchChunks { peer, req, chunks } => self.fetch_chunks(peer, req, chunks),
+            Output::Cancel { req, .. } => {
+                if let Some(task) = self.fetches.remove(&req) {
+                    task.abort();
+                }
+            }
+            Output::Apply { target, changes } => {
+                let staging = self.staging.clone();
+                let globs = self.cfg.index_globs.clone();
+                let events = self.events_tx.clone();
+                tracing::info!(seq = target.body.seq, changes = changes.len(), "applying snapshot");
+                tokio::task::spawn_blocking(move || {
+                    let result = apply::apply(&staging, &changes, &globs);
+                    let _ = events.blocking_send(LoopEvent::Applied { target: Box::new(target), changes, result });
+                });
+            }
+            Output::Ban { peer, reason } => {
+                tracing::warn!(%peer, ?reason, "peer banned for this snapshot");
+                self.peers.entry(peer).or_default().banned = true;
+                self.count(format!("peers_banned_{reason:?}").to_lowercase());
+            }
+            Output::Notice(notice) => self.notice(notice)?,
+        }
+        Ok(())
+    }
+
+    fn notice(&mut self, notice: Notice<PeerId>) -> Result<()> {
+        match notice {
+            Notice::RootAccepted { seq } => {
+                tracing::info!(seq, "accepted a new root");
+                self.count("roots_accepted");
+                if let Some(latest) = self.engine.latest() {
+                    let mut writer = self.store.writer()?;
+                    writer.set_root(&latest.signed, &self.cfg.repo)?;
+                    writer.commit()?;
+                }
+            }
+            Notice::RootRejected { from, error } => {
+                tracing::warn!(?from, %error, "root rejected");
+                self.count(format!("roots_rejected_{}", error.reason()));
+            }
+            Notice::DeltaRejected => self.count("deltas_rejected"),
+            Notice::WaitingForOrigin { chunks } => {
+                tracing::warn!(chunks, "waiting for origin: some chunks exist on no reachable peer");
+            }
+            Notice::ManifestError(e) => self.error(format!("manifest: {e}")),
+            Notice::WrongRepo { from } => {
+                tracing::debug!(%from, "peer speaks of another repository");
+                self.count("messages_wrong_repo");
+            }
+            Notice::LocalFailure => self.count("local_write_failures"),
+            Notice::SyncComplete { seq } => {
+                tracing::info!(seq, "snapshot applied");
+                self.count("syncs_completed");
+            }
+        }
+        Ok(())
+    }
+
+    fn data_addr_text(&self) -> String {
+        self.data.local_addr().to_string()
+    }
+
+    fn fetch_chunks(&mut self, peer: PeerId, req: ReqId, chunks: Vec<ChunkId>) {
+        let addrs = self.peers.get(&peer).map(|p| p.data_addrs.clone()).unwrap_or_default();
+        let data = self.data.clone();
+        let staging = self.staging.clone();
+        let events = self.events_tx.clone();
+        let task = tokio::spawn(async move {
+            let mut outcomes = Vec::with_capacity(chunks.len());
+            let mut bytes = 0u64;
+            let result = if addrs.is_empty() {
+                Err(anyhow!("no data-plane address known for {peer}"))
+            } else {
+                data.fetch(peer, &addrs, chunks, |id, fetched| {
+                    let outcome = match fetched {
+                        Fetched::Verified(data) => match staging.write_chunk(&id, &data) {
+                            Ok(()) => {
+                                bytes += data.len() as u64;
+                                ChunkOutcome::Verified
+                            }
+                            Err(e) => {
+                                tracing::error!("keeping chunk {id}: {e:#}");
+                                ChunkOutcome::Dropped
+                            }
+                        },
+                        Fetched::Corrupt => ChunkOutcome::Corrupt,
+                        Fetched::Missing => ChunkOutcome::Missing,
+                        Fetched::Elsewhere(peers) => ChunkOutcome::Elsewhere(peers),
+                    };
+                    outcomes.push((id, outcome));
+                })
+                .await
+            };
+            let error = result.err().map(|e| format!("{e:#}"));
+            let _ = events.send(LoopEvent::Fetched { peer, req, outcomes, bytes, error }).await;
+        });
+        self.fetches.insert(req, task.abort_handle());
+    }
+
+    // ---- loop events --------------------------------------------------------------------------------------
+
+    fn on_loop_event(&mut self, event: LoopEvent) {
+        if let Err(e) = self.try_loop_event(event) {
+            self.error(format!("{e:#}"));
+        }
+    }
+
+    fn try_loop_event(&mut self, event: LoopEvent) -> Result<()> {
+        let t = now();
+        match event {
+            LoopEvent::Staged { seq, result } => match result {
+                Ok(prepared) => {
+                    tracing::info!(
+                        seq,
+                        held = prepared.held.len(),
+                        resumed = prepared.resumed,
+                        copied = prepared.copied,
+                        "staged"
+                    );
+                    self.engine.handle_staged(t, seq, prepared.held);
+                }
+                Err(e) => {
+                    self.error(format!("staging snapshot {seq}: {e:#}"));
+                    self.count("staging_failures");
+                }
+            },
+            LoopEvent::Fetched { peer, req, outcomes, bytes, error } => {
+                self.fetches.remove(&req);
+                let dropped = outcomes.iter().any(|(_, o)| *o == ChunkOutcome::Dropped);
+                for (id, outcome) in outcomes {
+                    match &outcome {
+                        ChunkOutcome::Verified => self.count("chunks_verified"),
+                        ChunkOutcome::Corrupt => self.count("chunks_rejected"),
+                        _ => {}
+                    }
+                    self.engine.handle_chunk(t, peer, req, id, outcome);
+                }
+                if dropped {
+                    self.last_error = Some("could not write staged chunks (is the staging filesystem full?)".into());
+                } else if bytes > 0
+                    && self.last_error.as_deref().is_some_and(|e| e.starts_with("could not write staged"))
+                {
+                    self.last_error = None;
+                }
+                match error {
+                    Some(e) => {
+                        tracing::debug!(%peer, "chunk request failed: {e}");
+                        self.count("chunk_requests_failed");
+                        self.engine.handle_chunks_failed(t, peer, req);
+                    }
+                    None => self.engine.handle_chunks_done(t, peer, req, bytes),
+                }
+            }
+            LoopEvent::Applied { target, changes, result } => self.on_applied(*target, changes, result)?,
+            LoopEvent::Serve { peer, chunks, reply } => {
+                let decisions = chunks
+                    .iter()
+                    .map(|id| match self.engine.serve_decision(t, &peer, id) {
+                        ServeDecision::Serve => Decision::Serve,
+                        ServeDecision::Elsewhere(peers) => Decision::Elsewhere(peers),
+                    })
+                    .collect();
+                let _ = reply.send(decisions);
+            }
+            LoopEvent::Publish { reply } => self.start_publish(Some(reply)),
+            LoopEvent::Published { result, reply } => self.on_published(*result, reply)?,
+        }
+        Ok(())
+    }
+
+    fn on_applied(&mut self, target: VerifiedRoot, changes: Vec<Change>, result: Result<ApplyReport>) -> Result<()> {
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                // The tree is consistent (see apply.rs); the engine retries the sync from its current state.
+                self.error(format!("applying snapshot {}: {e:#}", target.body.seq));
+                self.count("apply_failures");
+                return Ok(());
+            }
+        };
+        let due = now().plus_ms(self.cfg.delete_grace.as_millis() as u64).0;
+        let mut writer = self.store.writer()?;
+        writer.set_applied(&target.signed, &self.cfg.repo)?;
+        for path in &report.written {
+            writer.remove_pending_deletion(path)?;
+        }
+        for path in &report.removals {
+            if !report.written.contains(path) {
+                writer.add_pending_deletion(path, due)?;
+            }
+        }
+        writer.commit()?;
+        self.pending_deletions = self.store.reader()?.pending_deletions()?.len() as u64;
+        if let Ok(mut index) = self.index.write() {
+            index.apply(&changes);
+        }
+        if let Err(e) = self.staging.finish() {
+            tracing::warn!("cleaning staging: {e:#}");
+        }
+        self.totals = (target.body.files, target.body.bytes);
+        self.last_error = None;
+        tracing::info!(
+            seq = target.body.seq,
+            files = report.files,
+            index_files = report.index_files,
+            removals = report.removals.len(),
+            "snapshot in place"
+        );
+        let reader = self.store.reader()?;
+        self.engine.handle_applied(now(), target.body.seq, &reader)?;
+        Ok(())
+    }
+
+    fn start_publish(&mut self, reply: Option<oneshot::Sender<Result<PublishReply, String>>>) {
+        if self.cfg.role != RoleName::Origin {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err("this node is a mirror; only the origin publishes".into()));
+            }
+            return;
+        }
+        if self.publishing {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err("a publish is already running".into()));
+            }
+            return;
+        }
+        self.publishing = true;
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let tree = self.cfg.tree.clone();
+        let repo = self.cfg.repo.clone();
+        let validity = self.cfg.validity;
+        let events = self.events_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let opts = PublishOptions { tree: &tree, repo, validity, progress: false };
+            let result = publish(&store, &key, &opts);
+            let _ = events.blocking_send(LoopEvent::Published { result: Box::new(result), reply });
+        });
+    }
+
+    fn on_published(
+        &mut self,
+        result: Result<PublishReport>,
+        reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
+    ) -> Result<()> {
+        self.publishing = false;
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                let message = format!("publishing: {e:#}");
+                self.error(message.clone());
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(message));
+                }
+                return Ok(());
+            }
+        };
+        let reader = self.store.reader()?;
+        let index = ChunkIndex::build(&reader, &report.body.root)?;
+        drop(reader);
+        if let Ok(mut current) = self.index.write() {
+            *current = index;
+        }
+        let mut writer = self.store.writer()?;
+        writer.set_applied(&report.signed, &self.cfg.repo)?;
+        writer.commit()?;
+        self.engine.handle_published(now(), report.signed.clone()).map_err(|e| anyhow!("own root refused: {e}"))?;
+        self.totals = (report.body.files, report.body.bytes);
+        self.count("snapshots_published");
+        tracing::info!(seq = report.body.seq, root = %report.body.root, files = report.body.files, changes = report.changes, "published");
+        if let Some(reply) = reply {
+            let _ = reply.send(Ok(PublishReply {
+                repo: report.body.repo.to_string(),
+                seq: report.body.seq,
+                root: report.body.root.to_hex(),
+                files: report.body.files,
+                bytes: report.body.bytes,
+                changes: report.changes,
+                delta_bytes: report.delta_bytes,
+                changed_files: report.changed_files,
+                changed_bytes: report.changed_bytes,
+            }));
+        }
+        Ok(())
+    }
+
+    // ---- swarm events -------------------------------------------------------------------------------------
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let Err(e) = self.try_swarm_event(event) {
+            self.error(format!("{e:#}"));
+        }
+    }
+
+    fn try_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) -> Result<()> {
+        let t = now();
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                if let Some(allow) = &self.cfg.allow
+                    && !allow.contains(&peer_id)
+                {
+                    tracing::warn!(peer = %peer_id, "peer not in network.allow; disconnecting");
+                    self.count("peers_refused_not_allowed");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return Ok(());
+                }
+                let state = self.peers.entry(peer_id).or_default();
+                state.address = Some(endpoint.get_remote_address().clone());
+                if num_established.get() == 1 {
+                    state.connected_since_ms = t.0;
+                    tracing::info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                    for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
+                        b.connected = true;
+                        b.backoff = REDIAL_MIN;
+                    }
+                    self.engine.handle_peer_connected(t, peer_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                tracing::info!(peer = %peer_id, "disconnected");
+                self.peers.remove(&peer_id);
+                for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
+                    b.connected = false;
+                    b.next_dial = Instant::now() + b.backoff;
+                }
+                self.engine.handle_peer_disconnected(t, &peer_id);
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
+                tracing::debug!(peer = %peer_id, "dial failed: {error}");
+                for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id && !b.connected) {
+                    b.next_dial = Instant::now() + b.backoff;
+                    b.backoff = (b.backoff * 2).min(REDIAL_MAX);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            })) => match SignedRoot::decode(&message.data) {
+                Ok(root) => {
+                    let reader = self.store.reader()?;
+                    self.engine.handle_root(t, RootVia::Gossip(propagation_source), root, &reader)?;
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %propagation_source, "undecodable gossip: {e}");
+                    self.count("gossip_malformed");
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Control(event)) => self.on_control(event)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn on_control(&mut self, event: request_response::Event<ControlRequest, ControlResponse>) -> Result<()> {
+        let t = now();
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let response = self.answer(peer, request)?;
+                    let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
+                }
+                request_response::Message::Response { request_id, response } => {
+                    let reader = self.store.reader()?;
+                    match (self.pending.remove(&request_id), response) {
+                        (Some(Pending::Hello), ControlResponse::Hello(hello)) => {
+                            self.learn_data_addrs(peer, &hello.data_addrs);
+                            self.engine.handle_hello(t, peer, hello, &reader)?;
+                        }
+                        (Some(Pending::Nodes { peer, req }), ControlResponse::Nodes { nodes }) => {
+                            let nodes = nodes.into_iter().map(|n| n.map(ByteBuf::into_vec)).collect();
+                            self.engine.handle_nodes(t, peer, req, nodes, &reader)?;
+                        }
+                        (Some(Pending::Delta { peer, req }), ControlResponse::Delta { delta }) => {
+                            self.engine.handle_delta(t, peer, req, delta.map(ByteBuf::into_vec), &reader)?;
+                        }
+                        (Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }), other) => {
+                            tracing::warn!(%peer, ?other, "unexpected answer to a manifest fetch");
+                            self.count("control_unexpected_responses");
+                            self.engine.handle_fetch_failed(t, peer, req);
+                        }
+                        _ => {}
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                tracing::debug!(%peer, "control request failed: {error}");
+                self.count("control_requests_failed");
+                if let Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }) =
+                    self.pending.remove(&request_id)
+                {
+                    self.engine.handle_fetch_failed(t, peer, req);
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "control request from peer failed: {error}");
+                self.count("control_inbound_failures");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, peer: PeerId, request: ControlRequest) -> Result<ControlResponse> {
+        let t = now();
+        let reader = self.store.reader()?;
+        Ok(match request {
+            ControlRequest::Hello(hello) => {
+                self.learn_data_addrs(peer, &hello.data_addrs);
+                self.engine.handle_hello(t, peer, hello, &reader)?;
+                let mut mine = self.engine.hello();
+                mine.data_addrs = vec![self.data_addr_text()];
+                ControlResponse::Hello(mine)
+            }
+            ControlRequest::Have(have) => {
+                self.engine.handle_have(t, peer, have);
+                ControlResponse::Ack
+            }
+            ControlRequest::GetNodes { hashes } => {
+                let mut total = 0;
+                let mut nodes = Vec::with_capacity(hashes.len());
+                for hash in &hashes {
+                    let bytes = if total < NODES_RESPONSE_BYTES_MAX {
+                        mirrormesh_proto::node_store::NodeSource::node_bytes(&reader, hash)?
+                    } else {
+                        None
+                    };
+                    total += bytes.as_ref().map_or(0, Vec::len);
+                    nodes.push(bytes.map(ByteBuf::from));
+                }
+                ControlResponse::Nodes { nodes }
+            }
+            ControlRequest::GetDelta { hash } => {
+                ControlResponse::Delta { delta: reader.delta(&hash)?.map(ByteBuf::from) }
+            }
+        })
+    }
+
+    /// Records where a peer's data plane listens; an unspecified ip means the address its connection comes from.
+    fn learn_data_addrs(&mut self, peer: PeerId, addrs: &[String]) {
+        let seen_ip = self.peers.get(&peer).and_then(|p| p.address.as_ref()).and_then(ip_of);
+        let mut parsed = Vec::new();
+        for text in addrs {
+            match text.parse::<SocketAddr>() {
+                Ok(mut addr) => {
+                    if addr.ip().is_unspecified()
+                        && let Some(ip) = seen_ip
+                    {
+                        addr.set_ip(ip);
+                    }
+                    parsed.push(addr);
+                }
+                Err(_) => self.count("hello_bad_data_addr"),
+            }
+        }
+        if !parsed.is_empty() {
+            self.peers.entry(peer).or_default().data_addrs = parsed;
+        }
+    }
+
+    // ---- time ---------------------------------------------------------------------------------------------
+
+    fn on_tick(&mut self) {
+        let t = now();
+        let result = self.store.reader().and_then(|reader| Ok(self.engine.handle_tick(t, &reader)?));
+        if let Err(e) = result {
+            self.error(format!("{e:#}"));
+        }
+        self.dial_bootstrap();
+        if Instant::now() >= self.next_deletion_check {
+            self.next_deletion_check = Instant::now() + Duration::from_secs(1);
+            if let Err(e) = self.run_deletions(t) {
+                self.error(format!("pending deletions: {e:#}"));
+            }
+        }
+    }
+
+    fn dial_bootstrap(&mut self) {
+        let now = Instant::now();
+        for b in &mut self.bootstrap {
+            if !b.connected && now >= b.next_dial && !self.swarm.is_connected(&b.peer) {
+                b.next_dial = now + b.backoff;
+                b.backoff = (b.backoff * 2).min(REDIAL_MAX);
+                if let Err(e) = self.swarm.dial(b.addr.clone()) {
+                    tracing::debug!(addr = %b.addr, "dial: {e}");
+                }
+            }
+        }
+    }
+
+    fn run_deletions(&mut self, t: Timestamp) -> Result<()> {
+        let due: Vec<String> = self
+            .store
+            .reader()?
+            .pending_deletions()?
+            .into_iter()
+            .filter(|(_, at)| *at <= t.0)
+            .map(|(p, _)| p)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut ordered = due;
+        ordered.sort_by(|a, b| b.matches('/').count().cmp(&a.matches('/').count()).then(b.cmp(a)));
+        let mut writer = self.store.writer()?;
+        for path in &ordered {
+            apply::remove(&self.cfg.tree, path)?;
+            writer.remove_pending_deletion(path)?;
+        }
+        writer.commit()?;
+        self.pending_deletions = self.store.reader()?.pending_deletions()?.len() as u64;
+        tracing::info!(count = ordered.len(), "removed files after the grace period");
+        Ok(())
+    }
+
+    // ---- status -------------------------------------------------------------------------------------------
+
+    fn publish_status(&mut self) {
+        let engine = self.engine.status();
+        let traffic = self.data.traffic();
+        let repo = RepoStatus {
+            name: engine.repo.to_string(),
+            seq: engine.current.map(|c| c.0),
+            root: engine.current.map(|c| c.1.to_hex()),
+            state: if engine.phase == "idle" { "idle".into() } else { "syncing".into() },
+            phase: engine.phase.into(),
+            target_seq: engine.target.map(|t| t.0),
+            bytes_missing: engine.bytes_missing,
+            chunks_missing: engine.chunks_missing as u64,
+            waiting_for_origin: engine.waiting_for_origin,
+            files: self.totals.0,
+            bytes: self.totals.1,
+            pending_deletions: self.pending_deletions,
+        };
+        let mut peers = Vec::new();
+        for (id, state) in &self.peers {
+            let t = traffic.get(id);
+            peers.push(PeerStatus {
+                id: id.to_string(),
+                address: state.address.as_ref().map(ToString::to_string).unwrap_or_default(),
+                data_address: state.data_addrs.first().map(ToString::to_string),
+                origin: self.origins.contains(id),
+                bytes_sent: t.map_or(0, |t| t.bytes_sent),
+                bytes_received: t.map_or(0, |t| t.bytes_received),
+                chunks_sent: t.map_or(0, |t| t.chunks_sent),
+                chunks_received: t.map_or(0, |t| t.chunks_received),
+                failures: t.map_or(0, |t| t.failures),
+                banned: state.banned || self.engine.is_banned(id),
+                complete_seq: None,
+                connected_since_ms: state.connected_since_ms,
+            });
+        }
+        let served = traffic.values().map(|t| t.bytes_sent).sum();
+        let fetched = traffic.values().map(|t| t.bytes_received).sum();
+        let from_origin = traffic.iter().filter(|(p, _)| self.origins.contains(p)).map(|(_, t)| t.bytes_received).sum();
+        let mut counters = self.counters.clone();
+        for (what, n) in self.data.refusals() {
+            counters.insert(format!("data_refused_{what}"), n);
+        }
+        let (served_chunks, redirects) = self.engine.seeder_counts();
+        if self.cfg.role == RoleName::Origin {
+            counters.insert("origin_chunks_served".into(), served_chunks);
+            counters.insert("origin_redirects".into(), redirects);
+        }
+        let status = Status {
+            node_id: self.key.peer_id().to_string(),
+            listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
+            data_addr: self.data.local_addr().to_string(),
+            role: match self.cfg.role {
+                RoleName::Origin => "origin".into(),
+                RoleName::Mirror => "mirror".into(),
+            },
+            repos: vec![repo],
+            peers,
+            bytes_served_total: served,
+            bytes_fetched_total: fetched,
+            bytes_fetched_from_origin: from_origin,
+            counters,
+            last_error: self.last_error.clone(),
+        };
+        self.status_tx.send_replace(status);
+    }
+}
+
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}

@@ -1,0 +1,377 @@
+//! The serving side: accepts connections, checks the peer, and answers chunk requests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use libp2p::PeerId;
+use mirrormesh_proto::transfer::{ChunkReply, ChunkRequest, PEER_ID_BYTES_MAX, REDIRECT_PEERS_MAX};
+use mirrormesh_proto::{CHUNK_SIZE, ChunkId};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::timeout;
+use tracing::Instrument;
+
+use super::frame::{self, LenError};
+use super::stall::Watchdog;
+use super::{
+    CONNECTIONS_MAX, CONNECTIONS_PER_PEER_MAX, Decision, HANDSHAKE_TIMEOUT, HANDSHAKES_MAX, RATE_PIECE_BYTES,
+    READ_AHEAD_CHUNKS, Refusal, SERVE_CHUNKS_PER_CONNECTION_MAX, Shared, code, tls,
+};
+
+/// Accepted connections and handshakes in progress, for the connection limits.
+#[derive(Debug, Default)]
+pub(super) struct IncomingCounts {
+    handshaking: usize,
+    connections: usize,
+    per_peer: HashMap<PeerId, usize>,
+}
+
+/// Releases a handshake slot when dropped.
+struct HandshakeSlot(Arc<Shared>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut counts = self.0.incoming.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.handshaking = counts.handshaking.saturating_sub(1);
+    }
+}
+
+/// Releases a connection slot (overall and of its peer) when dropped.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+    peer: PeerId,
+}
+
+impl ConnectionSlot {
+    fn acquire(shared: &Arc<Shared>, peer: PeerId) -> Option<Self> {
+        let mut counts = shared.incoming.lock().unwrap_or_else(PoisonError::into_inner);
+        let of_peer = counts.per_peer.get(&peer).copied().unwrap_or(0);
+        if counts.connections >= CONNECTIONS_MAX || of_peer >= CONNECTIONS_PER_PEER_MAX {
+            return None;
+        }
+        counts.connections += 1;
+        counts.per_peer.insert(peer, of_peer + 1);
+        Some(Self { shared: shared.clone(), peer })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.shared.incoming.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.connections = counts.connections.saturating_sub(1);
+        if let Some(n) = counts.per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                counts.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Accepts connections until the endpoint is closed.
+pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let admitted = {
+            let mut counts = shared.incoming.lock().unwrap_or_else(PoisonError::into_inner);
+            let admit =
+                counts.handshaking < HANDSHAKES_MAX && counts.connections + counts.handshaking < CONNECTIONS_MAX;
+            if admit {
+                counts.handshaking += 1;
+            }
+            admit
+        };
+        if !admitted {
+            shared.stats.refuse(Refusal::TooManyConnections);
+            tracing::debug!(%remote, "refusing a connection: too many connections or handshakes");
+            incoming.refuse();
+            continue;
+        }
+        let slot = HandshakeSlot(shared.clone());
+        let span = tracing::debug_span!("dataplane_serve", %remote);
+        tokio::spawn(serve_connection(incoming, slot).instrument(span));
+    }
+    tracing::debug!("data plane endpoint closed; no longer accepting");
+}
+
+async fn serve_connection(incoming: quinn::Incoming, slot: HandshakeSlot) {
+    let shared = slot.0.clone();
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            shared.stats.refuse(Refusal::HandshakeFailed);
+            tracing::debug!(error = %e, "incoming connection failed");
+            return;
+        }
+    };
+    // Dropping an unfinished handshake closes its connection.
+    let conn = match timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Err(_) => {
+            shared.stats.refuse(Refusal::HandshakeFailed);
+            tracing::debug!("handshake timed out");
+            return;
+        }
+        Ok(Err(e)) => {
+            shared.stats.refuse(Refusal::HandshakeFailed);
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+        Ok(Ok(conn)) => conn,
+    };
+    drop(slot);
+    let peer = match tls::remote_peer(&conn) {
+        Ok(peer) => peer,
+        Err(e) => {
+            shared.stats.refuse(Refusal::HandshakeFailed);
+            tracing::warn!(error = %e, "connection without a usable identity");
+            conn.close(code::NOT_ALLOWED, b"no identity");
+            return;
+        }
+    };
+    let span = tracing::info_span!("peer", %peer);
+    async move {
+        if !shared.allowed(&peer) {
+            shared.stats.refuse(Refusal::NotAllowed);
+            tracing::info!("refusing a connection from a peer not in the allow list");
+            conn.close(code::NOT_ALLOWED, b"peer not allowed");
+            return;
+        }
+        let Some(_slot) = ConnectionSlot::acquire(&shared, peer) else {
+            shared.stats.refuse(Refusal::TooManyConnections);
+            tracing::info!("refusing a connection: too many connections");
+            conn.close(code::TOO_MANY_CONNECTIONS, b"too many connections");
+            return;
+        };
+        tracing::debug!("peer connected");
+        let memory = Arc::new(Semaphore::new(SERVE_CHUNKS_PER_CONNECTION_MAX));
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let stream = serve_stream(shared.clone(), memory.clone(), peer, send, recv);
+                    tokio::spawn(stream.in_current_span());
+                }
+                Err(e) => {
+                    tracing::debug!(reason = %e, "connection ended");
+                    break;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+enum RequestError {
+    /// Counted and answered with a reset.
+    Refused(Refusal, String),
+    /// The requester reset the stream or the connection is gone: nothing to answer.
+    Gone(String),
+}
+
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<ChunkRequest, RequestError> {
+    let exact = |e: quinn::ReadExactError| match e {
+        quinn::ReadExactError::FinishedEarly(_) => {
+            RequestError::Refused(Refusal::Malformed, "stream ended inside the request frame".into())
+        }
+        quinn::ReadExactError::ReadError(e) => RequestError::Gone(e.to_string()),
+    };
+    let mut prefix = [0u8; frame::PREFIX_BYTES];
+    recv.read_exact(&mut prefix).await.map_err(exact)?;
+    let len = frame::check_len(prefix).map_err(|e| match e {
+        LenError::Empty => RequestError::Refused(Refusal::Malformed, e.to_string()),
+        LenError::Oversized(_) => RequestError::Refused(Refusal::Oversized, e.to_string()),
+    })?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(exact)?;
+    match recv.read_chunk(1, true).await {
+        Ok(None) => {}
+        Ok(Some(_)) => return Err(RequestError::Refused(Refusal::Malformed, "bytes after the request frame".into())),
+        Err(e) => return Err(RequestError::Gone(e.to_string())),
+    }
+    ChunkRequest::decode(&body).map_err(|e| RequestError::Refused(Refusal::Malformed, e.to_string()))
+}
+
+/// One reply, ready to write.
+enum Prepared {
+    /// Holds its share of the serving memory (the connection's and the node's) until written.
+    Data(Bytes, [OwnedSemaphorePermit; 2]),
+    Missing,
+    Elsewhere(Vec<PeerId>),
+}
+
+async fn prepare(shared: Arc<Shared>, memory: Arc<Semaphore>, id: ChunkId, decision: Decision) -> Prepared {
+    match decision {
+        Decision::Elsewhere(peers) => Prepared::Elsewhere(peers),
+        Decision::Serve => {
+            // The connection's share first, so one peer cannot take the whole node's budget. Neither semaphore is
+            // ever closed.
+            let Ok(of_connection) = memory.acquire_owned().await else {
+                return Prepared::Missing;
+            };
+            let Ok(of_node) = shared.serve_memory.clone().acquire_owned().await else {
+                return Prepared::Missing;
+            };
+            let permit = [of_connection, of_node];
+            let source = shared.source.clone();
+            match tokio::task::spawn_blocking(move || source.read(&id)).await {
+                Ok(Ok(Some(bytes))) if !bytes.is_empty() && bytes.len() as u64 <= CHUNK_SIZE => {
+                    Prepared::Data(Bytes::from(bytes), permit)
+                }
+                Ok(Ok(Some(bytes))) => {
+                    tracing::error!(chunk = %id, len = bytes.len(), "chunk source returned an impossible chunk size");
+                    Prepared::Missing
+                }
+                Ok(Ok(None)) => Prepared::Missing,
+                Ok(Err(e)) => {
+                    tracing::warn!(chunk = %id, error = %e, "reading a chunk to serve failed; answering Missing");
+                    Prepared::Missing
+                }
+                Err(e) => {
+                    tracing::error!(chunk = %id, error = %e, "reading a chunk to serve panicked; answering Missing");
+                    Prepared::Missing
+                }
+            }
+        }
+    }
+}
+
+enum WriteFail {
+    /// The reader took nothing for WRITE_STALL_TIMEOUT.
+    Stalled,
+    /// The requester stopped the stream or the connection is gone.
+    Gone(quinn::WriteError),
+}
+
+/// Writes all of `bufs`, failing if the stream accepts no byte for the watchdog's period.
+async fn write_all(send: &mut quinn::SendStream, bufs: &mut [Bytes], watchdog: &mut Watchdog) -> Result<(), WriteFail> {
+    let mut start = 0;
+    while start < bufs.len() {
+        match watchdog.run(send.write_chunks(&mut bufs[start..])).await {
+            Err(_) => return Err(WriteFail::Stalled),
+            Ok(Err(e)) => return Err(WriteFail::Gone(e)),
+            Ok(Ok(written)) => start += written.chunks,
+        }
+    }
+    Ok(())
+}
+
+/// Writes one reply; returns the chunk bytes sent, if it was data.
+async fn write_reply(
+    shared: &Shared,
+    send: &mut quinn::SendStream,
+    watchdog: &mut Watchdog,
+    reply: Prepared,
+) -> Result<Option<u64>, WriteFail> {
+    match reply {
+        Prepared::Missing => {
+            write_all(send, &mut [frame::encode(&ChunkReply::Missing.encode())], watchdog).await?;
+            Ok(None)
+        }
+        Prepared::Elsewhere(peers) => {
+            let peers = peers
+                .iter()
+                .map(|peer| peer.to_bytes())
+                .filter(|bytes| bytes.len() <= PEER_ID_BYTES_MAX)
+                .take(REDIRECT_PEERS_MAX)
+                .map(Into::into)
+                .collect();
+            write_all(send, &mut [frame::encode(&ChunkReply::Elsewhere { peers }.encode())], watchdog).await?;
+            Ok(None)
+        }
+        Prepared::Data(bytes, _permit) => {
+            let len = bytes.len();
+            // `prepare` admits only 1..=CHUNK_SIZE bytes, so the length fits a u32.
+            let header = frame::encode(&ChunkReply::Data { len: len as u32 }.encode());
+            match &shared.upload {
+                None => write_all(send, &mut [header, bytes], watchdog).await?,
+                Some(bucket) => {
+                    write_all(send, &mut [header], watchdog).await?;
+                    let mut rest = bytes;
+                    while !rest.is_empty() {
+                        let piece = rest.split_to(rest.len().min(RATE_PIECE_BYTES));
+                        bucket.take(piece.len()).await;
+                        write_all(send, &mut [piece], watchdog).await?;
+                    }
+                }
+            }
+            Ok(Some(len as u64))
+        }
+    }
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    memory: Arc<Semaphore>,
+    peer: PeerId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let request = match timeout(shared.timeouts.request_read, read_request(&mut recv)).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(RequestError::Gone(why))) => {
+            tracing::debug!(%why, "request abandoned");
+            return;
+        }
+        Ok(Err(RequestError::Refused(refusal, why))) => {
+            refuse(&shared, &mut send, &mut recv, refusal, &why);
+            return;
+        }
+        Err(_) => {
+            let why = format!("no complete request within {:?}", shared.timeouts.request_read);
+            refuse(&shared, &mut send, &mut recv, Refusal::Stalled, &why);
+            return;
+        }
+    };
+    drop(recv);
+    if request.repo != shared.repo {
+        let why = format!("request for repository {}, this node serves {}", request.repo, shared.repo);
+        shared.stats.refuse(Refusal::WrongRepo);
+        tracing::info!(%why, "refused request");
+        let _ = send.reset(code::REFUSED);
+        return;
+    }
+    let count = request.chunks.len();
+    let decisions = shared.source.decide(peer, request.chunks.clone()).await;
+    if decisions.len() != count {
+        tracing::error!(
+            asked = count,
+            answered = decisions.len(),
+            "chunk source decided on the wrong number of chunks"
+        );
+        let _ = send.reset(code::INTERNAL);
+        return;
+    }
+    let replies = futures::stream::iter(request.chunks.into_iter().zip(decisions))
+        .map(|(id, decision)| prepare(shared.clone(), memory.clone(), id, decision))
+        .buffered(READ_AHEAD_CHUNKS + 1);
+    futures::pin_mut!(replies);
+    let mut watchdog = Watchdog::new(shared.timeouts.write_stall);
+    while let Some(reply) = replies.next().await {
+        match write_reply(&shared, &mut send, &mut watchdog, reply).await {
+            Ok(Some(bytes)) => shared.stats.record(peer, |t| {
+                t.bytes_sent += bytes;
+                t.chunks_sent += 1;
+            }),
+            Ok(None) => {}
+            Err(WriteFail::Stalled) => {
+                shared.stats.refuse(Refusal::SlowReader);
+                tracing::info!("resetting a stream whose reader took no data for {:?}", shared.timeouts.write_stall);
+                let _ = send.reset(code::SLOW_READER);
+                return;
+            }
+            Err(WriteFail::Gone(e)) => {
+                tracing::debug!(error = %e, "reply abandoned");
+                return;
+            }
+        }
+    }
+    let _ = send.finish();
+}
+
+fn refuse(shared: &Shared, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, refusal: Refusal, why: &str) {
+    shared.stats.refuse(refusal);
+    tracing::info!(kind = refusal.name(), %why, "refused request");
+    let _ = send.reset(code::REFUSED);
+    let _ = recv.stop(code::REFUSED);
+}

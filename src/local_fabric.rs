@@ -1,0 +1,311 @@
+//! A fabric of real daemons on loopback: an origin and N mirrors, each a child process of the `mirrormesh` binary
+//! with its own key, config, tree, state and staging directories under one work directory. Used by
+//! `mirrormesh demo` and by the integration tests.
+//!
+//! Nothing here sleeps to wait: a daemon is ready when it logs that its admin API listens (read from its stderr),
+//! and progress is awaited through the admin API's long-poll `/wait`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::admin_client::AdminClient;
+use crate::key::NodeKey;
+use crate::status::{PublishReply, Status};
+
+/// How long a daemon may take to start listening.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Per-node settings beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    pub upload_bytes_per_sec: Option<u64>,
+    pub corrupt_served_chunks: bool,
+    pub delete_grace_secs: u64,
+    /// Extra TOML appended to the config (tests of config handling).
+    pub extra_config: String,
+}
+
+pub struct LocalNode {
+    pub name: String,
+    pub origin: bool,
+    pub dir: PathBuf,
+    pub tree: PathBuf,
+    pub config: PathBuf,
+    pub key: PathBuf,
+    pub peer_id: String,
+    pub admin: SocketAddr,
+    pub p2p_port: u16,
+    pub data_port: u16,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct LocalFabric {
+    pub dir: PathBuf,
+    binary: PathBuf,
+    pub nodes: Vec<LocalNode>,
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalFabric {
+    /// Lays out an origin (node 0, serving `dir/origin/tree`) and `mirrors` mirrors under `dir`; starts nothing.
+    /// `binary` is the `mirrormesh` executable to run.
+    pub fn create(dir: &Path, binary: &Path, mirrors: usize, options: &[NodeOptions]) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut nodes = Vec::new();
+        for i in 0..=mirrors {
+            let name = if i == 0 { "origin".to_owned() } else { format!("mirror{i}") };
+            let node_dir = dir.join(&name);
+            std::fs::create_dir_all(node_dir.join("tree"))?;
+            let key_path = node_dir.join("node.key");
+            let key = NodeKey::generate()?;
+            key.save(&key_path)?;
+            let admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
+            nodes.push(LocalNode {
+                name: name.clone(),
+                origin: i == 0,
+                tree: node_dir.join("tree"),
+                config: node_dir.join("mirrormesh.toml"),
+                key: key_path,
+                peer_id: key.peer_id().to_string(),
+                admin,
+                p2p_port: free_udp_port()?,
+                data_port: free_udp_port()?,
+                log: node_dir.join("daemon.log"),
+                dir: node_dir,
+                child: None,
+            });
+        }
+        let fabric = Self { dir: dir.to_owned(), binary: binary.to_owned(), nodes };
+        for i in 0..fabric.nodes.len() {
+            let opts = options.get(i).cloned().unwrap_or_default();
+            fabric.write_config(i, &opts)?;
+        }
+        Ok(fabric)
+    }
+
+    /// (Re)writes node `i`'s config: every node bootstraps to the origin and to the mirrors before it.
+    pub fn write_config(&self, i: usize, opts: &NodeOptions) -> Result<()> {
+        let node = &self.nodes[i];
+        let origin = &self.nodes[0];
+        let bootstrap: Vec<String> = self.nodes[..i]
+            .iter()
+            .map(|n| format!("\"/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{}\"", n.p2p_port, n.peer_id))
+            .collect();
+        let mut text = format!(
+            "[node]\nkey = \"node.key\"\nrole = \"{role}\"\nstate_dir = \"state\"\n\n\
+             [repo]\nname = \"alpine\"\ntree = \"tree\"\nstaging_dir = \"staging\"\ndelete_grace_secs = {grace}\n\n\
+             [network]\nlisten = \"/ip4/127.0.0.1/udp/{p2p}/quic-v1\"\ndata_listen = \"127.0.0.1:{data}\"\n\
+             bootstrap = [{bootstrap}]\n{upload}\n\
+             [trust]\npublishers = [\"{publisher}\"]\n\n\
+             [admin]\nlisten = \"{admin}\"\n",
+            role = if node.origin { "origin" } else { "mirror" },
+            grace = opts.delete_grace_secs,
+            p2p = node.p2p_port,
+            data = node.data_port,
+            bootstrap = bootstrap.join(", "),
+            upload = opts.upload_bytes_per_sec.map(|b| format!("upload_bytes_per_sec = {b}\n")).unwrap_or_default(),
+            publisher = origin.peer_id,
+            admin = node.admin,
+        );
+        if opts.corrupt_served_chunks {
+            text.push_str("\n[faults]\ncorrupt_served_chunks = true\n");
+        }
+        text.push_str(&opts.extra_config);
+        std::fs::write(&node.config, text)?;
+        Ok(())
+    }
+
+    /// Starts node `i` and returns once its admin API listens.
+    pub fn start(&mut self, i: usize) -> Result<()> {
+        let binary = self.binary.clone();
+        let node = &mut self.nodes[i];
+        if node.child.is_some() {
+            bail!("{} is already running", node.name);
+        }
+        let mut child = Command::new(&binary)
+            .args(["daemon", "--config"])
+            .arg(&node.config)
+            .env("RUST_LOG", std::env::var("MIRRORMESH_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {} ({})", node.name, binary.display()))?;
+        let stderr = child.stderr.take().context("daemon stderr")?;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready = Some(ready_tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
+                if line.contains("admin API listening")
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(Ok(()));
+                }
+                if line.starts_with("error:")
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(Err(line.clone()));
+                }
+            }
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(Err("the daemon exited".into()));
+            }
+        });
+        node.child = Some(child);
+        match ready_rx.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow!("{} did not start: {e} (log: {})", node.name, node.log.display())),
+            Err(_) => {
+                Err(anyhow!("{} did not start within {START_TIMEOUT:?} (log: {})", node.name, node.log.display()))
+            }
+        }
+    }
+
+    pub fn start_all(&mut self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            self.start(i)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` (e.g. 9 for SIGKILL, 15 for SIGTERM) to node `i` and reaps it.
+    pub fn kill(&mut self, i: usize, signal: i32) -> Result<()> {
+        let Some(mut child) = self.nodes[i].child.take() else { return Ok(()) };
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status()?;
+        if !status.success() {
+            child.kill()?;
+        }
+        child.wait()?;
+        Ok(())
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
+    }
+
+    pub fn client(&self, i: usize, timeout: Duration) -> AdminClient {
+        AdminClient::new(&self.nodes[i].admin.to_string(), None, timeout)
+    }
+
+    pub fn status(&self, i: usize) -> Result<Status> {
+        self.client(i, Duration::from_secs(10)).status()
+    }
+
+    /// Asks the origin to publish its tree.
+    pub fn publish(&self) -> Result<PublishReply> {
+        self.client(0, Duration::from_secs(600)).publish()
+    }
+
+    /// Waits until every running mirror applied `seq`, is idle and has no removal pending.
+    pub fn wait_all_settled(&self, seq: u64, timeout: Duration) -> Result<Vec<Status>> {
+        let mut out = Vec::new();
+        for i in 1..self.nodes.len() {
+            if self.is_running(i) {
+                let client = self.client(i, timeout + Duration::from_secs(5));
+                out.push(
+                    client
+                        .wait_settled(seq, timeout.as_millis() as u64)
+                        .with_context(|| format!("waiting for {}", self.nodes[i].name))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks that node `i`'s tree is identical to the origin's: same entries, kinds, sizes, modes, mtimes,
+    /// symlink targets and bytes.
+    pub fn check_identical(&self, i: usize) -> Result<TreeSummary> {
+        let a = summarize(&self.nodes[0].tree)?;
+        let b = summarize(&self.nodes[i].tree)?;
+        for (path, entry) in &a.entries {
+            match b.entries.get(path) {
+                None => bail!("{}: {path} is missing", self.nodes[i].name),
+                Some(other) if other != entry => {
+                    bail!("{}: {path} differs: {other:?} vs origin {entry:?}", self.nodes[i].name)
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(extra) = b.entries.keys().find(|p| !a.entries.contains_key(*p)) {
+            bail!("{}: {extra} is not in the origin's tree", self.nodes[i].name);
+        }
+        Ok(b)
+    }
+}
+
+impl Drop for LocalFabric {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// One tree entry as compared between nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TreeEntry {
+    File { size: u64, mode: u32, mtime: i64, blake3: [u8; 32] },
+    Symlink { target: PathBuf },
+    Dir { mode: u32 },
+}
+
+#[derive(Debug, Default)]
+pub struct TreeSummary {
+    pub entries: BTreeMap<String, TreeEntry>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Every entry under `root` (relative paths), with file contents hashed.
+pub fn summarize(root: &Path) -> Result<TreeSummary> {
+    let mut out = TreeSummary::default();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for item in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = item?.path();
+            let rel = path.strip_prefix(root)?.to_string_lossy().into_owned();
+            let meta = std::fs::symlink_metadata(&path)?;
+            let entry = if meta.is_symlink() {
+                TreeEntry::Symlink { target: std::fs::read_link(&path)? }
+            } else if meta.is_dir() {
+                stack.push(path.clone());
+                TreeEntry::Dir { mode: meta.permissions().mode() & 0o7777 }
+            } else {
+                let mut hasher = blake3::Hasher::new();
+                let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                hasher.update_reader(file).with_context(|| format!("hashing {}", path.display()))?;
+                out.files += 1;
+                out.bytes += meta.len();
+                TreeEntry::File {
+                    size: meta.len(),
+                    mode: meta.permissions().mode() & 0o7777,
+                    mtime: meta.mtime(),
+                    blake3: *hasher.finalize().as_bytes(),
+                }
+            };
+            out.entries.insert(rel, entry);
+        }
+    }
+    Ok(out)
+}

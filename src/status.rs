@@ -1,0 +1,86 @@
+//! What `GET /status` returns and `mirrormesh status` prints.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub node_id: String,
+    /// `origin` or `mirror`.
+    pub role: String,
+    /// Where the control plane (libp2p) listens.
+    pub listen_addrs: Vec<String>,
+    /// Where the data plane listens.
+    pub data_addr: String,
+    pub repos: Vec<RepoStatus>,
+    pub peers: Vec<PeerStatus>,
+    /// Chunk bytes this node served to peers.
+    pub bytes_served_total: u64,
+    /// Chunk bytes this node received from peers and origins.
+    pub bytes_fetched_total: u64,
+    /// The part of `bytes_fetched_total` that came from an origin.
+    pub bytes_fetched_from_origin: u64,
+    /// Events worth counting (roots rejected by reason, chunks rejected, bans, ...).
+    pub counters: BTreeMap<String, u64>,
+    /// The last error a sync hit (e.g. a full disk), if it has not recovered since.
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RepoStatus {
+    pub name: String,
+    /// Sequence number of the snapshot the served tree holds.
+    pub seq: Option<u64>,
+    /// Its manifest root (hex).
+    pub root: Option<String>,
+    /// `idle` or `syncing`.
+    pub state: String,
+    /// What the sync is doing: `idle`, `fetching-manifest`, `staging`, `transferring`, `applying`.
+    pub phase: String,
+    pub target_seq: Option<u64>,
+    pub bytes_missing: u64,
+    pub chunks_missing: u64,
+    /// Some needed chunk exists on no reachable peer and no origin is connected.
+    pub waiting_for_origin: bool,
+    /// Files and bytes of the applied snapshot.
+    pub files: u64,
+    pub bytes: u64,
+    /// Removals waiting for their grace period.
+    pub pending_deletions: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub id: String,
+    /// The libp2p address the connection uses.
+    pub address: String,
+    /// The data-plane address chunks are fetched from.
+    pub data_address: Option<String>,
+    pub origin: bool,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub chunks_sent: u64,
+    pub chunks_received: u64,
+    pub failures: u64,
+    pub banned: bool,
+    /// Snapshot the peer holds completely.
+    pub complete_seq: Option<u64>,
+    /// Milliseconds since the Unix epoch when the connection was established.
+    pub connected_since_ms: u64,
+}
+
+/// Reply of `POST /publish`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishReply {
+    pub repo: String,
+    pub seq: u64,
+    pub root: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub changes: usize,
+    pub delta_bytes: Option<usize>,
+    /// Files added or changed, and their bytes: what mirrors must fetch.
+    pub changed_files: u64,
+    pub changed_bytes: u64,
+}

@@ -1,0 +1,138 @@
+//! The control plane on libp2p (QUIC): node identity, gossip of signed roots (gossipsub, one topic per repository),
+//! identify, and the request-response protocol `/mirrormesh/control/1` carrying the core's control messages
+//! (hello, have, manifest node and delta fetches) in the project's bounded wire encoding.
+
+use std::io;
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{StreamProtocol, Swarm, gossipsub, identify, request_response};
+use mirrormesh_proto::control::{
+    CONTROL_REQUEST_BYTES_MAX, CONTROL_RESPONSE_BYTES_MAX, ControlRequest, ControlResponse,
+};
+
+use crate::key::NodeKey;
+
+/// Protocol name of control requests.
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/mirrormesh/control/1");
+/// How long a control request may take before it fails.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Control streams open at once per connection.
+pub const CONTROL_STREAMS_MAX: usize = 64;
+/// Largest gossip message (an encoded signed root is at most 1 KiB).
+pub const GOSSIP_BYTES_MAX: usize = 4096;
+/// An idle connection stays open this long (peers keep each other for gossip and anti-entropy).
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub gossipsub: gossipsub::Behaviour,
+    pub identify: identify::Behaviour,
+    pub control: request_response::Behaviour<ControlCodec>,
+}
+
+/// Frames control messages as a 4-byte big-endian length and the wire encoding, refusing oversized frames before
+/// reading them.
+#[derive(Clone, Default)]
+pub struct ControlCodec;
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("control frame of {len} bytes, limit {max}")));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl request_response::Codec for ControlCodec {
+    type Protocol = StreamProtocol;
+    type Request = ControlRequest;
+    type Response = ControlResponse;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<ControlRequest> {
+        let bytes = read_frame(io, CONTROL_REQUEST_BYTES_MAX).await?;
+        ControlRequest::decode(&bytes).map_err(invalid)
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<ControlResponse> {
+        let bytes = read_frame(io, CONTROL_RESPONSE_BYTES_MAX).await?;
+        ControlResponse::decode(&bytes).map_err(invalid)
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: ControlRequest,
+    ) -> io::Result<()> {
+        write_frame(io, &request.encode()).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: ControlResponse,
+    ) -> io::Result<()> {
+        write_frame(io, &response.encode()).await
+    }
+}
+
+/// Builds the swarm for `key` (not yet listening).
+pub fn build(key: &NodeKey) -> anyhow::Result<Swarm<Behaviour>> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key.keypair().clone())
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|keypair| {
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .max_transmit_size(GOSSIP_BYTES_MAX)
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                // Identical roots are one message however many peers forward them.
+                .message_id_fn(|m: &gossipsub::Message| {
+                    gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+                })
+                .build()
+                .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
+            let gossipsub =
+                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(keypair.clone()), gossip_config)
+                    .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
+            let identify = identify::Behaviour::new(identify::Config::new("/mirrormesh/1".into(), keypair.public()));
+            let control = request_response::Behaviour::with_codec(
+                ControlCodec,
+                [(CONTROL_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(CONTROL_TIMEOUT)
+                    .with_max_concurrent_streams(CONTROL_STREAMS_MAX),
+            );
+            Ok(Behaviour { gossipsub, identify, control })
+        })
+        .map_err(|e| anyhow::anyhow!("building the libp2p behaviour: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
