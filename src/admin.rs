@@ -2,9 +2,10 @@
 //! a bearer token).
 //!
 //! - `GET /status`: the node's [`Status`] as JSON.
-//! - `GET /wait?seq=N&settled=true&fetched_bytes=B&timeout_ms=T`: answers with the status as soon as every given
-//!   condition holds: the applied snapshot reaches sequence `N`; with `settled`, the node is also idle with no
-//!   removal pending; the node has fetched at least `B` chunk bytes. 408 after `T` ms (default 30 s, at most
+//! - `GET /wait?seq=N&settled=true&fetched_bytes=B&counter=C&at_least=K&timeout_ms=T`: answers with the status as
+//!   soon as every given condition holds: the applied snapshot reaches sequence `N`; with `settled`, the node is
+//!   also idle with no removal pending; the node has fetched at least `B` chunk bytes; counter `C` reached `K`
+//!   (default 1). 408 after `T` ms (default 30 s, at most
 //!   10 min). Tests and scripts synchronise on this instead of sleeping.
 //! - `POST /publish` (origin): scan, sign and announce a new snapshot; answers with its sequence number and root.
 
@@ -72,6 +73,8 @@ struct WaitQuery {
     #[serde(default)]
     settled: bool,
     fetched_bytes: Option<u64>,
+    counter: Option<String>,
+    at_least: Option<u64>,
     timeout_ms: Option<u64>,
 }
 
@@ -81,7 +84,9 @@ impl WaitQuery {
         let seq_ok = self.seq.is_none_or(|want| repo.and_then(|r| r.seq).is_some_and(|seq| seq >= want));
         let settled_ok = !self.settled || repo.is_some_and(|r| r.phase == "idle" && r.pending_deletions == 0);
         let fetched_ok = self.fetched_bytes.is_none_or(|b| s.bytes_fetched_total >= b);
-        seq_ok && settled_ok && fetched_ok
+        let counter_ok =
+            self.counter.as_ref().is_none_or(|c| s.counters.get(c).copied().unwrap_or(0) >= self.at_least.unwrap_or(1));
+        seq_ok && settled_ok && fetched_ok && counter_ok
     }
 }
 

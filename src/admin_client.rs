@@ -73,6 +73,11 @@ impl AdminClient {
         self.call("GET", &format!("/wait?seq={seq}&settled=true&timeout_ms={timeout_ms}"))
     }
 
+    /// Blocks until the node's counter `name` reaches `at_least`.
+    pub fn wait_counter(&self, name: &str, at_least: u64, timeout_ms: u64) -> Result<Status> {
+        self.call("GET", &format!("/wait?counter={name}&at_least={at_least}&timeout_ms={timeout_ms}"))
+    }
+
     /// Blocks until the node has fetched at least `bytes` chunk bytes.
     pub fn wait_fetched(&self, bytes: u64, timeout_ms: u64) -> Result<Status> {
         self.call("GET", &format!("/wait?fetched_bytes={bytes}&timeout_ms={timeout_ms}"))

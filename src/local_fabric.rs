@@ -54,12 +54,25 @@ pub struct LocalFabric {
     pub nodes: Vec<LocalNode>,
 }
 
-fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+/// Ports handed to daemons come from below the kernel's ephemeral range (32768 and up on Linux), so that the
+/// outgoing connections of running processes cannot take a port between its reservation and its use.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
 
-fn free_tcp_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A port in [`PORTS`] free for both UDP and TCP right now, picked pseudo-randomly so concurrent fabrics (tests
+/// run in parallel) rarely try the same one.
+fn free_port() -> Result<u16> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = u64::from(std::process::id()) << 32;
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mixed = blake3::hash(&(seed | n).to_le_bytes());
+        let span = u64::from(PORTS.end - PORTS.start);
+        let port = PORTS.start + (u64::from_le_bytes(mixed.as_bytes()[..8].try_into()?) % span) as u16;
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {PORTS:?}")
 }
 
 impl LocalFabric {
@@ -75,7 +88,7 @@ impl LocalFabric {
             let key_path = node_dir.join("node.key");
             let key = NodeKey::generate()?;
             key.save(&key_path)?;
-            let admin = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
+            let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             nodes.push(LocalNode {
                 name: name.clone(),
                 origin: i == 0,
@@ -84,8 +97,8 @@ impl LocalFabric {
                 key: key_path,
                 peer_id: key.peer_id().to_string(),
                 admin,
-                p2p_port: free_udp_port()?,
-                data_port: free_udp_port()?,
+                p2p_port: free_port()?,
+                data_port: free_port()?,
                 log: node_dir.join("daemon.log"),
                 dir: node_dir,
                 child: None,

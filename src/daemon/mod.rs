@@ -172,12 +172,12 @@ impl Daemon {
             RoleName::Origin => Role::Origin,
             RoleName::Mirror => Role::Mirror,
         };
-        let mut trusted: Vec<_> = cfg.publishers.iter().map(|(k, _)| *k).collect();
-        let mut origins: Vec<PeerId> = cfg.publishers.iter().map(|(_, p)| *p).collect();
-        if role == Role::Origin {
-            trusted.push(key.publisher_key());
-            origins.retain(|p| *p != key.peer_id());
-        }
+        // An origin is the one publisher of its repository: it trusts its own key only, so no other root can
+        // overtake the sequence numbers it signs.
+        let (trusted, origins): (Vec<_>, Vec<PeerId>) = match role {
+            Role::Origin => (vec![key.publisher_key()], Vec::new()),
+            Role::Mirror => cfg.publishers.iter().map(|(k, p)| (*k, *p)).unzip(),
+        };
         let salt =
             u64::from_le_bytes(blake3::hash(&key.peer_id().to_bytes()).as_bytes()[..8].try_into().unwrap_or([0; 8]));
         let engine_cfg = EngineConfig {
@@ -647,10 +647,18 @@ impl Daemon {
         if let Ok(mut current) = self.index.write() {
             *current = index;
         }
+        let accepted = self.engine.handle_published(now(), report.signed.clone());
+        if let Err(e) = accepted {
+            let message = format!("publishing: the engine refused the new root: {e}");
+            self.error(message.clone());
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(message));
+            }
+            return Ok(());
+        }
         let mut writer = self.store.writer()?;
         writer.set_applied(&report.signed, &self.cfg.repo)?;
         writer.commit()?;
-        self.engine.handle_published(now(), report.signed.clone()).map_err(|e| anyhow!("own root refused: {e}"))?;
         self.totals = (report.body.files, report.body.bytes);
         self.count("snapshots_published");
         tracing::info!(seq = report.body.seq, root = %report.body.root, files = report.body.files, changes = report.changes, "published");

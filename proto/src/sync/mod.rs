@@ -204,6 +204,8 @@ struct PeerInfo {
     complete_seq: Option<u64>,
     /// Chunks it announced since it last completed a snapshot.
     holdings: BTreeSet<ChunkId>,
+    /// Newest root pushed to it directly (see `push_root`).
+    pushed: Option<u64>,
 }
 
 enum Phase<P: PeerKey> {
@@ -353,6 +355,7 @@ impl<P: PeerKey> Engine<P> {
             advertised: None,
             complete_seq: None,
             holdings: BTreeSet::new(),
+            pushed: None,
         });
         self.out.push_back(Output::SendHello(peer, self.hello()));
     }
@@ -388,6 +391,7 @@ impl<P: PeerKey> Engine<P> {
             advertised: None,
             complete_seq: None,
             holdings: BTreeSet::new(),
+            pushed: None,
         });
         let first = !info.greeted;
         info.greeted = true;
@@ -429,6 +433,7 @@ impl<P: PeerKey> Engine<P> {
                     info.advertised = Some(verified.body.seq);
                 }
                 self.out.push_back(Output::Notice(Notice::RootAccepted { seq: verified.body.seq }));
+                self.push_root(verified.body.seq);
                 if matches!(via, RootVia::Hello(_)) {
                     // Learned outside gossip: pass it on so peers that missed the gossip message hear of it.
                     self.out.push_back(Output::Gossip(root));
@@ -626,8 +631,22 @@ impl<P: PeerKey> Engine<P> {
             info.holdings.clear();
         }
         self.out.push_back(Output::Gossip(root));
+        self.push_root(seq);
         self.announce_complete(seq);
         Ok(())
+    }
+
+    /// Sends this node's hello (which carries the newest root) straight to every greeted peer not known to have
+    /// root `seq`: gossip reaches peers in the mesh, this reaches the rest (a peer that just connected, a mesh not
+    /// yet formed), so a new root propagates even when a gossip message is lost.
+    fn push_root(&mut self, seq: u64) {
+        let hello = self.hello();
+        for (peer, info) in &mut self.peers {
+            if info.greeted && info.advertised < Some(seq) && info.pushed < Some(seq) {
+                info.pushed = Some(seq);
+                self.out.push_back(Output::SendHello(peer.clone(), hello.clone()));
+            }
+        }
     }
 
     /// How to answer `peer`'s request for chunk `id` (only the origin ever redirects).
