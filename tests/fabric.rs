@@ -194,3 +194,23 @@ fn forged_and_rolled_back_roots_are_ignored() {
     fabric.check_identical(1).unwrap();
     assert!(!fabric.nodes[1].tree.join("alpine/evil").exists());
 }
+
+#[test]
+fn an_origin_in_watch_mode_publishes_once_the_tree_is_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin =
+        NodeOptions { extra_config: "\n[origin]\nwatch = true\nquiet_secs = 1\n".into(), ..NodeOptions::default() };
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 1, &[origin, NodeOptions::default()]).unwrap();
+    generate(&fabric.nodes[0].tree, 0.005, 4);
+    fabric.start_all().unwrap();
+    // Nobody calls publish: the origin publishes on its own once the tree has been quiet for a second.
+    let first = fabric.client(1, WAIT).wait_settled(1, WAIT_MS).unwrap();
+    fabric.check_identical(1).unwrap();
+    let seq = first.repos[0].seq.unwrap();
+
+    std::fs::write(fabric.nodes[0].tree.join("alpine/edge/main/x86_64/new-1.0-r0.apk"), vec![7u8; 50_000]).unwrap();
+    let second = fabric.client(1, WAIT).wait_settled(seq + 1, WAIT_MS).unwrap();
+    assert!(second.repos[0].seq.unwrap() > seq);
+    fabric.check_identical(1).unwrap();
+    assert!(fabric.nodes[1].tree.join("alpine/edge/main/x86_64/new-1.0-r0.apk").exists());
+}

@@ -81,6 +81,8 @@ pub enum LoopEvent {
     Publish {
         reply: oneshot::Sender<Result<PublishReply, String>>,
     },
+    /// Something changed in the served tree (origin watch mode).
+    TreeChanged,
     Published {
         result: Box<Result<PublishReport>>,
         reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
@@ -136,6 +138,9 @@ pub struct Daemon {
     totals: (u64, u64),
     pending_deletions: u64,
     listen_addrs: Vec<Multiaddr>,
+    /// Origin watch mode: the tree watcher (kept alive) and when the tree last changed, if not yet published.
+    _watcher: Option<notify::RecommendedWatcher>,
+    tree_changed_at: Option<Instant>,
 }
 
 /// What the admin server and tests hold onto.
@@ -248,6 +253,7 @@ impl Daemon {
             .collect();
         let (status_tx, status_rx) = watch::channel(Status::default());
         let pending_deletions = store.reader()?.pending_deletions()?.len() as u64;
+        let watcher = if cfg.watch { Some(watch_tree(&cfg.tree, events_tx.clone())?) } else { None };
         let handle = Handle {
             status: status_rx,
             events: events_tx.clone(),
@@ -279,6 +285,9 @@ impl Daemon {
             totals,
             pending_deletions,
             listen_addrs,
+            // Whatever happened to the tree while the daemon was down is published once it is quiet.
+            tree_changed_at: watcher.as_ref().map(|_| Instant::now()),
+            _watcher: watcher,
         };
         Ok((daemon, handle))
     }
@@ -549,6 +558,7 @@ impl Daemon {
                 let _ = reply.send(decisions);
             }
             LoopEvent::Publish { reply } => self.start_publish(Some(reply)),
+            LoopEvent::TreeChanged => self.tree_changed_at = Some(Instant::now()),
             LoopEvent::Published { result, reply } => self.on_published(*result, reply)?,
         }
         Ok(())
@@ -635,6 +645,10 @@ impl Daemon {
             Err(e) => {
                 let message = format!("publishing: {e:#}");
                 self.error(message.clone());
+                if self._watcher.is_some() {
+                    // Most likely the tree changed under the scan: try again once it is quiet.
+                    self.tree_changed_at = Some(Instant::now());
+                }
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(message));
                 }
@@ -861,7 +875,24 @@ impl Daemon {
             self.error(format!("{e:#}"));
         }
         self.dial_bootstrap();
+        if let Some(changed) = self.tree_changed_at
+            && changed.elapsed() >= self.cfg.watch_quiet
+            && !self.publishing
+        {
+            tracing::info!("tree quiet for {:?}: publishing", self.cfg.watch_quiet);
+            self.tree_changed_at = None;
+            self.start_publish(None);
+        }
         if Instant::now() >= self.next_deletion_check {
+            // An origin re-signs before half the validity of its root is left, so mirrors never hold an expired one.
+            if self.cfg.role == RoleName::Origin
+                && !self.publishing
+                && let Some(current) = self.engine.current()
+                && current.body.expires.millis_since(t) < self.cfg.validity.as_millis() as u64 / 2
+            {
+                tracing::info!(seq = current.body.seq, "root past half its validity: re-signing");
+                self.start_publish(None);
+            }
             self.next_deletion_check = Instant::now() + Duration::from_secs(1);
             if let Err(e) = self.run_deletions(t) {
                 self.error(format!("pending deletions: {e:#}"));
@@ -974,6 +1005,22 @@ impl Daemon {
         };
         self.status_tx.send_replace(status);
     }
+}
+
+/// Watches the tree (recursively, inotify on Linux) and tells the loop when anything in it changes. Bursts
+/// coalesce: a full event queue just drops the extra notifications.
+fn watch_tree(tree: &std::path::Path, events: mpsc::Sender<LoopEvent>) -> Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = events.try_send(LoopEvent::TreeChanged);
+        }
+    })
+    .context("origin.watch: starting the tree watcher")?;
+    watcher
+        .watch(tree, notify::RecursiveMode::Recursive)
+        .with_context(|| format!("origin.watch: watching {}", tree.display()))?;
+    Ok(watcher)
 }
 
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
