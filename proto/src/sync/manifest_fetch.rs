@@ -95,21 +95,8 @@ impl<P: PeerKey> ManifestFetch<P> {
         delta: Option<(DeltaHash, NodeHash)>,
         source: &impl NodeSource,
     ) -> Result<Self, SourceError> {
-        let mut f = Self {
-            root,
-            delta: DeltaState::None,
-            wanted: BTreeSet::new(),
-            requested: BTreeMap::new(),
-            in_flight: BTreeMap::new(),
-            waiting_parents: BTreeMap::new(),
-            pending: BTreeMap::new(),
-            stored: BTreeSet::new(),
-            lacks: BTreeSet::new(),
-            delta_lacks: BTreeSet::new(),
-            complete: false,
-            started: true,
-            bytes_received: 0,
-        };
+        let mut f = Self::resume(root);
+        f.started = true;
         if source.has_node(&root)? {
             f.complete = true;
         } else if let Some((hash, base)) = delta {
