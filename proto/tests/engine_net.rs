@@ -94,6 +94,7 @@ impl Net {
             salt: u64::from(id) * 0x9e37_79b9,
             scheduler: SchedulerLimits { lies_max: self.lies_max, ..SchedulerLimits::default() },
             seeder: SeederLimits::default(),
+            have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
         };
         self.nodes.insert(id, Node { engine: Some(Engine::new(cfg, None, None)), ..Node::default() });
     }

@@ -193,6 +193,7 @@ impl Daemon {
             salt,
             scheduler: SchedulerLimits::default(),
             seeder: SeederLimits::default(),
+            have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
         };
         let engine = Engine::new(engine_cfg, applied, latest);
 
@@ -398,13 +399,24 @@ impl Daemon {
                     task.abort();
                 }
             }
-            Output::Apply { target, changes } => {
+            Output::Apply { target, base } => {
                 let staging = self.staging.clone();
+                let store = self.store.clone();
                 let globs = self.cfg.index_globs.clone();
                 let events = self.events_tx.clone();
-                tracing::info!(seq = target.body.seq, changes = changes.len(), "applying snapshot");
+                tracing::info!(seq = target.body.seq, "applying snapshot");
                 tokio::task::spawn_blocking(move || {
-                    let result = apply::apply(&staging, &changes, &globs);
+                    let diffed = store.reader().and_then(|reader| {
+                        let (changes, _) = mirrormesh_proto::diff::diff(&reader, base.as_ref(), &target.body.root)?;
+                        Ok(changes)
+                    });
+                    let (changes, result) = match diffed {
+                        Ok(changes) => {
+                            let result = apply::apply(&staging, &changes, &globs);
+                            (changes, result)
+                        }
+                        Err(e) => (Vec::new(), Err(e.context("diffing the snapshot to apply"))),
+                    };
                     let _ = events.blocking_send(LoopEvent::Applied { target: Box::new(target), changes, result });
                 });
             }

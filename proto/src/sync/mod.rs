@@ -24,6 +24,7 @@
 //! The origin role publishes instead of syncing ([`Engine::handle_published`]) and answers chunk requests through
 //! [`Engine::serve_decision`] ([`seeder`]).
 
+pub mod availability;
 pub mod manifest_fetch;
 pub mod scheduler;
 pub mod seeder;
@@ -33,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use crate::chunk::{ChunkId, chunk_range};
 use crate::control::{HAVE_CHUNKS_MAX, Have, Hello};
 use crate::delta::DeltaHash;
-use crate::diff::{Change, diff};
+use crate::diff::diff;
 use crate::entry::{EntryKind, FileMeta};
 use crate::node::NodeHash;
 use crate::node_store::{NodeSource, SourceError};
@@ -61,7 +62,7 @@ pub enum Role {
 
 /// Chunks one peer may be recorded as holding (beyond it, its announcements are ignored).
 pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 22;
-/// How often newly held chunks are announced to peers.
+/// How often newly held chunks are announced to peers, by default.
 pub const HAVE_FLUSH_MS: u64 = 50;
 /// After this node fails to keep a chunk (staging write error, e.g. a full disk), no chunk is requested for this
 /// long; the error is reported each time.
@@ -79,6 +80,8 @@ pub struct EngineConfig<P> {
     pub salt: u64,
     pub scheduler: SchedulerLimits,
     pub seeder: SeederLimits,
+    /// How often newly held chunks are announced (`HAVE_FLUSH_MS` by default).
+    pub have_flush_ms: u64,
 }
 
 /// A file to stage for a snapshot.
@@ -133,10 +136,11 @@ pub enum Output<P> {
         peer: P,
         req: ReqId,
     },
-    /// Every chunk is staged and verified: apply the changes to the served tree, then call `handle_applied`.
+    /// Every chunk is staged and verified: apply `diff(base, target)` to the served tree, then call
+    /// `handle_applied`. (The engine does not keep the change list: the caller recomputes it from the store.)
     Apply {
         target: VerifiedRoot,
-        changes: Vec<Change>,
+        base: Option<NodeHash>,
     },
     /// Stop using this peer for the current snapshot.
     Ban {
@@ -202,7 +206,7 @@ struct PeerInfo {
     /// Sequence number of the newest valid root it told us about.
     advertised: Option<u64>,
     complete_seq: Option<u64>,
-    /// Chunks it announced since it last completed a snapshot.
+    /// Chunks it announced while this node was not yet transferring (handed to the scheduler when it starts).
     holdings: BTreeSet<ChunkId>,
     /// Newest root pushed to it directly (see `push_root`).
     pushed: Option<u64>,
@@ -220,14 +224,11 @@ enum Phase<P: PeerKey> {
     },
     Staging {
         target: VerifiedRoot,
-        changes: Vec<Change>,
         files: Vec<StageFile>,
     },
     Transfer {
         target: VerifiedRoot,
-        changes: Vec<Change>,
         sched: Scheduler<P>,
-        held: BTreeSet<ChunkId>,
     },
     Applying {
         target: VerifiedRoot,
@@ -243,6 +244,8 @@ pub struct Engine<P: PeerKey> {
     /// Peers banned for the snapshot being synced.
     banned: BTreeSet<P>,
     seeder: Seeder<P>,
+    /// Origin: a few peers that announced each chunk of the current snapshot (for redirects).
+    holders: BTreeMap<ChunkId, Vec<P>>,
     next_req: u64,
     out: VecDeque<Output<P>>,
     have_outbox: Vec<ChunkId>,
@@ -269,6 +272,7 @@ impl<P: PeerKey> Engine<P> {
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
             seeder,
+            holders: BTreeMap::new(),
             next_req: 0,
             out: VecDeque::new(),
             have_outbox: Vec::new(),
@@ -399,14 +403,14 @@ impl<P: PeerKey> Engine<P> {
         if let Some(root) = hello.root {
             self.handle_root(now, RootVia::Hello(peer.clone()), root, source)?;
         }
-        if let Phase::Transfer { target, sched, held, .. } = &mut self.phase {
+        if let Phase::Transfer { target, sched } = &mut self.phase {
             let seq = target.body.seq;
             let holds_all = hello.complete_seq == Some(seq);
             sched.set_peer(&peer, is_origin, holds_all);
             if first {
                 // Tell the newcomer what we already hold of this snapshot.
                 let complete_seq = self.current.as_ref().map(|c| c.body.seq);
-                let held: Vec<ChunkId> = held.iter().copied().collect();
+                let held: Vec<ChunkId> = sched.held_ids().collect();
                 for part in held.chunks(HAVE_CHUNKS_MAX) {
                     let have = Have { repo: self.cfg.repo.clone(), seq, complete_seq, chunks: part.to_vec() };
                     self.out.push_back(Output::SendHave(peer.clone(), have));
@@ -473,18 +477,31 @@ impl<P: PeerKey> Engine<P> {
             info.holdings.clear();
         }
         info.complete_seq = info.complete_seq.max(have.complete_seq);
-        for id in &have.chunks {
-            if info.holdings.len() >= HOLDINGS_PER_PEER_MAX {
-                break;
-            }
-            info.holdings.insert(*id);
-        }
         let (is_origin, complete_seq) = (info.is_origin, info.complete_seq);
-        if let Phase::Transfer { target, sched, .. } = &mut self.phase {
-            sched.set_peer(&peer, is_origin, complete_seq == Some(target.body.seq));
-            for id in &have.chunks {
-                sched.add_holding(&peer, id);
+        match &mut self.phase {
+            Phase::Transfer { target, sched } => {
+                sched.set_peer(&peer, is_origin, complete_seq == Some(target.body.seq));
+                for id in &have.chunks {
+                    sched.add_holding(&peer, id);
+                }
             }
+            Phase::Manifest { .. } | Phase::Planned { .. } | Phase::Staging { .. } => {
+                for id in &have.chunks {
+                    if info.holdings.len() >= HOLDINGS_PER_PEER_MAX {
+                        break;
+                    }
+                    info.holdings.insert(*id);
+                }
+            }
+            Phase::Idle | Phase::Applying { .. } if self.cfg.role == Role::Origin => {
+                for id in &have.chunks {
+                    let holders = self.holders.entry(*id).or_default();
+                    if holders.len() < crate::transfer::REDIRECT_PEERS_MAX && !holders.contains(&peer) {
+                        holders.push(peer.clone());
+                    }
+                }
+            }
+            Phase::Idle | Phase::Applying { .. } => {}
         }
         self.pump(now);
     }
@@ -531,47 +548,49 @@ impl<P: PeerKey> Engine<P> {
     /// run).
     pub fn handle_staged(&mut self, now: Timestamp, seq: u64, held: Vec<ChunkId>) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let Phase::Staging { target, changes, files } = phase else {
+        let Phase::Staging { target, files } = phase else {
             self.phase = phase;
             return;
         };
         if target.body.seq != seq {
-            self.phase = Phase::Staging { target, changes, files };
+            self.phase = Phase::Staging { target, files };
             return;
         }
-        let held: BTreeSet<ChunkId> = held.into_iter().collect();
-        let needed = files.iter().flat_map(|f| {
-            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| {
-                let (_, len) = chunk_range(f.meta.size, i as u64)?;
-                (!held.contains(id)).then_some((*id, len))
-            })
+        let chunks = files.iter().flat_map(|f| {
+            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| Some((*id, chunk_range(f.meta.size, i as u64)?.1)))
         });
-        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, needed);
-        for (peer, info) in &self.peers {
+        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, chunks);
+        drop(files);
+        for id in &held {
+            sched.mark_held(id);
+        }
+        for (peer, info) in &mut self.peers {
+            let holdings = std::mem::take(&mut info.holdings);
             if !info.greeted || self.banned.contains(peer) {
                 continue;
             }
             sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
-            for id in &info.holdings {
+            for id in &holdings {
                 sched.add_holding(peer, id);
             }
         }
-        self.have_outbox.extend(held.iter().copied());
-        self.phase = Phase::Transfer { target, changes, sched, held };
+        self.have_outbox.extend(held);
+        self.phase = Phase::Transfer { target, sched };
         self.finish_if_done(now);
         self.pump(now);
     }
 
     /// One chunk of request `req` turned out as `outcome` (the caller verified the hash).
     pub fn handle_chunk(&mut self, now: Timestamp, _peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
-        let Phase::Transfer { sched, held, .. } = &mut self.phase else { return };
+        let Phase::Transfer { sched, .. } = &mut self.phase else { return };
         let verified = outcome == ChunkOutcome::Verified;
         if outcome == ChunkOutcome::Dropped {
             self.paused_until = now.plus_ms(LOCAL_FAILURE_BACKOFF_MS);
             self.out.push_back(Output::Notice(Notice::LocalFailure));
         }
+        let newly = verified && sched.is_needed(&id);
         let outs = sched.on_chunk(now, req, &id, outcome);
-        if verified && held.insert(id) {
+        if newly {
             self.have_outbox.push(id);
         }
         self.sched_outputs(outs);
@@ -627,9 +646,7 @@ impl<P: PeerKey> Engine<P> {
         let seq = verified.body.seq;
         self.current = Some(verified);
         self.seeder.reset();
-        for info in self.peers.values_mut() {
-            info.holdings.clear();
-        }
+        self.holders.clear();
         self.out.push_back(Output::Gossip(root));
         self.push_root(seq);
         self.announce_complete(seq);
@@ -655,14 +672,19 @@ impl<P: PeerKey> Engine<P> {
             return ServeDecision::Serve;
         }
         let seq = self.current.as_ref().map(|c| c.body.seq);
-        let holders: Vec<P> = self
+        let mut holders: Vec<P> = self
             .peers
             .iter()
-            .filter(|(p, info)| {
-                *p != peer && info.greeted && (info.complete_seq == seq && seq.is_some() || info.holdings.contains(id))
-            })
+            .filter(|(p, info)| *p != peer && info.greeted && info.complete_seq == seq && seq.is_some())
             .map(|(p, _)| p.clone())
+            .take(crate::transfer::REDIRECT_PEERS_MAX)
             .collect();
+        for holder in self.holders.get(id).into_iter().flatten() {
+            if holder != peer && self.peers.contains_key(holder) && !holders.contains(holder) {
+                holders.push(holder.clone());
+            }
+        }
+        holders.truncate(crate::transfer::REDIRECT_PEERS_MAX);
         let peers = &self.peers;
         self.seeder.decide(now, peer, id, &holders, |p| peers.contains_key(p))
     }
@@ -684,7 +706,7 @@ impl<P: PeerKey> Engine<P> {
             }
             _ => {}
         }
-        if now.millis_since(self.last_have_flush) >= HAVE_FLUSH_MS {
+        if now.millis_since(self.last_have_flush) >= self.cfg.have_flush_ms {
             self.flush_haves(now);
         }
         self.advance(now, source)
@@ -783,7 +805,7 @@ impl<P: PeerKey> Engine<P> {
             .collect();
         let seq = target.body.seq;
         self.out.push_back(Output::Stage { seq, files: files.clone() });
-        self.phase = Phase::Staging { target, changes, files };
+        self.phase = Phase::Staging { target, files };
         let _ = now;
         Ok(())
     }
@@ -794,8 +816,9 @@ impl<P: PeerKey> Engine<P> {
             return;
         }
         self.flush_haves(now);
-        if let Phase::Transfer { target, changes, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
-            self.out.push_back(Output::Apply { target: target.clone(), changes });
+        if let Phase::Transfer { target, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
+            let base = self.current.as_ref().map(|c| c.body.root);
+            self.out.push_back(Output::Apply { target: target.clone(), base });
             self.phase = Phase::Applying { target };
         }
     }

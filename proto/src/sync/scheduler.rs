@@ -1,7 +1,7 @@
 //! The chunk scheduler: which chunk to ask which peer for, and when.
 //!
-//! - **Rarest first.** Unrequested chunks wait in a queue ordered by how many non-origin peers announced them
-//!   (fewest first), ties broken by a per-node salted hash so that nodes start on different chunks.
+//! - **Rarest first.** Unrequested chunks are taken in order of how many non-origin peers announced them (fewest
+//!   first; [`super::availability`]), ties in a per-node salted order so that nodes start on different chunks.
 //! - **Windows.** Each peer has a byte window of requests in flight, adapted to its measured throughput (the bytes
 //!   it can deliver in [`SchedulerLimits::window_target_ms`]); several requests are in flight per peer.
 //! - **Batches.** Small chunks travel many per request, up to [`SchedulerLimits::request_bytes_target`].
@@ -12,11 +12,16 @@
 //! - **Bans.** A peer that delivers a chunk with the wrong hash is banned for the rest of this snapshot; a peer that
 //!   claims to hold chunks it then does not have is banned after [`SchedulerLimits::lies_max`] such answers.
 //!
-//! All collections that reach outputs are ordered, so the same inputs give the same requests.
+//! Chunks are numbered once (ids sorted) and everything per chunk or per peer is an array or a bitset over those
+//! numbers, so a node syncing millions of chunks with dozens of peers stays small and fast. All collections that
+//! reach outputs are ordered, so the same inputs give the same requests.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use fixedbitset::FixedBitSet;
+
 use crate::chunk::ChunkId;
+use crate::sync::availability::Availability;
 use crate::sync::{PeerKey, ReqId};
 use crate::timestamp::Timestamp;
 use crate::transfer::CHUNKS_PER_REQUEST_MAX;
@@ -109,26 +114,15 @@ pub enum ChunkOutcome<P> {
     Dropped,
 }
 
-struct Slot<P> {
-    size: u64,
-    /// Non-origin peers (connected, unbanned, not "holds everything") that announced this chunk.
-    explicit: u32,
-    tiebreak: u64,
-    /// Requests this chunk is in flight in.
-    in_flight: BTreeSet<(P, ReqId)>,
-    /// The origin is not asked for this chunk before this instant.
-    origin_deferred_until: Timestamp,
-}
-
 struct PeerSched {
     is_origin: bool,
     /// Holds every chunk of the target snapshot (it is complete at it).
     holds_all: bool,
     banned: bool,
-    /// Needed chunks this peer announced.
-    explicit: BTreeSet<ChunkId>,
-    /// Chunks this peer answered "missing" for: never asked of it again in this snapshot.
-    missing: BTreeSet<ChunkId>,
+    /// Chunks this peer announced.
+    explicit: FixedBitSet,
+    /// Chunks it answered "missing" for: not asked of it again in this snapshot (until it announces them again).
+    missing: FixedBitSet,
     requests: BTreeSet<ReqId>,
     in_flight_bytes: u64,
     window: u64,
@@ -140,24 +134,29 @@ struct PeerSched {
 struct Request<P> {
     peer: P,
     /// Chunks not yet answered.
-    pending: BTreeSet<ChunkId>,
+    pending: Vec<u32>,
     bytes: u64,
     sent_at: Timestamp,
 }
 
 pub struct Scheduler<P: PeerKey> {
     limits: SchedulerLimits,
-    /// Every needed chunk not yet held.
-    chunks: BTreeMap<ChunkId, Slot<P>>,
-    /// Needed chunks not in flight anywhere, rarest first: (explicit holders, tiebreak, id).
-    queue: BTreeSet<(u32, u64, ChunkId)>,
+    /// Chunk ids, sorted: a chunk's number is its position here.
+    ids: Vec<ChunkId>,
+    sizes: Vec<u32>,
+    held: FixedBitSet,
+    /// Requests each chunk is in flight in (only chunks in flight appear).
+    in_flight: BTreeMap<u32, Vec<(P, ReqId)>>,
+    /// Needed chunks in rarest-first order (held ones retired).
+    avail: Availability,
+    /// The origin is not asked for a chunk before this instant (after it redirected).
+    origin_deferred: BTreeMap<u32, Timestamp>,
     peers: BTreeMap<P, PeerSched>,
     /// Connected, unbanned non-origin peers that hold every chunk.
     holds_all_count: u32,
     requests: BTreeMap<ReqId, Request<P>>,
     bytes_missing: u64,
-    /// Bytes received that were already held (endgame duplicates, late answers).
-    pub duplicate_bytes: u64,
+    chunks_missing: usize,
 }
 
 /// splitmix64: spreads chunk ids so different salts order chunks differently.
@@ -168,38 +167,71 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// How a connected peer adds to chunk availability (the origin never does: it is the supplier of last resort).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contribution {
+    Nothing,
+    /// Every needed chunk (the peer is complete at the target snapshot).
+    All,
+    /// The chunks it announced.
+    Explicit,
+}
+
+fn contribution(p: &PeerSched) -> Contribution {
+    if p.banned || p.is_origin {
+        Contribution::Nothing
+    } else if p.holds_all {
+        Contribution::All
+    } else {
+        Contribution::Explicit
+    }
+}
+
 impl<P: PeerKey> Scheduler<P> {
-    /// A scheduler for these needed chunks (id, size).
-    pub fn new(limits: SchedulerLimits, salt: u64, needed: impl IntoIterator<Item = (ChunkId, u64)>) -> Self {
-        let mut s = Self {
+    /// A scheduler for the chunks (id, size) of a snapshot's new files. Chunks already held are then marked with
+    /// [`Scheduler::mark_held`].
+    pub fn new(limits: SchedulerLimits, salt: u64, chunks: impl IntoIterator<Item = (ChunkId, u64)>) -> Self {
+        let mut all: Vec<(ChunkId, u64)> = chunks.into_iter().collect();
+        all.sort_unstable_by_key(|c| c.0);
+        all.dedup_by_key(|c| c.0);
+        let n = all.len();
+        let tiebreak = |id: &ChunkId| {
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&id.0[..8]);
+            mix(u64::from_le_bytes(first) ^ salt)
+        };
+        let mut initial: Vec<u32> = (0..n as u32).collect();
+        initial.sort_unstable_by_key(|&i| (tiebreak(&all[i as usize].0), i));
+        Self {
             limits,
-            chunks: BTreeMap::new(),
-            queue: BTreeSet::new(),
+            bytes_missing: all.iter().map(|c| c.1).sum(),
+            chunks_missing: n,
+            sizes: all.iter().map(|c| c.1 as u32).collect(),
+            ids: all.into_iter().map(|c| c.0).collect(),
+            held: FixedBitSet::with_capacity(n),
+            in_flight: BTreeMap::new(),
+            avail: Availability::new(initial),
+            origin_deferred: BTreeMap::new(),
             peers: BTreeMap::new(),
             holds_all_count: 0,
             requests: BTreeMap::new(),
-            bytes_missing: 0,
-            duplicate_bytes: 0,
-        };
-        for (id, size) in needed {
-            if s.chunks.contains_key(&id) {
-                continue;
-            }
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&id.0[..8]);
-            let tiebreak = mix(u64::from_le_bytes(first) ^ salt);
-            s.bytes_missing += size;
-            s.queue.insert((0, tiebreak, id));
-            s.chunks.insert(
-                id,
-                Slot { size, explicit: 0, tiebreak, in_flight: BTreeSet::new(), origin_deferred_until: Timestamp(0) },
-            );
         }
-        s
+    }
+
+    fn index(&self, id: &ChunkId) -> Option<u32> {
+        self.ids.binary_search(id).ok().map(|i| i as u32)
+    }
+
+    fn needed(&self, c: u32) -> bool {
+        !self.held.contains(c as usize)
+    }
+
+    fn queued(&self, c: u32) -> bool {
+        self.needed(c) && !self.in_flight.contains_key(&c)
     }
 
     pub fn is_done(&self) -> bool {
-        self.chunks.is_empty()
+        self.chunks_missing == 0
     }
 
     pub fn bytes_missing(&self) -> u64 {
@@ -207,11 +239,16 @@ impl<P: PeerKey> Scheduler<P> {
     }
 
     pub fn chunks_missing(&self) -> usize {
-        self.chunks.len()
+        self.chunks_missing
     }
 
     pub fn is_needed(&self, id: &ChunkId) -> bool {
-        self.chunks.contains_key(id)
+        self.index(id).is_some_and(|c| self.needed(c))
+    }
+
+    /// Chunks of the snapshot held (received or found locally).
+    pub fn held_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.held.ones().map(|c| self.ids[c])
     }
 
     /// Chunks that no connected peer (origin included) can supply right now.
@@ -220,7 +257,7 @@ impl<P: PeerKey> Scheduler<P> {
         if origin_up || self.holds_all_count > 0 {
             return 0;
         }
-        self.chunks.values().filter(|s| s.explicit == 0).count()
+        self.avail.unannounced().count()
     }
 
     pub fn requests_in_flight(&self) -> usize {
@@ -229,15 +266,17 @@ impl<P: PeerKey> Scheduler<P> {
 
     /// Adds or updates a connected peer.
     pub fn set_peer(&mut self, peer: &P, is_origin: bool, holds_all: bool) {
+        let n = self.ids.len();
+        let window = self.limits.window_initial;
         let entry = self.peers.entry(peer.clone()).or_insert_with(|| PeerSched {
             is_origin,
             holds_all: false,
             banned: false,
-            explicit: BTreeSet::new(),
-            missing: BTreeSet::new(),
+            explicit: FixedBitSet::with_capacity(n),
+            missing: FixedBitSet::with_capacity(n),
             requests: BTreeSet::new(),
             in_flight_bytes: 0,
-            window: self.limits.window_initial,
+            window,
             rate: None,
             lies: 0,
         });
@@ -250,33 +289,31 @@ impl<P: PeerKey> Scheduler<P> {
         entry.holds_all = holds_all;
         let after = contribution(entry);
         if before != after {
-            let explicit: Vec<ChunkId> = entry.explicit.iter().copied().collect();
-            self.contribute(before, &explicit, -1);
-            self.contribute(after, &explicit, 1);
+            self.contribute(peer, before, -1);
+            self.contribute(peer, after, 1);
         }
     }
 
     /// A peer announced that it holds `id`.
     pub fn add_holding(&mut self, peer: &P, id: &ChunkId) {
-        if !self.chunks.contains_key(id) {
-            return;
-        }
+        let Some(c) = self.index(id) else { return };
         let Some(p) = self.peers.get_mut(peer) else { return };
         // A fresh announcement outweighs an earlier "missing" answer: the peer has it now.
-        p.missing.remove(id);
-        if !p.explicit.insert(*id) {
+        p.missing.set(c as usize, false);
+        if p.explicit.put(c as usize) {
             return;
         }
         if contribution(p) == Contribution::Explicit {
-            self.adjust_explicit(id, 1);
+            self.avail.raise(c);
         }
     }
 
     /// A peer disconnected: its requests are abandoned and its holdings forgotten.
     pub fn remove_peer(&mut self, peer: &P) -> Vec<SchedOut<P>> {
+        let Some(p) = self.peers.get(peer) else { return Vec::new() };
+        let before = contribution(p);
+        self.contribute(peer, before, -1);
         let Some(p) = self.peers.remove(peer) else { return Vec::new() };
-        let explicit: Vec<ChunkId> = p.explicit.iter().copied().collect();
-        self.contribute(contribution(&p), &explicit, -1);
         for req in p.requests {
             self.drop_request(req);
         }
@@ -285,61 +322,64 @@ impl<P: PeerKey> Scheduler<P> {
 
     /// Marks `id` as held (received or found locally) without a request.
     pub fn mark_held(&mut self, id: &ChunkId) -> Vec<SchedOut<P>> {
-        self.complete_chunk(id)
+        match self.index(id) {
+            Some(c) => self.complete_chunk(c),
+            None => Vec::new(),
+        }
     }
 
     /// Records the outcome of one chunk of request `req`. Returns follow-up actions (cancels, bans).
     pub fn on_chunk(&mut self, now: Timestamp, req: ReqId, id: &ChunkId, outcome: ChunkOutcome<P>) -> Vec<SchedOut<P>> {
+        let Some(c) = self.index(id) else { return Vec::new() };
         let Some(request) = self.requests.get_mut(&req) else {
             if matches!(outcome, ChunkOutcome::Verified) {
-                return self.complete_chunk(id);
+                return self.complete_chunk(c);
             }
             return Vec::new();
         };
-        if !request.pending.remove(id) {
-            return Vec::new();
-        }
+        let Some(at) = request.pending.iter().position(|&x| x == c) else { return Vec::new() };
+        request.pending.swap_remove(at);
         let peer = request.peer.clone();
-        let size = self.chunks.get(id).map_or(0, |s| s.size);
-        if let Some(slot) = self.chunks.get_mut(id) {
-            slot.in_flight.remove(&(peer.clone(), req));
-        }
+        let size = u64::from(self.sizes[c as usize]);
+        self.untrack(c, &peer, req);
         match outcome {
-            ChunkOutcome::Verified => self.complete_chunk(id),
+            ChunkOutcome::Verified => {
+                self.release(req, &peer, size);
+                self.complete_chunk(c)
+            }
             ChunkOutcome::Corrupt => self.ban(&peer, BanReason::CorruptChunk),
             ChunkOutcome::Missing => {
                 let mut out = Vec::new();
+                let mut lied = false;
                 if let Some(p) = self.peers.get_mut(&peer) {
-                    p.missing.insert(*id);
-                    let claimed = p.holds_all || p.explicit.contains(id);
-                    if p.explicit.remove(id) && contribution(p) == Contribution::Explicit {
-                        self.adjust_explicit(id, -1);
+                    p.missing.put(c as usize);
+                    let claimed = p.holds_all || p.explicit.contains(c as usize);
+                    let counted = p.explicit.contains(c as usize) && contribution(p) == Contribution::Explicit;
+                    p.explicit.set(c as usize, false);
+                    if counted {
+                        self.avail.lower(c);
                     }
-                    if claimed && !self.peers.get(&peer).is_some_and(|p| p.is_origin) {
-                        let lies = self.peers.get_mut(&peer).map_or(0, |p| {
-                            p.lies += 1;
-                            p.lies
-                        });
-                        if lies > self.limits.lies_max {
-                            out.extend(self.ban(&peer, BanReason::FalseHave));
-                        }
+                    if let Some(p) = self.peers.get_mut(&peer)
+                        && claimed
+                        && !p.is_origin
+                    {
+                        p.lies += 1;
+                        lied = p.lies > self.limits.lies_max;
                     }
                 }
+                if lied {
+                    out.extend(self.ban(&peer, BanReason::FalseHave));
+                }
                 self.release(req, &peer, size);
-                self.requeue(id);
                 out
             }
             ChunkOutcome::Elsewhere(_) => {
-                if let Some(slot) = self.chunks.get_mut(id) {
-                    slot.origin_deferred_until = now.plus_ms(self.limits.redirect_defer_ms);
-                }
+                self.origin_deferred.insert(c, now.plus_ms(self.limits.redirect_defer_ms));
                 self.release(req, &peer, size);
-                self.requeue(id);
                 Vec::new()
             }
             ChunkOutcome::Dropped => {
                 self.release(req, &peer, size);
-                self.requeue(id);
                 Vec::new()
             }
         }
@@ -395,11 +435,8 @@ impl<P: PeerKey> Scheduler<P> {
     /// Fills every peer's window; `next_req` hands out request ids. Non-origin peers are served first.
     pub fn pump(&mut self, now: Timestamp, next_req: &mut impl FnMut() -> ReqId) -> Vec<SchedOut<P>> {
         let mut out = Vec::new();
-        let order: Vec<P> = {
-            let mut regular: Vec<&P> = self.peers.iter().filter(|(_, p)| !p.is_origin).map(|(k, _)| k).collect();
-            regular.extend(self.peers.iter().filter(|(_, p)| p.is_origin).map(|(k, _)| k));
-            regular.into_iter().cloned().collect()
-        };
+        let mut order: Vec<P> = self.peers.iter().filter(|(_, p)| !p.is_origin).map(|(k, _)| k.clone()).collect();
+        order.extend(self.peers.iter().filter(|(_, p)| p.is_origin).map(|(k, _)| k.clone()));
         for peer in order {
             while let Some(fetch) = self.next_request(now, &peer, next_req) {
                 out.push(SchedOut::Fetch(fetch));
@@ -414,70 +451,61 @@ impl<P: PeerKey> Scheduler<P> {
         peer: &P,
         next_req: &mut impl FnMut() -> ReqId,
     ) -> Option<ChunkFetch<P>> {
-        let limits = self.limits.clone();
+        let limits = &self.limits;
         let p = self.peers.get(peer)?;
         if p.banned || p.requests.len() >= limits.requests_in_flight_per_peer_max || p.in_flight_bytes >= p.window {
             return None;
         }
         let budget = (p.window - p.in_flight_bytes).min(limits.request_bytes_target).max(1);
-        let mut picked: Vec<ChunkId> = Vec::new();
+        let mut picked: Vec<u32> = Vec::new();
         let mut bytes = 0u64;
-        let mut take = |id: ChunkId, size: u64, picked: &mut Vec<ChunkId>| {
-            picked.push(id);
+        let mut take = |c: u32, size: u64, picked: &mut Vec<u32>| {
+            picked.push(c);
             bytes += size;
             bytes >= budget || picked.len() >= limits.request_chunks_max
         };
+        let usable = |c: u32| self.queued(c) && !p.missing.contains(c as usize);
 
         if p.is_origin {
             // Only chunks no one else can supply, and not ones the origin just redirected.
             if self.holds_all_count == 0 {
-                for &(explicit, _, id) in &self.queue {
-                    if explicit > 0 {
-                        break;
-                    }
-                    let Some(slot) = self.chunks.get(&id) else { continue };
-                    if slot.origin_deferred_until > now || p.missing.contains(&id) {
-                        continue;
-                    }
-                    if take(id, slot.size, &mut picked) {
+                for c in self.avail.unannounced() {
+                    let deferred = self.origin_deferred.get(&c).is_some_and(|until| *until > now);
+                    if usable(c) && !deferred && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
                         break;
                     }
                 }
             }
         } else if p.holds_all {
-            for &(_, _, id) in &self.queue {
-                if p.missing.contains(&id) {
-                    continue;
-                }
-                let size = self.chunks.get(&id).map_or(0, |s| s.size);
-                if take(id, size, &mut picked) {
+            for c in self.avail.rarest_first() {
+                if usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
                     break;
                 }
             }
         } else {
-            let mut candidates: Vec<(u32, u64, ChunkId)> = p
+            let mut candidates: Vec<(u32, u32)> = p
                 .explicit
-                .iter()
-                .filter_map(|id| self.chunks.get(id).map(|s| (s.explicit, s.tiebreak, *id)))
-                .filter(|key| self.queue.contains(key))
+                .ones()
+                .map(|c| c as u32)
+                .filter(|&c| usable(c))
+                .map(|c| (self.avail.position(c), c))
                 .collect();
             candidates.sort_unstable();
-            for (_, _, id) in candidates {
-                let size = self.chunks.get(&id).map_or(0, |s| s.size);
-                if take(id, size, &mut picked) {
+            for (_, c) in candidates {
+                if take(c, u64::from(self.sizes[c as usize]), &mut picked) {
                     break;
                 }
             }
         }
 
-        if picked.is_empty() && self.queue.is_empty() && !p.is_origin {
+        let nothing_queued = self.in_flight.len() >= self.chunks_missing;
+        if picked.is_empty() && nothing_queued && !p.is_origin {
             // Endgame: help with chunks in flight elsewhere.
-            for (id, slot) in &self.chunks {
-                let in_flight_here = slot.in_flight.iter().any(|(q, _)| q == peer);
-                let can = p.holds_all || p.explicit.contains(id);
-                let allowed =
-                    !in_flight_here && !p.missing.contains(id) && slot.in_flight.len() < limits.endgame_copies_max;
-                if can && allowed && take(*id, slot.size, &mut picked) {
+            for (&c, flights) in &self.in_flight {
+                let here = flights.iter().any(|(q, _)| q == peer);
+                let can = p.holds_all || p.explicit.contains(c as usize);
+                let allowed = !here && !p.missing.contains(c as usize) && flights.len() < limits.endgame_copies_max;
+                if can && allowed && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
                     break;
                 }
             }
@@ -488,43 +516,51 @@ impl<P: PeerKey> Scheduler<P> {
 
         let req = next_req();
         let mut total = 0;
-        for id in &picked {
-            if let Some(slot) = self.chunks.get_mut(id) {
-                self.queue.remove(&(slot.explicit, slot.tiebreak, *id));
-                slot.in_flight.insert((peer.clone(), req));
-                total += slot.size;
-            }
+        for &c in &picked {
+            self.in_flight.entry(c).or_default().push((peer.clone(), req));
+            total += u64::from(self.sizes[c as usize]);
         }
         if let Some(p) = self.peers.get_mut(peer) {
             p.requests.insert(req);
             p.in_flight_bytes += total;
         }
-        self.requests.insert(
-            req,
-            Request { peer: peer.clone(), pending: picked.iter().copied().collect(), bytes: total, sent_at: now },
-        );
-        Some(ChunkFetch { peer: peer.clone(), req, chunks: picked })
+        let chunks = picked.iter().map(|&c| self.ids[c as usize]).collect();
+        self.requests.insert(req, Request { peer: peer.clone(), pending: picked, bytes: total, sent_at: now });
+        Some(ChunkFetch { peer: peer.clone(), req, chunks })
     }
 
-    fn complete_chunk(&mut self, id: &ChunkId) -> Vec<SchedOut<P>> {
-        let Some(slot) = self.chunks.remove(id) else {
+    fn complete_chunk(&mut self, c: u32) -> Vec<SchedOut<P>> {
+        if !self.needed(c) {
             return Vec::new();
-        };
-        self.queue.remove(&(slot.explicit, slot.tiebreak, *id));
-        self.bytes_missing -= slot.size;
+        }
+        self.held.put(c as usize);
+        self.avail.retire(c);
+        let size = u64::from(self.sizes[c as usize]);
+        self.bytes_missing -= size;
+        self.chunks_missing -= 1;
+        self.origin_deferred.remove(&c);
         let mut out = Vec::new();
-        for (peer, req) in slot.in_flight {
+        for (peer, req) in self.in_flight.remove(&c).unwrap_or_default() {
             // Another copy of this chunk is in flight: stop counting it, and cancel the request if nothing in it
             // is still needed.
-            self.release(req, &peer, slot.size);
-            let useless =
-                self.requests.get(&req).is_some_and(|r| r.pending.iter().all(|c| !self.chunks.contains_key(c)));
+            self.release(req, &peer, size);
+            let useless = self.requests.get(&req).is_some_and(|r| r.pending.iter().all(|&x| x == c || !self.needed(x)));
             if useless {
                 self.drop_request(req);
                 out.push(SchedOut::Cancel { peer, req });
             }
         }
         out
+    }
+
+    /// Forgets that chunk `c` is in flight in `req`.
+    fn untrack(&mut self, c: u32, peer: &P, req: ReqId) {
+        if let Some(flights) = self.in_flight.get_mut(&c) {
+            flights.retain(|(q, r)| !(q == peer && *r == req));
+            if flights.is_empty() {
+                self.in_flight.remove(&c);
+            }
+        }
     }
 
     /// Stops counting `size` bytes of `req` against `peer`'s window.
@@ -537,46 +573,16 @@ impl<P: PeerKey> Scheduler<P> {
         }
     }
 
-    /// Forgets a request: its unanswered chunks go back to the queue.
+    /// Forgets a request: its unanswered chunks become requestable again.
     fn drop_request(&mut self, req: ReqId) {
         let Some(request) = self.requests.remove(&req) else { return };
         if let Some(p) = self.peers.get_mut(&request.peer) {
             p.requests.remove(&req);
             p.in_flight_bytes = p.in_flight_bytes.saturating_sub(request.bytes);
         }
-        for id in request.pending {
-            if let Some(slot) = self.chunks.get_mut(&id) {
-                slot.in_flight.remove(&(request.peer.clone(), req));
-            }
-            self.requeue(&id);
+        for c in request.pending {
+            self.untrack(c, &request.peer, req);
         }
-    }
-
-    /// Puts a needed chunk back in the queue if nothing is fetching it.
-    fn requeue(&mut self, id: &ChunkId) {
-        if let Some(slot) = self.chunks.get(id)
-            && slot.in_flight.is_empty()
-        {
-            self.queue.insert((slot.explicit, slot.tiebreak, *id));
-        }
-    }
-
-    fn ban(&mut self, peer: &P, reason: BanReason) -> Vec<SchedOut<P>> {
-        let Some(p) = self.peers.get_mut(peer) else { return Vec::new() };
-        if p.banned {
-            return Vec::new();
-        }
-        let before = contribution(p);
-        p.banned = true;
-        let explicit: Vec<ChunkId> = p.explicit.iter().copied().collect();
-        let requests: Vec<ReqId> = p.requests.iter().copied().collect();
-        self.contribute(before, &explicit, -1);
-        let mut out = vec![SchedOut::Ban { peer: peer.clone(), reason }];
-        for req in requests {
-            self.drop_request(req);
-            out.push(SchedOut::Cancel { peer: peer.clone(), req });
-        }
-        out
     }
 
     /// Abandons every request (the target changed).
@@ -591,51 +597,46 @@ impl<P: PeerKey> Scheduler<P> {
             .collect()
     }
 
+    fn ban(&mut self, peer: &P, reason: BanReason) -> Vec<SchedOut<P>> {
+        let Some(p) = self.peers.get(peer) else { return Vec::new() };
+        if p.banned {
+            return Vec::new();
+        }
+        let before = contribution(p);
+        self.contribute(peer, before, -1);
+        let Some(p) = self.peers.get_mut(peer) else { return Vec::new() };
+        p.banned = true;
+        let requests: Vec<ReqId> = p.requests.iter().copied().collect();
+        let mut out = vec![SchedOut::Ban { peer: peer.clone(), reason }];
+        for req in requests {
+            self.drop_request(req);
+            out.push(SchedOut::Cancel { peer: peer.clone(), req });
+        }
+        out
+    }
+
     pub fn is_banned(&self, peer: &P) -> bool {
         self.peers.get(peer).is_some_and(|p| p.banned)
     }
 
     /// Adds (`sign = 1`) or removes (`-1`) a peer's contribution to availability.
-    fn contribute(&mut self, contribution: Contribution, explicit: &[ChunkId], sign: i64) {
+    fn contribute(&mut self, peer: &P, contribution: Contribution, sign: i64) {
         match contribution {
             Contribution::Nothing => {}
-            // A holds-all peer adds to every chunk at once, which leaves the queue order unchanged.
+            // A holds-all peer adds to every chunk at once, which leaves the order unchanged.
             Contribution::All => self.holds_all_count = (i64::from(self.holds_all_count) + sign).max(0) as u32,
             Contribution::Explicit => {
-                for id in explicit {
-                    self.adjust_explicit(id, sign);
+                let Some(p) = self.peers.get(peer) else { return };
+                let chunks: Vec<u32> = p.explicit.ones().map(|c| c as u32).collect();
+                for c in chunks {
+                    if sign > 0 {
+                        self.avail.raise(c);
+                    } else {
+                        self.avail.lower(c);
+                    }
                 }
             }
         }
-    }
-
-    fn adjust_explicit(&mut self, id: &ChunkId, delta: i64) {
-        let Some(slot) = self.chunks.get_mut(id) else { return };
-        let queued = self.queue.remove(&(slot.explicit, slot.tiebreak, *id));
-        slot.explicit = (i64::from(slot.explicit) + delta).max(0) as u32;
-        if queued {
-            self.queue.insert((slot.explicit, slot.tiebreak, *id));
-        }
-    }
-}
-
-/// How a connected peer adds to chunk availability (the origin never does: it is the supplier of last resort).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Contribution {
-    Nothing,
-    /// Every needed chunk (the peer is complete at the target snapshot).
-    All,
-    /// The chunks it announced.
-    Explicit,
-}
-
-fn contribution(p: &PeerSched) -> Contribution {
-    if p.banned || p.is_origin {
-        Contribution::Nothing
-    } else if p.holds_all {
-        Contribution::All
-    } else {
-        Contribution::Explicit
     }
 }
 
