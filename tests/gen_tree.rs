@@ -388,7 +388,7 @@ fn embedded_profile_matches_the_real_index() {
     assert_eq!(
         quantiles_from_sizes(&sizes, QUANTILE_STEPS),
         SIZE_QUANTILES.to_vec(),
-        "src/gentree/profile.rs SIZE_QUANTILES no longer matches {V317}"
+        "alpine/src/profile.rs SIZE_QUANTILES no longer matches {V317}"
     );
 
     // The generated sizes reproduce the facts the design relies on.

@@ -6,7 +6,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 /// Top-level directory of the tree, as on every Alpine mirror.
 pub const TREE_ROOT_DIR: &str = "alpine";
@@ -14,8 +14,7 @@ pub const TREE_ROOT_DIR: &str = "alpine";
 /// Name of the index file in every repository directory.
 pub const INDEX_FILE_NAME: &str = "APKINDEX.tar.gz";
 
-/// Extension of package files (`<name>-<version>.apk`).
-pub const PACKAGE_EXTENSION: &str = ".apk";
+pub use mirrormesh_alpine::apkindex::{PACKAGE_EXTENSION, check_file_name};
 
 /// Branch used when a location cannot be derived from an index file name.
 pub const DEFAULT_BRANCH: &str = "edge";
@@ -85,21 +84,6 @@ impl std::fmt::Display for RepoLocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}/{}/{}", TREE_ROOT_DIR, self.branch, self.repo, self.arch)
     }
-}
-
-/// Checks that `value` can be used as one path component: non-empty, no `/`, `\` or control characters, and not
-/// starting with `.` (which also excludes `.`, `..` and the generator's hidden temporary files).
-pub fn check_file_name(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() {
-        bail!("{what} is empty");
-    }
-    if value.starts_with('.') {
-        bail!("{what} {value:?} starts with '.'");
-    }
-    if let Some(bad) = value.chars().find(|c| *c == '/' || *c == '\\' || c.is_control()) {
-        bail!("{what} {value:?} contains the forbidden character {bad:?}");
-    }
-    Ok(())
 }
 
 /// All repository indexes of a tree: every `OUT/alpine/*/*/*/APKINDEX.tar.gz` that is a regular file, sorted by

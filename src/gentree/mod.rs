@@ -52,7 +52,7 @@ pub mod apkindex;
 mod build;
 pub mod content;
 pub mod layout;
-pub mod profile;
+pub use mirrormesh_alpine::profile;
 mod seeded;
 pub mod synthetic;
 mod update;
