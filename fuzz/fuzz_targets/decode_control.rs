@@ -3,15 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mirrormesh_fuzz::check_round_trip;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse};
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(request) = ControlRequest::decode(data) {
-        let again = ControlRequest::decode(&request.encode()).expect("a decoded request re-encodes");
-        assert_eq!(again, request);
-    }
-    if let Ok(response) = ControlResponse::decode(data) {
-        let again = ControlResponse::decode(&response.encode()).expect("a decoded response re-encodes");
-        assert_eq!(again, response);
-    }
+    check_round_trip(data, ControlRequest::decode, ControlRequest::encode);
+    check_round_trip(data, ControlResponse::decode, ControlResponse::encode);
 });

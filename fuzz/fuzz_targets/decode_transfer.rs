@@ -3,15 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mirrormesh_fuzz::check_round_trip;
 use mirrormesh_proto::transfer::{ChunkReply, ChunkRequest};
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(request) = ChunkRequest::decode(data) {
-        let again = ChunkRequest::decode(&request.encode()).expect("a decoded request re-encodes");
-        assert_eq!(again, request);
-    }
-    if let Ok(reply) = ChunkReply::decode(data) {
-        let again = ChunkReply::decode(&reply.encode()).expect("a decoded reply re-encodes");
-        assert_eq!(again, reply);
-    }
+    check_round_trip(data, ChunkRequest::decode, ChunkRequest::encode);
+    check_round_trip(data, ChunkReply::decode, ChunkReply::encode);
 });
