@@ -484,6 +484,9 @@ impl<P: PeerKey> Engine<P> {
                 for id in &have.chunks {
                     sched.add_holding(&peer, id);
                 }
+                // Only this peer has something new to be asked for.
+                self.pump_after(now, &peer);
+                return;
             }
             Phase::Manifest { .. } | Phase::Planned { .. } | Phase::Staging { .. } => {
                 for id in &have.chunks {
@@ -581,7 +584,7 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// One chunk of request `req` turned out as `outcome` (the caller verified the hash).
-    pub fn handle_chunk(&mut self, now: Timestamp, _peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
+    pub fn handle_chunk(&mut self, now: Timestamp, peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
         let Phase::Transfer { sched, .. } = &mut self.phase else { return };
         let verified = outcome == ChunkOutcome::Verified;
         if outcome == ChunkOutcome::Dropped {
@@ -595,15 +598,40 @@ impl<P: PeerKey> Engine<P> {
         }
         self.sched_outputs(outs);
         self.finish_if_done(now);
-        self.pump(now);
+        if verified {
+            // Outside the endgame a verified chunk frees room only at the peer that sent it (ticks pump everyone).
+            self.pump_after(now, &peer);
+        } else {
+            self.pump(now);
+        }
+    }
+
+    /// Pumps only `peer` when nothing else can have changed (outside the endgame), else everyone.
+    fn pump_after(&mut self, now: Timestamp, peer: &P) {
+        match &mut self.phase {
+            Phase::Transfer { sched, .. } if !sched.in_endgame() => {
+                if now < self.paused_until {
+                    return;
+                }
+                let mut next = self.next_req;
+                let outs = sched.pump_peer(now, peer, &mut || {
+                    next += 1;
+                    ReqId(next)
+                });
+                self.next_req = next;
+                self.sched_outputs(outs);
+            }
+            _ => self.pump(now),
+        }
     }
 
     /// A chunk request finished: `bytes` of chunk data arrived over it.
-    pub fn handle_chunks_done(&mut self, now: Timestamp, _peer: P, req: ReqId, bytes: u64) {
+    pub fn handle_chunks_done(&mut self, now: Timestamp, peer: P, req: ReqId, bytes: u64) {
         if let Phase::Transfer { sched, .. } = &mut self.phase {
             sched.on_request_done(now, req, bytes);
         }
-        self.pump(now);
+        // Its window may have grown; chunks it did not deliver were requeued (and pumped) as they were answered.
+        self.pump_after(now, &peer);
     }
 
     pub fn handle_chunks_failed(&mut self, now: Timestamp, _peer: P, req: ReqId) {

@@ -16,7 +16,8 @@
 //! numbers, so a node syncing millions of chunks with dozens of peers stays small and fast. All collections that
 //! reach outputs are ordered, so the same inputs give the same requests.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use fixedbitset::FixedBitSet;
 
@@ -25,6 +26,10 @@ use crate::sync::availability::Availability;
 use crate::sync::{PeerKey, ReqId};
 use crate::timestamp::Timestamp;
 use crate::transfer::CHUNKS_PER_REQUEST_MAX;
+
+/// A partial holder's candidate chunks are sorted by rarity when there are at most this many; beyond it the
+/// rarest-first order is walked instead (cost: a request's worth of hits instead of a sort of thousands).
+const SORTED_CANDIDATES_MAX: usize = 64;
 
 /// Tunables of the scheduler, each a named limit.
 #[derive(Clone, Debug)]
@@ -143,6 +148,8 @@ pub struct Scheduler<P: PeerKey> {
     limits: SchedulerLimits,
     /// Chunk ids, sorted: a chunk's number is its position here.
     ids: Vec<ChunkId>,
+    /// Number of each id (looked up for every announced chunk: a hash beats a binary search of 32-byte keys).
+    numbers: HashMap<ChunkId, u32, BuildHasherDefault<IdHasher>>,
     sizes: Vec<u32>,
     held: FixedBitSet,
     /// Requests each chunk is in flight in (only chunks in flight appear).
@@ -157,6 +164,37 @@ pub struct Scheduler<P: PeerKey> {
     requests: BTreeMap<ReqId, Request<P>>,
     bytes_missing: u64,
     chunks_missing: usize,
+}
+
+/// Hashes a chunk id by its first eight bytes: ids are blake3 outputs, already uniform. (Only used for lookups; no
+/// order reaches an output.)
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8).take(1) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+}
+
+/// Numbers of the bits set in word `i` of a bitset.
+fn set_bits(i: usize, mut word: usize) -> impl Iterator<Item = u32> {
+    std::iter::from_fn(move || {
+        if word == 0 {
+            return None;
+        }
+        let bit = word.trailing_zeros() as usize;
+        word &= word - 1;
+        Some((i * usize::BITS as usize + bit) as u32)
+    })
 }
 
 /// splitmix64: spreads chunk ids so different salts order chunks differently.
@@ -207,6 +245,7 @@ impl<P: PeerKey> Scheduler<P> {
             bytes_missing: all.iter().map(|c| c.1).sum(),
             chunks_missing: n,
             sizes: all.iter().map(|c| c.1 as u32).collect(),
+            numbers: all.iter().enumerate().map(|(i, c)| (c.0, i as u32)).collect(),
             ids: all.into_iter().map(|c| c.0).collect(),
             held: FixedBitSet::with_capacity(n),
             in_flight: BTreeMap::new(),
@@ -219,7 +258,7 @@ impl<P: PeerKey> Scheduler<P> {
     }
 
     fn index(&self, id: &ChunkId) -> Option<u32> {
-        self.ids.binary_search(id).ok().map(|i| i as u32)
+        self.numbers.get(id).copied()
     }
 
     fn needed(&self, c: u32) -> bool {
@@ -228,6 +267,11 @@ impl<P: PeerKey> Scheduler<P> {
 
     fn queued(&self, c: u32) -> bool {
         self.needed(c) && !self.in_flight.contains_key(&c)
+    }
+
+    /// Every needed chunk is in flight (the endgame: idle peers may ask for copies).
+    pub fn in_endgame(&self) -> bool {
+        self.in_flight.len() >= self.chunks_missing
     }
 
     pub fn is_done(&self) -> bool {
@@ -445,6 +489,15 @@ impl<P: PeerKey> Scheduler<P> {
         out
     }
 
+    /// Fills one peer's window (after it announced new chunks: no other peer gains anything to ask for).
+    pub fn pump_peer(&mut self, now: Timestamp, peer: &P, next_req: &mut impl FnMut() -> ReqId) -> Vec<SchedOut<P>> {
+        let mut out = Vec::new();
+        while let Some(fetch) = self.next_request(now, peer, next_req) {
+            out.push(SchedOut::Fetch(fetch));
+        }
+        out
+    }
+
     fn next_request(
         &mut self,
         now: Timestamp,
@@ -483,17 +536,38 @@ impl<P: PeerKey> Scheduler<P> {
                 }
             }
         } else {
-            let mut candidates: Vec<(u32, u32)> = p
-                .explicit
-                .ones()
-                .map(|c| c as u32)
-                .filter(|&c| usable(c))
-                .map(|c| (self.avail.position(c), c))
-                .collect();
-            candidates.sort_unstable();
-            for (_, c) in candidates {
-                if take(c, u64::from(self.sizes[c as usize]), &mut picked) {
-                    break;
+            // What this peer announced and this node still needs, counted word by word.
+            let words = || {
+                let (held, missing) = (self.held.as_slice(), p.missing.as_slice());
+                p.explicit.as_slice().iter().enumerate().map(move |(i, w)| {
+                    w & !held.get(i).copied().unwrap_or(0) & !missing.get(i).copied().unwrap_or(0)
+                })
+            };
+            let count: usize = words().map(|w| w.count_ones() as usize).sum();
+            let held_there = |c: u32| p.explicit.contains(c as usize) && !p.missing.contains(c as usize);
+            if count <= SORTED_CANDIDATES_MAX {
+                let mut candidates: Vec<(u32, u32)> = words()
+                    .enumerate()
+                    .flat_map(|(i, w)| set_bits(i, w))
+                    .filter(|&c| usable(c))
+                    .map(|c| (self.avail.position(c), c))
+                    .collect();
+                candidates.sort_unstable();
+                for (_, c) in candidates {
+                    if take(c, u64::from(self.sizes[c as usize]), &mut picked) {
+                        break;
+                    }
+                }
+            } else {
+                // Many candidates: walking the rarest-first order finds the first ones sooner than sorting them
+                // all (same chunks, same order).
+                for c in self.avail.rarest_first() {
+                    if held_there(c)
+                        && usable(c)
+                        && take(c, u64::from(self.sizes[c as usize]), &mut picked)
+                    {
+                        break;
+                    }
                 }
             }
         }
