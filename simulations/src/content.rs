@@ -180,7 +180,8 @@ impl Content {
                 ids.push(id);
             }
             size.files += u64::from(new_file);
-            let meta = FileMeta { mode: 0o644, size: bytes, mtime: 1_700_000_000 + (key % 1_000_000) as i64, chunks: ids };
+            let meta =
+                FileMeta { mode: 0o644, size: bytes, mtime: 1_700_000_000 + (key % 1_000_000) as i64, chunks: ids };
             tree.insert_file(&path, meta).with_context(|| format!("cannot add {path} to the simulated tree"))?;
         }
         self.current = current;

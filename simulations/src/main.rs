@@ -5,7 +5,7 @@
 //! cargo run --release -p mirrormesh-sim -- --all            # every scenario in simulations/scenarios
 //! ```
 //! Each run prints its per-update table and checkers, and writes `summary.txt`, `updates.csv`,
-//! `completion_cdf.svg` and `origin_egress.svg` under `--results/<scenario name>/`.
+//! `origin_egress.csv`, `nodes.csv`, `completion_cdf.svg` and `origin_egress.svg` under `--results/<scenario name>/`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -75,10 +75,7 @@ fn run() -> Result<bool> {
         }
         if !report.passed() {
             all_ok = false;
-            println!(
-                "FAILED. Replay with: cargo run --release -p mirrormesh-sim -- {} --seed {seed}",
-                file.display()
-            );
+            println!("FAILED. Replay with: cargo run --release -p mirrormesh-sim -- {} --seed {seed}", file.display());
         }
         println!();
     }
@@ -128,6 +125,8 @@ fn write_results(dir: &Path, scenario: &Scenario, report: &Report, text: &str) -
     std::fs::write(dir.join("summary.txt"), text)?;
     report::write_csv(&dir.join("updates.csv"), &report.rows)?;
     report::plot_completion_cdf(&dir.join("completion_cdf.svg"), &scenario.name, &report.rows)?;
+    report::write_egress_csv(&dir.join("origin_egress.csv"), &report.outcome)?;
+    report::write_nodes_csv(&dir.join("nodes.csv"), &report.outcome)?;
     let origin_up = report.outcome.nodes[0].up_bps;
     report::plot_origin_egress(&dir.join("origin_egress.svg"), &scenario.name, &report.outcome, origin_up)?;
     println!("wrote {}", dir.display());

@@ -62,6 +62,8 @@ pub struct Network<T> {
     dirty: bool,
     /// Rate recomputations so far (for the run statistics).
     pub recomputations: u64,
+    /// Bytes each node has sent so far, counted as they leave (not when an item completes).
+    sent: Vec<f64>,
 }
 
 /// A min-heap entry of progressive filling: a resource and its fair share when pushed.
@@ -90,7 +92,8 @@ impl<T> Network<T> {
     /// A network of nodes with these capacities (bytes per second).
     pub fn new(up: Vec<f64>, down: Vec<f64>) -> Self {
         assert_eq!(up.len(), down.len(), "one upload and one download capacity per node");
-        Self { up, down, flows: Vec::new(), by_pair: HashMap::new(), dirty: false, recomputations: 0 }
+        let sent = vec![0.0; up.len()];
+        Self { up, down, flows: Vec::new(), by_pair: HashMap::new(), dirty: false, recomputations: 0, sent }
     }
 
     pub fn nodes(&self) -> usize {
@@ -110,6 +113,11 @@ impl<T> Network<T> {
         self.up[node as usize] = up;
         self.down[node as usize] = down;
         self.dirty = true;
+    }
+
+    /// Bytes `node` has sent so far.
+    pub fn sent(&self, node: u32) -> f64 {
+        self.sent[node as usize]
     }
 
     pub fn is_idle(&self) -> bool {
@@ -182,15 +190,18 @@ impl<T> Network<T> {
         while i < self.flows.len() {
             let flow = &mut self.flows[i];
             let mut budget = flow.rate * dt as f64 / 1e9;
+            let mut used = 0.0;
             let mut elapsed = 0.0;
             while let Some(head) = flow.items.front() {
                 let left = head.bytes - flow.head_sent;
                 if left > budget + BYTES_EPSILON {
                     flow.head_sent += budget;
+                    used += budget;
                     break;
                 }
                 let left = left.max(0.0);
                 budget -= left;
+                used += left;
                 if flow.rate > 0.0 {
                     elapsed += left / flow.rate * 1e9;
                 }
@@ -204,6 +215,8 @@ impl<T> Network<T> {
                     payload: item.payload,
                 });
             }
+            let src = flow.src as usize;
+            self.sent[src] += used;
             if self.flows[i].items.is_empty() {
                 self.retire(i);
             } else {
@@ -230,9 +243,8 @@ impl<T> Network<T> {
         self.dirty = false;
         self.recomputations += 1;
         let resources = 2 * self.up.len();
-        let mut remaining: Vec<f64> = (0..resources)
-            .map(|r| if r % 2 == 0 { self.up[r / 2] } else { self.down[r / 2] })
-            .collect();
+        let mut remaining: Vec<f64> =
+            (0..resources).map(|r| if r % 2 == 0 { self.up[r / 2] } else { self.down[r / 2] }).collect();
         let mut users: Vec<u32> = vec![0; resources];
         for f in &self.flows {
             users[2 * f.src as usize] += 1;

@@ -46,8 +46,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 /// Rows for every update that was published and not preloaded.
 pub fn rows(outcome: &Outcome) -> Vec<UpdateRow> {
     let origin = &outcome.nodes[ORIGIN as usize];
-    let ordinary: Vec<usize> =
-        (0..outcome.nodes.len()).filter(|&i| outcome.nodes[i].kind == Kind::Mirror).collect();
+    let ordinary: Vec<usize> = (0..outcome.nodes.len()).filter(|&i| outcome.nodes[i].kind == Kind::Mirror).collect();
     let ups: Vec<f64> = ordinary.iter().map(|&i| outcome.nodes[i].up_bps).collect();
     let downs: Vec<f64> = ordinary.iter().map(|&i| outcome.nodes[i].down_bps).collect();
     let latency: Vec<u64> = ordinary.iter().map(|&i| outcome.origin_latency[i]).collect();
@@ -187,6 +186,47 @@ pub fn write_csv(path: &Path, rows: &[UpdateRow]) -> Result<()> {
     Ok(())
 }
 
+/// One line per node: its kind, region, capacities and when it applied each update (seconds after publication).
+pub fn write_nodes_csv(path: &Path, outcome: &Outcome) -> Result<()> {
+    let mut w = csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut header = vec!["node".to_string(), "kind".into(), "region".into(), "up_mbit".into(), "down_mbit".into()];
+    header.extend(outcome.published.iter().map(|p| format!("seq{}_s", p.seq)));
+    w.write_record(&header)?;
+    for (i, n) in outcome.nodes.iter().enumerate() {
+        let kind = match n.kind {
+            Kind::Origin => "origin".to_string(),
+            Kind::Mirror if n.slow => "slow".into(),
+            Kind::Mirror => "mirror".into(),
+            Kind::Byzantine(b) => format!("{b:?}").to_lowercase(),
+        };
+        let mut row = vec![
+            i.to_string(),
+            kind,
+            n.region.to_string(),
+            format!("{:.0}", n.up_bps * 8.0 / 1e6),
+            format!("{:.0}", n.down_bps * 8.0 / 1e6),
+        ];
+        for (k, p) in outcome.published.iter().enumerate() {
+            row.push(n.completed[k].map_or(String::new(), |at| format!("{:.3}", at.saturating_sub(p.at) as f64 / 1e9)));
+        }
+        w.write_record(&row)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// The origin's egress per time bucket.
+pub fn write_egress_csv(path: &Path, outcome: &Outcome) -> Result<()> {
+    let mut w = csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
+    w.write_record(["start_s", "bytes", "mbit_per_s"])?;
+    let secs = EGRESS_BUCKET_NS as f64 / 1e9;
+    for (i, b) in outcome.egress.iter().enumerate() {
+        w.write_record([format!("{:.3}", i as f64 * secs), format!("{b:.0}"), format!("{:.1}", b * 8.0 / 1e6 / secs)])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
 /// Completion CDF of each update (the largest few when there are many), with its `T_min` marked.
 pub fn plot_completion_cdf(path: &Path, title: &str, rows: &[UpdateRow]) -> Result<()> {
     let mut shown: Vec<&UpdateRow> = rows.iter().filter(|r| !r.completions_s.is_empty()).collect();
@@ -202,11 +242,7 @@ pub fn plot_completion_cdf(path: &Path, title: &str, rows: &[UpdateRow]) -> Resu
         .x_label_area_size(40)
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..x_max, 0.0..1.0)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds after publication")
-        .y_desc("fraction of mirrors done")
-        .draw()?;
+    chart.configure_mesh().x_desc("seconds after publication").y_desc("fraction of mirrors done").draw()?;
     for (i, r) in shown.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let n = r.completions_s.len() as f64;
@@ -227,7 +263,7 @@ pub fn plot_completion_cdf(path: &Path, title: &str, rows: &[UpdateRow]) -> Resu
 pub fn plot_origin_egress(path: &Path, title: &str, outcome: &Outcome, origin_up_bps: f64) -> Result<()> {
     let secs = EGRESS_BUCKET_NS as f64 / 1e9;
     let points: Vec<(f64, f64)> =
-        outcome.egress.iter().enumerate().map(|(i, b)| (i as f64 * secs, *b as f64 * 8.0 / 1e6 / secs)).collect();
+        outcome.egress.iter().enumerate().map(|(i, b)| (i as f64 * secs, *b * 8.0 / 1e6 / secs)).collect();
     let x_max = (outcome.stats.virtual_ns as f64 / 1e9).max(1e-3);
     let y_max = (origin_up_bps * 8.0 / 1e6) * 1.1;
     let root = SVGBackend::new(path, (900, 400)).into_drawing_area();

@@ -243,8 +243,7 @@ fn default_fraction() -> f64 {
 impl Scenario {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read scenario {}", path.display()))?;
-        let mut scenario =
-            Self::parse(&text).with_context(|| format!("invalid scenario {}", path.display()))?;
+        let mut scenario = Self::parse(&text).with_context(|| format!("invalid scenario {}", path.display()))?;
         scenario.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(scenario)
     }
@@ -273,7 +272,8 @@ impl Scenario {
             ensure!(r.weight.is_finite() && r.weight > 0.0, "regions: weight of {:?} must be positive", r.name);
         }
         ensure!(
-            self.latency_ms.len() == self.regions.len() && self.latency_ms.iter().all(|row| row.len() == self.regions.len()),
+            self.latency_ms.len() == self.regions.len()
+                && self.latency_ms.iter().all(|row| row.len() == self.regions.len()),
             "latency_ms: must be a {n} x {n} matrix (one row and column per region)",
             n = self.regions.len()
         );

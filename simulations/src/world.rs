@@ -133,7 +133,8 @@ pub struct Outcome {
     pub published: Vec<Published>,
     pub windows: Vec<Window>,
     pub nodes: Vec<NodeRecord>,
-    pub egress: Vec<u64>,
+    /// Bytes the origin sent in each `EGRESS_BUCKET_NS` bucket.
+    pub egress: Vec<f64>,
     pub stats: RunStats,
     pub trace: [u8; 32],
     /// One-way latency from the origin to each node, ns.
@@ -310,7 +311,7 @@ pub struct World {
     deferred_publish: Vec<usize>,
     /// Fault events still queued (the run does not end before they happen).
     faults_pending: usize,
-    egress: Vec<u64>,
+    egress: Vec<f64>,
     trace: blake3::Hasher,
     stats: RunStats,
     progress: ProgressBar,
@@ -354,12 +355,12 @@ impl World {
         let mut up = Vec::with_capacity(n);
         let mut down = Vec::with_capacity(n);
         let mut region = Vec::with_capacity(n);
-        for id in 0..n {
+        for (id, factor) in slow.iter().enumerate() {
             let (u, d, r) = if id == 0 {
                 (mbit(scenario.origin_up_mbit), mbit(scenario.origin_down_mbit), 0)
             } else {
-                let u = mbit(scenario.mirror_up_mbit.draw(rng.random::<f64>())) * slow[id];
-                let d = mbit(scenario.mirror_down_mbit.draw(rng.random::<f64>())) * slow[id];
+                let u = mbit(scenario.mirror_up_mbit.draw(rng.random::<f64>())) * factor;
+                let d = mbit(scenario.mirror_down_mbit.draw(rng.random::<f64>())) * factor;
                 let weights: Vec<f64> = scenario.regions.iter().map(|r| r.weight).collect();
                 (u, d, pick_weighted(&weights, rng.random::<f64>()))
             };
@@ -367,11 +368,8 @@ impl World {
             down.push(d);
             region.push(r);
         }
-        let latency: Vec<Vec<Nanos>> = scenario
-            .latency_ms
-            .iter()
-            .map(|row| row.iter().map(|ms| (ms * 1e6) as Nanos).collect())
-            .collect();
+        let latency: Vec<Vec<Nanos>> =
+            scenario.latency_ms.iter().map(|row| row.iter().map(|ms| (ms * 1e6) as Nanos).collect()).collect();
 
         // Every mirror is connected to the origin and to `degree` random other mirrors.
         let mut topology = vec![BTreeSet::new(); n];
@@ -559,7 +557,16 @@ impl World {
             } else {
                 let end = self.now + self.step;
                 let mut delivered = std::mem::take(&mut self.delivered);
+                let before = self.net.sent(ORIGIN);
                 self.net.step(self.now, self.step, &mut delivered);
+                let sent = self.net.sent(ORIGIN) - before;
+                if sent > 0.0 {
+                    let bucket = (self.now / EGRESS_BUCKET_NS) as usize;
+                    if self.egress.len() <= bucket {
+                        self.egress.resize(bucket + 1, 0.0);
+                    }
+                    self.egress[bucket] += sent;
+                }
                 for d in delivered.drain(..) {
                     self.on_sent(d);
                 }
@@ -598,22 +605,17 @@ impl World {
     /// Every live ordinary mirror applied the newest published snapshot.
     fn converged(&self) -> bool {
         let Some(last) = self.published.last() else { return false };
-        self.nodes.iter().all(|n| {
-            n.kind != Kind::Mirror || n.engine.is_none() || n.record.applied.map(|a| a.0) == Some(last.seq)
-        })
+        self.nodes
+            .iter()
+            .all(|n| n.kind != Kind::Mirror || n.engine.is_none() || n.record.applied.map(|a| a.0) == Some(last.seq))
     }
 
     /// An item finished sending: account for it and queue its arrival.
     fn on_sent(&mut self, d: Delivered<(u64, Bulk)>) {
-        if d.src == ORIGIN {
-            let bucket = (d.at / EGRESS_BUCKET_NS) as usize;
-            if self.egress.len() <= bucket {
-                self.egress.resize(bucket + 1, 0);
-            }
-            self.egress[bucket] += d.bytes;
-            if let Some(w) = self.windows.get_mut(self.published.len().saturating_sub(1)) {
-                w.origin_bytes += d.bytes;
-            }
+        if d.src == ORIGIN
+            && let Some(w) = self.windows.get_mut(self.published.len().saturating_sub(1))
+        {
+            w.origin_bytes += d.bytes;
         }
         let (epoch, bulk) = d.payload;
         let at = d.at + self.latency(d.src, d.dst);
@@ -715,6 +717,7 @@ impl World {
 
     fn execute(&mut self, node: u32, out: Output<u32>) {
         let now = self.timestamp();
+
         match out {
             Output::Gossip(root) => self.gossip(node, root),
             Output::SendHello(to, hello) => self.send(node, to, Msg::Hello { hello, reply: false }),
@@ -891,8 +894,11 @@ impl World {
                 self.send_bulk(to, from, bytes, Bulk::Nodes { req, nodes });
             }
             Msg::GetDelta { req, hash } => {
-                let delta =
-                    if self.nodes[to as usize].held_deltas.contains(&hash) { self.deltas.get(&hash).cloned() } else { None };
+                let delta = if self.nodes[to as usize].held_deltas.contains(&hash) {
+                    self.deltas.get(&hash).cloned()
+                } else {
+                    None
+                };
                 let bytes = Sizes::delta(delta.as_ref());
                 self.send_bulk(to, from, bytes, Bulk::Delta { req, delta });
             }
@@ -910,7 +916,12 @@ impl World {
         let mut data_bytes = 0;
         for id in chunks {
             let Some(&number) = self.content.numbers.get(&id) else {
-                self.send_bulk(server, client, Sizes::chunk_missing(), Bulk::Chunk { req, number: u32::MAX, reply: Reply::Missing });
+                self.send_bulk(
+                    server,
+                    client,
+                    Sizes::chunk_missing(),
+                    Bulk::Chunk { req, number: u32::MAX, reply: Reply::Missing },
+                );
                 continue;
             };
             let n = &mut self.nodes[server as usize];
@@ -1122,7 +1133,8 @@ impl World {
                 };
                 // On the gossip topic, and straight to each neighbour in a hello (which is not deduplicated).
                 self.gossip(node, root.clone());
-                let hello = Hello { repo: self.repo.clone(), root: Some(root), complete_seq: None, data_addrs: Vec::new() };
+                let hello =
+                    Hello { repo: self.repo.clone(), root: Some(root), complete_seq: None, data_addrs: Vec::new() };
                 for to in self.adjacency[node as usize].clone() {
                     self.send(node, to, Msg::Hello { hello: hello.clone(), reply: true });
                 }

@@ -210,6 +210,8 @@ struct PeerInfo {
     holdings: BTreeSet<ChunkId>,
     /// Newest root pushed to it directly (see `push_root`).
     pushed: Option<u64>,
+    /// Newest snapshot it announced chunks of (it holds that snapshot's manifest).
+    manifest_seq: Option<u64>,
 }
 
 enum Phase<P: PeerKey> {
@@ -360,6 +362,7 @@ impl<P: PeerKey> Engine<P> {
             complete_seq: None,
             holdings: BTreeSet::new(),
             pushed: None,
+            manifest_seq: None,
         });
         self.out.push_back(Output::SendHello(peer, self.hello()));
     }
@@ -396,6 +399,7 @@ impl<P: PeerKey> Engine<P> {
             complete_seq: None,
             holdings: BTreeSet::new(),
             pushed: None,
+            manifest_seq: None,
         });
         let first = !info.greeted;
         info.greeted = true;
@@ -477,6 +481,7 @@ impl<P: PeerKey> Engine<P> {
             info.holdings.clear();
         }
         info.complete_seq = info.complete_seq.max(have.complete_seq);
+        info.manifest_seq = info.manifest_seq.max(Some(have.seq));
         let (is_origin, complete_seq) = (info.is_origin, info.complete_seq);
         match &mut self.phase {
             Phase::Transfer { target, sched } => {
@@ -860,7 +865,9 @@ impl<P: PeerKey> Engine<P> {
         match &mut self.phase {
             Phase::Manifest { target, fetch } => {
                 let seq = target.body.seq;
-                let mut candidates: Vec<(bool, P)> = self
+                // Peers that hold the manifest (complete at the snapshot, or announcing chunks of it) first, then
+                // the origin, then peers that only know the root (they may still be fetching it themselves).
+                let mut candidates: Vec<(u8, P)> = self
                     .peers
                     .iter()
                     .filter(|(p, info)| {
@@ -868,7 +875,15 @@ impl<P: PeerKey> Engine<P> {
                             && !self.banned.contains(*p)
                             && (info.advertised >= Some(seq) || info.complete_seq >= Some(seq))
                     })
-                    .map(|(p, info)| (info.is_origin, p.clone()))
+                    .map(|(p, info)| {
+                        let holds = info.complete_seq >= Some(seq) || info.manifest_seq >= Some(seq);
+                        let rank = match (info.is_origin, holds) {
+                            (false, true) => 0,
+                            (true, _) => 1,
+                            (false, false) => 2,
+                        };
+                        (rank, p.clone())
+                    })
                     .collect();
                 candidates.sort();
                 let peers: Vec<P> = candidates.into_iter().map(|(_, p)| p).collect();

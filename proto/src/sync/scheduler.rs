@@ -46,6 +46,8 @@ pub struct SchedulerLimits {
     pub window_max: u64,
     /// The window is the bytes a peer delivers in this long at its measured rate.
     pub window_target_ms: u64,
+    /// Largest window toward an origin.
+    pub origin_window_max: u64,
     /// A request times out after this long plus the time its bytes take at `timeout_rate_min` bytes per second.
     pub request_timeout_base_ms: u64,
     pub timeout_rate_min: u64,
@@ -67,9 +69,10 @@ impl Default for SchedulerLimits {
             window_min: 2 << 20,
             window_max: 64 << 20,
             window_target_ms: 250,
+            origin_window_max: 2 << 20,
             request_timeout_base_ms: 10_000,
             timeout_rate_min: 256 << 10,
-            redirect_defer_ms: 2_000,
+            redirect_defer_ms: 6_000,
             endgame_copies_max: 2,
             lies_max: 16,
         }
@@ -506,10 +509,13 @@ impl<P: PeerKey> Scheduler<P> {
     ) -> Option<ChunkFetch<P>> {
         let limits = &self.limits;
         let p = self.peers.get(peer)?;
-        if p.banned || p.requests.len() >= limits.requests_in_flight_per_peer_max || p.in_flight_bytes >= p.window {
+        // Toward the origin the window stays small whatever the measured rate: every mirror asks it at once, and
+        // what sits in its queue reaches the mesh late (a chunk spreads only once its first copy arrived).
+        let window = if p.is_origin { p.window.min(limits.origin_window_max) } else { p.window };
+        if p.banned || p.requests.len() >= limits.requests_in_flight_per_peer_max || p.in_flight_bytes >= window {
             return None;
         }
-        let budget = (p.window - p.in_flight_bytes).min(limits.request_bytes_target).max(1);
+        let budget = (window - p.in_flight_bytes).min(limits.request_bytes_target).max(1);
         let mut picked: Vec<u32> = Vec::new();
         let mut bytes = 0u64;
         let mut take = |c: u32, size: u64, picked: &mut Vec<u32>| {
@@ -521,11 +527,23 @@ impl<P: PeerKey> Scheduler<P> {
 
         if p.is_origin {
             // Only chunks no one else can supply, and not ones the origin just redirected.
+            // Chunks never redirected come first: a redirected chunk is on its way through the mesh, and asking
+            // the origin again (which serves a second copy) is the last resort once nothing fresh is left.
             if self.holds_all_count == 0 {
+                let mut full = false;
                 for c in self.avail.unannounced() {
-                    let deferred = self.origin_deferred.get(&c).is_some_and(|until| *until > now);
-                    if usable(c) && !deferred && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
+                    let fresh = !self.origin_deferred.contains_key(&c);
+                    if fresh && usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
+                        full = true;
                         break;
+                    }
+                }
+                if !full {
+                    for c in self.avail.unannounced() {
+                        let due = self.origin_deferred.get(&c).is_some_and(|until| *until <= now);
+                        if due && usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
+                            break;
+                        }
                     }
                 }
             }
@@ -537,12 +555,13 @@ impl<P: PeerKey> Scheduler<P> {
             }
         } else {
             // What this peer announced and this node still needs, counted word by word.
-            let words = || {
-                let (held, missing) = (self.held.as_slice(), p.missing.as_slice());
-                p.explicit.as_slice().iter().enumerate().map(move |(i, w)| {
-                    w & !held.get(i).copied().unwrap_or(0) & !missing.get(i).copied().unwrap_or(0)
-                })
-            };
+            let words =
+                || {
+                    let (held, missing) = (self.held.as_slice(), p.missing.as_slice());
+                    p.explicit.as_slice().iter().enumerate().map(move |(i, w)| {
+                        w & !held.get(i).copied().unwrap_or(0) & !missing.get(i).copied().unwrap_or(0)
+                    })
+                };
             let count: usize = words().map(|w| w.count_ones() as usize).sum();
             let held_there = |c: u32| p.explicit.contains(c as usize) && !p.missing.contains(c as usize);
             if count <= SORTED_CANDIDATES_MAX {
@@ -562,10 +581,7 @@ impl<P: PeerKey> Scheduler<P> {
                 // Many candidates: walking the rarest-first order finds the first ones sooner than sorting them
                 // all (same chunks, same order).
                 for c in self.avail.rarest_first() {
-                    if held_there(c)
-                        && usable(c)
-                        && take(c, u64::from(self.sizes[c as usize]), &mut picked)
-                    {
+                    if held_there(c) && usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
                         break;
                     }
                 }

@@ -3,7 +3,8 @@
 //!
 //! For a request from peer `r` for chunk `c`:
 //! 1. if `r` was already pointed elsewhere for `c`, serve it (a peer that cannot reach the holders still gets the
-//!    chunk, at most one extra copy per asker);
+//!    chunk, at most one extra copy per asker), unless `c` is still on its way to its first recipient and nobody
+//!    announced it yet (then point `r` at that recipient again);
 //! 2. else if connected peers other than `r` hold `c`, answer `Elsewhere(them)`;
 //! 3. else if `c` was handed to another connected peer less than [`SeederLimits::assign_timeout_ms`] ago (it is
 //!    still arriving there), answer `Elsewhere(that peer)`;
@@ -26,7 +27,7 @@ pub struct SeederLimits {
 
 impl Default for SeederLimits {
     fn default() -> Self {
-        Self { assign_timeout_ms: 5_000, entries_max: 1 << 22 }
+        Self { assign_timeout_ms: 30_000, entries_max: 1 << 22 }
     }
 }
 
@@ -68,18 +69,30 @@ impl<P: PeerKey> Seeder<P> {
         holders: &[P],
         connected: impl Fn(&P) -> bool,
     ) -> ServeDecision<P> {
+        let mut elsewhere: Vec<P> = holders.iter().filter(|p| *p != asker).take(REDIRECT_PEERS_MAX).cloned().collect();
+        let in_transit = self
+            .first_sent
+            .get(id)
+            .filter(|(first, at)| {
+                first != asker && connected(first) && now.millis_since(*at) < self.limits.assign_timeout_ms
+            })
+            .map(|(first, _)| first.clone());
         if self.redirected.contains(&(asker.clone(), *id)) {
+            if elsewhere.is_empty()
+                && let Some(first) = in_transit
+            {
+                // Still on its way to its first recipient (the origin's queue can be seconds long): a second copy
+                // now would only compete with the first.
+                self.redirects += 1;
+                return ServeDecision::Elsewhere(vec![first]);
+            }
             self.served += 1;
             return ServeDecision::Serve;
         }
-        let mut elsewhere: Vec<P> = holders.iter().filter(|p| *p != asker).take(REDIRECT_PEERS_MAX).cloned().collect();
         if elsewhere.is_empty()
-            && let Some((first, at)) = self.first_sent.get(id)
-            && first != asker
-            && connected(first)
-            && now.millis_since(*at) < self.limits.assign_timeout_ms
+            && let Some(first) = in_transit
         {
-            elsewhere.push(first.clone());
+            elsewhere.push(first);
         }
         if !elsewhere.is_empty() && self.redirected.len() < self.limits.entries_max {
             self.redirected.insert((asker.clone(), *id));
@@ -108,14 +121,16 @@ mod tests {
         assert_eq!(s.decide(t.plus_ms(10), &2, &c, &[], |_| true), ServeDecision::Elsewhere(vec![1]));
         // 3 asks once 1 announced it.
         assert_eq!(s.decide(t.plus_ms(20), &3, &c, &[1], |_| true), ServeDecision::Elsewhere(vec![1]));
-        // 2 asks again (could not reach 1): served.
-        assert_eq!(s.decide(t.plus_ms(30), &2, &c, &[], |_| true), ServeDecision::Serve);
+        // 2 asks again while it is still on its way to 1 and nobody announced it: pointed at 1 again.
+        assert_eq!(s.decide(t.plus_ms(25), &2, &c, &[], |_| true), ServeDecision::Elsewhere(vec![1]));
+        // 2 asks again once 1 announced it (2 could not reach 1): served.
+        assert_eq!(s.decide(t.plus_ms(30), &2, &c, &[1], |_| true), ServeDecision::Serve);
         // After the timeout with nobody announcing it, a new asker is served.
-        assert_eq!(s.decide(t.plus_ms(10_000), &4, &c, &[], |_| true), ServeDecision::Serve);
+        assert_eq!(s.decide(t.plus_ms(40_000), &4, &c, &[], |_| true), ServeDecision::Serve);
         // A disconnected first recipient does not hold others up.
         let d = ChunkId([2; 32]);
         assert_eq!(s.decide(t, &1, &d, &[], |_| true), ServeDecision::Serve);
         assert_eq!(s.decide(t, &2, &d, &[], |p| *p != 1), ServeDecision::Serve);
-        assert_eq!((s.served, s.redirects), (5, 2));
+        assert_eq!((s.served, s.redirects), (5, 3));
     }
 }
