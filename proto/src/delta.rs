@@ -271,8 +271,10 @@ pub fn load_entries(source: &impl NodeSource, root: &NodeHash) -> Result<Vec<Ent
     let mut out = Vec::new();
     let mut stack = vec![(*root, None::<u8>)];
     while let Some((hash, expected)) = stack.pop() {
-        let bytes = source.node_bytes(&hash)?.ok_or(DeltaError::Missing(hash))?;
-        let node = verify_node(&hash, &bytes)?;
+        let node = match source.verified_node(&hash) {
+            Some(node) => node,
+            None => verify_node(&hash, &source.node_bytes(&hash)?.ok_or(DeltaError::Missing(hash))?)?,
+        };
         if let Some(expected) = expected.filter(|&l| l != node.level()) {
             return Err(DeltaError::Level { hash, expected, found: node.level() });
         }

@@ -88,6 +88,10 @@ struct Walk<'a, S> {
 
 impl<S: NodeSource> Walk<'_, S> {
     fn load(&mut self, hash: &NodeHash) -> Result<Node, DiffError> {
+        if let Some(node) = self.source.verified_node(hash) {
+            self.stats.nodes_loaded += 1;
+            return Ok(node);
+        }
         let bytes = self.source.node_bytes(hash)?.ok_or(DiffError::Missing(*hash))?;
         self.stats.nodes_loaded += 1;
         self.stats.bytes_loaded += bytes.len();

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::node::NodeHash;
+use crate::node::{Node, NodeHash};
 
 /// Error text from a node store's backing storage (the core cannot name the shell's error types).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,6 +17,12 @@ pub trait NodeSource {
     /// Whether this store holds node `hash`.
     fn has_node(&self, hash: &NodeHash) -> Result<bool, SourceError> {
         Ok(self.node_bytes(hash)?.is_some())
+    }
+
+    /// Node `hash` already decoded and verified against its hash, if this store keeps decoded nodes (readers then
+    /// skip decoding and verifying its bytes again). `None` means "read the bytes".
+    fn verified_node(&self, _hash: &NodeHash) -> Option<Node> {
+        None
     }
 }
 

@@ -18,6 +18,7 @@
 //! honest engine for themselves but corrupt what they serve, lie about what they hold, or gossip forged or old
 //! roots.
 
+use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
@@ -27,7 +28,7 @@ use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{HAVE_CHUNKS_MAX, Have, Hello};
 use mirrormesh_proto::delta::{DeltaHash, ManifestDelta};
 use mirrormesh_proto::diff::diff;
-use mirrormesh_proto::node::NodeHash;
+use mirrormesh_proto::node::{Node, NodeHash, verify_node};
 use mirrormesh_proto::node_store::{NodeSink, NodeSource, SourceError};
 use mirrormesh_proto::root::{DeltaRef, RepoId, RootBody, RootId, SignedRoot, VerifiedRoot, publisher_key};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
@@ -249,9 +250,24 @@ impl SimNode {
 struct View<'a> {
     store: &'a HashMap<NodeHash, Vec<u8>>,
     held: &'a HashSet<NodeHash>,
+    /// Nodes decoded and verified once for the whole run (every byte in `store` was verified when it entered it),
+    /// so a thousand mirrors reading the same manifest decode it once.
+    decoded: &'a RefCell<HashMap<NodeHash, Node>>,
 }
 
 impl NodeSource for View<'_> {
+    fn verified_node(&self, hash: &NodeHash) -> Option<Node> {
+        if !self.held.contains(hash) {
+            return None;
+        }
+        if let Some(node) = self.decoded.borrow().get(hash) {
+            return Some(node.clone());
+        }
+        let node = verify_node(hash, self.store.get(hash)?).ok()?;
+        self.decoded.borrow_mut().insert(*hash, node.clone());
+        Some(node)
+    }
+
     fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
         Ok(if self.held.contains(hash) { self.store.get(hash).cloned() } else { None })
     }
@@ -290,6 +306,7 @@ pub struct World {
     delivered: Vec<Delivered<(u64, Bulk)>>,
     nodes: Vec<SimNode>,
     store: HashMap<NodeHash, Vec<u8>>,
+    decoded: RefCell<HashMap<NodeHash, Node>>,
     deltas: HashMap<DeltaHash, Vec<u8>>,
     content: Content,
     sizes: Sizes,
@@ -371,25 +388,28 @@ impl World {
         let latency: Vec<Vec<Nanos>> =
             scenario.latency_ms.iter().map(|row| row.iter().map(|ms| (ms * 1e6) as Nanos).collect()).collect();
 
-        // Every mirror is connected to the origin and to `degree` random other mirrors.
+        // Every mirror is connected to the origin and to about `degree` other mirrors: a random near-regular graph
+        // (pairing shuffled connection stubs), since a mirror with few neighbours gets a small share of the mesh.
         let mut topology = vec![BTreeSet::new(); n];
         for id in 1..n as u32 {
             topology[0].insert(id);
             topology[id as usize].insert(0);
         }
-        if n > 2 {
-            for id in 1..n as u32 {
-                let mut added = 0;
-                let mut attempts = 0;
-                while added < scenario.degree && attempts < 50 * scenario.degree {
-                    attempts += 1;
-                    let other = rng.random_range(1..n as u32);
-                    if other != id && topology[id as usize].insert(other) {
-                        topology[other as usize].insert(id);
-                        added += 1;
+        let degree = (scenario.degree as usize).min(n.saturating_sub(2));
+        let mut stubs: Vec<u32> = (1..n as u32).flat_map(|id| std::iter::repeat_n(id, degree)).collect();
+        for _ in 0..4 {
+            stubs.shuffle(&mut rng);
+            let mut left = Vec::new();
+            for pair in stubs.chunks(2) {
+                match *pair {
+                    [a, b] if a != b && !topology[a as usize].contains(&b) => {
+                        topology[a as usize].insert(b);
+                        topology[b as usize].insert(a);
                     }
+                    _ => left.extend_from_slice(pair),
                 }
             }
+            stubs = left;
         }
 
         let trusted = vec![publisher_key(&PUBLISHER_SECRET)];
@@ -468,6 +488,7 @@ impl World {
             delivered: Vec::new(),
             nodes,
             store: HashMap::new(),
+            decoded: RefCell::new(HashMap::new()),
             deltas: HashMap::new(),
             content,
             repo,
@@ -687,7 +708,7 @@ impl World {
         let now = self.timestamp();
         let n = &mut self.nodes[node as usize];
         let engine = n.engine.as_mut()?;
-        let view = View { store: &self.store, held: &n.held_nodes };
+        let view = View { store: &self.store, held: &n.held_nodes, decoded: &self.decoded };
         let result = call(engine, now, &view);
         if result.is_err() {
             self.stats.engine_errors += 1;
@@ -708,7 +729,7 @@ impl World {
             if !engine.wants_tick() {
                 return;
             }
-            let view = View { store: &self.store, held: &n.held_nodes };
+            let view = View { store: &self.store, held: &n.held_nodes, decoded: &self.decoded };
             if engine.handle_tick(now, &view).is_err() {
                 self.stats.engine_errors += 1;
             }
@@ -764,7 +785,7 @@ impl World {
                 if n.kind == Kind::Mirror {
                     self.progress.inc(completed);
                 }
-                let view = View { store: &self.store, held: &n.held_nodes };
+                let view = View { store: &self.store, held: &n.held_nodes, decoded: &self.decoded };
                 if let Some(engine) = n.engine.as_mut()
                     && engine.handle_applied(now, seq, &view).is_err()
                 {
@@ -1170,7 +1191,7 @@ impl World {
         };
         let previous = self.published.last().cloned();
         let delta = previous.as_ref().and_then(|prev| {
-            let view = View { store: &self.store, held: &origin.held_nodes };
+            let view = View { store: &self.store, held: &origin.held_nodes, decoded: &self.decoded };
             let (changes, _) = diff(&view, Some(&prev.root), &root).ok()?;
             let bytes = ManifestDelta::from_changes(prev.root, root, &changes).encode();
             let hash = DeltaHash::of(&bytes);
