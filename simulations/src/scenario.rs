@@ -5,7 +5,7 @@
 //! name = "example"
 //! seed = 7
 //! mirrors = 20            # mirror nodes; node 0 is the origin
-//! degree = 4              # each mirror connects to this many random other mirrors (and to the origin)
+//! degree = 8              # about this many other mirrors per mirror (every mirror also connects to the origin)
 //! origin_up_mbit = 1000
 //! origin_down_mbit = 1000
 //! mirror_up_mbit = { min = 1000, max = 10000 }        # a number, { min, max } or { values, weights }
