@@ -121,10 +121,6 @@ impl Content {
         self.next_key
     }
 
-    pub fn files(&self) -> usize {
-        self.packages.len() + 1
-    }
-
     /// Rebuilds `count` distinct random packages (new version, new content, a size within 10% of the old one) and
     /// the index.
     pub fn rebuild(&mut self, count: usize, rng: &mut impl Rng) {

@@ -96,23 +96,12 @@ impl<T> Network<T> {
         Self { up, down, flows: Vec::new(), by_pair: HashMap::new(), dirty: false, recomputations: 0, sent }
     }
 
-    pub fn nodes(&self) -> usize {
-        self.up.len()
-    }
-
     pub fn up(&self, node: u32) -> f64 {
         self.up[node as usize]
     }
 
     pub fn down(&self, node: u32) -> f64 {
         self.down[node as usize]
-    }
-
-    /// Changes a node's capacities (a slow peer, a node coming back). Takes effect at the next step.
-    pub fn set_capacity(&mut self, node: u32, up: f64, down: f64) {
-        self.up[node as usize] = up;
-        self.down[node as usize] = down;
-        self.dirty = true;
     }
 
     /// Bytes `node` has sent so far.
@@ -122,10 +111,6 @@ impl<T> Network<T> {
 
     pub fn is_idle(&self) -> bool {
         self.flows.is_empty()
-    }
-
-    pub fn active_flows(&self) -> usize {
-        self.flows.len()
     }
 
     /// Queues `bytes` from `src` to `dst` behind whatever that pair is already sending.

@@ -19,7 +19,7 @@
 //! roots.
 
 use std::cell::RefCell;
-use std::cmp::Ordering;
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use anyhow::{Context, Result};
@@ -191,29 +191,9 @@ enum Event {
     Misbehave { node: u32 },
 }
 
-/// A queue entry: small, so the heap moves little; the event itself waits in a slab.
-struct Scheduled {
-    at: Nanos,
-    order: u64,
-    slot: u32,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.order) == (other.at, other.order)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.at, other.order).cmp(&(self.at, self.order))
-    }
-}
+/// A queue entry, earliest first: (instant, insertion number, slab slot). Small, so the heap moves little; the
+/// event itself waits in a slab.
+type Scheduled = Reverse<(Nanos, u64, u32)>;
 
 struct SimNode {
     kind: Kind,
@@ -542,7 +522,7 @@ impl World {
                 (self.slab.len() - 1) as u32
             }
         };
-        self.queue.push(Scheduled { at, order: self.order, slot });
+        self.queue.push(Reverse((at, self.order, slot)));
     }
 
     fn timestamp(&self) -> Timestamp {
@@ -572,8 +552,8 @@ impl World {
                 break;
             }
             if self.net.is_idle() {
-                let Some(next) = self.queue.peek() else { break };
-                self.now = self.now.max(next.at);
+                let Some(Reverse((next, _, _))) = self.queue.peek() else { break };
+                self.now = self.now.max(*next);
                 self.handle_due(self.now + 1);
             } else {
                 let end = self.now + self.step;
@@ -606,8 +586,8 @@ impl World {
 
     /// Handles every event due before `end`.
     fn handle_due(&mut self, end: Nanos) {
-        while self.queue.peek().is_some_and(|s| s.at < end) {
-            let Scheduled { at, slot, .. } = self.queue.pop().expect("peeked");
+        while self.queue.peek().is_some_and(|s| s.0.0 < end) {
+            let Reverse((at, _, slot)) = self.queue.pop().expect("peeked");
             let Some(event) = self.slab[slot as usize].take() else { continue };
             self.free.push(slot);
             self.now = self.now.max(at);

@@ -485,9 +485,7 @@ impl<P: PeerKey> Scheduler<P> {
         let mut order: Vec<P> = self.peers.iter().filter(|(_, p)| !p.is_origin).map(|(k, _)| k.clone()).collect();
         order.extend(self.peers.iter().filter(|(_, p)| p.is_origin).map(|(k, _)| k.clone()));
         for peer in order {
-            while let Some(fetch) = self.next_request(now, &peer, next_req) {
-                out.push(SchedOut::Fetch(fetch));
-            }
+            out.extend(self.pump_peer(now, &peer, next_req));
         }
         out
     }
