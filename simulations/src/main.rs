@@ -15,6 +15,11 @@ use clap::Parser;
 use mirrormesh_sim::scenario::Scenario;
 use mirrormesh_sim::{Report, report, simulate};
 
+/// Simulation allocates and frees millions of small messages and nodes; mimalloc does that markedly faster than
+/// the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "Simulate a mirrormesh fabric: the real protocol core over a modelled network")]
 struct Args {
