@@ -1,11 +1,17 @@
 //! The admin HTTP API (axum), served by the daemon on `admin.listen` (loopback by default; anywhere else only with
 //! a bearer token).
 //!
+//! - `GET /`: the dashboard (a static page that polls `/status`; it carries no data itself, so it is served without
+//!   the token; give the token in the page address as `#token=...`).
 //! - `GET /status`: the node's [`Status`] as JSON.
+//! - `GET /peers`: the peers part of it (a JSON array of [`crate::status::PeerStatus`]).
+//! - `GET /repos`: the repositories part of it (a JSON array of [`crate::status::RepoStatus`]).
+//! - `GET /metrics`: the metrics (see [`crate::metrics`]), in the OpenMetrics format when the `Accept` header asks
+//!   for it, else in the classic Prometheus text format.
 //! - `GET /wait?seq=N&settled=true&fetched_bytes=B&counter=C&at_least=K&timeout_ms=T`: answers with the status as
 //!   soon as every given condition holds: the applied snapshot reaches sequence `N`; with `settled`, the node is
 //!   also idle with no removal pending; the node has fetched at least `B` chunk bytes; counter `C` reached `K`
-//!   (default 1). 408 after `T` ms (default 30 s, at most
+//!   (default 1); with `peers_at=P`, every connected peer holds snapshot `P` completely. 408 after `T` ms (default 30 s, at most
 //!   10 min). Tests and scripts synchronise on this instead of sleeping.
 //! - `POST /publish` (origin): scan, sign and announce a new snapshot; answers with its sequence number and root.
 
@@ -14,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -38,7 +44,11 @@ pub async fn serve(listen: SocketAddr, token: Option<String>, handle: Handle) ->
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("admin.listen {listen}"))?;
     let addr = listener.local_addr()?;
     let app = Router::new()
+        .route("/", get(dashboard))
         .route("/status", get(status))
+        .route("/peers", get(peers))
+        .route("/repos", get(repos))
+        .route("/metrics", get(metrics))
         .route("/wait", get(wait))
         .route("/publish", post(publish))
         .with_state(AppState { handle, token });
@@ -67,6 +77,43 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
     Json(state.handle.status.borrow().clone()).into_response()
 }
 
+/// The dashboard page: HTML, CSS and script in one file, no build step.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], DASHBOARD)
+        .into_response()
+}
+
+async fn peers(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorized(&state, &headers) {
+        return *denied;
+    }
+    Json(state.handle.status.borrow().peers.clone()).into_response()
+}
+
+async fn repos(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorized(&state, &headers) {
+        return *denied;
+    }
+    Json(state.handle.status.borrow().repos.clone()).into_response()
+}
+
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorized(&state, &headers) {
+        return *denied;
+    }
+    // OpenMetrics when the scraper asks for it (Prometheus does), the classic text format otherwise.
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if accept.contains("application/openmetrics-text") {
+        let body = state.handle.metrics.encode_openmetrics();
+        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+    } else {
+        let body = state.handle.metrics.encode_text();
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    }
+}
+
 #[derive(Deserialize)]
 struct WaitQuery {
     seq: Option<u64>,
@@ -75,6 +122,7 @@ struct WaitQuery {
     fetched_bytes: Option<u64>,
     counter: Option<String>,
     at_least: Option<u64>,
+    peers_at: Option<u64>,
     timeout_ms: Option<u64>,
 }
 
@@ -86,7 +134,10 @@ impl WaitQuery {
         let fetched_ok = self.fetched_bytes.is_none_or(|b| s.bytes_fetched_total >= b);
         let counter_ok =
             self.counter.as_ref().is_none_or(|c| s.counters.get(c).copied().unwrap_or(0) >= self.at_least.unwrap_or(1));
-        seq_ok && settled_ok && fetched_ok && counter_ok
+        let peers_ok = self.peers_at.is_none_or(|want| {
+            s.peers.iter().filter(|p| p.connected).all(|p| p.complete_seq.is_some_and(|c| c >= want))
+        });
+        seq_ok && settled_ok && fetched_ok && counter_ok && peers_ok
     }
 }
 

@@ -1,11 +1,11 @@
-//! The CLI's side of the admin API: `mirrormesh status`, `mirrormesh publish --admin`.
+//! The CLI's side of the admin API: `mirrormesh status`, `peers`, `repos`, `publish --admin`.
 
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use serde::de::DeserializeOwned;
 
-use crate::status::{PublishReply, Status};
+use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
 
 /// A client for one daemon's admin API.
 pub struct AdminClient {
@@ -59,6 +59,14 @@ impl AdminClient {
         self.call("GET", "/status")
     }
 
+    pub fn peers(&self) -> Result<Vec<PeerStatus>> {
+        self.call("GET", "/peers")
+    }
+
+    pub fn repos(&self) -> Result<Vec<RepoStatus>> {
+        self.call("GET", "/repos")
+    }
+
     pub fn publish(&self) -> Result<PublishReply> {
         self.call("POST", "/publish")
     }
@@ -71,6 +79,11 @@ impl AdminClient {
     /// Blocks until the node applied `seq`, is idle and has no removal pending.
     pub fn wait_settled(&self, seq: u64, timeout_ms: u64) -> Result<Status> {
         self.call("GET", &format!("/wait?seq={seq}&settled=true&timeout_ms={timeout_ms}"))
+    }
+
+    /// Blocks until every peer connected to the node holds snapshot `seq` completely (as the node knows).
+    pub fn wait_peers_at(&self, seq: u64, timeout_ms: u64) -> Result<Status> {
+        self.call("GET", &format!("/wait?peers_at={seq}&timeout_ms={timeout_ms}"))
     }
 
     /// Blocks until the node's counter `name` reaches `at_least`.

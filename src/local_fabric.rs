@@ -31,6 +31,10 @@ pub struct NodeOptions {
     pub delete_grace_secs: u64,
     /// Extra TOML appended to the config (tests of config handling).
     pub extra_config: String,
+    /// The admin API's bearer token (the fabric's clients send it).
+    pub admin_token: Option<String>,
+    /// Log as JSON lines (`--log-format json`).
+    pub log_json: bool,
 }
 
 pub struct LocalNode {
@@ -45,6 +49,8 @@ pub struct LocalNode {
     pub p2p_port: u16,
     pub data_port: u16,
     pub log: PathBuf,
+    pub admin_token: Option<String>,
+    log_json: bool,
     child: Option<Child>,
 }
 
@@ -101,6 +107,8 @@ impl LocalFabric {
                 data_port: free_port()?,
                 log: node_dir.join("daemon.log"),
                 dir: node_dir,
+                admin_token: options.get(i).and_then(|o| o.admin_token.clone()),
+                log_json: options.get(i).is_some_and(|o| o.log_json),
                 child: None,
             });
         }
@@ -126,7 +134,7 @@ impl LocalFabric {
              [network]\nlisten = \"/ip4/127.0.0.1/udp/{p2p}/quic-v1\"\ndata_listen = \"127.0.0.1:{data}\"\n\
              bootstrap = [{bootstrap}]\n{upload}\n\
              [trust]\npublishers = [\"{publisher}\"]\n\n\
-             [admin]\nlisten = \"{admin}\"\n",
+             [admin]\nlisten = \"{admin}\"\n{token}",
             role = if node.origin { "origin" } else { "mirror" },
             grace = opts.delete_grace_secs,
             p2p = node.p2p_port,
@@ -135,6 +143,7 @@ impl LocalFabric {
             upload = opts.upload_bytes_per_sec.map(|b| format!("upload_bytes_per_sec = {b}\n")).unwrap_or_default(),
             publisher = origin.peer_id,
             admin = node.admin,
+            token = opts.admin_token.as_ref().map(|t| format!("token = \"{t}\"\n")).unwrap_or_default(),
         );
         if opts.corrupt_served_chunks {
             text.push_str("\n[faults]\ncorrupt_served_chunks = true\n");
@@ -151,8 +160,9 @@ impl LocalFabric {
         if node.child.is_some() {
             bail!("{} is already running", node.name);
         }
+        let format = if node.log_json { "json" } else { "human" };
         let mut child = Command::new(&binary)
-            .args(["daemon", "--config"])
+            .args(["--log-format", format, "daemon", "--config"])
             .arg(&node.config)
             .env("RUST_LOG", std::env::var("MIRRORMESH_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
@@ -215,7 +225,7 @@ impl LocalFabric {
     }
 
     pub fn client(&self, i: usize, timeout: Duration) -> AdminClient {
-        AdminClient::new(&self.nodes[i].admin.to_string(), None, timeout)
+        AdminClient::new(&self.nodes[i].admin.to_string(), self.nodes[i].admin_token.clone(), timeout)
     }
 
     pub fn status(&self, i: usize) -> Result<Status> {

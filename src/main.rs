@@ -10,8 +10,8 @@ use mirrormesh::config::{Config, DEFAULT_ADMIN};
 use mirrormesh::gentree::{self, GenTreeArgs};
 use mirrormesh::key::NodeKey;
 use mirrormesh::publish::{DEFAULT_VALIDITY, PublishOptions, human_bytes, publish};
-use mirrormesh::status::Status;
 use mirrormesh::store::StateStore;
+use mirrormesh::table;
 use mirrormesh_proto::RepoId;
 
 #[derive(Parser)]
@@ -48,6 +48,10 @@ enum Command {
     Publish(PublishArgs),
     /// Show a running node's snapshot, sync state and peers.
     Status(StatusArgs),
+    /// Show a running node's peers: address, RTT, traffic, failures, bans, score.
+    Peers(StatusArgs),
+    /// Show a running node's repositories: snapshot, sync progress, last apply, propagation lag.
+    Repos(StatusArgs),
     /// Generate an Alpine-like repository tree (or update one) for tests, benchmarks and demos.
     GenTree(GenTreeArgs),
     /// Run a whole fabric on loopback (an origin and 4 mirrors, real daemons), sync, update, verify, report.
@@ -68,7 +72,7 @@ struct AdminArgs {
 struct StatusArgs {
     #[command(flatten)]
     admin: AdminArgs,
-    /// Print the daemon's JSON instead of a table.
+    /// Print the daemon's JSON (as its admin API gives it) instead of tables.
     #[arg(long)]
     json: bool,
 }
@@ -110,7 +114,9 @@ fn main() {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -130,14 +136,16 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Daemon { config } => run_daemon(&config),
         Command::Status(args) => {
-            let client = AdminClient::new(&args.admin.admin, args.admin.token, Duration::from_secs(10));
-            let status = client.status()?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print_status(&status);
-            }
-            Ok(())
+            let status = client(&args.admin).status()?;
+            show(&status, args.json, |s| table::status_text(s, now_ms(), table::terminal_width()))
+        }
+        Command::Peers(args) => {
+            let peers = client(&args.admin).peers()?;
+            show(&peers, args.json, |p| table::peers_table(p, now_ms(), table::terminal_width()))
+        }
+        Command::Repos(args) => {
+            let repos = client(&args.admin).repos()?;
+            show(&repos, args.json, |r| table::repos_table(r, now_ms(), table::terminal_width()))
         }
         Command::Publish(PublishArgs { admin: Some(admin), token, .. }) => {
             let client = AdminClient::new(&admin, token, Duration::from_secs(3600));
@@ -228,46 +236,20 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn print_status(s: &Status) {
-    println!("node   {} ({})", s.node_id, s.role);
-    for r in &s.repos {
-        let seq = r.seq.map_or("-".into(), |s| s.to_string());
-        let root = r.root.as_deref().map_or("-", |r| &r[..12.min(r.len())]);
-        println!("repo   {}  seq {seq}  root {root}  {} files, {}", r.name, r.files, human_bytes(r.bytes));
-        match r.target_seq {
-            Some(target) => println!(
-                "state  {} ({}) -> seq {target}, {} missing in {} chunks{}",
-                r.state,
-                r.phase,
-                human_bytes(r.bytes_missing),
-                r.chunks_missing,
-                if r.waiting_for_origin { ", waiting for origin" } else { "" }
-            ),
-            None => println!("state  {}", r.state),
-        }
+fn client(args: &AdminArgs) -> AdminClient {
+    AdminClient::new(&args.admin, args.token.clone(), Duration::from_secs(10))
+}
+
+fn now_ms() -> u64 {
+    mirrormesh::publish::now().0
+}
+
+/// Prints `value` as pretty JSON or as the text `render` makes of it.
+fn show<T: serde::Serialize>(value: &T, json: bool, render: impl Fn(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", render(value));
     }
-    println!(
-        "bytes  served {}, fetched {} ({} from origin)",
-        human_bytes(s.bytes_served_total),
-        human_bytes(s.bytes_fetched_total),
-        human_bytes(s.bytes_fetched_from_origin)
-    );
-    if let Some(e) = &s.last_error {
-        println!("error  {e}");
-    }
-    println!();
-    println!("{:<20} {:<24} {:>6} {:>10} {:>10} {:>6}", "peer", "address", "origin", "sent", "received", "banned");
-    for p in &s.peers {
-        let id = if p.id.len() > 20 { format!("{}..{}", &p.id[..8], &p.id[p.id.len() - 10..]) } else { p.id.clone() };
-        let addr = p.data_address.clone().unwrap_or_else(|| p.address.clone());
-        println!(
-            "{:<20} {:<24} {:>6} {:>10} {:>10} {:>6}",
-            id,
-            addr,
-            if p.origin { "yes" } else { "" },
-            human_bytes(p.bytes_sent),
-            human_bytes(p.bytes_received),
-            if p.banned { "yes" } else { "" }
-        );
-    }
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! What `GET /status` returns and `mirrormesh status` prints.
+//! What `GET /status`, `GET /peers` and `GET /repos` return and `mirrormesh status`, `peers` and `repos` print.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +13,9 @@ pub struct Status {
     pub listen_addrs: Vec<String>,
     /// Where the data plane listens.
     pub data_addr: String,
+    /// Milliseconds since the daemon started.
+    #[serde(default)]
+    pub uptime_ms: u64,
     pub repos: Vec<RepoStatus>,
     pub peers: Vec<PeerStatus>,
     /// Chunk bytes this node served to peers.
@@ -39,6 +42,15 @@ pub struct RepoStatus {
     /// What the sync is doing: `idle`, `fetching-manifest`, `staging`, `transferring`, `applying`.
     pub phase: String,
     pub target_seq: Option<u64>,
+    /// Snapshot whose files are staged (its chunks are being fetched or it is being applied).
+    #[serde(default)]
+    pub staged_seq: Option<u64>,
+    /// Share of the sync in progress that is done, from 0 to 1 (1 when idle).
+    #[serde(default)]
+    pub progress: f64,
+    /// Files of the target snapshot that still miss chunks.
+    #[serde(default)]
+    pub files_missing: u64,
     pub bytes_missing: u64,
     pub chunks_missing: u64,
     /// Some needed chunk exists on no reachable peer and no origin is connected.
@@ -48,6 +60,12 @@ pub struct RepoStatus {
     pub bytes: u64,
     /// Removals waiting for their grace period.
     pub pending_deletions: u64,
+    /// When the served tree last changed to a new snapshot (milliseconds since the Unix epoch).
+    #[serde(default)]
+    pub last_apply_ms: Option<u64>,
+    /// From the applied root's creation at the origin to its apply here, in milliseconds (clocks of both ends).
+    #[serde(default)]
+    pub propagation_lag_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -58,12 +76,22 @@ pub struct PeerStatus {
     /// The data-plane address chunks are fetched from.
     pub data_address: Option<String>,
     pub origin: bool,
+    /// Whether a control-plane connection is open (peers are listed while connected).
+    #[serde(default)]
+    pub connected: bool,
+    /// Round trip of the control plane (hello/have exchanges), milliseconds, smoothed; `None` until measured.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub chunks_sent: u64,
     pub chunks_received: u64,
     pub failures: u64,
     pub banned: bool,
+    /// How well the peer serves this node: its measured chunk delivery rate in bytes per second, smoothed over
+    /// requests (`None` until this node fetched from it; 0 once banned).
+    #[serde(default)]
+    pub score: Option<f64>,
     /// Snapshot the peer holds completely.
     pub complete_seq: Option<u64>,
     /// Milliseconds since the Unix epoch when the connection was established.

@@ -8,6 +8,7 @@
 //! State survives restarts: the applied snapshot, the newest accepted root, manifest nodes and deltas, pending
 //! deletions (the state database), and staged chunks (re-verified when staging is prepared again).
 
+mod progress;
 mod serving;
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,6 +38,7 @@ use crate::chunk_index::ChunkIndex;
 use crate::config::{Config, RoleName};
 use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, Fetched};
 use crate::key::NodeKey;
+use crate::metrics::Metrics;
 use crate::publish::{PublishOptions, PublishReport, now, publish};
 use crate::staging::{Prepared, Staging};
 use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
@@ -90,8 +92,8 @@ pub enum LoopEvent {
 }
 
 enum Pending {
-    Hello,
-    Have,
+    Hello { sent: Instant },
+    Have { sent: Instant },
     Nodes { peer: PeerId, req: ReqId },
     Delta { peer: PeerId, req: ReqId },
 }
@@ -102,6 +104,30 @@ struct PeerState {
     data_addrs: Vec<SocketAddr>,
     connected_since_ms: u64,
     banned: bool,
+    /// Control-plane round trip, milliseconds, smoothed.
+    rtt_ms: Option<f64>,
+    /// Chunk delivery rate to this node, bytes per second, smoothed over requests.
+    rate: Option<f64>,
+}
+
+/// Weight of a new sample in the smoothed RTT and delivery rate.
+const SMOOTHING: f64 = 0.3;
+
+fn smooth(old: Option<f64>, sample: f64) -> Option<f64> {
+    Some(old.map_or(sample, |o| (1.0 - SMOOTHING) * o + SMOOTHING * sample))
+}
+
+/// The sync in progress, as the status reports it.
+#[derive(Default)]
+struct SyncProgress {
+    /// Sequence number of the target and when its root was accepted.
+    started: Option<(u64, Instant)>,
+    staged_seq: Option<u64>,
+    files: Option<progress::FileProgress>,
+    /// Most chunk bytes the sync was missing (the denominator of its progress).
+    need_bytes: u64,
+    last_apply_ms: Option<u64>,
+    propagation_lag_ms: Option<u64>,
 }
 
 struct Bootstrap {
@@ -125,7 +151,8 @@ pub struct Daemon {
     peers: BTreeMap<PeerId, PeerState>,
     origins: Vec<PeerId>,
     pending: HashMap<OutboundRequestId, Pending>,
-    fetches: HashMap<ReqId, tokio::task::AbortHandle>,
+    /// Chunk requests running, and when each was sent.
+    fetches: HashMap<ReqId, (tokio::task::AbortHandle, Instant)>,
     bootstrap: Vec<Bootstrap>,
     events_tx: mpsc::Sender<LoopEvent>,
     events_rx: mpsc::Receiver<LoopEvent>,
@@ -141,6 +168,13 @@ pub struct Daemon {
     /// Origin watch mode: the tree watcher (kept alive) and when the tree last changed, if not yet published.
     _watcher: Option<notify::RecommendedWatcher>,
     tree_changed_at: Option<Instant>,
+    metrics: Metrics,
+    started: Instant,
+    sync: SyncProgress,
+    /// Origin: chunk bytes served when the newest snapshot was published.
+    served_at_publish: u64,
+    /// Span of the sync in progress (none when idle): log lines about it carry its sequence number.
+    sync_span: tracing::Span,
 }
 
 /// What the admin server and tests hold onto.
@@ -150,6 +184,7 @@ pub struct Handle {
     pub events: mpsc::Sender<LoopEvent>,
     pub data_addr: SocketAddr,
     pub listen_addrs: Vec<Multiaddr>,
+    pub metrics: Metrics,
 }
 
 fn verified(root: &SignedRoot) -> Result<VerifiedRoot> {
@@ -260,6 +295,7 @@ impl Daemon {
             events: events_tx.clone(),
             data_addr: data.local_addr(),
             listen_addrs: listen_addrs.clone(),
+            metrics: Metrics::new(),
         };
         let daemon = Daemon {
             cfg,
@@ -289,6 +325,11 @@ impl Daemon {
             // Whatever happened to the tree while the daemon was down is published once it is quiet.
             tree_changed_at: watcher.as_ref().map(|_| Instant::now()),
             _watcher: watcher,
+            metrics: handle.metrics.clone(),
+            started: Instant::now(),
+            sync: SyncProgress::default(),
+            served_at_publish: 0,
+            sync_span: tracing::Span::none(),
         };
         Ok((daemon, handle))
     }
@@ -330,6 +371,8 @@ impl Daemon {
 
     /// Executes the engine's outputs, ticking it again while it has deferred work.
     fn drive(&mut self) -> Result<()> {
+        let span = self.sync_span.clone();
+        let _sync = span.enter();
         for _ in 0..16 {
             while let Some(out) = self.engine.poll_output() {
                 self.execute(out)?;
@@ -355,11 +398,11 @@ impl Daemon {
             Output::SendHello(peer, mut hello) => {
                 hello.data_addrs = vec![self.data_addr_text()];
                 let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Hello(hello));
-                self.pending.insert(id, Pending::Hello);
+                self.pending.insert(id, Pending::Hello { sent: Instant::now() });
             }
             Output::SendHave(peer, have) => {
                 let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Have(have));
-                self.pending.insert(id, Pending::Have);
+                self.pending.insert(id, Pending::Have { sent: Instant::now() });
             }
             Output::FetchNodes { peer, req, hashes } => {
                 let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::GetNodes { hashes });
@@ -382,6 +425,7 @@ impl Daemon {
                 writer.commit()?;
             }
             Output::Stage { seq, files } => {
+                self.sync.files = Some(progress::FileProgress::new(seq, &files));
                 let staging = self.staging.clone();
                 let index = self.index.clone();
                 let events = self.events_tx.clone();
@@ -395,7 +439,7 @@ impl Daemon {
             }
             Output::FetchChunks { peer, req, chunks } => self.fetch_chunks(peer, req, chunks),
             Output::Cancel { req, .. } => {
-                if let Some(task) = self.fetches.remove(&req) {
+                if let Some((task, _)) = self.fetches.remove(&req) {
                     task.abort();
                 }
             }
@@ -435,6 +479,11 @@ impl Daemon {
             Notice::RootAccepted { seq } => {
                 tracing::info!(seq, "accepted a new root");
                 self.count("roots_accepted");
+                if self.cfg.role == RoleName::Mirror {
+                    self.sync_span = tracing::info_span!("sync", seq);
+                    self.sync.started = Some((seq, Instant::now()));
+                    self.sync.need_bytes = 0;
+                }
                 if let Some(latest) = self.engine.latest() {
                     let mut writer = self.store.writer()?;
                     writer.set_root(&latest.signed, &self.cfg.repo)?;
@@ -458,6 +507,16 @@ impl Daemon {
             Notice::SyncComplete { seq } => {
                 tracing::info!(seq, "snapshot applied");
                 self.count("syncs_completed");
+                let t = now();
+                let lag = self.engine.current().filter(|c| c.body.seq == seq).map(|c| t.millis_since(c.body.created));
+                self.sync.last_apply_ms = Some(t.0);
+                self.sync.propagation_lag_ms = lag;
+                self.sync.staged_seq = None;
+                self.sync.files = None;
+                self.sync_span = tracing::Span::none();
+                if let Some((_, started)) = self.sync.started.take() {
+                    self.metrics.observe_sync(started.elapsed().as_secs_f64(), lag.map(|l| l as f64 / 1000.0));
+                }
             }
         }
         Ok(())
@@ -472,41 +531,52 @@ impl Daemon {
         let data = self.data.clone();
         let staging = self.staging.clone();
         let events = self.events_tx.clone();
-        let task = tokio::spawn(async move {
-            let mut outcomes = Vec::with_capacity(chunks.len());
-            let mut bytes = 0u64;
-            let result = if addrs.is_empty() {
-                Err(anyhow!("no data-plane address known for {peer}"))
-            } else {
-                data.fetch(peer, &addrs, chunks, |id, fetched| {
-                    let outcome = match fetched {
-                        Fetched::Verified(data) => match staging.write_chunk(&id, &data) {
-                            Ok(()) => {
-                                bytes += data.len() as u64;
-                                ChunkOutcome::Verified
-                            }
-                            Err(e) => {
-                                tracing::error!("keeping chunk {id}: {e:#}");
-                                ChunkOutcome::Dropped
-                            }
-                        },
-                        Fetched::Corrupt => ChunkOutcome::Corrupt,
-                        Fetched::Missing => ChunkOutcome::Missing,
-                        Fetched::Elsewhere(peers) => ChunkOutcome::Elsewhere(peers),
-                    };
-                    outcomes.push((id, outcome));
-                })
-                .await
-            };
-            let error = result.err().map(|e| format!("{e:#}"));
-            let _ = events.send(LoopEvent::Fetched { peer, req, outcomes, bytes, error }).await;
-        });
-        self.fetches.insert(req, task.abort_handle());
+        let span = tracing::info_span!(parent: &self.sync_span, "fetch", %peer, req = req.0);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut outcomes = Vec::with_capacity(chunks.len());
+                let mut bytes = 0u64;
+                let result = if addrs.is_empty() {
+                    Err(anyhow!("no data-plane address known for {peer}"))
+                } else {
+                    data.fetch(peer, &addrs, chunks, |id, fetched| {
+                        let outcome = match fetched {
+                            Fetched::Verified(data) => match staging.write_chunk(&id, &data) {
+                                Ok(()) => {
+                                    bytes += data.len() as u64;
+                                    ChunkOutcome::Verified
+                                }
+                                Err(e) => {
+                                    tracing::error!("keeping chunk {id}: {e:#}");
+                                    ChunkOutcome::Dropped
+                                }
+                            },
+                            Fetched::Corrupt => ChunkOutcome::Corrupt,
+                            Fetched::Missing => ChunkOutcome::Missing,
+                            Fetched::Elsewhere(peers) => ChunkOutcome::Elsewhere(peers),
+                        };
+                        outcomes.push((id, outcome));
+                    })
+                    .await
+                };
+                let error = result.err().map(|e| format!("{e:#}"));
+                let _ = events.send(LoopEvent::Fetched { peer, req, outcomes, bytes, error }).await;
+            },
+            span,
+        ));
+        self.fetches.insert(req, (task.abort_handle(), Instant::now()));
     }
 
     // ---- loop events --------------------------------------------------------------------------------------
 
     fn on_loop_event(&mut self, event: LoopEvent) {
+        let span = self.sync_span.clone();
+        let _sync = span.enter();
+        let peer = match &event {
+            LoopEvent::Fetched { peer, .. } | LoopEvent::Serve { peer, .. } => Some(*peer),
+            _ => None,
+        };
+        let _peer = peer.map(|peer| tracing::info_span!("peer", %peer).entered());
         if let Err(e) = self.try_loop_event(event) {
             self.error(format!("{e:#}"));
         }
@@ -524,6 +594,12 @@ impl Daemon {
                         copied = prepared.copied,
                         "staged"
                     );
+                    self.sync.staged_seq = Some(seq);
+                    if let Some(files) = self.sync.files.as_mut().filter(|f| f.seq == seq) {
+                        for id in &prepared.held {
+                            files.held(id);
+                        }
+                    }
                     self.engine.handle_staged(t, seq, prepared.held);
                 }
                 Err(e) => {
@@ -532,11 +608,21 @@ impl Daemon {
                 }
             },
             LoopEvent::Fetched { peer, req, outcomes, bytes, error } => {
-                self.fetches.remove(&req);
+                if let Some((_, sent)) = self.fetches.remove(&req)
+                    && bytes > 0
+                    && let Some(state) = self.peers.get_mut(&peer)
+                {
+                    state.rate = smooth(state.rate, bytes as f64 / sent.elapsed().as_secs_f64().max(1e-6));
+                }
                 let dropped = outcomes.iter().any(|(_, o)| *o == ChunkOutcome::Dropped);
                 for (id, outcome) in outcomes {
                     match &outcome {
-                        ChunkOutcome::Verified => self.count("chunks_verified"),
+                        ChunkOutcome::Verified => {
+                            self.count("chunks_verified");
+                            if let Some(files) = self.sync.files.as_mut() {
+                                files.held(&id);
+                            }
+                        }
                         ChunkOutcome::Corrupt => self.count("chunks_rejected"),
                         _ => {}
                     }
@@ -687,6 +773,8 @@ impl Daemon {
         writer.commit()?;
         self.totals = (report.body.files, report.body.bytes);
         self.count("snapshots_published");
+        self.served_at_publish = self.data.traffic().values().map(|t| t.bytes_sent).sum();
+        self.metrics.published(report.changed_bytes);
         tracing::info!(seq = report.body.seq, root = %report.body.root, files = report.body.files, changes = report.changes, "published");
         if let Some(reply) = reply {
             let _ = reply.send(Ok(PublishReply {
@@ -707,6 +795,17 @@ impl Daemon {
     // ---- swarm events -------------------------------------------------------------------------------------
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        let peer = match &event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } | SwarmEvent::ConnectionClosed { peer_id, .. } => {
+                Some(*peer_id)
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, .. } => *peer_id,
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source, ..
+            })) => Some(*propagation_source),
+            _ => None,
+        };
+        let _peer = peer.map(|peer| tracing::info_span!("peer", %peer).entered());
         if let Err(e) = self.try_swarm_event(event) {
             self.error(format!("{e:#}"));
         }
@@ -728,7 +827,7 @@ impl Daemon {
                 state.address = Some(endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
                     state.connected_since_ms = t.0;
-                    tracing::info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                    tracing::info!(addr = %endpoint.get_remote_address(), "connected");
                     for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
                         b.connected = true;
                         b.backoff = REDIAL_MIN;
@@ -737,7 +836,7 @@ impl Daemon {
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                tracing::info!(peer = %peer_id, "disconnected");
+                tracing::info!("disconnected");
                 self.peers.remove(&peer_id);
                 for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
                     b.connected = false;
@@ -774,6 +873,15 @@ impl Daemon {
 
     fn on_control(&mut self, event: request_response::Event<ControlRequest, ControlResponse>) -> Result<()> {
         let t = now();
+        let peer = match &event {
+            request_response::Event::Message { peer, .. }
+            | request_response::Event::OutboundFailure { peer, .. }
+            | request_response::Event::InboundFailure { peer, .. }
+            | request_response::Event::ResponseSent { peer, .. } => *peer,
+        };
+        let sync = self.sync_span.clone();
+        let _sync = sync.enter();
+        let _peer = tracing::info_span!("peer", %peer).entered();
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
@@ -782,8 +890,14 @@ impl Daemon {
                 }
                 request_response::Message::Response { request_id, response } => {
                     let reader = self.store.reader()?;
-                    match (self.pending.remove(&request_id), response) {
-                        (Some(Pending::Hello), ControlResponse::Hello(hello)) => {
+                    let pending = self.pending.remove(&request_id);
+                    if let Some(Pending::Hello { sent } | Pending::Have { sent }) = &pending
+                        && let Some(state) = self.peers.get_mut(&peer)
+                    {
+                        state.rtt_ms = smooth(state.rtt_ms, sent.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    match (pending, response) {
+                        (Some(Pending::Hello { .. }), ControlResponse::Hello(hello)) => {
                             self.learn_data_addrs(peer, &hello.data_addrs);
                             self.engine.handle_hello(t, peer, hello, &reader)?;
                         }
@@ -955,35 +1069,60 @@ impl Daemon {
     fn publish_status(&mut self) {
         let engine = self.engine.status();
         let traffic = self.data.traffic();
+        let syncing = engine.phase != "idle";
+        let bytes_missing = engine.bytes_missing;
+        if syncing {
+            self.sync.need_bytes = self.sync.need_bytes.max(bytes_missing);
+        }
+        let progress = match engine.phase {
+            "idle" => 1.0,
+            "transferring" if self.sync.need_bytes > 0 => 1.0 - bytes_missing as f64 / self.sync.need_bytes as f64,
+            "applying" => 1.0,
+            _ => 0.0,
+        };
+        let target_seq = engine.target.map(|t| t.0);
+        let files_missing = match &self.sync.files {
+            Some(files) if syncing && Some(files.seq) == target_seq => files.files_missing(),
+            _ => 0,
+        };
         let repo = RepoStatus {
             name: engine.repo.to_string(),
             seq: engine.current.map(|c| c.0),
             root: engine.current.map(|c| c.1.to_hex()),
-            state: if engine.phase == "idle" { "idle".into() } else { "syncing".into() },
+            state: if syncing { "syncing".into() } else { "idle".into() },
             phase: engine.phase.into(),
-            target_seq: engine.target.map(|t| t.0),
-            bytes_missing: engine.bytes_missing,
+            target_seq,
+            staged_seq: self.sync.staged_seq.filter(|_| syncing),
+            progress,
+            files_missing,
+            bytes_missing,
             chunks_missing: engine.chunks_missing as u64,
             waiting_for_origin: engine.waiting_for_origin,
             files: self.totals.0,
             bytes: self.totals.1,
             pending_deletions: self.pending_deletions,
+            last_apply_ms: self.sync.last_apply_ms,
+            propagation_lag_ms: self.sync.propagation_lag_ms,
         };
         let mut peers = Vec::new();
         for (id, state) in &self.peers {
             let t = traffic.get(id);
+            let banned = state.banned || self.engine.is_banned(id);
             peers.push(PeerStatus {
                 id: id.to_string(),
                 address: state.address.as_ref().map(ToString::to_string).unwrap_or_default(),
                 data_address: state.data_addrs.first().map(ToString::to_string),
                 origin: self.origins.contains(id),
+                connected: self.swarm.is_connected(id),
+                rtt_ms: state.rtt_ms,
                 bytes_sent: t.map_or(0, |t| t.bytes_sent),
                 bytes_received: t.map_or(0, |t| t.bytes_received),
                 chunks_sent: t.map_or(0, |t| t.chunks_sent),
                 chunks_received: t.map_or(0, |t| t.chunks_received),
                 failures: t.map_or(0, |t| t.failures),
-                banned: state.banned || self.engine.is_banned(id),
-                complete_seq: None,
+                banned,
+                score: if banned { Some(0.0) } else { state.rate },
+                complete_seq: self.engine.peer_complete_seq(id),
                 connected_since_ms: state.connected_since_ms,
             });
         }
@@ -1003,6 +1142,7 @@ impl Daemon {
             node_id: self.key.peer_id().to_string(),
             listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
             data_addr: self.data.local_addr().to_string(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
             role: match self.cfg.role {
                 RoleName::Origin => "origin".into(),
                 RoleName::Mirror => "mirror".into(),
@@ -1015,6 +1155,8 @@ impl Daemon {
             counters,
             last_error: self.last_error.clone(),
         };
+        let origin_sent = (self.cfg.role == RoleName::Origin).then(|| served.saturating_sub(self.served_at_publish));
+        self.metrics.refresh(&status, origin_sent);
         self.status_tx.send_replace(status);
     }
 }

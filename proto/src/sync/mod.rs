@@ -347,6 +347,11 @@ impl<P: PeerKey> Engine<P> {
         }
     }
 
+    /// The snapshot `peer` said it holds completely.
+    pub fn peer_complete_seq(&self, peer: &P) -> Option<u64> {
+        self.peers.get(peer).and_then(|p| p.complete_seq)
+    }
+
     pub fn is_banned(&self, peer: &P) -> bool {
         self.banned.contains(peer)
     }
