@@ -1,0 +1,235 @@
+//! The dashboard in a real headless browser (Debian's chromium, driven over the DevTools protocol): the page a
+//! mirror serves at `/` loads, lists the peers of a running 3-node fabric, and shows a new snapshot after a publish
+//! without being reloaded. Every wait is on an event: the daemons' `/wait`, and in the page a promise that resolves
+//! when a DOM mutation makes the condition true.
+//!
+//! `DASHBOARD_SCREENSHOT=docs/dashboard.png cargo test --test dashboard` also saves a screenshot of the page.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use mirrormesh::gentree::{self, GenTreeArgs};
+use mirrormesh::local_fabric::{LocalFabric, NodeOptions};
+use serde_json::{Value, json};
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mirrormesh"))
+}
+
+/// A headless chromium, killed when dropped.
+struct Browser {
+    child: Child,
+    _profile: tempfile::TempDir,
+    port: u16,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Browser {
+    fn launch() -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1280,960",
+                "--remote-debugging-port=0",
+                "--remote-debugging-address=127.0.0.1",
+                "--no-first-run",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("chromium (Debian package chromium) must be installed: apt-get install chromium");
+        // Chromium says where its DevTools endpoint listens once it is ready.
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let port = loop {
+            let line = lines.next().expect("chromium exited before its DevTools endpoint listened").unwrap();
+            if let Some(url) = line.strip_prefix("DevTools listening on ws://127.0.0.1:") {
+                break url.split('/').next().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining stderr so chromium never blocks on it.
+        std::thread::spawn(move || lines.for_each(drop));
+        Browser { child, _profile: profile, port }
+    }
+
+    /// A DevTools session on the browser's first page.
+    fn page(&self) -> Page {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let list: Value = serde_json::from_str(
+            &agent
+                .get(format!("http://127.0.0.1:{}/json/list", self.port))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap(),
+        )
+        .unwrap();
+        let url = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page")
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+            .expect("a page target")
+            .to_owned();
+        let (socket, _) = tungstenite::connect(url).unwrap();
+        if let MaybeTlsStream::Plain(stream) = socket.get_ref() {
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+        }
+        Page { socket, next_id: 0, events: Vec::new() }
+    }
+}
+
+struct Page {
+    socket: WebSocket<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    /// Names of the events received so far.
+    events: Vec<String>,
+}
+
+impl Page {
+    /// The next DevTools message (an answer or an event; events are recorded).
+    fn read(&mut self) -> Value {
+        loop {
+            let message = self.socket.read().expect("DevTools message (timed out?)");
+            let Message::Text(text) = message else { continue };
+            let value: Value = serde_json::from_str(text.as_str()).unwrap();
+            if let Some(event) = value["method"].as_str() {
+                self.events.push(event.to_owned());
+            }
+            return value;
+        }
+    }
+
+    /// Sends a DevTools command and returns its result.
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let text = json!({ "id": id, "method": method, "params": params }).to_string();
+        self.socket.send(Message::Text(text.into())).unwrap();
+        loop {
+            let value = self.read();
+            if value["id"] == id {
+                assert!(value.get("error").is_none(), "{method}: {value}");
+                return value["result"].clone();
+            }
+        }
+    }
+
+    /// Waits for event `name` (or finds it among those already received), and forgets the events before it.
+    fn wait_event(&mut self, name: &str) {
+        loop {
+            if let Some(at) = self.events.iter().position(|e| e == name) {
+                self.events.drain(..=at);
+                return;
+            }
+            self.read();
+        }
+    }
+
+    /// Evaluates `expr` in the page and returns its value, awaiting it if it is a promise.
+    fn eval(&mut self, expr: &str) -> Value {
+        let result =
+            self.call("Runtime.evaluate", json!({ "expression": expr, "awaitPromise": true, "returnByValue": true }));
+        assert!(result.get("exceptionDetails").is_none(), "{expr}: {result}");
+        result["result"]["value"].clone()
+    }
+
+    /// Waits (on DOM mutations, inside the page) until `condition` is true, then evaluates `value`.
+    fn wait_for(&mut self, condition: &str, value: &str) -> Value {
+        let expr = format!(
+            "new Promise((resolve) => {{
+                const check = () => {{ if ({condition}) {{ resolve({value}); return true; }} return false; }};
+                if (!check()) {{
+                    const o = new MutationObserver(() => {{ if (check()) o.disconnect(); }});
+                    o.observe(document.documentElement,
+                              {{ subtree: true, childList: true, attributes: true, characterData: true }});
+                }}
+            }})"
+        );
+        self.eval(&expr)
+    }
+}
+
+#[test]
+fn the_dashboard_shows_the_fabric_and_follows_a_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 2, &vec![NodeOptions::default(); 3]).unwrap();
+    gentree::generate(&GenTreeArgs {
+        out: fabric.nodes[0].tree.clone(),
+        fraction: 0.01,
+        seed: 9,
+        ..Default::default()
+    })
+    .unwrap();
+    fabric.start_all().unwrap();
+    let first = fabric.publish().unwrap();
+    fabric.wait_all_settled(first.seq, WAIT).unwrap();
+
+    let browser = Browser::launch();
+    let mut page = browser.page();
+    page.call("Page.enable", json!({}));
+    page.call("Page.navigate", json!({ "url": format!("http://{}/", fabric.nodes[1].admin) }));
+    page.wait_event("Page.loadEventFired");
+
+    // The page lists mirror1's two peers (the origin first) and its snapshot.
+    let seq_shown = format!("document.getElementById('repo-seq')?.textContent === '{}'", first.seq);
+    let rows = page.wait_for(
+        &format!("document.querySelectorAll('#peers tr[data-peer-id]').length === 2 && {seq_shown}"),
+        "[...document.querySelectorAll('#peers tr[data-peer-id]')].map(r => r.dataset.peerId)",
+    );
+    let rows: Vec<String> = serde_json::from_value(rows).unwrap();
+    assert_eq!(rows, vec![fabric.nodes[0].peer_id.clone(), fabric.nodes[2].peer_id.clone()]);
+    assert_eq!(page.eval("document.getElementById('peer-count').textContent"), json!("2"));
+    assert_eq!(page.eval("document.body.dataset.state"), json!("ok"));
+    let refreshes: u64 = page.eval("Number(document.body.dataset.updated)").as_u64().unwrap();
+    assert!(refreshes >= 1);
+
+    // A publish: the open page shows the new snapshot by itself.
+    gentree::generate(&GenTreeArgs {
+        out: fabric.nodes[0].tree.clone(),
+        update: Some(2),
+        seed: 10,
+        ..Default::default()
+    })
+    .unwrap();
+    let second = fabric.publish().unwrap();
+    fabric.wait_all_settled(second.seq, WAIT).unwrap();
+    let after = page.wait_for(
+        &format!("document.getElementById('repo-seq')?.textContent === '{}'", second.seq),
+        "Number(document.body.dataset.updated)",
+    );
+    assert!(after.as_u64().unwrap() > refreshes, "refreshed in place, no reload");
+    assert_eq!(page.eval("document.querySelectorAll('#peers tr[data-peer-id]').length"), json!(2));
+
+    if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
+        let shot = page.call("Page.captureScreenshot", json!({ "format": "png" }));
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+        // Relative to the workspace root, where the command is typed.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        std::fs::write(&path, png).unwrap();
+        eprintln!("screenshot written to {}", path.display());
+    }
+}
