@@ -54,6 +54,8 @@ pub struct Metrics {
     missing: Gauge,
     update_changed: Gauge,
     origin_update_sent: Gauge,
+    waiting_for_origin: Gauge,
+    failing: Gauge,
 }
 
 /// Seconds, from 50 ms to about 55 minutes.
@@ -135,8 +137,22 @@ impl Metrics {
             Unit::Bytes,
             origin_update_sent.clone(),
         );
+        let waiting_for_origin = Gauge::default();
+        r.register(
+            "sync_waiting_for_origin",
+            "1 while the sync needs chunks that no reachable peer holds and no origin is connected",
+            waiting_for_origin.clone(),
+        );
+        let failing = Gauge::default();
+        r.register(
+            "failing",
+            "1 while the last error (staging, applying, a full disk, publishing) has not been recovered from",
+            failing.clone(),
+        );
         Self {
             registry: std::sync::Arc::new(r),
+            waiting_for_origin,
+            failing,
             sent,
             received,
             chunks_verified,
@@ -200,7 +216,9 @@ impl Metrics {
         if let Some(repo) = status.repos.first() {
             self.snapshot_seq.set(repo.seq.map_or(0, |s| s as i64));
             self.missing.set(repo.bytes_missing as i64);
+            self.waiting_for_origin.set(i64::from(repo.waiting_for_origin));
         }
+        self.failing.set(i64::from(status.last_error.is_some()));
         if let Some(sent) = origin_update_sent {
             self.origin_update_sent.set(sent as i64);
         }

@@ -39,3 +39,31 @@ fn systemd_unit_writes_where_the_config_does() {
     }
     assert!(unit.contains("--config /etc/mirrormesh/mirrormesh.toml"));
 }
+
+#[test]
+fn alert_rules_are_valid_and_name_only_exported_metrics() {
+    let path = packaging("mirrormesh-alerts.yml");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect("promtool (Debian package prometheus) must be installed: apt-get install prometheus");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let rules = std::fs::read_to_string(&path).unwrap();
+    // Families with labels show once they have a series.
+    let metrics = mirrormesh::metrics::Metrics::new();
+    let mut status = mirrormesh::status::Status::default();
+    for counter in ["peers_banned_corruptchunk", "roots_rejected_bad_signature"] {
+        status.counters.insert(counter.into(), 1);
+    }
+    metrics.refresh(&status, Some(0));
+    let exported = metrics.encode_text();
+    let mut checked = 0;
+    for (at, _) in rules.match_indices("mirrormesh_") {
+        let name: String =
+            rules[at..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit()).collect();
+        assert!(exported.contains(&name), "the rules use {name}, which the daemon does not export");
+        checked += 1;
+    }
+    assert!(checked >= 10, "{checked} metric references checked");
+}
