@@ -25,7 +25,8 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use libp2p::PeerId;
-use mirrormesh::dataplane::{ChunkSource, DataPlane, DataPlaneConfig, Decision, tls};
+use mirrormesh::dataplane::raw::{Raw, batches, chunks, cpu_time, raw_run, raw_setup, spawned};
+use mirrormesh::dataplane::{ChunkSource, DataPlane, DataPlaneConfig, Decision};
 use mirrormesh::key::NodeKey;
 use mirrormesh_proto::{CHUNK_SIZE, ChunkId, RepoId};
 
@@ -77,19 +78,6 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// Process CPU time (user + system, all threads).
-fn cpu_time() -> Result<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = stat.rsplit_once(')').context("unexpected /proc/self/stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let ticks =
-        fields.get(11..13).context("short /proc/self/stat")?.iter().map(|f| f.parse::<u64>()).sum::<Result<u64, _>>();
-    let ticks = ticks.context("unexpected /proc/self/stat")?;
-    Ok(Duration::from_millis(ticks * 10)) // CLK_TCK is 100 on Linux
-}
-
 struct Measured {
     name: &'static str,
     bytes: u64,
@@ -122,133 +110,6 @@ where
         eprintln!("  {name}: {:.0} MB/s, {:.3} CPU s/GB", measured.mb_per_s(), measured.cpu_s_per_gb());
     }
     Ok(measured)
-}
-
-fn chunks() -> Vec<Bytes> {
-    (0..DISTINCT)
-        .map(|i| {
-            let mut state = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let words: Vec<u8> = (0..CHUNK_SIZE as usize / 8)
-                .flat_map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state.to_le_bytes()
-                })
-                .collect();
-            Bytes::from(words)
-        })
-        .collect()
-}
-
-/// Batches of chunk indices covering `mib` chunks.
-fn batches(mib: usize, batch: usize) -> Vec<(usize, usize)> {
-    (0..mib).step_by(batch).map(|start| (start, batch.min(mib - start))).collect()
-}
-
-/// The raw baseline: a quinn server that answers "start, count" with `count` chunks from memory.
-struct Raw {
-    conn: quinn::Connection,
-    _server: quinn::Endpoint,
-    _client: quinn::Endpoint,
-}
-
-async fn raw_setup(data: Arc<Vec<Bytes>>) -> Result<Raw> {
-    let server_key = NodeKey::from_seed([1; 32])?;
-    let client_key = NodeKey::from_seed([2; 32])?;
-    let server_id = tls::Identity::new(&server_key)?;
-    let client_id = tls::Identity::new(&client_key)?;
-    let server = quinn::Endpoint::server(tls::server_config(&server_id)?, "127.0.0.1:0".parse()?)?;
-    let addr = server.local_addr()?;
-    let accept = server.clone();
-    tokio::spawn(async move {
-        while let Some(incoming) = accept.accept().await {
-            let data = data.clone();
-            tokio::spawn(async move {
-                let Ok(conn) = incoming.await else { return };
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let data = data.clone();
-                    tokio::spawn(async move {
-                        let mut request = [0u8; 9];
-                        if recv.read_exact(&mut request).await.is_err() {
-                            return;
-                        }
-                        let start = u32::from_be_bytes([request[0], request[1], request[2], request[3]]) as usize;
-                        let count = u32::from_be_bytes([request[4], request[5], request[6], request[7]]) as usize;
-                        let copy = request[8] == 1;
-                        for i in start..start + count {
-                            let chunk = &data[i % data.len()];
-                            // The copy a `ChunkSource::read` makes (from the page cache, or here from memory).
-                            let chunk = if copy { Bytes::from(chunk.to_vec()) } else { chunk.clone() };
-                            if send.write_chunk(chunk).await.is_err() {
-                                return;
-                            }
-                        }
-                        let _ = send.finish();
-                    });
-                }
-            });
-        }
-    });
-    let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    let (config, _) = tls::client_config(&client_id, server_key.peer_id())?;
-    let conn = client.connect_with(config, addr, tls::SERVER_NAME)?.await?;
-    Ok(Raw { conn, _server: server, _client: client })
-}
-
-async fn raw_request(conn: &quinn::Connection, start: usize, count: usize, verify: Option<&[ChunkId]>) -> Result<u64> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let mut request = (start as u32).to_be_bytes().to_vec();
-    request.extend_from_slice(&(count as u32).to_be_bytes());
-    request.push(u8::from(verify.is_some()));
-    send.write_all(&request).await?;
-    send.finish()?;
-    let mut total = 0u64;
-    match verify {
-        None => {
-            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-                total += chunk.bytes.len() as u64;
-            }
-        }
-        Some(ids) => {
-            for i in start..start + count {
-                let mut buf = BytesMut::with_capacity(MIB);
-                while buf.len() < MIB {
-                    let want = MIB - buf.len();
-                    let chunk = recv.read_chunk(want, true).await?.context("stream ended early")?;
-                    buf.extend_from_slice(&chunk.bytes);
-                }
-                let buf = buf.freeze();
-                if ChunkId::of(&buf) != ids[i % ids.len()] {
-                    bail!("corrupt chunk");
-                }
-                total += buf.len() as u64;
-            }
-        }
-    }
-    Ok(total)
-}
-
-/// Runs each request as its own task (as the daemon does), `inflight` at a time.
-async fn spawned<T: Send + 'static>(
-    requests: impl Iterator<Item = impl std::future::Future<Output = Result<T>> + Send + 'static>,
-    inflight: usize,
-) -> Result<Vec<T>> {
-    futures::stream::iter(requests.map(tokio::spawn))
-        .buffer_unordered(inflight)
-        .map(|joined| joined.context("request task failed")?)
-        .collect::<Vec<Result<T>>>()
-        .await
-        .into_iter()
-        .collect()
-}
-
-async fn raw_run(raw: &Raw, mib: usize, args: &Args, verify: Option<Arc<Vec<ChunkId>>>) -> Result<u64> {
-    let requests = batches(mib, args.batch).into_iter().map(|(start, count)| {
-        let (conn, verify) = (raw.conn.clone(), verify.clone());
-        async move { raw_request(&conn, start, count, verify.as_deref().map(Vec::as_slice)).await }
-    });
-    Ok(spawned(requests, args.inflight).await?.into_iter().sum())
 }
 
 struct MemSource {
@@ -323,7 +184,7 @@ fn median(mut rounds: Vec<Measured>) -> Option<Measured> {
 fn main() -> Result<()> {
     let args = parse_args()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let data = Arc::new(chunks());
+    let data = Arc::new(chunks(DISTINCT));
     let ids: Vec<ChunkId> = data.iter().map(|b| ChunkId::of(b)).collect();
     let shared_ids = Arc::new(ids.clone());
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -336,17 +197,17 @@ fn main() -> Result<()> {
         let raw = raw_setup(data.clone()).await?;
         let planes = plane_setup(&data)?;
         let warmup = WARMUP_MIB.min(args.mib);
-        raw_run(&raw, warmup, &args, None).await?;
-        raw_run(&raw, warmup, &args, Some(shared_ids.clone())).await?;
+        raw_run(&raw, warmup, args.batch, args.inflight, None).await?;
+        raw_run(&raw, warmup, args.batch, args.inflight, Some(shared_ids.clone())).await?;
         plane_run(&planes, &ids, warmup, &args).await?;
         let mut rounds: [Vec<Measured>; 3] = Default::default();
         let run = |variant: usize| args.only.is_none_or(|only| only == variant);
         for _ in 0..args.rounds {
             if run(0) {
-                rounds[0].push(measure("raw quinn", raw_run(&raw, args.mib, &args, None), args.mib).await?);
+                rounds[0].push(measure("raw quinn", raw_run(&raw, args.mib, args.batch, args.inflight, None), args.mib).await?);
             }
             if run(1) {
-                let verify = raw_run(&raw, args.mib, &args, Some(shared_ids.clone()));
+                let verify = raw_run(&raw, args.mib, args.batch, args.inflight, Some(shared_ids.clone()));
                 rounds[1].push(measure("raw + copies + blake3", verify, args.mib).await?);
             }
             if run(2) {

@@ -26,3 +26,4 @@ pub mod status;
 pub mod store;
 pub mod swarm;
 pub mod table;
+pub mod testbed;

@@ -1,13 +1,13 @@
-//! A fabric of real daemons on loopback: an origin and N mirrors, each a child process of the `mirrormesh` binary
-//! with its own key, config, tree, state and staging directories under one work directory. Used by
-//! `mirrormesh demo` and by the integration tests.
+//! A fabric of real daemons: an origin and N mirrors, each a child process of the `mirrormesh` binary with its own
+//! key, config, tree, state and staging directories under one work directory. On loopback (`mirrormesh demo`, the
+//! integration tests) or one node per network namespace (`mirrormesh testbed`).
 //!
 //! Nothing here sleeps to wait: a daemon is ready when it logs that its admin API listens (read from its stderr),
 //! and progress is awaited through the admin API's long-poll `/wait`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,8 +37,27 @@ pub struct NodeOptions {
     pub log_json: bool,
 }
 
+/// Where a node runs: an address of its own in a network namespace, or loopback in this one.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub ip: IpAddr,
+    pub netns: Option<String>,
+}
+
+impl Host {
+    pub fn loopback() -> Self {
+        Self { ip: IpAddr::V4(Ipv4Addr::LOCALHOST), netns: None }
+    }
+}
+
+/// Ports of a node that has an address of its own.
+pub const HOST_P2P_PORT: u16 = 4001;
+pub const HOST_DATA_PORT: u16 = 4002;
+pub const HOST_ADMIN_PORT: u16 = 7480;
+
 pub struct LocalNode {
     pub name: String,
+    pub host: Host,
     pub origin: bool,
     pub dir: PathBuf,
     pub tree: PathBuf,
@@ -66,7 +85,7 @@ const PORTS: std::ops::Range<u16> = 20_000..32_000;
 
 /// A port in [`PORTS`] free for both UDP and TCP right now, picked pseudo-randomly so concurrent fabrics (tests
 /// run in parallel) rarely try the same one.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seed = u64::from(std::process::id()) << 32;
     for _ in 0..1000 {
@@ -85,26 +104,36 @@ impl LocalFabric {
     /// Lays out an origin (node 0, serving `dir/origin/tree`) and `mirrors` mirrors under `dir`; starts nothing.
     /// `binary` is the `mirrormesh` executable to run.
     pub fn create(dir: &Path, binary: &Path, mirrors: usize, options: &[NodeOptions]) -> Result<Self> {
+        Self::create_on(dir, binary, &vec![Host::loopback(); mirrors + 1], options)
+    }
+
+    /// Lays out an origin on `hosts[0]` and a mirror on each further host; starts nothing. Nodes in a namespace
+    /// listen on their own address with the fixed `HOST_*_PORT`s (their admin API needs a token there), nodes on
+    /// loopback on free ports.
+    pub fn create_on(dir: &Path, binary: &Path, hosts: &[Host], options: &[NodeOptions]) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut nodes = Vec::new();
-        for i in 0..=mirrors {
+        for (i, host) in hosts.iter().enumerate() {
             let name = if i == 0 { "origin".to_owned() } else { format!("mirror{i}") };
             let node_dir = dir.join(&name);
             std::fs::create_dir_all(node_dir.join("tree"))?;
             let key_path = node_dir.join("node.key");
             let key = NodeKey::generate()?;
             key.save(&key_path)?;
-            let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let own = host.netns.is_some();
+            let port = |fixed: u16| if own { Ok(fixed) } else { free_port() };
+            let admin = SocketAddr::new(host.ip, port(HOST_ADMIN_PORT)?);
             nodes.push(LocalNode {
                 name: name.clone(),
+                host: host.clone(),
                 origin: i == 0,
                 tree: node_dir.join("tree"),
                 config: node_dir.join("mirrormesh.toml"),
                 key: key_path,
                 peer_id: key.peer_id().to_string(),
                 admin,
-                p2p_port: free_port()?,
-                data_port: free_port()?,
+                p2p_port: port(HOST_P2P_PORT)?,
+                data_port: port(HOST_DATA_PORT)?,
                 log: node_dir.join("daemon.log"),
                 dir: node_dir,
                 admin_token: options.get(i).and_then(|o| o.admin_token.clone()),
@@ -126,17 +155,18 @@ impl LocalFabric {
         let origin = &self.nodes[0];
         let bootstrap: Vec<String> = self.nodes[..i]
             .iter()
-            .map(|n| format!("\"/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{}\"", n.p2p_port, n.peer_id))
+            .map(|n| format!("\"/ip4/{}/udp/{}/quic-v1/p2p/{}\"", n.host.ip, n.p2p_port, n.peer_id))
             .collect();
         let mut text = format!(
             "[node]\nkey = \"node.key\"\nrole = \"{role}\"\nstate_dir = \"state\"\n\n\
              [repo]\nname = \"alpine\"\ntree = \"tree\"\nstaging_dir = \"staging\"\ndelete_grace_secs = {grace}\n\n\
-             [network]\nlisten = \"/ip4/127.0.0.1/udp/{p2p}/quic-v1\"\ndata_listen = \"127.0.0.1:{data}\"\n\
+             [network]\nlisten = \"/ip4/{ip}/udp/{p2p}/quic-v1\"\ndata_listen = \"{ip}:{data}\"\n\
              bootstrap = [{bootstrap}]\n{upload}\n\
              [trust]\npublishers = [\"{publisher}\"]\n\n\
              [admin]\nlisten = \"{admin}\"\n{token}",
             role = if node.origin { "origin" } else { "mirror" },
             grace = opts.delete_grace_secs,
+            ip = node.host.ip,
             p2p = node.p2p_port,
             data = node.data_port,
             bootstrap = bootstrap.join(", "),
@@ -161,7 +191,15 @@ impl LocalFabric {
             bail!("{} is already running", node.name);
         }
         let format = if node.log_json { "json" } else { "human" };
-        let mut child = Command::new(&binary)
+        let mut command = match &node.host.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        let mut child = command
             .args(["--log-format", format, "daemon", "--config"])
             .arg(&node.config)
             .env("RUST_LOG", std::env::var("MIRRORMESH_LOG").unwrap_or_else(|_| "info".into()))
@@ -220,6 +258,11 @@ impl LocalFabric {
         Ok(())
     }
 
+    /// Process id of node `i`'s daemon, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&self, i: usize) -> bool {
         self.nodes[i].child.is_some()
     }
@@ -256,21 +299,7 @@ impl LocalFabric {
     /// Checks that node `i`'s tree is identical to the origin's: same entries, kinds, sizes, modes, mtimes,
     /// symlink targets and bytes.
     pub fn check_identical(&self, i: usize) -> Result<TreeSummary> {
-        let a = summarize(&self.nodes[0].tree)?;
-        let b = summarize(&self.nodes[i].tree)?;
-        for (path, entry) in &a.entries {
-            match b.entries.get(path) {
-                None => bail!("{}: {path} is missing", self.nodes[i].name),
-                Some(other) if other != entry => {
-                    bail!("{}: {path} differs: {other:?} vs origin {entry:?}", self.nodes[i].name)
-                }
-                Some(_) => {}
-            }
-        }
-        if let Some(extra) = b.entries.keys().find(|p| !a.entries.contains_key(*p)) {
-            bail!("{}: {extra} is not in the origin's tree", self.nodes[i].name);
-        }
-        Ok(b)
+        compare_trees(&self.nodes[0].tree, &self.nodes[i].tree, &self.nodes[i].name)
     }
 }
 
@@ -298,6 +327,24 @@ pub struct TreeSummary {
     pub entries: BTreeMap<String, TreeEntry>,
     pub files: u64,
     pub bytes: u64,
+}
+
+/// Checks that the tree at `copy` (called `name` in errors) is identical to the one at `reference`: same entries,
+/// kinds, sizes, modes, mtimes, symlink targets and bytes. Returns the copy's summary.
+pub fn compare_trees(reference: &Path, copy: &Path, name: &str) -> Result<TreeSummary> {
+    let a = summarize(reference)?;
+    let b = summarize(copy)?;
+    for (path, entry) in &a.entries {
+        match b.entries.get(path) {
+            None => bail!("{name}: {path} is missing"),
+            Some(other) if other != entry => bail!("{name}: {path} differs: {other:?} vs origin {entry:?}"),
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = b.entries.keys().find(|p| !a.entries.contains_key(*p)) {
+        bail!("{name}: {extra} is not in the origin's tree");
+    }
+    Ok(b)
 }
 
 /// Every entry under `root` (relative paths), with file contents hashed.

@@ -54,6 +54,8 @@ enum Command {
     Repos(StatusArgs),
     /// Generate an Alpine-like repository tree (or update one) for tests, benchmarks and demos.
     GenTree(GenTreeArgs),
+    /// Benchmarks on real hosts (network namespaces, shaped links), rsync side by side (needs root and rsync).
+    Testbed(mirrormesh::testbed::TestbedArgs),
     /// Run a whole fabric on loopback (an origin and 4 mirrors, real daemons), sync, update, verify, report.
     Demo(mirrormesh::demo::DemoArgs),
 }
@@ -204,6 +206,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::GenTree(args) => gentree::run(&args),
         Command::Demo(args) => mirrormesh::demo::run(&args),
+        Command::Testbed(args) => mirrormesh::testbed::run(&args),
     }
 }
 

@@ -61,6 +61,7 @@
 mod client;
 mod frame;
 mod rate;
+pub mod raw;
 mod server;
 mod stall;
 pub mod tls;

@@ -1,0 +1,457 @@
+//! `mirrormesh testbed`: real daemons on hosts in network namespaces, links shaped with `tc`, the rsync recipe side
+//! by side on the same hosts and the same tree, each benchmark printing its ratios.
+//!
+//! - `sync`: initial sync and an N-package update to every mirror, by mirrormesh and by `rsync` from an rsync daemon
+//!   on the origin host (all mirrors at once, with the flags of Alpine's mirror guide): time until all converged,
+//!   bytes the origin host sent (on its link, headers included), and both against the Kumar–Ross bound `T_min`.
+//! - `freshness`: a one-package update published, time until every mirror serves it.
+//! - `idle`: bytes a converged fabric sends per node and minute with nothing to do.
+//! - `throughput`: on loopback, one mirror pulling a tree from one peer, against an rsync daemon and raw quinn.
+//! - `cleanup`: removes what an interrupted run left behind.
+//!
+//! Every run checks that every mirror's tree is byte-identical to the origin's before it reports. Needs root (network
+//! namespaces, `tc`) and `rsync`.
+
+pub mod net;
+mod throughput;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+
+use crate::gentree::{self, GenTreeArgs};
+use crate::local_fabric::{LocalFabric, NodeOptions, compare_trees};
+use crate::publish::human_bytes;
+use net::{Link, Testbed};
+
+/// How long one sync may take before the run is declared failed.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(1800);
+/// The rsync recipe of Alpine's mirror guide.
+pub const RSYNC_FLAGS: [&str; 6] =
+    ["--archive", "--update", "--hard-links", "--delete", "--delete-after", "--delay-updates"];
+
+#[derive(Args)]
+pub struct TestbedArgs {
+    #[command(subcommand)]
+    command: TestbedCommand,
+}
+
+#[derive(Subcommand)]
+enum TestbedCommand {
+    /// Initial sync and an update: mirrormesh and rsync, time and origin bytes, against T_min.
+    Sync(SyncArgs),
+    /// Time from publishing a one-package update until every mirror serves it.
+    Freshness(FreshnessArgs),
+    /// Bytes per node and minute of a converged fabric with nothing to do.
+    Idle(IdleArgs),
+    /// One mirror pulling a tree from one peer on loopback, against an rsync daemon and raw quinn.
+    Throughput(throughput::ThroughputArgs),
+    /// Remove namespaces and links left by testbed runs that were killed.
+    Cleanup,
+}
+
+#[derive(Args, Clone)]
+struct FabricArgs {
+    /// Mirrors (the origin is one more host).
+    #[arg(long, default_value_t = 8)]
+    mirrors: usize,
+    /// The origin's link, Mbit/s each way.
+    #[arg(long, default_value_t = 200)]
+    origin_mbit: u64,
+    /// The mirrors' links, Mbit/s each way: one value, or MIN-MAX spread evenly over the mirrors.
+    #[arg(long, default_value = "200")]
+    mirror_mbit: String,
+    /// Share of the built-in Alpine size profile (3.6 GiB at 1) the tree holds.
+    #[arg(long, default_value_t = 0.05)]
+    fraction: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Keep the work directory (trees, configs, logs) and print where it is.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    #[command(flatten)]
+    fabric: FabricArgs,
+    /// Packages the update rebuilds.
+    #[arg(long, default_value_t = 50)]
+    update_packages: usize,
+}
+
+#[derive(Args)]
+struct FreshnessArgs {
+    #[command(flatten)]
+    fabric: FabricArgs,
+    /// One-package updates to time.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+#[derive(Args)]
+struct IdleArgs {
+    #[command(flatten)]
+    fabric: FabricArgs,
+    /// How long to count, in seconds.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+}
+
+pub fn run(args: &TestbedArgs) -> Result<()> {
+    match &args.command {
+        TestbedCommand::Sync(a) => sync(a),
+        TestbedCommand::Freshness(a) => freshness(a),
+        TestbedCommand::Idle(a) => idle(a),
+        TestbedCommand::Throughput(a) => throughput::run(a),
+        TestbedCommand::Cleanup => {
+            let removed = net::remove_tagged(net::PREFIX);
+            println!("removed {removed} namespaces and links");
+            Ok(())
+        }
+    }
+}
+
+/// Removes this run's namespaces (and kills what runs in them) on SIGINT/SIGTERM, then exits.
+fn cleanup_on_interrupt() -> Result<()> {
+    let tag = format!("{}{}", net::PREFIX, std::process::id());
+    ctrlc::set_handler(move || {
+        eprintln!("interrupted: removing the testbed");
+        net::remove_tagged(&tag);
+        std::process::exit(130);
+    })
+    .context("installing the interrupt handler")
+}
+
+fn parse_mbit(text: &str, mirrors: usize) -> Result<Vec<u64>> {
+    let parse = |t: &str| t.trim().parse::<u64>().with_context(|| format!("--mirror-mbit: {t:?} is not a number"));
+    let (lo, hi) = match text.split_once('-') {
+        Some((a, b)) => (parse(a)?, parse(b)?),
+        None => (parse(text)?, parse(text)?),
+    };
+    if lo == 0 || hi < lo {
+        bail!("--mirror-mbit: {text:?} is not N or MIN-MAX with 0 < MIN <= MAX");
+    }
+    Ok((0..mirrors)
+        .map(|i| if mirrors < 2 { lo } else { lo + (hi - lo) * i as u64 / (mirrors as u64 - 1) })
+        .collect())
+}
+
+/// A running testbed: hosts, the fabric on them, the work directory.
+struct Bed {
+    fabric: LocalFabric,
+    net: Testbed,
+    work: tempfile::TempDir,
+    /// Upload and download of each host, bytes per second (origin first).
+    rates: Vec<f64>,
+    shape: String,
+}
+
+impl Bed {
+    fn start(a: &FabricArgs) -> Result<Bed> {
+        if a.mirrors == 0 || a.mirrors >= net::HOSTS_MAX {
+            bail!("--mirrors: 1 to {}", net::HOSTS_MAX - 1);
+        }
+        cleanup_on_interrupt()?;
+        let mirror_mbit = parse_mbit(&a.mirror_mbit, a.mirrors)?;
+        let mut mbits = vec![a.origin_mbit];
+        mbits.extend(&mirror_mbit);
+        let links: Vec<Link> = mbits.iter().map(|&m| Link { up_mbit: Some(m), down_mbit: Some(m) }).collect();
+        let net = Testbed::create(&links).context("creating the testbed (needs root)")?;
+        let work = tempfile::Builder::new().prefix("mirrormesh-testbed").tempdir()?;
+        let binary = std::env::current_exe()?;
+        let token = format!("{:016x}", rand::random::<u64>());
+        let options =
+            vec![NodeOptions { admin_token: Some(token), delete_grace_secs: 0, ..NodeOptions::default() }; a.mirrors + 1];
+        let hosts: Vec<_> = net.hosts.iter().map(|h| h.host()).collect();
+        let mut fabric = LocalFabric::create_on(&work.path().join("fabric"), &binary, &hosts, &options)?;
+        let generated = gentree::generate(&GenTreeArgs {
+            out: fabric.nodes[0].tree.clone(),
+            fraction: a.fraction,
+            seed: a.seed,
+            ..GenTreeArgs::default()
+        })?;
+        fabric.start_all()?;
+        let shape = format!(
+            "{} mirrors; links (each way): origin {} Mbit/s, mirrors {} Mbit/s; tree: {} packages, {} (fraction {})",
+            a.mirrors,
+            a.origin_mbit,
+            a.mirror_mbit,
+            generated.packages,
+            human_bytes(generated.bytes),
+            a.fraction
+        );
+        println!("testbed: {shape}");
+        let rates = mbits.iter().map(|&m| m as f64 * 1e6 / 8.0).collect();
+        Ok(Bed { fabric, net, work, rates, shape })
+    }
+
+    fn mirrors(&self) -> usize {
+        self.fabric.nodes.len() - 1
+    }
+
+    /// Kumar–Ross: `max(S/U0, S/min(Di), N·S/(U0 + ΣUi))` (links are symmetric here).
+    fn t_min(&self, bytes: u64) -> f64 {
+        let s = bytes as f64;
+        let n = self.mirrors() as f64;
+        let u0 = self.rates[0];
+        let min_d = self.rates[1..].iter().copied().fold(f64::INFINITY, f64::min);
+        let sum_u: f64 = self.rates.iter().sum();
+        (s / u0).max(s / min_d).max(n * s / sum_u)
+    }
+
+    fn origin_tx(&self) -> Result<u64> {
+        self.net.hosts[0].tx_bytes()
+    }
+
+    /// Publishes the origin's tree and waits until every mirror holds it; checks every tree.
+    fn mirrormesh_update(&self) -> Result<Measured> {
+        let tx0 = self.origin_tx()?;
+        let served0 = self.fabric.status(0)?.bytes_served_total;
+        let t0 = Instant::now();
+        let published = self.fabric.publish()?;
+        self.fabric.wait_all_settled(published.seq, SYNC_TIMEOUT)?;
+        let elapsed = t0.elapsed();
+        let tx = self.origin_tx()? - tx0;
+        for i in 1..self.fabric.nodes.len() {
+            self.fabric.check_identical(i)?;
+        }
+        let chunks = self.fabric.status(0)?.bytes_served_total - served0;
+        Ok(Measured { bytes: published.changed_bytes, elapsed, origin_tx: tx, origin_chunks: Some(chunks) })
+    }
+
+    fn rsync_dir(&self, i: usize) -> PathBuf {
+        self.work.path().join("rsync").join(&self.fabric.nodes[i].name)
+    }
+
+    /// Every mirror host runs the rsync recipe against the origin host's rsync daemon at once; checks every tree.
+    fn rsync_update(&self, rsyncd: &RsyncDaemon, changed: u64) -> Result<Measured> {
+        let tx0 = self.origin_tx()?;
+        let t0 = Instant::now();
+        let mut clients = Vec::new();
+        for i in 1..self.fabric.nodes.len() {
+            let dest = self.rsync_dir(i);
+            std::fs::create_dir_all(&dest)?;
+            let child = self.net.hosts[i]
+                .command("rsync")
+                .args(RSYNC_FLAGS)
+                .arg(&rsyncd.url)
+                .arg(format!("{}/", dest.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting rsync")?;
+            clients.push(child);
+        }
+        for (i, child) in clients.into_iter().enumerate() {
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("rsync on mirror{}: {}", i + 1, String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+        let elapsed = t0.elapsed();
+        let tx = self.origin_tx()? - tx0;
+        for i in 1..self.fabric.nodes.len() {
+            compare_trees(&self.fabric.nodes[0].tree, &self.rsync_dir(i), &format!("rsync mirror{i}"))?;
+        }
+        Ok(Measured { bytes: changed, elapsed, origin_tx: tx, origin_chunks: None })
+    }
+
+    fn finish(self, keep: bool) {
+        if keep {
+            let path = self.work.keep();
+            println!("work directory kept: {}", path.display());
+        }
+    }
+}
+
+struct Measured {
+    /// Bytes of the files the update added or changed.
+    bytes: u64,
+    elapsed: Duration,
+    /// Bytes the origin host sent on its link.
+    origin_tx: u64,
+    /// Chunk bytes the origin daemon served.
+    origin_chunks: Option<u64>,
+}
+
+/// `rsync --daemon` on a host, serving the origin's tree read-only as module `alpine`.
+struct RsyncDaemon {
+    child: Child,
+    url: String,
+}
+
+impl RsyncDaemon {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RsyncDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RsyncDaemon {
+    /// Starts it (in `netns` if given) and returns once it logs that it listens.
+    fn start(work: &Path, tree: &Path, ip: &str, port: u16, netns: Option<&net::NetHost>) -> Result<Self> {
+        let conf = work.join("rsyncd.conf");
+        std::fs::write(
+            &conf,
+            format!("use chroot = no\nnumeric ids = yes\n[alpine]\n  path = {}\n  read only = yes\n", tree.display()),
+        )?;
+        let mut command = match netns {
+            Some(host) => host.command("rsync"),
+            None => Command::new("rsync"),
+        };
+        let mut child = command
+            .arg("--daemon")
+            .arg("--no-detach")
+            .arg(format!("--config={}", conf.display()))
+            .arg(format!("--address={ip}"))
+            .arg(format!("--port={port}"))
+            .arg("--log-file=/dev/stderr")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting rsync --daemon (is rsync installed?)")?;
+        let stderr = child.stderr.take().context("rsyncd stderr")?;
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("listening on port") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("rsync --daemon exited before listening"),
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Self { child, url: format!("rsync://{ip}:{port}/alpine/") })
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    format!("{:.2}", a / b)
+}
+
+fn sync(a: &SyncArgs) -> Result<()> {
+    let bed = Bed::start(&a.fabric)?;
+    let origin = &bed.net.hosts[0];
+    let rsyncd = RsyncDaemon::start(bed.work.path(), &bed.fabric.nodes[0].tree, &origin.ip.to_string(), 873, Some(origin))?;
+    let n = bed.mirrors();
+
+    println!("initial sync ...");
+    let mm_initial = bed.mirrormesh_update()?;
+    let rs_initial = bed.rsync_update(&rsyncd, mm_initial.bytes)?;
+    gentree::generate(&GenTreeArgs {
+        out: bed.fabric.nodes[0].tree.clone(),
+        update: Some(a.update_packages),
+        seed: a.fabric.seed + 1,
+        ..GenTreeArgs::default()
+    })?;
+    println!("{}-package update ...", a.update_packages);
+    let mm_update = bed.mirrormesh_update()?;
+    let rs_update = bed.rsync_update(&rsyncd, mm_update.bytes)?;
+    drop(rsyncd);
+
+    println!();
+    println!("mirrormesh testbed sync: {}", bed.shape);
+    println!("every mirror's tree checked byte-identical to the origin's after each step (both tools)");
+    println!();
+    println!(
+        "{:<18} {:>10} {:>8} | {:>9} {:>7} {:>9} {:>7} | {:>10} {:>7} {:>7} {:>10} {:>7}",
+        "step", "S", "T_min", "mm time", "/T_min", "rsync", "/T_min", "mm origin", "/S", "chunks", "rsync orig", "/S"
+    );
+    let label = format!("{}-package update", a.update_packages);
+    for (name, mm, rs) in [("initial sync", &mm_initial, &rs_initial), (label.as_str(), &mm_update, &rs_update)] {
+        let s = mm.bytes as f64;
+        let t_min = bed.t_min(mm.bytes);
+        println!(
+            "{:<18} {:>10} {:>7.2}s | {:>8.2}s {:>7} {:>8.2}s {:>7} | {:>10} {:>7} {:>7} {:>10} {:>7}",
+            name,
+            human_bytes(mm.bytes),
+            t_min,
+            mm.elapsed.as_secs_f64(),
+            ratio(mm.elapsed.as_secs_f64(), t_min),
+            rs.elapsed.as_secs_f64(),
+            ratio(rs.elapsed.as_secs_f64(), t_min),
+            human_bytes(mm.origin_tx),
+            ratio(mm.origin_tx as f64, s),
+            ratio(mm.origin_chunks.unwrap_or(0) as f64, s),
+            human_bytes(rs.origin_tx),
+            ratio(rs.origin_tx as f64, s),
+        );
+    }
+    println!();
+    println!(
+        "targets: mirrormesh origin bytes / S <= 1.05 (rsync: N = {n}); time <= 1.3 x T_min with homogeneous links \
+         (rsync: about N x T_min). \"/S\" counts every byte the origin host sent (headers, control, manifests); \
+         \"chunks\" only the chunk bytes its daemon served."
+    );
+    bed.finish(a.fabric.keep);
+    Ok(())
+}
+
+fn freshness(a: &FreshnessArgs) -> Result<()> {
+    let bed = Bed::start(&a.fabric)?;
+    bed.mirrormesh_update()?;
+    let mut times = Vec::new();
+    for round in 0..a.rounds {
+        gentree::generate(&GenTreeArgs {
+            out: bed.fabric.nodes[0].tree.clone(),
+            update: Some(1),
+            seed: a.fabric.seed + 100 + round as u64,
+            ..GenTreeArgs::default()
+        })?;
+        let m = bed.mirrormesh_update()?;
+        println!("  round {}: {} changed, all {} mirrors serving it after {:.3} s", round + 1, human_bytes(m.bytes), bed.mirrors(), m.elapsed.as_secs_f64());
+        times.push(m.elapsed.as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    let max = times.last().copied().unwrap_or(0.0);
+    println!();
+    println!("mirrormesh testbed freshness: {}", bed.shape);
+    println!(
+        "one-package update, publish to every mirror serving it (trees checked): median {median:.3} s, max {max:.3} s \
+         over {} rounds; target < 1 s: max / target = {}",
+        a.rounds,
+        ratio(max, 1.0)
+    );
+    bed.finish(a.fabric.keep);
+    Ok(())
+}
+
+fn idle(a: &IdleArgs) -> Result<()> {
+    let bed = Bed::start(&a.fabric)?;
+    bed.mirrormesh_update()?;
+    let before: Vec<u64> = bed.net.hosts.iter().map(|h| h.tx_bytes()).collect::<Result<_>>()?;
+    // The measurement is a span of wall time with nothing to do: waiting is what is measured.
+    std::thread::sleep(Duration::from_secs(a.seconds));
+    let after: Vec<u64> = bed.net.hosts.iter().map(|h| h.tx_bytes()).collect::<Result<_>>()?;
+    let minutes = a.seconds as f64 / 60.0;
+    let per_node: Vec<f64> = before.iter().zip(&after).map(|(b, a)| (a - b) as f64 / minutes).collect();
+    let nodes = per_node.len() as f64;
+    let mean = per_node.iter().sum::<f64>() / nodes;
+    let max = per_node.iter().copied().fold(0.0, f64::max);
+    println!();
+    println!("mirrormesh testbed idle: {}", bed.shape);
+    println!(
+        "converged fabric of {} nodes, {} s with nothing to do: {:.0} B per node per minute on average (origin {:.0}, \
+         busiest node {:.0}); target < 1024: mean / target = {}",
+        per_node.len(),
+        a.seconds,
+        mean,
+        per_node[0],
+        max,
+        ratio(mean, 1024.0)
+    );
+    bed.finish(a.fabric.keep);
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! Hosts in network namespaces on one bridge, each with its own address and links shaped with `tc tbf`.
+//!
+//! Everything is named with a prefix of this process's id (`mmtb<pid>`), and removed on drop, on SIGINT/SIGTERM
+//! (see [`super::interrupts`]) and by `mirrormesh testbed cleanup`, which removes whatever an earlier run that was
+//! killed outright left behind.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::local_fabric::Host;
+
+/// Every name the testbed creates starts with this.
+pub const PREFIX: &str = "mmtb";
+/// The hosts' subnet: 10.77.0.0/24, the bridge is .254, hosts from .1.
+pub const SUBNET: [u8; 3] = [10, 77, 0];
+/// Most hosts on the bridge.
+pub const HOSTS_MAX: usize = 200;
+
+/// One direction's shaping of a host's link, in Mbit/s (`None`: unshaped).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Link {
+    pub up_mbit: Option<u64>,
+    pub down_mbit: Option<u64>,
+}
+
+pub struct Testbed {
+    tag: String,
+    pub hosts: Vec<NetHost>,
+}
+
+pub struct NetHost {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The veth end inside the namespace (its egress is the host's upload).
+    pub inner: String,
+    /// The veth end on the bridge (its egress is the host's download).
+    pub outer: String,
+    pub link: Link,
+}
+
+impl NetHost {
+    pub fn host(&self) -> Host {
+        Host { ip: IpAddr::V4(self.ip), netns: Some(self.netns.clone()) }
+    }
+
+    /// Bytes this host has sent on its link so far (IP packets, headers included).
+    pub fn tx_bytes(&self) -> Result<u64> {
+        let text = run_output(&["ip", "netns", "exec", &self.netns, "cat", &format!("/sys/class/net/{}/statistics/tx_bytes", self.inner)])?;
+        text.trim().parse().with_context(|| format!("tx_bytes of {}: {text:?}", self.netns))
+    }
+
+    /// A command run inside this host's namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns, program]);
+        c
+    }
+}
+
+fn run(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn run_output(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `tc tbf` on `dev` (in namespace `netns` if given): `mbit` Mbit/s with a bucket of 10 ms of traffic (at least
+/// 32 KiB) and at most 50 ms of queue.
+fn shape(netns: Option<&str>, dev: &str, mbit: u64) -> Result<()> {
+    let burst = (mbit * 1_000_000 / 8 / 100).max(32 << 10);
+    let rate = format!("{mbit}mbit");
+    let burst = format!("{burst}");
+    let mut args: Vec<&str> = vec!["tc"];
+    if let Some(ns) = netns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst, "latency", "50ms"]);
+    run(&args)
+}
+
+impl Testbed {
+    /// Creates one host per entry of `links` (host 0 is meant for the origin), all on one bridge.
+    pub fn create(links: &[Link]) -> Result<Self> {
+        if links.is_empty() || links.len() > HOSTS_MAX {
+            bail!("a testbed has 1 to {HOSTS_MAX} hosts, not {}", links.len());
+        }
+        let tag = format!("{PREFIX}{}", std::process::id());
+        let bridge = format!("{tag}br");
+        let mut bed = Testbed { tag: tag.clone(), hosts: Vec::new() };
+        run(&["ip", "link", "add", &bridge, "type", "bridge"])?;
+        let bridge_ip = format!("{}.{}.{}.254/24", SUBNET[0], SUBNET[1], SUBNET[2]);
+        run(&["ip", "addr", "add", &bridge_ip, "dev", &bridge])?;
+        run(&["ip", "link", "set", &bridge, "up"])?;
+        for (i, link) in links.iter().enumerate() {
+            let netns = format!("{tag}h{i}");
+            let outer = format!("{tag}o{i}");
+            let inner = format!("{tag}i{i}");
+            let ip = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], (i + 1) as u8);
+            run(&["ip", "netns", "add", &netns])?;
+            bed.hosts.push(NetHost { netns: netns.clone(), ip, inner: inner.clone(), outer: outer.clone(), link: *link });
+            run(&["ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
+            run(&["ip", "link", "set", &inner, "netns", &netns])?;
+            run(&["ip", "link", "set", &outer, "master", &bridge, "up"])?;
+            run(&["ip", "-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", &inner])?;
+            run(&["ip", "-n", &netns, "link", "set", &inner, "up"])?;
+            run(&["ip", "-n", &netns, "link", "set", "lo", "up"])?;
+            if let Some(up) = link.up_mbit {
+                shape(Some(&netns), &inner, up)?;
+            }
+            if let Some(down) = link.down_mbit {
+                shape(None, &outer, down)?;
+            }
+        }
+        Ok(bed)
+    }
+
+    /// Removes everything this testbed created.
+    pub fn destroy(&mut self) {
+        remove_tagged(&self.tag);
+        self.hosts.clear();
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.destroy();
+    }
+}
+
+/// Removes the namespaces and links whose names start with `tag` (processes still running in a namespace keep it
+/// alive until they exit; the name is gone at once).
+pub fn remove_tagged(tag: &str) -> usize {
+    let mut removed = 0;
+    if let Ok(list) = run_output(&["ip", "netns", "list"]) {
+        for ns in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(tag)) {
+            // Kill what still runs inside first (a daemon of an interrupted run).
+            if let Ok(pids) = run_output(&["ip", "netns", "pids", ns]) {
+                for pid in pids.split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            if run(&["ip", "netns", "del", ns]).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    if let Ok(list) = run_output(&["ip", "-o", "link", "show"]) {
+        for name in list.lines().filter_map(|l| l.split(':').nth(1)).map(|n| n.trim().split('@').next().unwrap_or("")) {
+            if name.starts_with(tag) && run(&["ip", "link", "del", name]).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
