@@ -204,7 +204,9 @@ fn main() -> Result<()> {
         let run = |variant: usize| args.only.is_none_or(|only| only == variant);
         for _ in 0..args.rounds {
             if run(0) {
-                rounds[0].push(measure("raw quinn", raw_run(&raw, args.mib, args.batch, args.inflight, None), args.mib).await?);
+                rounds[0].push(
+                    measure("raw quinn", raw_run(&raw, args.mib, args.batch, args.inflight, None), args.mib).await?,
+                );
             }
             if run(1) {
                 let verify = raw_run(&raw, args.mib, args.batch, args.inflight, Some(shared_ids.clone()));

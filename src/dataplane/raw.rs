@@ -171,4 +171,3 @@ pub async fn raw_run(
     });
     Ok(spawned(requests, inflight).await?.into_iter().sum())
 }
-

@@ -135,9 +135,7 @@ fn parse_mbit(text: &str, mirrors: usize) -> Result<Vec<u64>> {
     if lo == 0 || hi < lo {
         bail!("--mirror-mbit: {text:?} is not N or MIN-MAX with 0 < MIN <= MAX");
     }
-    Ok((0..mirrors)
-        .map(|i| if mirrors < 2 { lo } else { lo + (hi - lo) * i as u64 / (mirrors as u64 - 1) })
-        .collect())
+    Ok((0..mirrors).map(|i| if mirrors < 2 { lo } else { lo + (hi - lo) * i as u64 / (mirrors as u64 - 1) }).collect())
 }
 
 /// A running testbed: hosts, the fabric on them, the work directory.
@@ -164,8 +162,10 @@ impl Bed {
         let work = tempfile::Builder::new().prefix("mirrormesh-testbed").tempdir()?;
         let binary = std::env::current_exe()?;
         let token = format!("{:016x}", rand::random::<u64>());
-        let options =
-            vec![NodeOptions { admin_token: Some(token), delete_grace_secs: 0, ..NodeOptions::default() }; a.mirrors + 1];
+        let options = vec![
+            NodeOptions { admin_token: Some(token), delete_grace_secs: 0, ..NodeOptions::default() };
+            a.mirrors + 1
+        ];
         let hosts: Vec<_> = net.hosts.iter().map(|h| h.host()).collect();
         let mut fabric = LocalFabric::create_on(&work.path().join("fabric"), &binary, &hosts, &options)?;
         let generated = gentree::generate(&GenTreeArgs {
@@ -207,14 +207,27 @@ impl Bed {
         self.net.hosts[0].tx_bytes()
     }
 
-    /// Publishes the origin's tree and waits until every mirror holds it; checks every tree.
+    /// Publishes the origin's tree; the time is until every mirror serves the new snapshot (applied). Then waits
+    /// until the old files are removed too and checks every tree.
     fn mirrormesh_update(&self) -> Result<Measured> {
         let tx0 = self.origin_tx()?;
         let served0 = self.fabric.status(0)?.bytes_served_total;
         let t0 = Instant::now();
         let published = self.fabric.publish()?;
-        self.fabric.wait_all_settled(published.seq, SYNC_TIMEOUT)?;
-        let elapsed = t0.elapsed();
+        let seq = published.seq;
+        let elapsed = std::thread::scope(|scope| {
+            let waits: Vec<_> = (1..self.fabric.nodes.len())
+                .map(|i| {
+                    let client = self.fabric.client(i, SYNC_TIMEOUT);
+                    scope.spawn(move || client.wait_for_seq(seq, SYNC_TIMEOUT.as_millis() as u64).map(|_| t0.elapsed()))
+                })
+                .collect();
+            waits
+                .into_iter()
+                .map(|w| w.join().map_err(|_| anyhow::anyhow!("waiting thread panicked"))?)
+                .try_fold(Duration::ZERO, |max, t| anyhow::Ok(max.max(t?)))
+        })?;
+        self.fabric.wait_all_settled(seq, SYNC_TIMEOUT)?;
         let tx = self.origin_tx()? - tx0;
         for i in 1..self.fabric.nodes.len() {
             self.fabric.check_identical(i)?;
@@ -343,7 +356,8 @@ fn ratio(a: f64, b: f64) -> String {
 fn sync(a: &SyncArgs) -> Result<()> {
     let bed = Bed::start(&a.fabric)?;
     let origin = &bed.net.hosts[0];
-    let rsyncd = RsyncDaemon::start(bed.work.path(), &bed.fabric.nodes[0].tree, &origin.ip.to_string(), 873, Some(origin))?;
+    let rsyncd =
+        RsyncDaemon::start(bed.work.path(), &bed.fabric.nodes[0].tree, &origin.ip.to_string(), 873, Some(origin))?;
     let n = bed.mirrors();
 
     println!("initial sync ...");
@@ -410,7 +424,13 @@ fn freshness(a: &FreshnessArgs) -> Result<()> {
             ..GenTreeArgs::default()
         })?;
         let m = bed.mirrormesh_update()?;
-        println!("  round {}: {} changed, all {} mirrors serving it after {:.3} s", round + 1, human_bytes(m.bytes), bed.mirrors(), m.elapsed.as_secs_f64());
+        println!(
+            "  round {}: {} changed, all {} mirrors serving it after {:.3} s",
+            round + 1,
+            human_bytes(m.bytes),
+            bed.mirrors(),
+            m.elapsed.as_secs_f64()
+        );
         times.push(m.elapsed.as_secs_f64());
     }
     times.sort_by(f64::total_cmp);

@@ -47,7 +47,14 @@ impl NetHost {
 
     /// Bytes this host has sent on its link so far (IP packets, headers included).
     pub fn tx_bytes(&self) -> Result<u64> {
-        let text = run_output(&["ip", "netns", "exec", &self.netns, "cat", &format!("/sys/class/net/{}/statistics/tx_bytes", self.inner)])?;
+        let text = run_output(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.netns,
+            "cat",
+            &format!("/sys/class/net/{}/statistics/tx_bytes", self.inner),
+        ])?;
         text.trim().parse().with_context(|| format!("tx_bytes of {}: {text:?}", self.netns))
     }
 
@@ -108,7 +115,17 @@ impl Testbed {
             let inner = format!("{tag}i{i}");
             let ip = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], (i + 1) as u8);
             run(&["ip", "netns", "add", &netns])?;
-            bed.hosts.push(NetHost { netns: netns.clone(), ip, inner: inner.clone(), outer: outer.clone(), link: *link });
+            // IPv4 only: no IPv6 neighbour discovery or multicast listener reports in the byte counts.
+            for key in ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"] {
+                run(&["ip", "netns", "exec", &netns, "sysctl", "-q", "-w", key])?;
+            }
+            bed.hosts.push(NetHost {
+                netns: netns.clone(),
+                ip,
+                inner: inner.clone(),
+                outer: outer.clone(),
+                link: *link,
+            });
             run(&["ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
             run(&["ip", "link", "set", &inner, "netns", &netns])?;
             run(&["ip", "link", "set", &outer, "master", &bridge, "up"])?;

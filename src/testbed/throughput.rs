@@ -1,6 +1,7 @@
-//! Single-link throughput on loopback, no shaping: one mirror pulls a whole tree from one origin, against an rsync
-//! daemon serving the same tree to one client, and against raw quinn moving the same number of bytes (the data
-//! plane's TLS and windows, from memory). MB/s and CPU seconds per GB (both ends of each transfer).
+//! Single-link throughput on loopback, no shaping: one mirror pulls a whole tree from one peer (a mirror that holds
+//! it; the origin is stopped first, so nothing else takes part), against an rsync daemon serving the same tree to
+//! one client, and against raw quinn moving the same number of bytes (the data plane's TLS and windows, from memory).
+//! MB/s and CPU seconds per GB (both ends of each transfer).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -55,25 +56,37 @@ fn has_children(pid: u32) -> bool {
 }
 
 fn mirrormesh(work: &std::path::Path, a: &ThroughputArgs) -> Result<(Row, std::path::PathBuf)> {
-    let options = vec![NodeOptions { delete_grace_secs: 0, ..NodeOptions::default() }; 2];
-    let mut fabric = LocalFabric::create(&work.join("fabric"), &std::env::current_exe()?, 1, &options)?;
+    let options = vec![NodeOptions { delete_grace_secs: 0, ..NodeOptions::default() }; 3];
+    let mut fabric = LocalFabric::create(&work.join("fabric"), &std::env::current_exe()?, 2, &options)?;
     let tree = fabric.nodes[0].tree.clone();
-    let generated =
-        gentree::generate(&GenTreeArgs { out: tree.clone(), fraction: a.fraction, seed: a.seed, ..Default::default() })?;
+    let generated = gentree::generate(&GenTreeArgs {
+        out: tree.clone(),
+        fraction: a.fraction,
+        seed: a.seed,
+        ..Default::default()
+    })?;
     println!("tree: {} packages, {}", generated.packages, human_bytes(generated.bytes));
-    // The origin publishes (hashing the tree) before the mirror exists: what is timed is the transfer.
+    // The origin publishes and mirror1 syncs from it, untimed; then the origin stops and mirror2 (which learns the
+    // root from mirror1's hello) pulls everything from mirror1: that transfer is timed.
     fabric.start(0)?;
-    let published = fabric.publish()?;
-    let origin_pid = fabric.pid(0).context("origin pid")?;
-    let origin_cpu0 = total_cpu(origin_pid)?;
-    let t0 = Instant::now();
     fabric.start(1)?;
+    let published = fabric.publish()?;
     fabric.wait_all_settled(published.seq, super::SYNC_TIMEOUT)?;
+    fabric.kill(0, 15)?;
+    let server_pid = fabric.pid(1).context("mirror1 pid")?;
+    let server_cpu0 = total_cpu(server_pid)?;
+    let t0 = Instant::now();
+    fabric.start(2)?;
+    fabric.client(2, super::SYNC_TIMEOUT).wait_settled(published.seq, super::SYNC_TIMEOUT.as_millis() as u64)?;
     let wall = t0.elapsed();
-    let mirror_pid = fabric.pid(1).context("mirror pid")?;
-    let cpu = total_cpu(origin_pid)? - origin_cpu0 + total_cpu(mirror_pid)?;
-    fabric.check_identical(1)?;
-    Ok((Row { name: "mirrormesh (daemon to daemon)", bytes: published.bytes, wall, cpu }, tree))
+    let client_pid = fabric.pid(2).context("mirror2 pid")?;
+    let cpu = total_cpu(server_pid)? - server_cpu0 + total_cpu(client_pid)?;
+    fabric.check_identical(2)?;
+    let status = fabric.status(2)?;
+    if status.bytes_fetched_from_origin != 0 || status.bytes_fetched_total < published.bytes {
+        bail!("mirror2 was to fetch everything from mirror1: {status:?}");
+    }
+    Ok((Row { name: "mirrormesh (peer to mirror)", bytes: published.bytes, wall, cpu }, tree))
 }
 
 fn rsync(work: &std::path::Path, tree: &std::path::Path, bytes: u64) -> Result<Row> {
