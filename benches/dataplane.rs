@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
 use libp2p::PeerId;
-use mirrormesh::dataplane::raw::{Raw, batches, chunks, cpu_time, raw_run, raw_setup, spawned};
+use mirrormesh::dataplane::raw::{batches, chunks, cpu_time, raw_run, raw_setup, spawned};
 use mirrormesh::dataplane::{ChunkSource, DataPlane, DataPlaneConfig, Decision};
 use mirrormesh::key::NodeKey;
-use mirrormesh_proto::{CHUNK_SIZE, ChunkId, RepoId};
+use mirrormesh_proto::{ChunkId, RepoId};
 
 const MIB: usize = 1 << 20;
 /// Distinct chunks in memory; requests cycle through them.
