@@ -102,6 +102,17 @@ struct IdleArgs {
 }
 
 pub fn run(args: &TestbedArgs) -> Result<()> {
+    let result = run_command(args);
+    if result.is_err() && INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        // The interrupt handler is tearing the testbed down (which is what made this fail) and exits when done.
+        loop {
+            std::thread::park();
+        }
+    }
+    result
+}
+
+fn run_command(args: &TestbedArgs) -> Result<()> {
     match &args.command {
         TestbedCommand::Sync(a) => sync(a),
         TestbedCommand::Freshness(a) => freshness(a),
@@ -115,12 +126,22 @@ pub fn run(args: &TestbedArgs) -> Result<()> {
     }
 }
 
-/// Removes this run's namespaces (and kills what runs in them) on SIGINT/SIGTERM, then exits.
+/// Set once SIGINT or SIGTERM arrived.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The work directory of the run in progress (removed on interrupt unless kept).
+static WORK: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Removes this run's namespaces (and kills what runs in them) and work directory on SIGINT/SIGTERM, then exits.
 fn cleanup_on_interrupt() -> Result<()> {
     let tag = format!("{}{}", net::PREFIX, std::process::id());
     ctrlc::set_handler(move || {
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         eprintln!("interrupted: removing the testbed");
         net::remove_tagged(&tag);
+        if let Some(work) = WORK.lock().ok().and_then(|w| w.clone()) {
+            let _ = std::fs::remove_dir_all(work);
+        }
         std::process::exit(130);
     })
     .context("installing the interrupt handler")
@@ -160,6 +181,11 @@ impl Bed {
         let links: Vec<Link> = mbits.iter().map(|&m| Link { up_mbit: Some(m), down_mbit: Some(m) }).collect();
         let net = Testbed::create(&links).context("creating the testbed (needs root)")?;
         let work = tempfile::Builder::new().prefix("mirrormesh-testbed").tempdir()?;
+        if !a.keep
+            && let Ok(mut slot) = WORK.lock()
+        {
+            *slot = Some(work.path().to_owned());
+        }
         let binary = std::env::current_exe()?;
         let token = format!("{:016x}", rand::random::<u64>());
         let options = vec![

@@ -13,8 +13,9 @@ use crate::local_fabric::Host;
 
 /// Every name the testbed creates starts with this.
 pub const PREFIX: &str = "mmtb";
-/// The hosts' subnet: 10.77.0.0/24, the bridge is .254, hosts from .1.
-pub const SUBNET: [u8; 3] = [10, 77, 0];
+/// The hosts' subnet is 10.77.X.0/24 for the first X no address in this namespace uses yet; the bridge is .254,
+/// hosts from .1.
+pub const SUBNET_PREFIX: [u8; 2] = [10, 77];
 /// Most hosts on the bridge.
 pub const HOSTS_MAX: usize = 200;
 
@@ -28,6 +29,16 @@ pub struct Link {
 pub struct Testbed {
     tag: String,
     pub hosts: Vec<NetHost>,
+}
+
+/// A third octet for 10.77.X.0/24 that no address here uses (concurrent testbeds get different ones).
+fn free_subnet() -> Result<u8> {
+    let used = run_output(&["ip", "-o", "-4", "addr", "show"])?;
+    let start = (std::process::id() % 256) as usize;
+    (0..256)
+        .map(|k| ((start + k) % 256) as u8)
+        .find(|x| !used.contains(&format!(" {}.{}.{x}.", SUBNET_PREFIX[0], SUBNET_PREFIX[1])))
+        .context("every 10.77.X.0/24 subnet is in use")
 }
 
 pub struct NetHost {
@@ -106,14 +117,16 @@ impl Testbed {
         let bridge = format!("{tag}br");
         let mut bed = Testbed { tag: tag.clone(), hosts: Vec::new() };
         run(&["ip", "link", "add", &bridge, "type", "bridge"])?;
-        let bridge_ip = format!("{}.{}.{}.254/24", SUBNET[0], SUBNET[1], SUBNET[2]);
+        let x = free_subnet()?;
+        let [a, b] = SUBNET_PREFIX;
+        let bridge_ip = format!("{a}.{b}.{x}.254/24");
         run(&["ip", "addr", "add", &bridge_ip, "dev", &bridge])?;
         run(&["ip", "link", "set", &bridge, "up"])?;
         for (i, link) in links.iter().enumerate() {
             let netns = format!("{tag}h{i}");
             let outer = format!("{tag}o{i}");
             let inner = format!("{tag}i{i}");
-            let ip = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], (i + 1) as u8);
+            let ip = Ipv4Addr::new(a, b, x, (i + 1) as u8);
             run(&["ip", "netns", "add", &netns])?;
             // IPv4 only: no IPv6 neighbour discovery or multicast listener reports in the byte counts.
             for key in ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"] {
