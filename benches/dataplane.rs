@@ -18,14 +18,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
-use mirrormesh::dataplane::raw::{batches, chunks, cpu_time, raw_run, raw_setup, spawned};
+use mirrormesh::dataplane::raw::{Measured, batches, chunks, cpu_time, raw_run, raw_setup, spawned};
 use mirrormesh::dataplane::{ChunkSource, DataPlane, DataPlaneConfig, Decision};
 use mirrormesh::key::NodeKey;
 use mirrormesh_proto::{ChunkId, RepoId};
@@ -76,23 +76,6 @@ fn parse_args() -> Result<Args> {
         bail!("--mib, --inflight and --rounds must be positive, --batch 1..=256");
     }
     Ok(args)
-}
-
-struct Measured {
-    name: &'static str,
-    bytes: u64,
-    wall: Duration,
-    cpu: Duration,
-}
-
-impl Measured {
-    fn mb_per_s(&self) -> f64 {
-        self.bytes as f64 / 1e6 / self.wall.as_secs_f64()
-    }
-
-    fn cpu_s_per_gb(&self) -> f64 {
-        self.cpu.as_secs_f64() / (self.bytes as f64 / 1e9)
-    }
 }
 
 async fn measure<Fut>(name: &'static str, run: Fut, mib: usize) -> Result<Measured>

@@ -39,6 +39,24 @@ pub fn batches(mib: usize, batch: usize) -> Vec<(usize, usize)> {
     (0..mib).step_by(batch).map(|start| (start, batch.min(mib - start))).collect()
 }
 
+/// One measured transfer: what moved, in how long, at what CPU cost.
+pub struct Measured {
+    pub name: &'static str,
+    pub bytes: u64,
+    pub wall: Duration,
+    pub cpu: Duration,
+}
+
+impl Measured {
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.wall.as_secs_f64()
+    }
+
+    pub fn cpu_s_per_gb(&self) -> f64 {
+        self.cpu.as_secs_f64() / (self.bytes as f64 / 1e9)
+    }
+}
+
 /// CPU time of process `pid` (`"self"` for this one): its own (user + system, all threads) and that of its
 /// children it has waited for.
 pub fn process_cpu(pid: &str) -> Result<(Duration, Duration)> {

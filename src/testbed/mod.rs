@@ -274,14 +274,7 @@ impl Bed {
         for i in 1..self.fabric.nodes.len() {
             let dest = self.rsync_dir(i);
             std::fs::create_dir_all(&dest)?;
-            let child = self.net.hosts[i]
-                .command("rsync")
-                .args(RSYNC_FLAGS)
-                .arg(&rsyncd.url)
-                .arg(format!("{}/", dest.display()))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
+            let child = rsync_client(self.net.hosts[i].command("rsync"), &rsyncd.url, &dest)
                 .spawn()
                 .context("starting rsync")?;
             clients.push(child);
@@ -316,6 +309,19 @@ struct Measured {
     origin_tx: u64,
     /// Chunk bytes the origin daemon served.
     origin_chunks: Option<u64>,
+}
+
+/// `command` (an `rsync` to run here or in a namespace) made into the rsync recipe pulling `url` into `dest`, its
+/// errors captured.
+fn rsync_client(mut command: Command, url: &str, dest: &Path) -> Command {
+    command
+        .args(RSYNC_FLAGS)
+        .arg(url)
+        .arg(format!("{}/", dest.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
 }
 
 /// `rsync --daemon` on a host, serving the origin's tree read-only as module `alpine`.

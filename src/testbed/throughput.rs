@@ -3,14 +3,13 @@
 //! one client, and against raw quinn moving the same number of bytes (the data plane's TLS and windows, from memory).
 //! MB/s and CPU seconds per GB (both ends of each transfer).
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::RsyncDaemon;
-use crate::dataplane::raw::{chunks, cpu_time, process_cpu, raw_run, raw_setup};
+use crate::dataplane::raw::{Measured, chunks, cpu_time, process_cpu, raw_run, raw_setup};
 use crate::gentree::{self, GenTreeArgs};
 use crate::local_fabric::{LocalFabric, NodeOptions, compare_trees, free_port};
 use crate::publish::human_bytes;
@@ -27,23 +26,6 @@ pub struct ThroughputArgs {
     keep: bool,
 }
 
-struct Row {
-    name: &'static str,
-    bytes: u64,
-    wall: Duration,
-    cpu: Duration,
-}
-
-impl Row {
-    fn mb_per_s(&self) -> f64 {
-        self.bytes as f64 / 1e6 / self.wall.as_secs_f64()
-    }
-
-    fn cpu_per_gb(&self) -> f64 {
-        self.cpu.as_secs_f64() / (self.bytes as f64 / 1e9)
-    }
-}
-
 /// Own plus reaped children's CPU of process `pid`.
 fn total_cpu(pid: u32) -> Result<Duration> {
     let (own, children) = process_cpu(&pid.to_string())?;
@@ -55,7 +37,7 @@ fn has_children(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).is_ok_and(|c| !c.trim().is_empty())
 }
 
-fn mirrormesh(work: &std::path::Path, a: &ThroughputArgs) -> Result<(Row, std::path::PathBuf)> {
+fn mirrormesh(work: &std::path::Path, a: &ThroughputArgs) -> Result<(Measured, std::path::PathBuf)> {
     let options = vec![NodeOptions { delete_grace_secs: 0, ..NodeOptions::default() }; 3];
     let mut fabric = LocalFabric::create(&work.join("fabric"), &std::env::current_exe()?, 2, &options)?;
     let tree = fabric.nodes[0].tree.clone();
@@ -86,10 +68,10 @@ fn mirrormesh(work: &std::path::Path, a: &ThroughputArgs) -> Result<(Row, std::p
     if status.bytes_fetched_from_origin != 0 || status.bytes_fetched_total < published.bytes {
         bail!("mirror2 was to fetch everything from mirror1: {status:?}");
     }
-    Ok((Row { name: "mirrormesh (peer to mirror)", bytes: published.bytes, wall, cpu }, tree))
+    Ok((Measured { name: "mirrormesh (peer to mirror)", bytes: published.bytes, wall, cpu }, tree))
 }
 
-fn rsync(work: &std::path::Path, tree: &std::path::Path, bytes: u64) -> Result<Row> {
+fn rsync(work: &std::path::Path, tree: &std::path::Path, bytes: u64) -> Result<Measured> {
     let port = free_port()?;
     let daemon = RsyncDaemon::start(work, tree, "127.0.0.1", port, None)?;
     let daemon_pid = daemon.pid();
@@ -98,13 +80,7 @@ fn rsync(work: &std::path::Path, tree: &std::path::Path, bytes: u64) -> Result<R
     let daemon_cpu0 = total_cpu(daemon_pid)?;
     let (_, reaped0) = process_cpu("self")?;
     let t0 = Instant::now();
-    let out = std::process::Command::new("rsync")
-        .args(super::RSYNC_FLAGS)
-        .arg(&daemon.url)
-        .arg(format!("{}/", dest.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+    let out = super::rsync_client(std::process::Command::new("rsync"), &daemon.url, &dest)
         .output()
         .context("running rsync")?;
     let wall = t0.elapsed();
@@ -123,10 +99,10 @@ fn rsync(work: &std::path::Path, tree: &std::path::Path, bytes: u64) -> Result<R
     let cpu = (reaped - reaped0) + (total_cpu(daemon_pid)? - daemon_cpu0);
     drop(daemon);
     compare_trees(tree, &dest, "rsync mirror")?;
-    Ok(Row { name: "rsync daemon to rsync", bytes, wall, cpu })
+    Ok(Measured { name: "rsync daemon to rsync", bytes, wall, cpu })
 }
 
-fn raw_quinn(bytes: u64) -> Result<Row> {
+fn raw_quinn(bytes: u64) -> Result<Measured> {
     let mib = bytes.div_ceil(1 << 20) as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -136,7 +112,7 @@ fn raw_quinn(bytes: u64) -> Result<Row> {
         let moved = raw_run(&raw, mib, 64, 4, None).await?;
         let (wall, cpu) = (t0.elapsed(), cpu_time()? - cpu0);
         raw.conn.close(0u32.into(), b"done");
-        Ok(Row { name: "raw quinn (same bytes)", bytes: moved, wall, cpu })
+        Ok(Measured { name: "raw quinn (same bytes)", bytes: moved, wall, cpu })
     })
 }
 
@@ -155,7 +131,7 @@ pub fn run(a: &ThroughputArgs) -> Result<()> {
             row.name,
             human_bytes(row.bytes),
             row.mb_per_s(),
-            row.cpu_per_gb(),
+            row.cpu_s_per_gb(),
             row.wall.as_secs_f64()
         );
     }
@@ -163,7 +139,7 @@ pub fn run(a: &ThroughputArgs) -> Result<()> {
         "mirrormesh / raw quinn: throughput {:.2} (target >= 0.90), CPU per GB {:.2} (target <= 1.20); \
          mirrormesh / rsync: throughput {:.2} (target >= 1.20)",
         mm.mb_per_s() / raw.mb_per_s(),
-        mm.cpu_per_gb() / raw.cpu_per_gb(),
+        mm.cpu_s_per_gb() / raw.cpu_s_per_gb(),
         mm.mb_per_s() / rs.mb_per_s()
     );
     if a.keep {
