@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -71,6 +71,8 @@ pub struct LocalNode {
     pub admin_token: Option<String>,
     log_json: bool,
     child: Option<Child>,
+    /// Log watches of the running daemon: a line containing the pattern is sent once, then the watch is dropped.
+    watches: Arc<Mutex<Vec<(String, mpsc::Sender<String>)>>>,
 }
 
 pub struct LocalFabric {
@@ -139,6 +141,7 @@ impl LocalFabric {
                 admin_token: options.get(i).and_then(|o| o.admin_token.clone()),
                 log_json: options.get(i).is_some_and(|o| o.log_json),
                 child: None,
+                watches: Arc::default(),
             });
         }
         let fabric = Self { dir: dir.to_owned(), binary: binary.to_owned(), nodes };
@@ -211,10 +214,18 @@ impl LocalFabric {
         let stderr = child.stderr.take().context("daemon stderr")?;
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
         let (ready_tx, ready_rx) = mpsc::channel();
+        let watches = node.watches.clone();
         std::thread::spawn(move || {
             let mut ready = Some(ready_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = writeln!(log, "{line}");
+                watches.lock().unwrap_or_else(PoisonError::into_inner).retain(|(pattern, tx)| {
+                    let hit = line.contains(pattern.as_str());
+                    if hit {
+                        let _ = tx.send(line.clone());
+                    }
+                    !hit
+                });
                 if line.contains("admin API listening")
                     && let Some(tx) = ready.take()
                 {
@@ -256,6 +267,14 @@ impl LocalFabric {
         }
         child.wait()?;
         Ok(())
+    }
+
+    /// A channel that receives the first line node `i`'s daemon logs containing `pattern` (from its next start
+    /// on, or now if it runs).
+    pub fn watch_log(&self, i: usize, pattern: &str) -> mpsc::Receiver<String> {
+        let (tx, rx) = mpsc::channel();
+        self.nodes[i].watches.lock().unwrap_or_else(PoisonError::into_inner).push((pattern.to_owned(), tx));
+        rx
     }
 
     /// Process id of node `i`'s daemon, while it runs.

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
 use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, roots_topic};
@@ -154,6 +154,8 @@ pub struct Daemon {
     /// Chunk requests running, and when each was sent.
     fetches: HashMap<ReqId, (tokio::task::AbortHandle, Instant)>,
     bootstrap: Vec<Bootstrap>,
+    /// Open control-plane connections per peer, and whether the peer dialed them.
+    connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
     events_tx: mpsc::Sender<LoopEvent>,
     events_rx: mpsc::Receiver<LoopEvent>,
     status_tx: watch::Sender<Status>,
@@ -297,7 +299,7 @@ impl Daemon {
             listen_addrs: listen_addrs.clone(),
             metrics: Metrics::new(),
         };
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             cfg,
             key,
             store,
@@ -312,6 +314,7 @@ impl Daemon {
             pending: HashMap::new(),
             fetches: HashMap::new(),
             bootstrap,
+            connections: HashMap::new(),
             events_tx,
             events_rx,
             status_tx,
@@ -331,6 +334,8 @@ impl Daemon {
             served_at_publish: 0,
             sync_span: tracing::Span::none(),
         };
+        // The admin API answers with the state read from disk from its first request on.
+        daemon.publish_status();
         Ok((daemon, handle))
     }
 
@@ -814,7 +819,7 @@ impl Daemon {
     fn try_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) -> Result<()> {
         let t = now();
         match event {
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                 if let Some(allow) = &self.cfg.allow
                     && !allow.contains(&peer_id)
                 {
@@ -823,6 +828,26 @@ impl Daemon {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return Ok(());
                 }
+                let inbound = endpoint.is_listener();
+                let connections = self.connections.entry(peer_id).or_default();
+                if inbound && num_established.get() > 1 {
+                    // The peer dialed again although it had dialed before: it restarted or lost its network, so
+                    // its earlier connections are dead (they would swallow requests until their idle timeout).
+                    // Close them and greet it afresh.
+                    let stale: Vec<ConnectionId> =
+                        connections.iter().filter(|(_, inbound)| *inbound).map(|(id, _)| *id).collect();
+                    if !stale.is_empty() {
+                        connections.retain(|(id, _)| !stale.contains(id));
+                        tracing::info!(stale = stale.len(), "peer reconnected; closing its earlier connections");
+                        self.count("connections_replaced");
+                        for id in stale {
+                            self.swarm.close_connection(id);
+                        }
+                        self.engine.handle_peer_disconnected(t, &peer_id);
+                        self.engine.handle_peer_connected(t, peer_id);
+                    }
+                }
+                self.connections.entry(peer_id).or_default().push((connection_id, inbound));
                 let state = self.peers.entry(peer_id).or_default();
                 state.address = Some(endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
@@ -835,7 +860,14 @@ impl Daemon {
                     self.engine.handle_peer_connected(t, peer_id);
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
+                if let Some(connections) = self.connections.get_mut(&peer_id) {
+                    connections.retain(|(id, _)| *id != connection_id);
+                }
+                if num_established > 0 {
+                    return Ok(());
+                }
+                self.connections.remove(&peer_id);
                 tracing::info!("disconnected");
                 self.peers.remove(&peer_id);
                 for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
@@ -917,9 +949,21 @@ impl Daemon {
                     }
                 }
             },
-            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+            request_response::Event::OutboundFailure { peer, connection_id, request_id, error } => {
                 tracing::debug!(%peer, "control request failed: {error}");
                 self.count("control_requests_failed");
+                if matches!(error, request_response::OutboundFailure::Timeout) {
+                    // A peer that does not answer within the control timeout is gone, or its connection is:
+                    // close it so the peer is redialed (or greeted afresh on the connection it still has).
+                    tracing::info!(%peer, "control request timed out; closing the connection");
+                    self.swarm.close_connection(connection_id);
+                    let others =
+                        self.connections.get(&peer).is_some_and(|c| c.iter().any(|(id, _)| *id != connection_id));
+                    if others {
+                        self.engine.handle_peer_disconnected(t, &peer);
+                        self.engine.handle_peer_connected(t, peer);
+                    }
+                }
                 if let Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }) =
                     self.pending.remove(&request_id)
                 {
