@@ -55,6 +55,9 @@ pub const HOST_P2P_PORT: u16 = 4001;
 pub const HOST_DATA_PORT: u16 = 4002;
 pub const HOST_ADMIN_PORT: u16 = 7480;
 
+/// Patterns awaited in a daemon's log, each with the channel its first matching line goes to.
+type LogWatches = Arc<Mutex<Vec<(String, mpsc::Sender<String>)>>>;
+
 pub struct LocalNode {
     pub name: String,
     pub host: Host,
@@ -72,7 +75,7 @@ pub struct LocalNode {
     log_json: bool,
     child: Option<Child>,
     /// Log watches of the running daemon: a line containing the pattern is sent once, then the watch is dropped.
-    watches: Arc<Mutex<Vec<(String, mpsc::Sender<String>)>>>,
+    watches: LogWatches,
 }
 
 pub struct LocalFabric {
