@@ -11,7 +11,8 @@
 //! - `GET /wait?seq=N&settled=true&fetched_bytes=B&counter=C&at_least=K&timeout_ms=T`: answers with the status as
 //!   soon as every given condition holds: the applied snapshot reaches sequence `N`; with `settled`, the node is
 //!   also idle with no removal pending; the node has fetched at least `B` chunk bytes; counter `C` reached `K`
-//!   (default 1); with `peers_at=P`, every connected peer holds snapshot `P` completely. 408 after `T` ms (default 30 s, at most
+//!   (default 1); with `peers_at=P`, every connected peer holds snapshot `P` completely; with
+//!   `waiting_for_origin=true|false`, the node is (or is not) waiting for chunks only the origin has. 408 after `T` ms (default 30 s, at most
 //!   10 min). Tests and scripts synchronise on this instead of sleeping.
 //! - `POST /publish` (origin): scan, sign and announce a new snapshot; answers with its sequence number and root.
 
@@ -123,6 +124,7 @@ struct WaitQuery {
     counter: Option<String>,
     at_least: Option<u64>,
     peers_at: Option<u64>,
+    waiting_for_origin: Option<bool>,
     timeout_ms: Option<u64>,
 }
 
@@ -137,7 +139,8 @@ impl WaitQuery {
         let peers_ok = self.peers_at.is_none_or(|want| {
             s.peers.iter().filter(|p| p.connected).all(|p| p.complete_seq.is_some_and(|c| c >= want))
         });
-        seq_ok && settled_ok && fetched_ok && counter_ok && peers_ok
+        let waiting_ok = self.waiting_for_origin.is_none_or(|w| repo.is_some_and(|r| r.waiting_for_origin == w));
+        seq_ok && settled_ok && fetched_ok && counter_ok && peers_ok && waiting_ok
     }
 }
 

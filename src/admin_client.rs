@@ -91,6 +91,11 @@ impl AdminClient {
         self.call("GET", &format!("/wait?counter={name}&at_least={at_least}&timeout_ms={timeout_ms}"))
     }
 
+    /// Blocks until the node is waiting for chunks that only the (unreachable) origin has.
+    pub fn wait_waiting_for_origin(&self, timeout_ms: u64) -> Result<Status> {
+        self.call("GET", &format!("/wait?waiting_for_origin=true&timeout_ms={timeout_ms}"))
+    }
+
     /// Blocks until the node has fetched at least `bytes` chunk bytes.
     pub fn wait_fetched(&self, bytes: u64, timeout_ms: u64) -> Result<Status> {
         self.call("GET", &format!("/wait?fetched_bytes={bytes}&timeout_ms={timeout_ms}"))

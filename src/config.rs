@@ -106,6 +106,21 @@ pub struct Faults {
     /// Serve chunks with one byte flipped (peers must detect it by hash and ban this node).
     #[serde(default)]
     pub corrupt_served_chunks: bool,
+    /// Claim to hold every snapshot completely (peers must notice the "missing" answers and stop asking).
+    #[serde(default)]
+    pub lie_about_holdings: bool,
+    /// Send every control request malformed: hellos with an oversized length prefix, the others as garbage.
+    #[serde(default)]
+    pub malformed_control: bool,
+    /// Flood every peer's data plane with stalled, oversized and malformed requests.
+    #[serde(default)]
+    pub flood_data_plane: bool,
+}
+
+impl Faults {
+    pub fn any(&self) -> bool {
+        self.corrupt_served_chunks || self.lie_about_holdings || self.malformed_control || self.flood_data_plane
+    }
 }
 
 fn default_repo() -> String {

@@ -35,6 +35,9 @@ pub struct NodeOptions {
     pub admin_token: Option<String>,
     /// Log as JSON lines (`--log-format json`).
     pub log_json: bool,
+    /// Bootstrap to the origin and at most this many of the mirrors before this one, picked pseudo-randomly
+    /// (default: all of them).
+    pub bootstrap_mirrors_max: Option<usize>,
 }
 
 /// Where a node runs: an address of its own in a network namespace, or loopback in this one.
@@ -118,6 +121,7 @@ impl LocalFabric {
     pub fn create_on(dir: &Path, binary: &Path, hosts: &[Host], options: &[NodeOptions]) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut nodes = Vec::new();
+        let mut taken = std::collections::BTreeSet::new();
         for (i, host) in hosts.iter().enumerate() {
             let name = if i == 0 { "origin".to_owned() } else { format!("mirror{i}") };
             let node_dir = dir.join(&name);
@@ -126,7 +130,18 @@ impl LocalFabric {
             let key = NodeKey::generate()?;
             key.save(&key_path)?;
             let own = host.netns.is_some();
-            let port = |fixed: u16| if own { Ok(fixed) } else { free_port() };
+            // Ports picked for this fabric are not bound until its daemons start: never hand one out twice.
+            let mut port = |fixed: u16| -> Result<u16> {
+                if own {
+                    return Ok(fixed);
+                }
+                loop {
+                    let port = free_port()?;
+                    if taken.insert(port) {
+                        return Ok(port);
+                    }
+                }
+            };
             let admin = SocketAddr::new(host.ip, port(HOST_ADMIN_PORT)?);
             nodes.push(LocalNode {
                 name: name.clone(),
@@ -155,12 +170,22 @@ impl LocalFabric {
         Ok(fabric)
     }
 
-    /// (Re)writes node `i`'s config: every node bootstraps to the origin and to the mirrors before it.
+    /// (Re)writes node `i`'s config: every node bootstraps to the origin and to the mirrors before it (or
+    /// `bootstrap_mirrors_max` of them).
     pub fn write_config(&self, i: usize, opts: &NodeOptions) -> Result<()> {
         let node = &self.nodes[i];
         let origin = &self.nodes[0];
-        let bootstrap: Vec<String> = self.nodes[..i]
-            .iter()
+        let mut earlier: Vec<usize> = (1..i).collect();
+        if let Some(k) = opts.bootstrap_mirrors_max {
+            // A pseudo-random choice, the same for every run: a random graph keeps paths between mirrors short.
+            earlier.sort_by_key(|j| {
+                *blake3::hash(&[(i as u64).to_le_bytes(), (*j as u64).to_le_bytes()].concat()).as_bytes()
+            });
+            earlier.truncate(k);
+        }
+        let bootstrap: Vec<String> = std::iter::once(origin)
+            .filter(|_| i > 0)
+            .chain(earlier.iter().map(|j| &self.nodes[*j]))
             .map(|n| format!("\"/ip4/{}/udp/{}/quic-v1/p2p/{}\"", n.host.ip, n.p2p_port, n.peer_id))
             .collect();
         let mut text = format!(

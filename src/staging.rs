@@ -218,10 +218,15 @@ impl Staging {
         Ok(out)
     }
 
-    /// Writes a verified chunk into every staged file that needs it (blocking).
-    pub fn write_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
-        let Some(plan) = self.plan() else { bail!("no snapshot is being staged") };
-        let Some(targets) = plan.targets.get(id) else { bail!("chunk {id} is not part of snapshot {}", plan.seq) };
+    /// Writes a verified chunk into every staged file that needs it (blocking); false if none needed it.
+    pub fn write_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool> {
+        // A chunk arriving after its snapshot was staged whole (a second copy from the endgame, or one that
+        // outlived its sync) is not needed: nothing to write, and the staged files may already be in the tree.
+        let Some(plan) = self.plan() else { return Ok(false) };
+        let Some(targets) = plan.targets.get(id) else { return Ok(false) };
+        if self.present.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))?.contains(id) {
+            return Ok(false);
+        }
         for (key, offset, len) in targets {
             if *len != bytes.len() as u64 {
                 bail!("chunk {id} is {} bytes, expected {len}", bytes.len());
@@ -229,7 +234,7 @@ impl Staging {
             write_at(&self.object_path(key), *offset, bytes)?;
         }
         self.present.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))?.insert(*id);
-        Ok(())
+        Ok(true)
     }
 
     /// A verified staged chunk, for serving peers (blocking).

@@ -44,7 +44,10 @@ pub struct Behaviour {
 /// Frames control messages as a 4-byte big-endian length and the wire encoding, refusing oversized frames before
 /// reading them.
 #[derive(Clone, Default)]
-pub struct ControlCodec;
+pub struct ControlCodec {
+    /// Fault injection (`faults.malformed_control`): write requests malformed.
+    malformed: bool,
+}
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
@@ -63,6 +66,18 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> 
     io.write_all(&len.to_be_bytes()).await?;
     io.write_all(bytes).await?;
     io.close().await
+}
+
+/// Fault injection: a hello announces a frame far over the limit, any other request arrives with its bytes
+/// inverted (undecodable).
+async fn write_malformed<T: AsyncWrite + Unpin + Send>(io: &mut T, request: &ControlRequest) -> io::Result<()> {
+    if matches!(request, ControlRequest::Hello(_)) {
+        io.write_all(&u32::MAX.to_be_bytes()).await?;
+        io.write_all(&[0u8; 64]).await?;
+        return io.close().await;
+    }
+    let garbage: Vec<u8> = request.encode().iter().map(|b| !b).collect();
+    write_frame(io, &garbage).await
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
@@ -98,6 +113,9 @@ impl request_response::Codec for ControlCodec {
         io: &mut T,
         request: ControlRequest,
     ) -> io::Result<()> {
+        if self.malformed {
+            return write_malformed(io, &request).await;
+        }
         write_frame(io, &request.encode()).await
     }
 
@@ -111,8 +129,9 @@ impl request_response::Codec for ControlCodec {
     }
 }
 
-/// Builds the swarm for `key` (not yet listening).
-pub fn build(key: &NodeKey) -> anyhow::Result<Swarm<Behaviour>> {
+/// Builds the swarm for `key` (not yet listening). `malformed_control` is fault injection for tests: every
+/// control request this node sends is malformed.
+pub fn build(key: &NodeKey, malformed_control: bool) -> anyhow::Result<Swarm<Behaviour>> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key.keypair().clone())
         .with_tokio()
         .with_quic_config(|mut quic| {
@@ -138,7 +157,7 @@ pub fn build(key: &NodeKey) -> anyhow::Result<Swarm<Behaviour>> {
                 identify::Config::new("/mirrormesh/1".into(), keypair.public()).with_interval(IDENTIFY_INTERVAL),
             );
             let control = request_response::Behaviour::with_codec(
-                ControlCodec,
+                ControlCodec { malformed: malformed_control },
                 [(CONTROL_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default()
                     .with_request_timeout(CONTROL_TIMEOUT)

@@ -13,6 +13,13 @@ use mirrormesh_proto::sync::scheduler::SchedulerLimits;
 use rand::{RngExt, SeedableRng};
 
 const WAIT: Duration = Duration::from_secs(120);
+
+/// The tests here run one at a time: each loads the machine, and two of them compare times.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 const WAIT_MS: u64 = 120_000;
 
 fn binary() -> &'static Path {
@@ -82,6 +89,7 @@ fn origin_sent_to(fabric: &LocalFabric, peer_id: &str) -> u64 {
 /// published one after the other as the mirror completes them. `MIRRORMESH_KILLS` sets the number of kills.
 #[test]
 fn kills_at_random_instants_never_expose_a_half_updated_tree() {
+    let _serial = serial();
     let kills_wanted: usize = std::env::var("MIRRORMESH_KILLS").ok().and_then(|k| k.parse().ok()).unwrap_or(50);
     let dir = tempfile::tempdir().unwrap();
     // The origin uploads at 4 MB/s: an update takes seconds, so kills land in every phase of it.
@@ -157,4 +165,312 @@ fn kills_at_random_instants_never_expose_a_half_updated_tree() {
         refetched <= kills as u64 * window,
         "refetched {refetched} bytes in {kills} kills: more than one window ({window} bytes) per kill"
     );
+}
+
+/// The origin dies mid-update while another mirror already holds the whole snapshot: the others finish from it.
+#[test]
+fn mirrors_finish_from_peers_when_the_origin_dies_mid_update() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = vec![NodeOptions::default(); 4];
+    opts[0].upload_bytes_per_sec = Some(8_000_000);
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 3, &opts).unwrap();
+    generate(&fabric.nodes[0].tree, 0.01, 31);
+    fabric.start(0).unwrap();
+    fabric.start(1).unwrap();
+    let published = fabric.publish().unwrap();
+    fabric.client(1, WAIT).wait_settled(published.seq, WAIT_MS).unwrap();
+
+    // Mirrors 2 and 3 start syncing; the origin is killed once mirror 2 has a quarter of the snapshot.
+    fabric.start(2).unwrap();
+    fabric.start(3).unwrap();
+    fabric.client(2, WAIT).wait_fetched(published.changed_bytes / 4, WAIT_MS).unwrap();
+    fabric.kill(0, 9).unwrap();
+    for i in 2..=3 {
+        let status = fabric.client(i, WAIT).wait_settled(published.seq, WAIT_MS).unwrap();
+        fabric.check_identical(i).unwrap();
+        assert!(!status.repos[0].waiting_for_origin);
+        assert_eq!(status.last_error, None, "mirror {i}");
+    }
+}
+
+/// The origin dies mid-update while some of the update's chunks exist nowhere else: the mirrors say they are
+/// waiting for the origin (and do not spin on errors), keep serving the old snapshot, and finish once it is back.
+#[test]
+fn mirrors_wait_for_a_lost_origin_and_finish_when_it_returns() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = vec![NodeOptions::default(); 3];
+    opts[0].upload_bytes_per_sec = Some(10_000_000);
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 2, &opts).unwrap();
+    let origin_tree = fabric.nodes[0].tree.clone();
+    generate(&origin_tree, 0.01, 51);
+    fabric.start_all().unwrap();
+    let first = fabric.publish().unwrap();
+    fabric.wait_all_settled(first.seq, WAIT).unwrap();
+
+    let old = summarize(&origin_tree).unwrap().entries;
+    let report = update(&origin_tree, 30, 52);
+    let new = summarize(&origin_tree).unwrap().entries;
+    let base = fabric.status(1).unwrap().bytes_fetched_total;
+    let second = fabric.publish().unwrap();
+    assert!(report.bytes > 40_000_000, "the update must take seconds at 10 MB/s: {} bytes", report.bytes);
+    fabric.client(1, WAIT).wait_fetched(base + second.changed_bytes / 5, WAIT_MS).unwrap();
+    fabric.kill(0, 9).unwrap();
+    let killed = std::time::Instant::now();
+
+    let mut failures = Vec::new();
+    for i in 1..=2 {
+        let status = fabric.client(i, WAIT).wait_waiting_for_origin(WAIT_MS).unwrap();
+        assert_eq!(status.repos[0].seq, Some(first.seq), "mirror {i} still serves the old snapshot");
+        assert!(status.repos[0].chunks_missing > 0);
+        assert_eq!(status.last_error, None, "mirror {i}: waiting is not an error");
+        check_between(&fabric.nodes[i].tree, &old, &old).unwrap();
+        failures.push(status.counters.get("chunk_requests_failed").copied().unwrap_or(0));
+    }
+
+    let noticed = killed.elapsed();
+    fabric.start(0).unwrap();
+    let restarted = std::time::Instant::now();
+    for (i, failed_while_waiting) in (1..=2).zip(failures) {
+        let status = fabric.client(i, WAIT).wait_settled(second.seq, WAIT_MS).unwrap();
+        fabric.check_identical(i).unwrap();
+        check_between(&fabric.nodes[i].tree, &new, &new).unwrap();
+        let failed = status.counters.get("chunk_requests_failed").copied().unwrap_or(0);
+        println!(
+            "mirror {i}: waiting for the origin {noticed:.1?} after it died, {failed_while_waiting} failed chunk \
+             requests then, {failed} in all; done {:.1?} after the origin's restart",
+            restarted.elapsed()
+        );
+        // Requests in flight when the origin died fail once each; nothing is retried in a loop while waiting.
+        assert!(failed <= 64, "mirror {i}: {failed} failed chunk requests");
+    }
+}
+
+/// Unmounts a mount point when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, bytes: u64) -> Result<Self> {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "mirrormesh-test"])
+            .arg(at)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "mounting a tmpfs at {} (this test needs root): {}",
+                at.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Self(at.to_owned()))
+    }
+
+    fn resize(&self, bytes: u64) -> Result<()> {
+        let out =
+            std::process::Command::new("mount").args(["-o", &format!("remount,size={bytes}")]).arg(&self.0).output()?;
+        if !out.status.success() {
+            bail!("resizing the tmpfs at {}: {}", self.0.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Bytes in use on the filesystem.
+    fn used(&self) -> Result<u64> {
+        let out = std::process::Command::new("df").args(["-B1", "--output=used"]).arg(&self.0).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text.lines().nth(1).unwrap_or_default().trim().parse()?)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("--lazy").arg(&self.0).status();
+    }
+}
+
+/// The mirror's filesystem (tree, staging and state on one tmpfs) fills up mid-sync: it says so, keeps serving
+/// the old snapshot untouched, and completes the sync by itself once space is freed.
+#[test]
+fn a_full_disk_keeps_the_old_snapshot_and_the_sync_completes_once_space_is_freed() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = vec![NodeOptions::default(); 2];
+    let mirror_dir = dir.path().join("mirror1");
+    std::fs::create_dir_all(&mirror_dir).unwrap();
+    // Declared before the fabric, so it is unmounted after the daemons are stopped.
+    let mount = Mount::tmpfs(&mirror_dir, 256 << 20).unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 1, &opts).unwrap();
+    let origin_tree = fabric.nodes[0].tree.clone();
+    generate(&origin_tree, 0.01, 51);
+    fabric.start_all().unwrap();
+    let first = fabric.publish().unwrap();
+    fabric.client(1, WAIT).wait_settled(first.seq, WAIT_MS).unwrap();
+
+    let old = summarize(&origin_tree).unwrap().entries;
+    let report = update(&origin_tree, 30, 52);
+    let new = summarize(&origin_tree).unwrap().entries;
+    // Room for about half of the update.
+    let used = mount.used().unwrap();
+    mount.resize(used + report.bytes / 2).unwrap();
+    let second = fabric.publish().unwrap();
+
+    let status = fabric.client(1, WAIT).wait_counter("local_write_failures", 1, WAIT_MS).unwrap();
+    let error = status.last_error.clone().unwrap_or_default();
+    assert!(error.contains("full"), "the error says the disk is full: {error:?}");
+    assert_eq!(status.repos[0].seq, Some(first.seq));
+    check_between(&fabric.nodes[1].tree, &old, &old).unwrap();
+
+    mount.resize(256 << 20).unwrap();
+    let status = fabric.client(1, WAIT).wait_settled(second.seq, WAIT_MS).unwrap();
+    fabric.check_identical(1).unwrap();
+    check_between(&fabric.nodes[1].tree, &new, &new).unwrap();
+    assert_eq!(status.last_error, None, "the error is cleared once the sync completes");
+    println!(
+        "update {} bytes into {} bytes of free space: {} local write failures, then completed",
+        report.bytes,
+        report.bytes / 2,
+        status.counters.get("local_write_failures").copied().unwrap_or(0)
+    );
+}
+
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// 64 mirrors on one machine sync together from one origin (initial sync and an update): no errors, the origin
+/// sends at most 1.1 x what changed, and each daemon's peak memory is reported. `MIRRORMESH_LOAD_MIRRORS` sets N.
+#[test]
+fn sixty_four_mirrors_sync_together_from_one_origin() {
+    let _serial = serial();
+    let mirrors: usize = std::env::var("MIRRORMESH_LOAD_MIRRORS").ok().and_then(|k| k.parse().ok()).unwrap_or(64);
+    let dir = tempfile::tempdir().unwrap();
+    // Each mirror dials the origin and 12 mirrors started before it (and is dialed by later ones), as a deployment
+    // of this size would be configured: gossip and "have" messages grow with N x 24, not N^2.
+    let opts = vec![NodeOptions { bootstrap_mirrors_max: Some(12), ..NodeOptions::default() }; mirrors + 1];
+    let mut fabric = LocalFabric::create(dir.path(), binary(), mirrors, &opts).unwrap();
+    let origin_tree = fabric.nodes[0].tree.clone();
+    generate(&origin_tree, 0.005, 61);
+    let started = std::time::Instant::now();
+    fabric.start_all().unwrap();
+    println!("{} daemons started in {:.1?}", mirrors + 1, started.elapsed());
+
+    let mut origin_sent = 0;
+    let mut updates = Vec::new();
+    for (round, seed) in [(0, 0), (1, 62)] {
+        if round > 0 {
+            update(&origin_tree, 10, seed);
+        }
+        let published = fabric.publish().unwrap();
+        let t = std::time::Instant::now();
+        let statuses = fabric.wait_all_settled(published.seq, Duration::from_secs(600)).unwrap();
+        let elapsed = t.elapsed();
+        for i in 1..=mirrors {
+            fabric.check_identical(i).unwrap();
+        }
+        for (i, status) in statuses.iter().enumerate() {
+            assert_eq!(status.last_error, None, "mirror {}", i + 1);
+            let failures: u64 = ["chunks_rejected", "staging_failures", "apply_failures", "local_write_failures"]
+                .iter()
+                .map(|c| status.counters.get(*c).copied().unwrap_or(0))
+                .sum();
+            assert_eq!(failures, 0, "mirror {}: {:?}", i + 1, status.counters);
+        }
+        let sent = fabric.status(0).unwrap().bytes_served_total;
+        let ratio = (sent - origin_sent) as f64 / published.changed_bytes as f64;
+        origin_sent = sent;
+        println!(
+            "round {round}: {} bytes changed, all {mirrors} mirrors identical after {elapsed:.1?}, origin sent {ratio:.3} x",
+            published.changed_bytes
+        );
+        updates.push(ratio);
+        assert!(ratio <= 1.1, "round {round}: the origin sent {ratio:.3} x the update");
+    }
+    let mut rss: Vec<u64> = (1..=mirrors).filter_map(|i| fabric.pid(i).and_then(peak_rss_bytes)).collect();
+    rss.sort_unstable();
+    let origin_rss = fabric.pid(0).and_then(peak_rss_bytes).unwrap_or(0);
+    println!(
+        "peak memory per mirror daemon: median {} MiB, max {} MiB; origin {} MiB",
+        rss[rss.len() / 2] >> 20,
+        rss[rss.len() - 1] >> 20,
+        origin_rss >> 20
+    );
+    assert_eq!(rss.len(), mirrors);
+}
+
+/// One sync of a 3-mirror fabric from an origin at 4 MB/s, with or without byzantine peers beside the honest
+/// mirrors: one serving corrupt chunks, one claiming to hold everything, one sending malformed control requests
+/// and flooding data planes with stalled, oversized and malformed requests. Returns the time until every honest
+/// mirror holds the snapshot, their peak memory and their final status.
+fn honest_sync(byzantine: bool) -> (Duration, Vec<u64>, Vec<mirrormesh::status::Status>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = vec![NodeOptions::default(); if byzantine { 7 } else { 4 }];
+    opts[0].upload_bytes_per_sec = Some(4_000_000);
+    if byzantine {
+        opts[4].extra_config = "\n[faults]\ncorrupt_served_chunks = true\n".into();
+        opts[5].extra_config = "\n[faults]\nlie_about_holdings = true\n".into();
+        opts[6].extra_config = "\n[faults]\nmalformed_control = true\nflood_data_plane = true\n".into();
+    }
+    let mut fabric = LocalFabric::create(dir.path(), binary(), opts.len() - 1, &opts).unwrap();
+    generate(&fabric.nodes[0].tree, 0.01, 21);
+    fabric.start_all().unwrap();
+    let published = fabric.publish().unwrap();
+    let t = std::time::Instant::now();
+    let mut statuses = Vec::new();
+    for i in 1..=3 {
+        statuses.push(fabric.client(i, WAIT).wait_settled(published.seq, WAIT_MS).unwrap());
+    }
+    let elapsed = t.elapsed();
+    for i in 1..=3 {
+        fabric.check_identical(i).unwrap();
+    }
+    if byzantine {
+        // Every honest mirror bans the flooder (its data-plane requests are refused, then it is banned).
+        for i in 1..=3 {
+            fabric.client(i, WAIT).wait_counter("peers_banned_baddatarequests", 1, WAIT_MS).unwrap();
+        }
+        statuses = (1..=3).map(|i| fabric.status(i).unwrap()).collect();
+    }
+    let rss = (1..=3).map(|i| fabric.pid(i).and_then(peak_rss_bytes).unwrap()).collect();
+    (elapsed, rss, statuses)
+}
+
+#[test]
+fn byzantine_peers_are_banned_and_cost_little() {
+    let _serial = serial();
+    let (clean, clean_rss, _) = honest_sync(false);
+    let (attacked, attacked_rss, statuses) = honest_sync(true);
+    let counter = |s: &mirrormesh::status::Status, c: &str| s.counters.get(c).copied().unwrap_or(0);
+    for (i, s) in statuses.iter().enumerate() {
+        println!(
+            "honest mirror {}: banned corrupt {} liar {} malformed-control {} bad-data-requests {}; chunks rejected \
+             {}, malformed control requests {}, data requests refused {}; peak memory {} MiB (without the \
+             byzantine peers {} MiB)",
+            i + 1,
+            counter(s, "peers_banned_corruptchunk"),
+            counter(s, "peers_banned_falsehave"),
+            counter(s, "peers_banned_malformedcontrol"),
+            counter(s, "peers_banned_baddatarequests"),
+            counter(s, "chunks_rejected"),
+            counter(s, "control_malformed"),
+            ["malformed", "oversized", "stalled"].iter().map(|k| counter(s, &format!("data_refused_{k}"))).sum::<u64>(),
+            attacked_rss[i] >> 20,
+            clean_rss[i] >> 20,
+        );
+    }
+    let total = |c: &str| statuses.iter().map(|s| counter(s, c)).sum::<u64>();
+    assert!(total("peers_banned_corruptchunk") >= 1, "the corrupt peer is banned");
+    assert!(total("chunks_rejected") >= 1);
+    assert!(total("peers_banned_falsehave") >= 1, "the liar is banned");
+    assert!(statuses.iter().all(|s| counter(s, "control_malformed") >= 1), "malformed control requests counted");
+    // Serving memory is bounded by SERVE_CHUNKS_IN_MEMORY_MAX chunks (128 MiB) whatever peers do.
+    let (clean_max, attacked_max) = (clean_rss.iter().max().unwrap(), attacked_rss.iter().max().unwrap());
+    assert!(attacked_max <= &(clean_max + (128 << 20)), "peak memory {attacked_max} vs {clean_max} bytes");
+    let ratio = attacked.as_secs_f64() / clean.as_secs_f64();
+    println!("converged in {attacked:.2?} with the byzantine peers, {clean:.2?} without: {ratio:.2} x");
+    assert!(ratio <= 1.2, "the byzantine peers slowed the honest mirrors {ratio:.2} x");
 }

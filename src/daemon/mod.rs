@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::apply::{self, ApplyReport};
 use crate::chunk_index::ChunkIndex;
 use crate::config::{Config, RoleName};
-use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, Fetched};
+use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, Fetched, Unreachable};
 use crate::key::NodeKey;
 use crate::metrics::Metrics;
 use crate::publish::{PublishOptions, PublishReport, now, publish};
@@ -54,6 +54,16 @@ pub const NODES_RESPONSE_BYTES_MAX: usize = 16 << 20;
 /// Bootstrap redial back-off bounds.
 pub const REDIAL_MIN: Duration = Duration::from_secs(1);
 pub const REDIAL_MAX: Duration = Duration::from_secs(30);
+/// Malformed control requests (undecodable, or over the size limit) a peer may send before it is banned.
+pub const CONTROL_MALFORMED_MAX: u32 = 3;
+/// Refused data-plane requests (malformed, oversized, stalled, slow reader, wrong repository) a peer may make
+/// before it is banned.
+pub const DATA_REFUSALS_MAX: u64 = 16;
+/// How long a peer banned for breaking the protocol stays banned (it is disconnected, its connections refused,
+/// and its data plane neither served nor asked).
+pub const PROTOCOL_BAN: Duration = Duration::from_secs(3600);
+/// Peers remembered as banned for breaking the protocol; the longest-banned are forgotten beyond this.
+pub const PROTOCOL_BANS_MAX: usize = 4096;
 
 /// Things tasks and the admin API tell the loop.
 pub enum LoopEvent {
@@ -67,6 +77,8 @@ pub enum LoopEvent {
         outcomes: Vec<(ChunkId, ChunkOutcome<PeerId>)>,
         bytes: u64,
         error: Option<String>,
+        /// The error means the peer could not be reached at all.
+        unreachable: bool,
     },
     Applied {
         target: Box<VerifiedRoot>,
@@ -108,6 +120,8 @@ struct PeerState {
     rtt_ms: Option<f64>,
     /// Chunk delivery rate to this node, bytes per second, smoothed over requests.
     rate: Option<f64>,
+    /// Malformed control requests received from the peer.
+    malformed: u32,
 }
 
 /// Weight of a new sample in the smoothed RTT and delivery rate.
@@ -156,6 +170,10 @@ pub struct Daemon {
     bootstrap: Vec<Bootstrap>,
     /// Open control-plane connections per peer, and whether the peer dialed them.
     connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+    /// Peers banned for breaking the protocol, until when.
+    protocol_bans: HashMap<PeerId, Instant>,
+    /// Peers whose data plane this node floods (fault injection).
+    flooding: std::collections::BTreeSet<PeerId>,
     events_tx: mpsc::Sender<LoopEvent>,
     events_rx: mpsc::Receiver<LoopEvent>,
     status_tx: watch::Sender<Status>,
@@ -259,7 +277,10 @@ impl Daemon {
         )
         .context("starting the data plane")?;
 
-        let mut swarm = swarm::build(&key)?;
+        let mut swarm = swarm::build(&key, cfg.faults.malformed_control)?;
+        if cfg.faults.any() {
+            tracing::warn!(faults = ?cfg.faults, "fault injection enabled: this node misbehaves on purpose (tests only)");
+        }
         let topic = gossipsub::IdentTopic::new(roots_topic(&cfg.repo));
         swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| anyhow!("subscribing to {topic}: {e}"))?;
         swarm.listen_on(cfg.listen.clone()).with_context(|| format!("network.listen {}", cfg.listen))?;
@@ -315,6 +336,8 @@ impl Daemon {
             fetches: HashMap::new(),
             bootstrap,
             connections: HashMap::new(),
+            protocol_bans: HashMap::new(),
+            flooding: Default::default(),
             events_tx,
             events_rx,
             status_tx,
@@ -402,6 +425,7 @@ impl Daemon {
             }
             Output::SendHello(peer, mut hello) => {
                 hello.data_addrs = vec![self.data_addr_text()];
+                self.fault_lie(&mut hello);
                 let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Hello(hello));
                 self.pending.insert(id, Pending::Hello { sent: Instant::now() });
             }
@@ -547,7 +571,7 @@ impl Daemon {
                     data.fetch(peer, &addrs, chunks, |id, fetched| {
                         let outcome = match fetched {
                             Fetched::Verified(data) => match staging.write_chunk(&id, &data) {
-                                Ok(()) => {
+                                Ok(_) => {
                                     bytes += data.len() as u64;
                                     ChunkOutcome::Verified
                                 }
@@ -564,8 +588,9 @@ impl Daemon {
                     })
                     .await
                 };
+                let unreachable = result.as_ref().err().is_some_and(|e| e.downcast_ref::<Unreachable>().is_some());
                 let error = result.err().map(|e| format!("{e:#}"));
-                let _ = events.send(LoopEvent::Fetched { peer, req, outcomes, bytes, error }).await;
+                let _ = events.send(LoopEvent::Fetched { peer, req, outcomes, bytes, error, unreachable }).await;
             },
             span,
         ));
@@ -612,7 +637,7 @@ impl Daemon {
                     self.count("staging_failures");
                 }
             },
-            LoopEvent::Fetched { peer, req, outcomes, bytes, error } => {
+            LoopEvent::Fetched { peer, req, outcomes, bytes, error, unreachable } => {
                 if let Some((_, sent)) = self.fetches.remove(&req)
                     && bytes > 0
                     && let Some(state) = self.peers.get_mut(&peer)
@@ -645,6 +670,14 @@ impl Daemon {
                         tracing::debug!(%peer, "chunk request failed: {e}");
                         self.count("chunk_requests_failed");
                         self.engine.handle_chunks_failed(t, peer, req);
+                        if unreachable && self.swarm.is_connected(&peer) {
+                            // Its data plane is gone, so the peer is (it died, or the network between us did):
+                            // drop it now rather than when the control connection's idle timeout notices, so the
+                            // sync goes on with the others (or waits for the origin) and the peer is redialed.
+                            tracing::warn!(%peer, "peer unreachable: {e}; disconnecting");
+                            self.count("peers_unreachable");
+                            let _ = self.swarm.disconnect_peer_id(peer);
+                        }
                     }
                     None => self.engine.handle_chunks_done(t, peer, req, bytes),
                 }
@@ -828,6 +861,12 @@ impl Daemon {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return Ok(());
                 }
+                if self.protocol_bans.get(&peer_id).is_some_and(|until| Instant::now() < *until) {
+                    tracing::debug!(peer = %peer_id, "refusing a connection from a banned peer");
+                    self.count("connections_refused_banned");
+                    let _ = self.swarm.close_connection(connection_id);
+                    return Ok(());
+                }
                 let inbound = endpoint.is_listener();
                 let connections = self.connections.entry(peer_id).or_default();
                 if inbound && num_established.get() > 1 {
@@ -973,6 +1012,18 @@ impl Daemon {
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "control request from peer failed: {error}");
                 self.count("control_inbound_failures");
+                if let request_response::InboundFailure::Io(e) = &error
+                    && e.kind() == std::io::ErrorKind::InvalidData
+                {
+                    self.count("control_malformed");
+                    let state = self.peers.entry(peer).or_default();
+                    state.malformed += 1;
+                    let malformed = state.malformed;
+                    if malformed >= CONTROL_MALFORMED_MAX {
+                        let why = format!("{malformed} malformed control requests, the last: {e}");
+                        self.ban_for_protocol(peer, "malformedcontrol", &why);
+                    }
+                }
             }
             request_response::Event::ResponseSent { .. } => {}
         }
@@ -988,6 +1039,7 @@ impl Daemon {
                 self.engine.handle_hello(t, peer, hello, &reader)?;
                 let mut mine = self.engine.hello();
                 mine.data_addrs = vec![self.data_addr_text()];
+                self.fault_lie(&mut mine);
                 ControlResponse::Hello(mine)
             }
             ControlRequest::Have(have) => {
@@ -1015,6 +1067,36 @@ impl Daemon {
     }
 
     /// Records where a peer's data plane listens; an unspecified ip means the address its connection comes from.
+    /// Fault injection (`faults.lie_about_holdings`): claim to hold the newest snapshot completely.
+    fn fault_lie(&self, hello: &mut mirrormesh_proto::control::Hello) {
+        if self.cfg.faults.lie_about_holdings
+            && let Some(latest) = self.engine.latest()
+        {
+            hello.complete_seq = Some(latest.body.seq);
+        }
+    }
+
+    /// Bans `peer` for breaking the protocol: counted as `peers_banned_{reason}`, disconnected, its connections
+    /// refused and its data plane neither served nor asked for [`PROTOCOL_BAN`].
+    fn ban_for_protocol(&mut self, peer: PeerId, reason: &str, why: &str) {
+        if self.protocol_bans.get(&peer).is_some_and(|until| Instant::now() < *until) {
+            return;
+        }
+        tracing::warn!(%peer, reason, "peer banned for breaking the protocol: {why}");
+        self.count(format!("peers_banned_{reason}"));
+        if self.protocol_bans.len() >= PROTOCOL_BANS_MAX
+            && let Some(oldest) = self.protocol_bans.iter().min_by_key(|(_, until)| **until).map(|(p, _)| *p)
+        {
+            self.protocol_bans.remove(&oldest);
+        }
+        self.protocol_bans.insert(peer, Instant::now() + PROTOCOL_BAN);
+        self.data.deny(peer);
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.banned = true;
+        }
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
     fn learn_data_addrs(&mut self, peer: PeerId, addrs: &[String]) {
         let seen_ip = self.peers.get(&peer).and_then(|p| p.address.as_ref()).and_then(ip_of);
         let mut parsed = Vec::new();
@@ -1032,6 +1114,11 @@ impl Daemon {
             }
         }
         if !parsed.is_empty() {
+            if self.cfg.faults.flood_data_plane && self.flooding.insert(peer) {
+                let data = self.data.clone();
+                let addrs = parsed.clone();
+                tokio::spawn(async move { data.flood(peer, addrs).await });
+            }
             self.peers.entry(peer).or_default().data_addrs = parsed;
         }
     }
@@ -1064,6 +1151,16 @@ impl Daemon {
                 self.start_publish(None);
             }
             self.next_deletion_check = Instant::now() + Duration::from_secs(1);
+            let abusers: Vec<(PeerId, u64)> = self
+                .data
+                .traffic()
+                .into_iter()
+                .filter(|(peer, t)| t.refused >= DATA_REFUSALS_MAX && !self.protocol_bans.contains_key(peer))
+                .map(|(peer, t)| (peer, t.refused))
+                .collect();
+            for (peer, refused) in abusers {
+                self.ban_for_protocol(peer, "baddatarequests", &format!("{refused} data-plane requests refused"));
+            }
             if let Err(e) = self.run_deletions(t) {
                 self.error(format!("pending deletions: {e:#}"));
             }

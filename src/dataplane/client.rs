@@ -24,7 +24,7 @@ pub(super) struct PeerSlot {
 }
 
 impl PeerSlot {
-    fn live(&self) -> Option<quinn::Connection> {
+    pub(super) fn live(&self) -> Option<quinn::Connection> {
         let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         conn.as_ref().filter(|c| c.close_reason().is_none()).cloned()
     }
@@ -114,6 +114,12 @@ impl Drop for RequestStream {
     }
 }
 
+/// Marks a fetch error meaning the peer could not be reached: no connection could be made, or the connection died
+/// (timed out or reset). Find it with `error.downcast_ref::<Unreachable>()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("peer unreachable")]
+pub struct Unreachable;
+
 pub(super) async fn fetch(
     inner: &Inner,
     peer: PeerId,
@@ -131,8 +137,10 @@ pub(super) async fn fetch(
     let span = tracing::debug_span!("fetch", %peer, chunks = chunks.len());
     let result = async {
         let slot = slot(inner, peer);
-        let (conn, fresh) =
-            connect(inner, &slot, peer, addrs).await.with_context(|| format!("{what} at {}", list_addrs(addrs)))?;
+        let (conn, fresh) = connect(inner, &slot, peer, addrs)
+            .await
+            .with_context(|| format!("{what} at {}", list_addrs(addrs)))
+            .context(Unreachable)?;
         let mut delivered = 0;
         let outcome = request(inner, peer, &conn, &chunks, &mut on_chunk, &mut delivered).await;
         let (conn, outcome) = match outcome {
@@ -142,16 +150,24 @@ pub(super) async fn fetch(
                 slot.evict(&conn);
                 let (conn, _) = connect(inner, &slot, peer, addrs)
                     .await
-                    .with_context(|| format!("{what} at {}", list_addrs(addrs)))?;
+                    .with_context(|| format!("{what} at {}", list_addrs(addrs)))
+                    .context(Unreachable)?;
                 let outcome = request(inner, peer, &conn, &chunks, &mut on_chunk, &mut delivered).await;
                 (conn, outcome)
             }
             outcome => (conn, outcome),
         };
+        let lost = matches!(
+            &outcome,
+            Err(FetchError::Connection(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset))
+        );
         if let Err(FetchError::Connection(_)) = &outcome {
             slot.evict(&conn);
         }
-        outcome.map_err(|e| anyhow!(e).context(format!("{what} at {}", conn.remote_address())))
+        outcome.map_err(|e| {
+            let e = anyhow!(e).context(format!("{what} at {}", conn.remote_address()));
+            if lost { e.context(Unreachable) } else { e }
+        })
     }
     .instrument(span.clone())
     .await;
@@ -204,7 +220,7 @@ async fn connect(
     bail!("could not connect: {}", failures.join("; "))
 }
 
-async fn dial(inner: &Inner, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection> {
+pub(super) async fn dial(inner: &Inner, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection> {
     let (config, presented) = tls::client_config(&inner.identity, peer)?;
     let connecting = inner.endpoint.connect_with(config, addr, tls::SERVER_NAME).context("starting the handshake")?;
     let conn = match timeout(DIAL_TIMEOUT, connecting).await {

@@ -59,14 +59,17 @@
 //! [`CHUNK_SIZE`]: mirrormesh_proto::CHUNK_SIZE
 
 mod client;
+mod flood;
 mod frame;
 mod rate;
 pub mod raw;
+
+pub use client::Unreachable;
 mod server;
 mod stall;
 pub mod tls;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -225,6 +228,8 @@ pub struct Traffic {
     pub chunks_sent: u64,
     pub chunks_received: u64,
     pub failures: u64,
+    /// Requests from the peer refused (malformed, oversized, stalled, wrong repository, slow reader).
+    pub refused: u64,
 }
 
 /// Kinds of refused input.
@@ -297,11 +302,14 @@ struct Shared {
     upload: Option<rate::TokenBucket>,
     serve_memory: Arc<Semaphore>,
     incoming: Mutex<server::IncomingCounts>,
+    /// Peers banned by the node: neither served nor asked.
+    denied: Mutex<HashSet<PeerId>>,
 }
 
 impl Shared {
     fn allowed(&self, peer: &PeerId) -> bool {
         self.allow.as_ref().is_none_or(|allow| allow.contains(peer))
+            && !self.denied.lock().unwrap_or_else(PoisonError::into_inner).contains(peer)
     }
 }
 
@@ -351,6 +359,7 @@ impl DataPlane {
             upload: cfg.upload_rate.map(rate::TokenBucket::new),
             serve_memory: Arc::new(Semaphore::new(SERVE_CHUNKS_IN_MEMORY_MAX)),
             incoming: Mutex::new(server::IncomingCounts::default()),
+            denied: Mutex::default(),
         });
         tokio::spawn(server::accept_loop(endpoint.clone(), shared.clone()));
         tracing::info!(peer = %identity.peer_id(), addr = %local_addr, "data plane listening");
@@ -386,6 +395,22 @@ impl DataPlane {
     pub fn refusals(&self) -> BTreeMap<&'static str, u64> {
         let stats = &self.inner.shared.stats;
         Refusal::ALL.iter().map(|r| (r.name(), stats.refusals[*r as usize].load(Ordering::Relaxed))).collect()
+    }
+
+    /// Stops serving `peer` and fetching from it: its connections are refused, and closed at their next request.
+    pub fn deny(&self, peer: PeerId) {
+        self.inner.shared.denied.lock().unwrap_or_else(PoisonError::into_inner).insert(peer);
+        if let Some(slot) = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(&peer)
+            && let Some(conn) = slot.live()
+        {
+            conn.close(code::NOT_ALLOWED, b"banned");
+        }
+    }
+
+    /// Fault injection (`faults.flood_data_plane`), for testing peers' defences: until the returned future is
+    /// dropped, keeps `peer`'s data plane busy with requests that stall, announce oversized frames or are garbage.
+    pub async fn flood(&self, peer: PeerId, addrs: Vec<SocketAddr>) {
+        flood::flood(&self.inner, peer, &addrs).await
     }
 
     /// Closes every connection and stops accepting. Fetches in progress fail.

@@ -147,6 +147,11 @@ async fn serve_connection(incoming: quinn::Incoming, slot: HandshakeSlot) {
         let memory = Arc::new(Semaphore::new(SERVE_CHUNKS_PER_CONNECTION_MAX));
         loop {
             match conn.accept_bi().await {
+                Ok(_) if !shared.allowed(&peer) => {
+                    tracing::info!("closing the connection of a peer no longer allowed");
+                    conn.close(code::NOT_ALLOWED, b"peer not allowed");
+                    break;
+                }
                 Ok((send, recv)) => {
                     let stream = serve_stream(shared.clone(), memory.clone(), peer, send, recv);
                     tokio::spawn(stream.in_current_span());
@@ -314,12 +319,12 @@ async fn serve_stream(
             return;
         }
         Ok(Err(RequestError::Refused(refusal, why))) => {
-            refuse(&shared, &mut send, &mut recv, refusal, &why);
+            refuse(&shared, peer, &mut send, &mut recv, refusal, &why);
             return;
         }
         Err(_) => {
             let why = format!("no complete request within {:?}", shared.timeouts.request_read);
-            refuse(&shared, &mut send, &mut recv, Refusal::Stalled, &why);
+            refuse(&shared, peer, &mut send, &mut recv, Refusal::Stalled, &why);
             return;
         }
     };
@@ -327,6 +332,7 @@ async fn serve_stream(
     if request.repo != shared.repo {
         let why = format!("request for repository {}, this node serves {}", request.repo, shared.repo);
         shared.stats.refuse(Refusal::WrongRepo);
+        shared.stats.record(peer, |t| t.refused += 1);
         tracing::info!(%why, "refused request");
         let _ = send.reset(code::REFUSED);
         return;
@@ -356,6 +362,7 @@ async fn serve_stream(
             Ok(None) => {}
             Err(WriteFail::Stalled) => {
                 shared.stats.refuse(Refusal::SlowReader);
+                shared.stats.record(peer, |t| t.refused += 1);
                 tracing::info!("resetting a stream whose reader took no data for {:?}", shared.timeouts.write_stall);
                 let _ = send.reset(code::SLOW_READER);
                 return;
@@ -369,8 +376,16 @@ async fn serve_stream(
     let _ = send.finish();
 }
 
-fn refuse(shared: &Shared, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, refusal: Refusal, why: &str) {
+fn refuse(
+    shared: &Shared,
+    peer: PeerId,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    refusal: Refusal,
+    why: &str,
+) {
     shared.stats.refuse(refusal);
+    shared.stats.record(peer, |t| t.refused += 1);
     tracing::info!(kind = refusal.name(), %why, "refused request");
     let _ = send.reset(code::REFUSED);
     let _ = recv.stop(code::REFUSED);

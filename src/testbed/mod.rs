@@ -6,6 +6,7 @@
 //!   bytes the origin host sent (on its link, headers included), and both against the Kumar–Ross bound `T_min`.
 //! - `freshness`: a one-package update published, time until every mirror serves it.
 //! - `idle`: bytes a converged fabric sends per node and minute with nothing to do.
+//! - `partition`: one mirror's link cut mid-sync and restored: it converges, fetching nothing twice.
 //! - `throughput`: on loopback, one mirror pulling a tree from one peer, against an rsync daemon and raw quinn.
 //! - `cleanup`: removes what an interrupted run left behind.
 //!
@@ -47,6 +48,8 @@ enum TestbedCommand {
     Freshness(FreshnessArgs),
     /// Bytes per node and minute of a converged fabric with nothing to do.
     Idle(IdleArgs),
+    /// Cut one mirror's link mid-sync, restore it: it converges without fetching anything twice.
+    Partition(PartitionArgs),
     /// One mirror pulling a tree from one peer on loopback, against an rsync daemon and raw quinn.
     Throughput(throughput::ThroughputArgs),
     /// Remove namespaces and links left by testbed runs that were killed.
@@ -101,6 +104,15 @@ struct IdleArgs {
     seconds: u64,
 }
 
+#[derive(Args)]
+struct PartitionArgs {
+    #[command(flatten)]
+    fabric: FabricArgs,
+    /// How long the link stays cut, in seconds (past 30 s, requests in flight time out and peers are dropped).
+    #[arg(long, default_value_t = 40)]
+    cut_secs: u64,
+}
+
 pub fn run(args: &TestbedArgs) -> Result<()> {
     let result = run_command(args);
     if result.is_err() && INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
@@ -117,6 +129,7 @@ fn run_command(args: &TestbedArgs) -> Result<()> {
         TestbedCommand::Sync(a) => sync(a),
         TestbedCommand::Freshness(a) => freshness(a),
         TestbedCommand::Idle(a) => idle(a),
+        TestbedCommand::Partition(a) => partition(a),
         TestbedCommand::Throughput(a) => throughput::run(a),
         TestbedCommand::Cleanup => {
             let removed = net::remove_tagged(net::PREFIX);
@@ -504,6 +517,67 @@ fn idle(a: &IdleArgs) -> Result<()> {
         max,
         ratio(mean, 1024.0)
     );
+    bed.finish(a.fabric.keep);
+    Ok(())
+}
+
+fn partition(a: &PartitionArgs) -> Result<()> {
+    if a.fabric.mirrors < 2 {
+        bail!("--mirrors: a partition needs at least 2 mirrors (one is cut off, the others go on)");
+    }
+    let bed = Bed::start(&a.fabric)?;
+    let victim = bed.mirrors();
+    let tx0 = bed.origin_tx()?;
+    let published = bed.fabric.publish()?;
+    let size = published.changed_bytes;
+    let timeout_ms = SYNC_TIMEOUT.as_millis() as u64;
+    let t0 = Instant::now();
+    // Cut once the victim holds a third of the snapshot.
+    bed.fabric.client(victim, SYNC_TIMEOUT).wait_fetched(size / 3, timeout_ms)?;
+    bed.net.hosts[victim].set_link(false)?;
+    let cut_at = t0.elapsed();
+    let mut others = Duration::ZERO;
+    for i in 1..victim {
+        bed.fabric.client(i, SYNC_TIMEOUT).wait_for_seq(published.seq, timeout_ms)?;
+        others = others.max(t0.elapsed());
+    }
+    // The fault schedule: the link stays cut for --cut-secs.
+    let cut = Duration::from_secs(a.cut_secs);
+    std::thread::sleep((cut_at + cut).saturating_sub(t0.elapsed()));
+    bed.net.hosts[victim].set_link(true)?;
+    let restored = Instant::now();
+    let status = bed.fabric.client(victim, SYNC_TIMEOUT).wait_settled(published.seq, timeout_ms)?;
+    let after_restore = restored.elapsed();
+    bed.fabric.wait_all_settled(published.seq, SYNC_TIMEOUT)?;
+    for i in 1..=victim {
+        bed.fabric.check_identical(i)?;
+    }
+    let origin_tx = bed.origin_tx()? - tx0;
+    let fetched = status.bytes_fetched_total;
+    let counter = |c: &str| status.counters.get(c).copied().unwrap_or(0);
+    println!();
+    println!("mirrormesh testbed partition: {}", bed.shape);
+    println!("| snapshot | victim | cut at | cut for | others converged | victim converged after the restore |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {} | mirror{victim} | {:.2} s ({} fetched) | {} s | {:.2} s | {:.2} s |",
+        human_bytes(size),
+        cut_at.as_secs_f64(),
+        human_bytes(size / 3),
+        a.cut_secs,
+        others.as_secs_f64(),
+        after_restore.as_secs_f64()
+    );
+    println!(
+        "victim: verified chunk bytes fetched / snapshot = {} (duplicates: {}); chunk requests failed {}, peers \
+         dropped as unreachable {}; origin sent / snapshot = {}",
+        ratio(fetched as f64, size as f64),
+        human_bytes(fetched.saturating_sub(size)),
+        counter("chunk_requests_failed"),
+        counter("peers_unreachable"),
+        ratio(origin_tx as f64, size as f64)
+    );
+    println!("all {victim} mirrors checked byte-identical to the origin");
     bed.finish(a.fabric.keep);
     Ok(())
 }

@@ -69,6 +69,12 @@ impl NetHost {
         text.trim().parse().with_context(|| format!("tx_bytes of {}: {text:?}", self.netns))
     }
 
+    /// Cuts (`false`) or restores (`true`) this host's link: its end on the bridge goes down or up, so packets
+    /// either way are dropped while it is down.
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        run(&["ip", "link", "set", &self.outer, if up { "up" } else { "down" }])
+    }
+
     /// A command run inside this host's namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");

@@ -23,6 +23,9 @@ pub const NODE_REQUESTS_PER_PEER_MAX: usize = 4;
 pub const NODES_PER_FETCH: usize = 128;
 /// Nodes held pending in memory while their subtrees are fetched.
 pub const PENDING_NODES_MAX: usize = 1 << 22;
+/// What peers said they lack (or failed to send) is forgotten this long after the first of it: a peer still
+/// fetching the manifest itself holds it a moment later, and a timeout under load is not a lasting answer.
+pub const LACKS_FORGET_MS: u64 = 3_000;
 
 /// What the fetcher wants done.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +83,8 @@ pub struct ManifestFetch<P: PeerKey> {
     lacks: BTreeSet<(P, NodeHash)>,
     /// Peers that do not hold the delta.
     delta_lacks: BTreeSet<P>,
+    /// When the oldest remembered lack was first seen.
+    lacks_since: Option<Timestamp>,
     complete: bool,
     /// False until the store was checked (see [`ManifestFetch::resume`]).
     started: bool,
@@ -120,6 +125,7 @@ impl<P: PeerKey> ManifestFetch<P> {
             stored: BTreeSet::new(),
             lacks: BTreeSet::new(),
             delta_lacks: BTreeSet::new(),
+            lacks_since: None,
             complete: false,
             started: false,
             bytes_received: 0,
@@ -308,6 +314,22 @@ impl<P: PeerKey> ManifestFetch<P> {
         }
     }
 
+    /// Forgets what peers lacked once it is [`LACKS_FORGET_MS`] old, so they are asked again (called on ticks).
+    pub fn forget_lacks(&mut self, now: Timestamp) {
+        if self.lacks.is_empty() {
+            self.lacks_since = None;
+            return;
+        }
+        match self.lacks_since {
+            None => self.lacks_since = Some(now),
+            Some(since) if now.millis_since(since) >= LACKS_FORGET_MS => {
+                self.lacks.clear();
+                self.lacks_since = None;
+            }
+            Some(_) => {}
+        }
+    }
+
     /// Requests overdue at `now`.
     pub fn overdue(&self, now: Timestamp) -> Vec<(P, ReqId)> {
         self.in_flight
@@ -403,5 +425,35 @@ fn children(node: &Node) -> Vec<NodeHash> {
                 _ => None,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_that_lacked_a_node_are_asked_again_once_the_lack_is_old() {
+        let root = NodeHash::of(b"a manifest node");
+        let mut fetch = ManifestFetch::<u8>::resume(root);
+        fetch.wanted.insert(root);
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            ReqId(n)
+        };
+        let t0 = Timestamp(1_000_000);
+        let first = fetch.pump(t0, &[7], &mut next);
+        let [FetchOut::Nodes { req, .. }] = first.as_slice() else { panic!("one request: {first:?}") };
+        // The only peer times out: nobody is left to ask...
+        fetch.on_failed(*req);
+        assert!(fetch.pump(t0, &[7], &mut next).is_empty());
+        fetch.forget_lacks(t0);
+        fetch.forget_lacks(t0.plus_ms(LACKS_FORGET_MS - 1));
+        assert!(fetch.pump(t0.plus_ms(LACKS_FORGET_MS - 1), &[7], &mut next).is_empty());
+        // ...until the lack is old enough to be forgotten.
+        fetch.forget_lacks(t0.plus_ms(LACKS_FORGET_MS));
+        let again = fetch.pump(t0.plus_ms(LACKS_FORGET_MS), &[7], &mut next);
+        assert!(matches!(again.as_slice(), [FetchOut::Nodes { peer: 7, hashes, .. }] if hashes == &vec![root]));
     }
 }

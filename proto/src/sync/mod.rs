@@ -737,6 +737,7 @@ impl<P: PeerKey> Engine<P> {
                 for (_, req) in fetch.overdue(now) {
                     fetch.on_failed(req);
                 }
+                fetch.forget_lacks(now);
             }
             Phase::Transfer { sched, .. } => {
                 let outs = sched.on_tick(now);
