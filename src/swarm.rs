@@ -41,6 +41,20 @@ pub struct Behaviour {
     pub control: request_response::Behaviour<ControlCodec>,
 }
 
+/// A control request as read from a peer: decoded, or malformed (with why), which the node counts, never answers,
+/// and bans the peer for when it repeats.
+#[derive(Debug)]
+pub enum WireRequest {
+    Valid(ControlRequest),
+    Malformed(String),
+}
+
+impl From<ControlRequest> for WireRequest {
+    fn from(request: ControlRequest) -> Self {
+        WireRequest::Valid(request)
+    }
+}
+
 /// Frames control messages as a 4-byte big-endian length and the wire encoding, refusing oversized frames before
 /// reading them.
 #[derive(Clone, Default)]
@@ -86,16 +100,23 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 
 impl request_response::Codec for ControlCodec {
     type Protocol = StreamProtocol;
-    type Request = ControlRequest;
+    type Request = WireRequest;
     type Response = ControlResponse;
 
     async fn read_request<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<ControlRequest> {
-        let bytes = read_frame(io, CONTROL_REQUEST_BYTES_MAX).await?;
-        ControlRequest::decode(&bytes).map_err(invalid)
+    ) -> io::Result<WireRequest> {
+        let bytes = match read_frame(io, CONTROL_REQUEST_BYTES_MAX).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => return Ok(WireRequest::Malformed(e.to_string())),
+            Err(e) => return Err(e),
+        };
+        Ok(match ControlRequest::decode(&bytes) {
+            Ok(request) => WireRequest::Valid(request),
+            Err(e) => WireRequest::Malformed(format!("undecodable control request: {e}")),
+        })
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -111,12 +132,13 @@ impl request_response::Codec for ControlCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        request: ControlRequest,
+        request: WireRequest,
     ) -> io::Result<()> {
-        if self.malformed {
-            return write_malformed(io, &request).await;
+        match request {
+            WireRequest::Valid(request) if self.malformed => write_malformed(io, &request).await,
+            WireRequest::Valid(request) => write_frame(io, &request.encode()).await,
+            WireRequest::Malformed(_) => write_frame(io, b"malformed").await,
         }
-        write_frame(io, &request.encode()).await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(

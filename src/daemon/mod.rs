@@ -43,7 +43,7 @@ use crate::publish::{PublishOptions, PublishReport, now, publish};
 use crate::staging::{Prepared, Staging};
 use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
 use crate::store::StateStore;
-use crate::swarm::{self, Behaviour, BehaviourEvent};
+use crate::swarm::{self, Behaviour, BehaviourEvent, WireRequest};
 
 /// How often the engine is ticked.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -426,19 +426,21 @@ impl Daemon {
             Output::SendHello(peer, mut hello) => {
                 hello.data_addrs = vec![self.data_addr_text()];
                 self.fault_lie(&mut hello);
-                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Hello(hello));
+                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Hello(hello).into());
                 self.pending.insert(id, Pending::Hello { sent: Instant::now() });
             }
             Output::SendHave(peer, have) => {
-                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Have(have));
+                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Have(have).into());
                 self.pending.insert(id, Pending::Have { sent: Instant::now() });
             }
             Output::FetchNodes { peer, req, hashes } => {
-                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::GetNodes { hashes });
+                let id =
+                    self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::GetNodes { hashes }.into());
                 self.pending.insert(id, Pending::Nodes { peer, req });
             }
             Output::FetchDelta { peer, req, hash } => {
-                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::GetDelta { hash });
+                let id =
+                    self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::GetDelta { hash }.into());
                 self.pending.insert(id, Pending::Delta { peer, req });
             }
             Output::StoreNodes(nodes) => {
@@ -942,7 +944,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn on_control(&mut self, event: request_response::Event<ControlRequest, ControlResponse>) -> Result<()> {
+    fn on_control(&mut self, event: request_response::Event<WireRequest, ControlResponse>) -> Result<()> {
         let t = now();
         let peer = match &event {
             request_response::Event::Message { peer, .. }
@@ -955,9 +957,21 @@ impl Daemon {
         let _peer = tracing::info_span!("peer", %peer).entered();
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request { request, channel, .. } => {
+                request_response::Message::Request { request: WireRequest::Valid(request), channel, .. } => {
                     let response = self.answer(peer, request)?;
                     let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
+                }
+                request_response::Message::Request { request: WireRequest::Malformed(why), .. } => {
+                    // Not answered: dropping the channel resets the stream.
+                    tracing::debug!(%peer, "malformed control request: {why}");
+                    self.count("control_malformed");
+                    let state = self.peers.entry(peer).or_default();
+                    state.malformed += 1;
+                    let malformed = state.malformed;
+                    if malformed >= CONTROL_MALFORMED_MAX {
+                        let why = format!("{malformed} malformed control requests, the last: {why}");
+                        self.ban_for_protocol(peer, "malformedcontrol", &why);
+                    }
                 }
                 request_response::Message::Response { request_id, response } => {
                     let reader = self.store.reader()?;
@@ -1012,18 +1026,6 @@ impl Daemon {
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, "control request from peer failed: {error}");
                 self.count("control_inbound_failures");
-                if let request_response::InboundFailure::Io(e) = &error
-                    && e.kind() == std::io::ErrorKind::InvalidData
-                {
-                    self.count("control_malformed");
-                    let state = self.peers.entry(peer).or_default();
-                    state.malformed += 1;
-                    let malformed = state.malformed;
-                    if malformed >= CONTROL_MALFORMED_MAX {
-                        let why = format!("{malformed} malformed control requests, the last: {e}");
-                        self.ban_for_protocol(peer, "malformedcontrol", &why);
-                    }
-                }
             }
             request_response::Event::ResponseSent { .. } => {}
         }

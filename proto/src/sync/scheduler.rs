@@ -420,8 +420,13 @@ impl<P: PeerKey> Scheduler<P> {
                 self.release(req, &peer, size);
                 out
             }
-            ChunkOutcome::Elsewhere(_) => {
-                self.origin_deferred.insert(c, now.plus_ms(self.limits.redirect_defer_ms));
+            ChunkOutcome::Elsewhere(holders) => {
+                // Wait for the chunk to come from the peers pointed at (directly, or through peers they pass it
+                // to), unless this node banned every one of them: then the origin's next answer serves it.
+                let all_banned = holders.iter().all(|h| self.peers.get(h).is_some_and(|p| p.banned));
+                if !all_banned {
+                    self.origin_deferred.insert(c, now.plus_ms(self.limits.redirect_defer_ms));
+                }
                 self.release(req, &peer, size);
                 Vec::new()
             }

@@ -89,10 +89,13 @@ impl<P: PeerKey> Seeder<P> {
             self.served += 1;
             return ServeDecision::Serve;
         }
-        if elsewhere.is_empty()
-            && let Some(first) = in_transit
+        // The chunk's first recipient leads the list: it is getting the chunk now, while peers that claim to hold
+        // everything may be lying (an asker that banned every listed peer comes back at once).
+        if let Some(first) = in_transit
+            && !elsewhere.contains(&first)
         {
-            elsewhere.push(first);
+            elsewhere.insert(0, first);
+            elsewhere.truncate(REDIRECT_PEERS_MAX);
         }
         if !elsewhere.is_empty() && self.redirected.len() < self.limits.entries_max {
             self.redirected.insert((asker.clone(), *id));
