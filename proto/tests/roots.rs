@@ -59,7 +59,14 @@ fn bad_signature() {
     assert_eq!(tracker().check(NOW, &signed), Err(RootError::BadSignature));
 
     let mut signed = SignedRoot::sign(&SECRET, &body(1, 1));
-    signed.signature.truncate(10); // unsigned / truncated
+    signed.signature.truncate(10); // truncated
+    assert_eq!(tracker().check(NOW, &signed), Err(RootError::BadSignature));
+
+    let mut signed = SignedRoot::sign(&SECRET, &body(1, 1));
+    signed.signature.clear(); // unsigned
+    assert_eq!(tracker().check(NOW, &signed), Err(RootError::BadSignature));
+    let mut signed = SignedRoot::sign(&SECRET, &body(1, 1));
+    signed.signature.iter_mut().for_each(|b| *b = 0); // an all-zero signature
     assert_eq!(tracker().check(NOW, &signed), Err(RootError::BadSignature));
 
     // A trusted key's identity claimed, another key's signature.
