@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use anyhow::{Context, Result, bail};
 use mirrormesh_proto::chunk::{CHUNK_SIZE, ChunkId, chunk_range};
@@ -82,6 +82,11 @@ pub struct Staging {
     plan: RwLock<Option<Arc<StagePlan>>>,
     /// Chunks of the plan verified in staging.
     present: Mutex<HashSet<ChunkId>>,
+    /// Chunks being written now (locked before `present` when both are), and the signal that one finished: a
+    /// second copy waits for the first, so nothing is written into a file once its chunks are all present (the
+    /// apply may be setting its mtime or renaming it).
+    writing: Mutex<HashSet<ChunkId>>,
+    written: Condvar,
 }
 
 /// What preparing found.
@@ -115,6 +120,8 @@ impl Staging {
             tree: tree.to_owned(),
             plan: RwLock::new(None),
             present: Mutex::new(HashSet::new()),
+            writing: Mutex::new(HashSet::new()),
+            written: Condvar::new(),
         })
     }
 
@@ -224,17 +231,32 @@ impl Staging {
         // outlived its sync) is not needed: nothing to write, and the staged files may already be in the tree.
         let Some(plan) = self.plan() else { return Ok(false) };
         let Some(targets) = plan.targets.get(id) else { return Ok(false) };
-        if self.present.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))?.contains(id) {
-            return Ok(false);
+        let poisoned = |_| anyhow::anyhow!("staging lock poisoned");
+        {
+            let mut writing = self.writing.lock().map_err(poisoned)?;
+            loop {
+                if self.present.lock().map_err(poisoned)?.contains(id) {
+                    return Ok(false);
+                }
+                if writing.insert(*id) {
+                    break;
+                }
+                writing = self.written.wait(writing).map_err(poisoned)?;
+            }
         }
-        for (key, offset, len) in targets {
+        let result = targets.iter().try_for_each(|(key, offset, len)| {
             if *len != bytes.len() as u64 {
                 bail!("chunk {id} is {} bytes, expected {len}", bytes.len());
             }
-            write_at(&self.object_path(key), *offset, bytes)?;
+            write_at(&self.object_path(key), *offset, bytes)
+        });
+        let mut writing = self.writing.lock().map_err(poisoned)?;
+        if result.is_ok() {
+            self.present.lock().map_err(poisoned)?.insert(*id);
         }
-        self.present.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))?.insert(*id);
-        Ok(true)
+        writing.remove(id);
+        self.written.notify_all();
+        result.map(|()| true)
     }
 
     /// A verified staged chunk, for serving peers (blocking).
