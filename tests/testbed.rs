@@ -29,18 +29,20 @@ fn testbed_runs_check_trees_and_clean_up() {
     an_interrupted_run_removes_its_namespaces();
 }
 
-fn a_mirror_cut_off_mid_sync_converges_without_fetching_twice() {
-    // Cut for 35 s: past the 30 s stall timeouts, so the requests in flight fail and the peers are dropped.
-    let child = Command::new(binary())
-        .args(["testbed", "partition", "--mirrors", "3", "--fraction", "0.01", "--cut-secs", "35"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// Runs `mirrormesh testbed ARGS` to the end; its process id and stdout, once it succeeded.
+fn run_testbed(args: &[&str]) -> (u32, String) {
+    let child =
+        Command::new(binary()).arg("testbed").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    (pid, stdout)
+}
+
+fn a_mirror_cut_off_mid_sync_converges_without_fetching_twice() {
+    // Cut for 35 s: past the 30 s stall timeouts, so the requests in flight fail and the peers are dropped.
+    let (pid, stdout) = run_testbed(&["partition", "--mirrors", "3", "--fraction", "0.01", "--cut-secs", "35"]);
     println!("{stdout}");
     assert!(stdout.contains("all 3 mirrors checked byte-identical"), "{stdout}");
     let line = stdout.lines().find(|l| l.starts_with("victim:")).unwrap_or_else(|| panic!("{stdout}"));
@@ -51,17 +53,19 @@ fn a_mirror_cut_off_mid_sync_converges_without_fetching_twice() {
 }
 
 fn a_small_sync_benchmark_runs_checks_and_cleans_up() {
-    let child = Command::new(binary())
-        .args(["testbed", "sync", "--mirrors", "2", "--fraction", "0.005", "--update-packages", "2"])
-        .args(["--origin-mbit", "400", "--mirror-mbit", "300-500"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let (pid, stdout) = run_testbed(&[
+        "sync",
+        "--mirrors",
+        "2",
+        "--fraction",
+        "0.005",
+        "--update-packages",
+        "2",
+        "--origin-mbit",
+        "400",
+        "--mirror-mbit",
+        "300-500",
+    ]);
     assert!(stdout.contains("checked byte-identical"), "{stdout}");
     // Two rows of measurements: for each, rsync from the origin costs about one copy per mirror.
     for step in ["initial sync", "2-package update"] {
