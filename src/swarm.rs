@@ -24,12 +24,14 @@ pub const CONTROL_STREAMS_MAX: usize = 64;
 pub const GOSSIP_BYTES_MAX: usize = 4096;
 /// An idle connection stays open this long (peers keep each other for gossip and anti-entropy).
 pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3600);
-/// A QUIC connection with nothing to send pings its peer this often (libp2p's default, 5 s, costs an idle fabric
-/// about 12 kB per node and minute; at 60 s it is under 1 kB).
-pub const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(60);
+/// A QUIC connection that heard nothing for this long pings its peer (libp2p's default, 5 s, costs an idle fabric
+/// about 12 kB per node and minute). Under Linux conntrack's 120 s timeout for an established UDP flow, so a stateful
+/// firewall in front of a mirror keeps the connection; an idle connection costs one ping and its acknowledgement
+/// per interval (either end's timer restarts on every packet it receives).
+pub const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(100);
 /// A QUIC connection that hears nothing for this long is dead: three keep-alives missed. (While chunks or control
 /// requests are in flight, their own timeouts notice a dead peer sooner.)
-pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often identify re-sends this node's description to a connected peer (libp2p's default is 5 minutes; the
 /// description does not change while the daemon runs).
 pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(3600);

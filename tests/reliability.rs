@@ -419,8 +419,9 @@ enum Others {
 }
 
 /// One sync of 3 honest mirrors from an origin at 4 MB/s with `others` beside them. Returns the time from starting
-/// the honest mirrors until each holds the snapshot, their peak memory and their final status.
-fn honest_sync(others: Others) -> (Duration, Vec<u64>, Vec<mirrormesh::status::Status>) {
+/// the honest mirrors until each holds the snapshot, their peak memory, their final status and the chunks the origin
+/// served meanwhile.
+fn honest_sync(others: Others) -> (Duration, Vec<u64>, Vec<mirrormesh::status::Status>, u64) {
     let dir = tempfile::tempdir().unwrap();
     let byzantine = others == Others::Byzantine;
     // Node 0 is the origin; 5 and 6 are the other mirrors (the liar and the flooder when byzantine), 1 the corrupt
@@ -445,6 +446,9 @@ fn honest_sync(others: Others) -> (Duration, Vec<u64>, Vec<mirrormesh::status::S
         fabric.write_config(1, &NodeOptions { corrupt_served_chunks: true, ..NodeOptions::default() }).unwrap();
         fabric.start(1).unwrap();
     }
+    let served =
+        |fabric: &LocalFabric| fabric.status(0).unwrap().counters.get("origin_chunks_served").copied().unwrap_or(0);
+    let served_before = served(&fabric);
     let t = std::time::Instant::now();
     for &i in &honest {
         fabric.start(i).unwrap();
@@ -458,6 +462,7 @@ fn honest_sync(others: Others) -> (Duration, Vec<u64>, Vec<mirrormesh::status::S
         statuses.push(fabric.client(i, WAIT).wait_settled(published.seq, WAIT_MS).unwrap());
     }
     let elapsed = t.elapsed();
+    let origin_served = served(&fabric) - served_before;
     for &i in &honest {
         fabric.check_identical(i).unwrap();
     }
@@ -475,15 +480,19 @@ fn honest_sync(others: Others) -> (Duration, Vec<u64>, Vec<mirrormesh::status::S
         drop(fabric);
         println!("kept {}", dir.keep().display());
     }
-    (elapsed, rss, statuses)
+    (elapsed, rss, statuses, origin_served)
 }
 
 #[test]
 fn byzantine_peers_are_banned_and_cost_little() {
     let _serial = serial();
-    let (alone, _, _) = honest_sync(Others::Absent);
-    let (clean, clean_rss, _) = honest_sync(Others::Honest);
-    let (attacked, attacked_rss, statuses) = honest_sync(Others::Byzantine);
+    let (alone, _, _, alone_served) = honest_sync(Others::Absent);
+    let (clean, clean_rss, _, clean_served) = honest_sync(Others::Honest);
+    let (attacked, attacked_rss, statuses, attacked_served) = honest_sync(Others::Byzantine);
+    println!(
+        "chunks the origin served during the sync: {attacked_served} with the byzantine peers, {clean_served} with \
+         honest ones, {alone_served} with no other peer"
+    );
     let counter = |s: &mirrormesh::status::Status, c: &str| s.counters.get(c).copied().unwrap_or(0);
     for (i, s) in statuses.iter().enumerate() {
         println!(

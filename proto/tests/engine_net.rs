@@ -32,6 +32,8 @@ struct Node {
     applied: Option<NodeHash>,
     corrupt: bool,
     liar: bool,
+    /// Claims in its hellos to hold the newest snapshot completely.
+    claims_complete: bool,
     bans: Vec<(u32, BanReason)>,
     notices: Vec<Notice<u32>>,
     bytes_from_peers: u64,
@@ -231,7 +233,10 @@ impl Net {
             return;
         }
         match msg {
-            Msg::Hello { hello, reply, .. } => {
+            Msg::Hello { mut hello, reply, .. } => {
+                if self.node(from).claims_complete {
+                    hello.complete_seq = Some(self.seq);
+                }
                 let node = self.node(to);
                 let Node { engine, nodes, .. } = node;
                 let engine = engine.as_mut().unwrap();
@@ -270,6 +275,7 @@ impl Net {
                     let decision = server.engine.as_mut().unwrap().serve_decision(now, &from, &id);
                     let outcome = match decision {
                         ServeDecision::Elsewhere(peers) => ChunkOutcome::Elsewhere(peers),
+                        ServeDecision::Refuse => ChunkOutcome::Missing,
                         ServeDecision::Serve if !server.chunks.contains(&id) => ChunkOutcome::Missing,
                         ServeDecision::Serve if server.corrupt => ChunkOutcome::Corrupt,
                         ServeDecision::Serve => {
@@ -437,6 +443,32 @@ fn a_peer_lying_about_what_it_holds_is_banned() {
         let n = net.node(id);
         assert!(n.bans.contains(&(3, BanReason::FalseHave)), "mirror {id} banned the liar: {:?}", n.bans);
     }
+}
+
+#[test]
+fn a_peer_claiming_a_snapshot_it_still_downloads_gets_nothing_from_the_origin() {
+    let mut net = Net::new(3);
+    net.lies_max = 3;
+    net.nodes.clear();
+    for id in 0..=3 {
+        net.add_node(id);
+    }
+    packages(&mut net.tree, 60, 0);
+    net.publish();
+    net.node(3).claims_complete = true;
+    full_mesh(&mut net);
+    net.run(400);
+    for id in 1..=2 {
+        assert_eq!(net.applied(id), net.root, "mirror {id} converges");
+        let n = net.node(id);
+        assert!(n.bans.contains(&(3, BanReason::FalseHave)), "mirror {id} banned the liar: {:?}", n.bans);
+    }
+    let (_, _, refused) = net.node(ORIGIN).engine.as_ref().unwrap().seeder_counts();
+    println!("the origin refused the liar {refused} chunks");
+    assert!(refused > 0, "the liar asked the origin for chunks");
+    assert_eq!(net.node(3).bytes_from_origin, 0, "the origin served the liar");
+    let ratio = net.origin_bytes() as f64 / net.tree_bytes() as f64;
+    assert!(ratio <= 1.05, "origin sent {ratio:.3} x the tree");
 }
 
 #[test]

@@ -930,6 +930,7 @@ impl World {
             let decision = engine.serve_decision(now, &client, &id);
             let (bytes, reply) = match decision {
                 ServeDecision::Elsewhere(peers) => (Sizes::chunk_elsewhere(peers.len()), Reply::Elsewhere(peers)),
+                ServeDecision::Refuse => (Sizes::chunk_missing(), Reply::Missing),
                 ServeDecision::Serve => match n.chunks.get(number as usize).copied().flatten() {
                     Some(mut token) => {
                         if corrupt {

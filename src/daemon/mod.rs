@@ -425,11 +425,12 @@ impl Daemon {
             }
             Output::SendHello(peer, mut hello) => {
                 hello.data_addrs = vec![self.data_addr_text()];
-                self.fault_lie(&mut hello);
+                self.fault_lie(&mut hello.complete_seq);
                 let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Hello(hello).into());
                 self.pending.insert(id, Pending::Hello { sent: Instant::now() });
             }
-            Output::SendHave(peer, have) => {
+            Output::SendHave(peer, mut have) => {
+                self.fault_lie(&mut have.complete_seq);
                 let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Have(have).into());
                 self.pending.insert(id, Pending::Have { sent: Instant::now() });
             }
@@ -691,6 +692,7 @@ impl Daemon {
                     .map(|id| match self.engine.serve_decision(t, &peer, id) {
                         ServeDecision::Serve => Decision::Serve,
                         ServeDecision::Elsewhere(peers) => Decision::Elsewhere(peers),
+                        ServeDecision::Refuse => Decision::Missing,
                     })
                     .collect();
                 let _ = reply.send(decisions);
@@ -1041,7 +1043,7 @@ impl Daemon {
                 self.engine.handle_hello(t, peer, hello, &reader)?;
                 let mut mine = self.engine.hello();
                 mine.data_addrs = vec![self.data_addr_text()];
-                self.fault_lie(&mut mine);
+                self.fault_lie(&mut mine.complete_seq);
                 ControlResponse::Hello(mine)
             }
             ControlRequest::Have(have) => {
@@ -1068,13 +1070,13 @@ impl Daemon {
         })
     }
 
-    /// Records where a peer's data plane listens; an unspecified ip means the address its connection comes from.
-    /// Fault injection (`faults.lie_about_holdings`): claim to hold the newest snapshot completely.
-    fn fault_lie(&self, hello: &mut mirrormesh_proto::control::Hello) {
+    /// Fault injection (`faults.lie_about_holdings`): claim to hold the newest snapshot completely (in hellos and
+    /// have messages).
+    fn fault_lie(&self, complete_seq: &mut Option<u64>) {
         if self.cfg.faults.lie_about_holdings
             && let Some(latest) = self.engine.latest()
         {
-            hello.complete_seq = Some(latest.body.seq);
+            *complete_seq = Some(latest.body.seq);
         }
     }
 
@@ -1099,6 +1101,7 @@ impl Daemon {
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
+    /// Records where a peer's data plane listens; an unspecified ip means the address its connection comes from.
     fn learn_data_addrs(&mut self, peer: PeerId, addrs: &[String]) {
         let seen_ip = self.peers.get(&peer).and_then(|p| p.address.as_ref()).and_then(ip_of);
         let mut parsed = Vec::new();
@@ -1276,10 +1279,11 @@ impl Daemon {
         for (what, n) in self.data.refusals() {
             counters.insert(format!("data_refused_{what}"), n);
         }
-        let (served_chunks, redirects) = self.engine.seeder_counts();
+        let (served_chunks, redirects, refused) = self.engine.seeder_counts();
         if self.cfg.role == RoleName::Origin {
             counters.insert("origin_chunks_served".into(), served_chunks);
             counters.insert("origin_redirects".into(), redirects);
+            counters.insert("origin_refused_complete_claims".into(), refused);
         }
         let status = Status {
             node_id: self.key.peer_id().to_string(),

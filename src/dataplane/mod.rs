@@ -189,6 +189,8 @@ impl Default for StreamTimeouts {
 pub enum Decision {
     Serve,
     Elsewhere(Vec<PeerId>),
+    /// Answer "missing" whether or not the chunk is here.
+    Missing,
 }
 
 /// Where the data plane gets the chunks it serves and how it decides whom to serve.

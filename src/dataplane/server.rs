@@ -208,6 +208,7 @@ enum Prepared {
 async fn prepare(shared: Arc<Shared>, memory: Arc<Semaphore>, id: ChunkId, decision: Decision) -> Prepared {
     match decision {
         Decision::Elsewhere(peers) => Prepared::Elsewhere(peers),
+        Decision::Missing => Prepared::Missing,
         Decision::Serve => {
             // The connection's share first, so one peer cannot take the whole node's budget. Neither semaphore is
             // ever closed.

@@ -710,6 +710,10 @@ impl<P: PeerKey> Engine<P> {
             return ServeDecision::Serve;
         }
         let seq = self.current.as_ref().map(|c| c.body.seq);
+        if seq.is_some() && self.peers.get(peer).is_some_and(|info| info.complete_seq == seq) {
+            self.seeder.refused += 1;
+            return ServeDecision::Refuse;
+        }
         let mut holders: Vec<P> = self
             .peers
             .iter()
@@ -727,8 +731,9 @@ impl<P: PeerKey> Engine<P> {
         self.seeder.decide(now, peer, id, &holders, |p| peers.contains_key(p))
     }
 
-    pub fn seeder_counts(&self) -> (u64, u64) {
-        (self.seeder.served, self.seeder.redirects)
+    /// Chunks the origin served, redirected, and refused to peers claiming to hold the snapshot already.
+    pub fn seeder_counts(&self) -> (u64, u64, u64) {
+        (self.seeder.served, self.seeder.redirects, self.seeder.refused)
     }
 
     pub fn handle_tick(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {

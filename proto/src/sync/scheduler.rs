@@ -25,7 +25,7 @@ use crate::chunk::ChunkId;
 use crate::sync::availability::Availability;
 use crate::sync::{PeerKey, ReqId};
 use crate::timestamp::Timestamp;
-use crate::transfer::CHUNKS_PER_REQUEST_MAX;
+use crate::transfer::{CHUNKS_PER_REQUEST_MAX, REDIRECT_PEERS_MAX};
 
 /// A partial holder's candidate chunks are sorted by rarity when there are at most this many; beyond it the
 /// rarest-first order is walked instead (cost: a request's worth of hits instead of a sort of thousands).
@@ -159,8 +159,9 @@ pub struct Scheduler<P: PeerKey> {
     in_flight: BTreeMap<u32, Vec<(P, ReqId)>>,
     /// Needed chunks in rarest-first order (held ones retired).
     avail: Availability,
-    /// The origin is not asked for a chunk before this instant (after it redirected).
-    origin_deferred: BTreeMap<u32, Timestamp>,
+    /// The origin is not asked for a chunk before this instant (after it redirected), unless every peer it pointed
+    /// at is banned.
+    origin_deferred: BTreeMap<u32, (Timestamp, Vec<P>)>,
     peers: BTreeMap<P, PeerSched>,
     /// Connected, unbanned non-origin peers that hold every chunk.
     holds_all_count: u32,
@@ -425,7 +426,8 @@ impl<P: PeerKey> Scheduler<P> {
                 // to), unless this node banned every one of them: then the origin's next answer serves it.
                 let all_banned = holders.iter().all(|h| self.peers.get(h).is_some_and(|p| p.banned));
                 if !all_banned {
-                    self.origin_deferred.insert(c, now.plus_ms(self.limits.redirect_defer_ms));
+                    let until = now.plus_ms(self.limits.redirect_defer_ms);
+                    self.origin_deferred.insert(c, (until, holders.into_iter().take(REDIRECT_PEERS_MAX).collect()));
                 }
                 self.release(req, &peer, size);
                 Vec::new()
@@ -541,9 +543,14 @@ impl<P: PeerKey> Scheduler<P> {
                         break;
                     }
                 }
-                if !full {
+                // A redirected chunk is asked of the origin again once its deferral is over and this node has
+                // nothing in flight from peers: while peers are still sending, the chunk is more likely spreading
+                // toward it than lost (with many mirrors on little bandwidth a chunk can take longer than the
+                // deferral to cross the mesh).
+                let peers_busy = self.peers.values().any(|q| !q.is_origin && !q.requests.is_empty());
+                if !full && !peers_busy {
                     for c in self.avail.unannounced() {
-                        let due = self.origin_deferred.get(&c).is_some_and(|until| *until <= now);
+                        let due = self.origin_deferred.get(&c).is_some_and(|(until, _)| *until <= now);
                         if due && usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
                             break;
                         }
@@ -705,6 +712,9 @@ impl<P: PeerKey> Scheduler<P> {
             self.drop_request(req);
             out.push(SchedOut::Cancel { peer: peer.clone(), req });
         }
+        // A chunk the origin redirected only to peers now banned will not come from them: ask the origin again now.
+        let peers = &self.peers;
+        self.origin_deferred.retain(|_, (_, holders)| !holders.iter().all(|h| peers.get(h).is_some_and(|p| p.banned)));
         out
     }
 
@@ -782,5 +792,56 @@ mod tests {
         s.add_holding(&5, &id(1));
         let outs = fetches(&s.pump(Timestamp(0), &mut next));
         assert_eq!(outs, vec![(5, vec![id(1)]), (0, vec![id(2)])]);
+    }
+
+    #[test]
+    fn a_redirected_chunk_waits_for_the_mesh_unless_its_holders_are_banned() {
+        let mut s = Scheduler::new(SchedulerLimits::default(), 1, [(id(1), 100), (id(2), 100), (id(3), 100)]);
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            ReqId(n)
+        };
+        let mut sent = |s: &mut Scheduler<u32>, at: u64| -> Vec<ChunkFetch<u32>> {
+            s.pump(Timestamp(at), &mut next)
+                .into_iter()
+                .filter_map(|o| match o {
+                    SchedOut::Fetch(f) => Some(f),
+                    _ => None,
+                })
+                .collect()
+        };
+        s.set_peer(&0, true, true);
+        s.set_peer(&5, false, false);
+        s.set_peer(&6, false, false);
+        let first = sent(&mut s, 0);
+        assert_eq!(first.len(), 1);
+        assert_eq!((first[0].peer, first[0].chunks.len()), (0, 3));
+        let req = first[0].req;
+        s.on_chunk(Timestamp(5), req, &id(1), ChunkOutcome::Elsewhere(vec![5]));
+        s.on_chunk(Timestamp(5), req, &id(2), ChunkOutcome::Elsewhere(vec![6]));
+        s.on_chunk(Timestamp(5), req, &id(3), ChunkOutcome::Elsewhere(vec![6]));
+        s.on_request_done(Timestamp(5), req, 0);
+        assert!(sent(&mut s, 10).is_empty(), "redirected chunks are not asked of the origin right away");
+
+        // Peer 5 announces chunk 1 and sends corrupt bytes: banned, and the origin is asked for chunk 1 at once.
+        s.add_holding(&5, &id(1));
+        let from_5 = sent(&mut s, 20);
+        assert_eq!(from_5.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(5, vec![id(1)])]);
+        let outs = s.on_chunk(Timestamp(30), from_5[0].req, &id(1), ChunkOutcome::Corrupt);
+        assert!(outs.contains(&SchedOut::Ban { peer: 5, reason: BanReason::CorruptChunk }));
+        let again = sent(&mut s, 40);
+        assert_eq!(again.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(0, vec![id(1)])]);
+
+        // Chunk 3 arrives at peer 6, which is busy sending it: chunk 2 waits past its deferral while peer 6 sends.
+        s.add_holding(&6, &id(3));
+        let from_6 = sent(&mut s, 50);
+        assert_eq!(from_6.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(6, vec![id(3)])]);
+        let past = SchedulerLimits::default().redirect_defer_ms + 100;
+        assert!(sent(&mut s, past).is_empty(), "the origin is not asked while a peer is sending");
+        s.on_chunk(Timestamp(past + 1), from_6[0].req, &id(3), ChunkOutcome::Verified);
+        s.on_request_done(Timestamp(past + 1), from_6[0].req, 100);
+        let last = sent(&mut s, past + 2);
+        assert_eq!(last.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(0, vec![id(2)])]);
     }
 }

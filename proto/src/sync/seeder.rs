@@ -2,32 +2,45 @@
 //! askers at the peers that have it.
 //!
 //! For a request from peer `r` for chunk `c`:
-//! 1. if `r` was already pointed elsewhere for `c`, serve it (a peer that cannot reach the holders still gets the
-//!    chunk, at most one extra copy per asker), unless `c` is still on its way to its first recipient and nobody
-//!    announced it yet (then point `r` at that recipient again);
-//! 2. else if connected peers other than `r` hold `c`, answer `Elsewhere(them)`;
-//! 3. else if `c` was handed to another connected peer less than [`SeederLimits::assign_timeout_ms`] ago (it is
-//!    still arriving there), answer `Elsewhere(that peer)`;
-//! 4. else serve it and remember that `r` got it.
+//! 1. if `r` was already pointed elsewhere for `c`:
+//!    - if `r` came back sooner than [`SeederLimits::rebound_ms`] after it was pointed elsewhere (an asker waits
+//!      that long for the mesh unless it banned every peer named) and the origin has since handed `c` to peers `r`
+//!      was not pointed at, point `r` at them (at most [`REDIRECTS_PER_ASKER_MAX`] times per asker and chunk): a
+//!      recipient it did not know of is the likeliest honest holder;
+//!    - else if `c` is still on its way to a recipient and nobody announced it yet, point `r` at that recipient
+//!      again;
+//!    - else serve it (a peer that cannot reach the holders still gets the chunk, about one extra copy per asker);
+//! 2. else if `c` is on its way to other connected recipients (handed to them less than
+//!    [`SeederLimits::assign_timeout_ms`] ago), or connected peers other than `r` claim to hold `c` and `c` already
+//!    left the origin in this snapshot, answer `Elsewhere(them)`, recipients first (every copy of a new chunk
+//!    descends from the origin's first one, so a peer claiming a chunk the origin never handed out is lying or holds
+//!    it from an older snapshot: either way the origin serves);
+//! 3. else serve it and remember that `r` got it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::chunk::ChunkId;
 use crate::sync::PeerKey;
 use crate::timestamp::Timestamp;
 use crate::transfer::REDIRECT_PEERS_MAX;
 
+/// Most times one asker is pointed elsewhere for one chunk by newer recipients (rule 1).
+pub const REDIRECTS_PER_ASKER_MAX: u8 = 2;
+
 #[derive(Clone, Debug)]
 pub struct SeederLimits {
     /// How long a chunk handed to one peer is assumed to be on its way there.
     pub assign_timeout_ms: u64,
-    /// Most chunks remembered per snapshot (beyond it the origin simply serves).
+    /// An asker back sooner than this after a redirect banned every peer named (the scheduler's
+    /// [`redirect_defer_ms`](crate::sync::scheduler::SchedulerLimits::redirect_defer_ms)).
+    pub rebound_ms: u64,
+    /// Most recipients and most redirects remembered per snapshot (beyond it the origin simply serves).
     pub entries_max: usize,
 }
 
 impl Default for SeederLimits {
     fn default() -> Self {
-        Self { assign_timeout_ms: 30_000, entries_max: 1 << 22 }
+        Self { assign_timeout_ms: 30_000, rebound_ms: 6_000, entries_max: 1 << 22 }
     }
 }
 
@@ -35,32 +48,47 @@ impl Default for SeederLimits {
 pub enum ServeDecision<P> {
     Serve,
     Elsewhere(Vec<P>),
+    /// Answer "missing": the asker claims to hold the whole snapshot already, so it is lying (an honest peer
+    /// announces a snapshot complete only after its last chunk arrived) and the origin's bandwidth is not for it.
+    Refuse,
 }
 
 pub struct Seeder<P: PeerKey> {
     limits: SeederLimits,
-    /// Who got each chunk first, and when.
-    first_sent: BTreeMap<ChunkId, (P, Timestamp)>,
-    /// (asker, chunk) pairs already pointed elsewhere.
-    redirected: BTreeSet<(P, ChunkId)>,
-    /// Chunks served and redirected since the last reset.
+    /// Who got each chunk from the origin in this snapshot, and when, in that order.
+    recipients: BTreeMap<ChunkId, Vec<(P, Timestamp)>>,
+    recipients_count: usize,
+    /// (asker, chunk) pairs already pointed elsewhere: when last, and how often by rule 1.
+    redirected: BTreeMap<(P, ChunkId), (Timestamp, u8)>,
+    /// Chunks served, redirected and refused since the start.
     pub served: u64,
     pub redirects: u64,
+    pub refused: u64,
 }
 
 impl<P: PeerKey> Seeder<P> {
     pub fn new(limits: SeederLimits) -> Self {
-        Self { limits, first_sent: BTreeMap::new(), redirected: BTreeSet::new(), served: 0, redirects: 0 }
+        Self {
+            limits,
+            recipients: BTreeMap::new(),
+            recipients_count: 0,
+            redirected: BTreeMap::new(),
+            served: 0,
+            redirects: 0,
+            refused: 0,
+        }
     }
 
     /// Forgets everything (a new snapshot was published).
     pub fn reset(&mut self) {
-        self.first_sent.clear();
+        self.recipients.clear();
+        self.recipients_count = 0;
         self.redirected.clear();
     }
 
-    /// Decides how to answer `asker` for `id`. `holders` are connected peers other than the asker that hold it;
-    /// `connected` says whether a peer is still connected.
+    /// Decides how to answer `asker` for `id`. `holders` are connected peers other than the asker that claim to hold
+    /// it (believed only once the origin handed `id` out in this snapshot); `connected` says whether a peer is still
+    /// connected.
     pub fn decide(
         &mut self,
         now: Timestamp,
@@ -69,41 +97,59 @@ impl<P: PeerKey> Seeder<P> {
         holders: &[P],
         connected: impl Fn(&P) -> bool,
     ) -> ServeDecision<P> {
-        let mut elsewhere: Vec<P> = holders.iter().filter(|p| *p != asker).take(REDIRECT_PEERS_MAX).cloned().collect();
-        let in_transit = self
-            .first_sent
-            .get(id)
-            .filter(|(first, at)| {
-                first != asker && connected(first) && now.millis_since(*at) < self.limits.assign_timeout_ms
-            })
-            .map(|(first, _)| first.clone());
-        if self.redirected.contains(&(asker.clone(), *id)) {
-            if elsewhere.is_empty()
-                && let Some(first) = in_transit
+        let got = self.recipients.get(id).map(Vec::as_slice).unwrap_or(&[]);
+        let timeout = self.limits.assign_timeout_ms;
+        let in_transit: Vec<P> = got
+            .iter()
+            .filter(|(p, at)| p != asker && connected(p) && now.millis_since(*at) < timeout)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let claimed: Vec<&P> =
+            if got.is_empty() { Vec::new() } else { holders.iter().filter(|p| *p != asker).collect() };
+        let key = (asker.clone(), *id);
+        if let Some(&(last, count)) = self.redirected.get(&key) {
+            let newer: Vec<P> =
+                got.iter().filter(|(p, at)| p != asker && connected(p) && *at > last).map(|(p, _)| p.clone()).collect();
+            let rebound = now.millis_since(last) < self.limits.rebound_ms;
+            if rebound && count < REDIRECTS_PER_ASKER_MAX && !newer.is_empty() {
+                self.redirected.insert(key, (now, count + 1));
+                self.redirects += 1;
+                return ServeDecision::Elsewhere(newer.into_iter().rev().take(REDIRECT_PEERS_MAX).collect());
+            }
+            if claimed.is_empty()
+                && let Some(first) = in_transit.into_iter().next()
             {
                 // Still on its way to its first recipient (the origin's queue can be seconds long): a second copy
                 // now would only compete with the first.
                 self.redirects += 1;
                 return ServeDecision::Elsewhere(vec![first]);
             }
-            self.served += 1;
-            return ServeDecision::Serve;
+            return self.serve(now, asker, id);
         }
-        // The chunk's first recipient leads the list: it is getting the chunk now, while peers that claim to hold
-        // everything may be lying (an asker that banned every listed peer comes back at once).
-        if let Some(first) = in_transit
-            && !elsewhere.contains(&first)
-        {
-            elsewhere.insert(0, first);
-            elsewhere.truncate(REDIRECT_PEERS_MAX);
+        // Recipients lead the list: they are getting the chunk now, while peers that claim to hold everything may
+        // be lying (an asker that banned every listed peer comes back at once).
+        let mut elsewhere = in_transit;
+        for p in claimed {
+            if elsewhere.len() >= REDIRECT_PEERS_MAX {
+                break;
+            }
+            if !elsewhere.contains(p) {
+                elsewhere.push(p.clone());
+            }
         }
+        elsewhere.truncate(REDIRECT_PEERS_MAX);
         if !elsewhere.is_empty() && self.redirected.len() < self.limits.entries_max {
-            self.redirected.insert((asker.clone(), *id));
+            self.redirected.insert(key, (now, 0));
             self.redirects += 1;
             return ServeDecision::Elsewhere(elsewhere);
         }
-        if self.first_sent.len() < self.limits.entries_max {
-            self.first_sent.entry(*id).or_insert_with(|| (asker.clone(), now));
+        self.serve(now, asker, id)
+    }
+
+    fn serve(&mut self, now: Timestamp, asker: &P, id: &ChunkId) -> ServeDecision<P> {
+        if self.recipients_count < self.limits.entries_max {
+            self.recipients.entry(*id).or_default().push((asker.clone(), now));
+            self.recipients_count += 1;
         }
         self.served += 1;
         ServeDecision::Serve
@@ -135,5 +181,45 @@ mod tests {
         assert_eq!(s.decide(t, &1, &d, &[], |_| true), ServeDecision::Serve);
         assert_eq!(s.decide(t, &2, &d, &[], |p| *p != 1), ServeDecision::Serve);
         assert_eq!((s.served, s.redirects), (5, 3));
+    }
+
+    #[test]
+    fn claims_to_chunks_never_handed_out_are_not_believed() {
+        let mut s = Seeder::<u32>::new(SeederLimits::default());
+        let c = ChunkId([3; 32]);
+        let t = Timestamp(1_000);
+        // Peer 9 claims the chunk before the origin sent it to anyone: the first asker is served all the same.
+        assert_eq!(s.decide(t, &1, &c, &[9], |_| true), ServeDecision::Serve);
+        // Once it left the origin, claims count, behind the first recipient.
+        assert_eq!(s.decide(t.plus_ms(10), &2, &c, &[9], |_| true), ServeDecision::Elsewhere(vec![1, 9]));
+        // After a new snapshot nothing has been handed out again.
+        s.reset();
+        assert_eq!(s.decide(t.plus_ms(20), &3, &c, &[9, 1], |_| true), ServeDecision::Serve);
+        assert_eq!((s.served, s.redirects), (2, 1));
+    }
+
+    #[test]
+    fn an_asker_that_comes_back_is_pointed_at_newer_recipients() {
+        let mut s = Seeder::<u32>::new(SeederLimits::default());
+        let c = ChunkId([4; 32]);
+        let t = Timestamp(1_000);
+        // 9 got the chunk first (and turns out to serve garbage); 1, 2 and 3 are pointed at it.
+        assert_eq!(s.decide(t, &9, &c, &[], |_| true), ServeDecision::Serve);
+        for asker in [1, 2, 3] {
+            assert_eq!(s.decide(t.plus_ms(10), &asker, &c, &[9], |_| true), ServeDecision::Elsewhere(vec![9]));
+        }
+        // 1 banned 9 and comes back: nobody newer got it, so 1 is served.
+        assert_eq!(s.decide(t.plus_ms(20), &1, &c, &[9], |_| true), ServeDecision::Serve);
+        // 2 and 3 come back: pointed at 1 instead of getting copies of their own.
+        assert_eq!(s.decide(t.plus_ms(30), &2, &c, &[9], |_| true), ServeDecision::Elsewhere(vec![1]));
+        assert_eq!(s.decide(t.plus_ms(31), &3, &c, &[9, 1], |_| true), ServeDecision::Elsewhere(vec![1]));
+        // 2 comes back again (it could not get it from 1 either): nobody newer, so served.
+        assert_eq!(s.decide(t.plus_ms(40), &2, &c, &[9, 1], |_| true), ServeDecision::Serve);
+        // 5 was pointed at 9 and waited for the mesh for its whole deferral: served, not sent around again.
+        assert_eq!(s.decide(t.plus_ms(45), &5, &c, &[9], |_| true), ServeDecision::Elsewhere(vec![9, 1, 2]));
+        assert_eq!(s.decide(t.plus_ms(6_100), &5, &c, &[9, 1], |_| true), ServeDecision::Serve);
+        // A newcomer is pointed at every recipient, in the order they got it.
+        assert_eq!(s.decide(t.plus_ms(6_200), &4, &c, &[], |_| true), ServeDecision::Elsewhere(vec![9, 1, 2, 5]));
+        assert_eq!((s.served, s.redirects), (4, 7));
     }
 }
