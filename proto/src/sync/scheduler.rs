@@ -162,6 +162,8 @@ pub struct Scheduler<P: PeerKey> {
     /// The origin is not asked for a chunk before this instant (after it redirected), unless every peer it pointed
     /// at is banned.
     origin_deferred: BTreeMap<u32, (Timestamp, Vec<P>)>,
+    /// When a non-origin peer last delivered a chunk.
+    peer_delivered_at: Option<Timestamp>,
     peers: BTreeMap<P, PeerSched>,
     /// Connected, unbanned non-origin peers that hold every chunk.
     holds_all_count: u32,
@@ -255,6 +257,7 @@ impl<P: PeerKey> Scheduler<P> {
             in_flight: BTreeMap::new(),
             avail: Availability::new(initial),
             origin_deferred: BTreeMap::new(),
+            peer_delivered_at: None,
             peers: BTreeMap::new(),
             holds_all_count: 0,
             requests: BTreeMap::new(),
@@ -392,6 +395,9 @@ impl<P: PeerKey> Scheduler<P> {
         self.untrack(c, &peer, req);
         match outcome {
             ChunkOutcome::Verified => {
+                if self.peers.get(&peer).is_some_and(|p| !p.is_origin) {
+                    self.peer_delivered_at = Some(now);
+                }
                 self.release(req, &peer, size);
                 self.complete_chunk(c)
             }
@@ -543,11 +549,12 @@ impl<P: PeerKey> Scheduler<P> {
                         break;
                     }
                 }
-                // A redirected chunk is asked of the origin again once its deferral is over and this node has
-                // nothing in flight from peers: while peers are still sending, the chunk is more likely spreading
-                // toward it than lost (with many mirrors on little bandwidth a chunk can take longer than the
-                // deferral to cross the mesh).
-                let peers_busy = self.peers.values().any(|q| !q.is_origin && !q.requests.is_empty());
+                // A redirected chunk is asked of the origin again once its deferral is over, this node has nothing
+                // in flight from peers and no peer delivered anything for as long: while peers are still sending,
+                // the chunk is more likely spreading toward it than lost (with many mirrors on little bandwidth a
+                // chunk can take longer than the deferral to cross the mesh).
+                let quiet = self.peer_delivered_at.is_none_or(|at| now.millis_since(at) >= limits.redirect_defer_ms);
+                let peers_busy = !quiet || self.peers.values().any(|q| !q.is_origin && !q.requests.is_empty());
                 if !full && !peers_busy {
                     for c in self.avail.unannounced() {
                         let due = self.origin_deferred.get(&c).is_some_and(|(until, _)| *until <= now);
@@ -833,7 +840,8 @@ mod tests {
         let again = sent(&mut s, 40);
         assert_eq!(again.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(0, vec![id(1)])]);
 
-        // Chunk 3 arrives at peer 6, which is busy sending it: chunk 2 waits past its deferral while peer 6 sends.
+        // Chunk 3 arrives at peer 6, which is busy sending it: chunk 2 waits past its deferral while peer 6 sends,
+        // and as long again after.
         s.add_holding(&6, &id(3));
         let from_6 = sent(&mut s, 50);
         assert_eq!(from_6.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(6, vec![id(3)])]);
@@ -841,7 +849,9 @@ mod tests {
         assert!(sent(&mut s, past).is_empty(), "the origin is not asked while a peer is sending");
         s.on_chunk(Timestamp(past + 1), from_6[0].req, &id(3), ChunkOutcome::Verified);
         s.on_request_done(Timestamp(past + 1), from_6[0].req, 100);
-        let last = sent(&mut s, past + 2);
+        assert!(sent(&mut s, past + 2).is_empty(), "nor until peers have been quiet for the deferral");
+        let quiet = past + 1 + SchedulerLimits::default().redirect_defer_ms;
+        let last = sent(&mut s, quiet);
         assert_eq!(last.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(0, vec![id(2)])]);
     }
 }
