@@ -425,8 +425,9 @@ fn a_corrupt_peer_is_banned_and_the_sync_completes() {
     }
 }
 
-#[test]
-fn a_peer_lying_about_what_it_holds_is_banned() {
+/// Two honest mirrors and mirror 3, made a liar by `lie`, sync in a full mesh; both honest mirrors converge and ban
+/// the liar.
+fn sync_beside_a_liar(lie: impl FnOnce(&mut Node)) -> Net {
     let mut net = Net::new(3);
     net.lies_max = 3;
     net.nodes.clear();
@@ -435,7 +436,7 @@ fn a_peer_lying_about_what_it_holds_is_banned() {
     }
     packages(&mut net.tree, 60, 0);
     net.publish();
-    net.node(3).liar = true;
+    lie(net.node(3));
     full_mesh(&mut net);
     net.run(400);
     for id in 1..=2 {
@@ -443,26 +444,17 @@ fn a_peer_lying_about_what_it_holds_is_banned() {
         let n = net.node(id);
         assert!(n.bans.contains(&(3, BanReason::FalseHave)), "mirror {id} banned the liar: {:?}", n.bans);
     }
+    net
+}
+
+#[test]
+fn a_peer_lying_about_what_it_holds_is_banned() {
+    sync_beside_a_liar(|n| n.liar = true);
 }
 
 #[test]
 fn a_peer_claiming_a_snapshot_it_still_downloads_gets_nothing_from_the_origin() {
-    let mut net = Net::new(3);
-    net.lies_max = 3;
-    net.nodes.clear();
-    for id in 0..=3 {
-        net.add_node(id);
-    }
-    packages(&mut net.tree, 60, 0);
-    net.publish();
-    net.node(3).claims_complete = true;
-    full_mesh(&mut net);
-    net.run(400);
-    for id in 1..=2 {
-        assert_eq!(net.applied(id), net.root, "mirror {id} converges");
-        let n = net.node(id);
-        assert!(n.bans.contains(&(3, BanReason::FalseHave)), "mirror {id} banned the liar: {:?}", n.bans);
-    }
+    let mut net = sync_beside_a_liar(|n| n.claims_complete = true);
     let (_, _, refused) = net.node(ORIGIN).engine.as_ref().unwrap().seeder_counts();
     println!("the origin refused the liar {refused} chunks");
     assert!(refused > 0, "the liar asked the origin for chunks");

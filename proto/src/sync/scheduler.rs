@@ -554,8 +554,8 @@ impl<P: PeerKey> Scheduler<P> {
                 // the chunk is more likely spreading toward it than lost (with many mirrors on little bandwidth a
                 // chunk can take longer than the deferral to cross the mesh).
                 let quiet = self.peer_delivered_at.is_none_or(|at| now.millis_since(at) >= limits.redirect_defer_ms);
-                let peers_busy = !quiet || self.peers.values().any(|q| !q.is_origin && !q.requests.is_empty());
-                if !full && !peers_busy {
+                let mesh_active = !quiet || self.peers.values().any(|q| !q.is_origin && !q.requests.is_empty());
+                if !full && !mesh_active {
                     for c in self.avail.unannounced() {
                         let due = self.origin_deferred.get(&c).is_some_and(|(until, _)| *until <= now);
                         if due && usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
