@@ -170,6 +170,8 @@ pub struct Daemon {
     bootstrap: Vec<Bootstrap>,
     /// Open control-plane connections per peer, and whether the peer dialed them.
     connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+    /// When each connection last brought an answer to one of this node's control requests.
+    control_answered: HashMap<ConnectionId, Instant>,
     /// Peers banned for breaking the protocol, until when.
     protocol_bans: HashMap<PeerId, Instant>,
     /// Peers whose data plane this node floods (fault injection).
@@ -336,6 +338,7 @@ impl Daemon {
             fetches: HashMap::new(),
             bootstrap,
             connections: HashMap::new(),
+            control_answered: HashMap::new(),
             protocol_bans: HashMap::new(),
             flooding: Default::default(),
             events_tx,
@@ -907,6 +910,7 @@ impl Daemon {
                 if let Some(connections) = self.connections.get_mut(&peer_id) {
                     connections.retain(|(id, _)| *id != connection_id);
                 }
+                self.control_answered.remove(&connection_id);
                 if num_established > 0 {
                     return Ok(());
                 }
@@ -958,7 +962,7 @@ impl Daemon {
         let _sync = sync.enter();
         let _peer = tracing::info_span!("peer", %peer).entered();
         match event {
-            request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Event::Message { peer, connection_id, message } => match message {
                 request_response::Message::Request { request: WireRequest::Valid(request), channel, .. } => {
                     let response = self.answer(peer, request)?;
                     let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
@@ -976,6 +980,7 @@ impl Daemon {
                     }
                 }
                 request_response::Message::Response { request_id, response } => {
+                    self.control_answered.insert(connection_id, Instant::now());
                     let reader = self.store.reader()?;
                     let pending = self.pending.remove(&request_id);
                     if let Some(Pending::Hello { sent } | Pending::Have { sent }) = &pending
@@ -1007,7 +1012,16 @@ impl Daemon {
             request_response::Event::OutboundFailure { peer, connection_id, request_id, error } => {
                 tracing::debug!(%peer, "control request failed: {error}");
                 self.count("control_requests_failed");
-                if matches!(error, request_response::OutboundFailure::Timeout) {
+                let answering = self
+                    .control_answered
+                    .get(&connection_id)
+                    .is_some_and(|at| at.elapsed() < crate::swarm::CONTROL_TIMEOUT);
+                if matches!(error, request_response::OutboundFailure::Timeout) && answering {
+                    // It answered other requests on this connection meanwhile: it is slow (an origin that dozens of
+                    // mirrors ask at once), not gone, and closing would throw away everything else in flight.
+                    tracing::debug!(%peer, "control request timed out on a connection that still answers");
+                    self.count("control_requests_slow");
+                } else if matches!(error, request_response::OutboundFailure::Timeout) {
                     // A peer that does not answer within the control timeout is gone, or its connection is:
                     // close it so the peer is redialed (or greeted afresh on the connection it still has).
                     tracing::info!(%peer, "control request timed out; closing the connection");
@@ -1279,11 +1293,15 @@ impl Daemon {
         for (what, n) in self.data.refusals() {
             counters.insert(format!("data_refused_{what}"), n);
         }
-        let (served_chunks, redirects, refused) = self.engine.seeder_counts();
+        let seeder = self.engine.seeder_counts();
         if self.cfg.role == RoleName::Origin {
-            counters.insert("origin_chunks_served".into(), served_chunks);
-            counters.insert("origin_redirects".into(), redirects);
-            counters.insert("origin_refused_complete_claims".into(), refused);
+            counters.insert("origin_chunks_served".into(), seeder.served);
+            counters.insert("origin_redirects".into(), seeder.redirects);
+            counters.insert("origin_refused_complete_claims".into(), seeder.refused);
+            counters.insert("origin_served_again_after_wait".into(), seeder.again.after_wait);
+            counters.insert("origin_served_again_after_bans".into(), seeder.again.after_bans);
+            counters.insert("origin_served_again_no_holder".into(), seeder.again.no_holder);
+            counters.insert("origin_served_again_same_asker".into(), seeder.again.asked_again);
         }
         let status = Status {
             node_id: self.key.peer_id().to_string(),

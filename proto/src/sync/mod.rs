@@ -492,7 +492,7 @@ impl<P: PeerKey> Engine<P> {
             Phase::Transfer { target, sched } => {
                 sched.set_peer(&peer, is_origin, complete_seq == Some(target.body.seq));
                 for id in &have.chunks {
-                    sched.add_holding(&peer, id);
+                    sched.add_holding(now, &peer, id);
                 }
                 // Only this peer has something new to be asked for.
                 self.pump_after(now, &peer);
@@ -584,7 +584,7 @@ impl<P: PeerKey> Engine<P> {
             }
             sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
             for id in &holdings {
-                sched.add_holding(peer, id);
+                sched.add_holding(now, peer, id);
             }
         }
         self.have_outbox.extend(held);
@@ -731,9 +731,10 @@ impl<P: PeerKey> Engine<P> {
         self.seeder.decide(now, peer, id, &holders, |p| peers.contains_key(p))
     }
 
-    /// Chunks the origin served, redirected, and refused to peers claiming to hold the snapshot already.
-    pub fn seeder_counts(&self) -> (u64, u64, u64) {
-        (self.seeder.served, self.seeder.redirects, self.seeder.refused)
+    /// Chunks the origin served (and why it served copies beyond the first), redirected, and refused to peers
+    /// claiming to hold the snapshot already.
+    pub fn seeder_counts(&self) -> seeder::SeederCounts {
+        self.seeder.counts()
     }
 
     pub fn handle_tick(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {

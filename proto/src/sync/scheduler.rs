@@ -162,8 +162,9 @@ pub struct Scheduler<P: PeerKey> {
     /// The origin is not asked for a chunk before this instant (after it redirected), unless every peer it pointed
     /// at is banned.
     origin_deferred: BTreeMap<u32, (Timestamp, Vec<P>)>,
-    /// When a non-origin peer last delivered a chunk.
-    peer_delivered_at: Option<Timestamp>,
+    /// When the mesh around this node last moved: a non-origin peer delivered a chunk, or announced one of this
+    /// sync's chunks it had not announced before.
+    mesh_moved_at: Option<Timestamp>,
     peers: BTreeMap<P, PeerSched>,
     /// Connected, unbanned non-origin peers that hold every chunk.
     holds_all_count: u32,
@@ -257,7 +258,7 @@ impl<P: PeerKey> Scheduler<P> {
             in_flight: BTreeMap::new(),
             avail: Availability::new(initial),
             origin_deferred: BTreeMap::new(),
-            peer_delivered_at: None,
+            mesh_moved_at: None,
             peers: BTreeMap::new(),
             holds_all_count: 0,
             requests: BTreeMap::new(),
@@ -346,13 +347,16 @@ impl<P: PeerKey> Scheduler<P> {
     }
 
     /// A peer announced that it holds `id`.
-    pub fn add_holding(&mut self, peer: &P, id: &ChunkId) {
+    pub fn add_holding(&mut self, now: Timestamp, peer: &P, id: &ChunkId) {
         let Some(c) = self.index(id) else { return };
         let Some(p) = self.peers.get_mut(peer) else { return };
         // A fresh announcement outweighs an earlier "missing" answer: the peer has it now.
         p.missing.set(c as usize, false);
         if p.explicit.put(c as usize) {
             return;
+        }
+        if !p.is_origin && !p.banned {
+            self.mesh_moved_at = Some(now);
         }
         if contribution(p) == Contribution::Explicit {
             self.avail.raise(c);
@@ -396,7 +400,7 @@ impl<P: PeerKey> Scheduler<P> {
         match outcome {
             ChunkOutcome::Verified => {
                 if self.peers.get(&peer).is_some_and(|p| !p.is_origin) {
-                    self.peer_delivered_at = Some(now);
+                    self.mesh_moved_at = Some(now);
                 }
                 self.release(req, &peer, size);
                 self.complete_chunk(c)
@@ -550,10 +554,11 @@ impl<P: PeerKey> Scheduler<P> {
                     }
                 }
                 // A redirected chunk is asked of the origin again once its deferral is over, this node has nothing
-                // in flight from peers and no peer delivered anything for as long: while peers are still sending,
-                // the chunk is more likely spreading toward it than lost (with many mirrors on little bandwidth a
-                // chunk can take longer than the deferral to cross the mesh).
-                let quiet = self.peer_delivered_at.is_none_or(|at| now.millis_since(at) >= limits.redirect_defer_ms);
+                // in flight from peers and, for as long, no peer delivered anything nor announced a chunk of this
+                // sync it had not announced before: while the mesh around this node still moves, the chunk is more
+                // likely spreading toward it than lost (with many mirrors on little bandwidth a chunk can take
+                // longer than the deferral to cross the mesh).
+                let quiet = self.mesh_moved_at.is_none_or(|at| now.millis_since(at) >= limits.redirect_defer_ms);
                 let mesh_active = !quiet || self.peers.values().any(|q| !q.is_origin && !q.requests.is_empty());
                 if !full && !mesh_active {
                     for c in self.avail.unannounced() {
@@ -776,7 +781,7 @@ mod tests {
             ReqId(n)
         };
         s.set_peer(&7, false, false);
-        s.add_holding(&7, &id(1));
+        s.add_holding(Timestamp(0), &7, &id(1));
         let outs = s.pump(Timestamp(0), &mut next);
         assert_eq!(fetches(&outs), vec![(7, vec![id(1)])]);
         s.on_chunk(Timestamp(1), ReqId(1), &id(1), ChunkOutcome::Missing);
@@ -796,7 +801,7 @@ mod tests {
         };
         s.set_peer(&0, true, true);
         s.set_peer(&5, false, false);
-        s.add_holding(&5, &id(1));
+        s.add_holding(Timestamp(0), &5, &id(1));
         let outs = fetches(&s.pump(Timestamp(0), &mut next));
         assert_eq!(outs, vec![(5, vec![id(1)]), (0, vec![id(2)])]);
     }
@@ -832,7 +837,7 @@ mod tests {
         assert!(sent(&mut s, 10).is_empty(), "redirected chunks are not asked of the origin right away");
 
         // Peer 5 announces chunk 1 and sends corrupt bytes: banned, and the origin is asked for chunk 1 at once.
-        s.add_holding(&5, &id(1));
+        s.add_holding(Timestamp(20), &5, &id(1));
         let from_5 = sent(&mut s, 20);
         assert_eq!(from_5.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(5, vec![id(1)])]);
         let outs = s.on_chunk(Timestamp(30), from_5[0].req, &id(1), ChunkOutcome::Corrupt);
@@ -842,7 +847,7 @@ mod tests {
 
         // Chunk 3 arrives at peer 6, which is busy sending it: chunk 2 waits past its deferral while peer 6 sends,
         // and as long again after.
-        s.add_holding(&6, &id(3));
+        s.add_holding(Timestamp(50), &6, &id(3));
         let from_6 = sent(&mut s, 50);
         assert_eq!(from_6.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(6, vec![id(3)])]);
         let past = SchedulerLimits::default().redirect_defer_ms + 100;
@@ -850,7 +855,13 @@ mod tests {
         s.on_chunk(Timestamp(past + 1), from_6[0].req, &id(3), ChunkOutcome::Verified);
         s.on_request_done(Timestamp(past + 1), from_6[0].req, 100);
         assert!(sent(&mut s, past + 2).is_empty(), "nor until peers have been quiet for the deferral");
+        // Just before that, peer 7 announces chunk 3 (held here already): its neighbourhood still moves, so chunk 2
+        // waits as long again.
         let quiet = past + 1 + SchedulerLimits::default().redirect_defer_ms;
+        s.set_peer(&7, false, false);
+        s.add_holding(Timestamp(quiet - 1), &7, &id(3));
+        assert!(sent(&mut s, quiet).is_empty(), "nor while peers announce chunks of this sync");
+        let quiet = quiet - 1 + SchedulerLimits::default().redirect_defer_ms;
         let last = sent(&mut s, quiet);
         assert_eq!(last.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(0, vec![id(2)])]);
     }

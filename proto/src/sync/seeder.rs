@@ -64,9 +64,37 @@ pub struct Seeder<P: PeerKey> {
     pub served: u64,
     pub redirects: u64,
     pub refused: u64,
+    /// Copies of chunks the origin had already handed out in this snapshot, by why they were served.
+    pub again: AgainCounts,
+}
+
+/// What the origin's policy did since the start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeederCounts {
+    pub served: u64,
+    pub redirects: u64,
+    pub refused: u64,
+    pub again: AgainCounts,
+}
+
+/// Why the origin served a chunk it had already handed out in this snapshot (each is one copy beyond the first).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgainCounts {
+    /// The asker was pointed elsewhere, waited for the mesh and came back without it.
+    pub after_wait: u64,
+    /// The asker came back at once (it banned every peer named) and nobody newer holds the chunk.
+    pub after_bans: u64,
+    /// A new asker, and nobody connected holds the chunk or is getting it.
+    pub no_holder: u64,
+    /// The asker got the chunk from the origin before and asks again (its copy did not arrive).
+    pub asked_again: u64,
 }
 
 impl<P: PeerKey> Seeder<P> {
+    pub fn counts(&self) -> SeederCounts {
+        SeederCounts { served: self.served, redirects: self.redirects, refused: self.refused, again: self.again }
+    }
+
     pub fn new(limits: SeederLimits) -> Self {
         Self {
             limits,
@@ -76,6 +104,7 @@ impl<P: PeerKey> Seeder<P> {
             served: 0,
             redirects: 0,
             refused: 0,
+            again: AgainCounts::default(),
         }
     }
 
@@ -124,6 +153,9 @@ impl<P: PeerKey> Seeder<P> {
                 self.redirects += 1;
                 return ServeDecision::Elsewhere(vec![first]);
             }
+            if !got.is_empty() {
+                if rebound { self.again.after_bans += 1 } else { self.again.after_wait += 1 }
+            }
             return self.serve(now, asker, id);
         }
         // Recipients lead the list: they are getting the chunk now, while peers that claim to hold everything may
@@ -142,6 +174,11 @@ impl<P: PeerKey> Seeder<P> {
             self.redirected.insert(key, (now, 0));
             self.redirects += 1;
             return ServeDecision::Elsewhere(elsewhere);
+        }
+        if got.iter().any(|(p, _)| p == asker) {
+            self.again.asked_again += 1;
+        } else if !got.is_empty() {
+            self.again.no_holder += 1;
         }
         self.serve(now, asker, id)
     }
@@ -181,6 +218,7 @@ mod tests {
         assert_eq!(s.decide(t, &1, &d, &[], |_| true), ServeDecision::Serve);
         assert_eq!(s.decide(t, &2, &d, &[], |p| *p != 1), ServeDecision::Serve);
         assert_eq!((s.served, s.redirects), (5, 3));
+        assert_eq!(s.again, AgainCounts { after_wait: 0, after_bans: 1, no_holder: 2, asked_again: 0 });
     }
 
     #[test]
@@ -196,6 +234,7 @@ mod tests {
         s.reset();
         assert_eq!(s.decide(t.plus_ms(20), &3, &c, &[9, 1], |_| true), ServeDecision::Serve);
         assert_eq!((s.served, s.redirects), (2, 1));
+        assert_eq!(s.again, AgainCounts::default());
     }
 
     #[test]
@@ -221,5 +260,6 @@ mod tests {
         // A newcomer is pointed at every recipient, in the order they got it.
         assert_eq!(s.decide(t.plus_ms(6_200), &4, &c, &[], |_| true), ServeDecision::Elsewhere(vec![9, 1, 2, 5]));
         assert_eq!((s.served, s.redirects), (4, 7));
+        assert_eq!(s.again, AgainCounts { after_wait: 1, after_bans: 2, no_holder: 0, asked_again: 0 });
     }
 }
