@@ -258,4 +258,45 @@ mod tests {
             assert_eq!((m.mode() & 0o7777, m.mtime()), (mode, mtime), "{path}");
         }
     }
+
+    #[test]
+    fn a_second_copy_arriving_while_the_applied_plan_is_forgotten_is_skipped() {
+        // A late endgame copy used to find the plan still set but `present` already cleared by `finish`, and failed
+        // writing to a staged file the apply had renamed away ("could not write staged chunks").
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        let staging = std::sync::Arc::new(Staging::open(&dir.path().join("staging"), &tree).unwrap());
+        for round in 0..200u32 {
+            let content = format!("package {round}").into_bytes();
+            let id = ChunkId::of(&content);
+            let path = format!("p{round}.apk");
+            let stage = [StageFile { path: path.clone(), meta: meta(&content, 0o644, 1_000) }];
+            staging.prepare(u64::from(round) + 1, &stage, &ChunkIndex::default()).unwrap();
+            assert!(staging.write_chunk(&id, &content).unwrap());
+            // Copies keep arriving until the plan is forgotten, and a few after.
+            let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let copies = {
+                let (staging, content, finished) = (staging.clone(), content.clone(), finished.clone());
+                std::thread::spawn(move || {
+                    let mut results = Vec::new();
+                    let mut after = 0;
+                    while after < 10 {
+                        results.push(staging.write_chunk(&id, &content));
+                        after += u32::from(finished.load(std::sync::atomic::Ordering::SeqCst));
+                    }
+                    results
+                })
+            };
+            let change =
+                Change { path: path.clone(), old: None, new: Some(Entry::file(&path, meta(&content, 0o644, 1_000))) };
+            apply(&staging, &[change], &[]).unwrap();
+            staging.finish().unwrap();
+            finished.store(true, std::sync::atomic::Ordering::SeqCst);
+            for copy in copies.join().unwrap() {
+                assert!(!copy.unwrap(), "round {round}: a second copy is never written");
+            }
+            let m = std::fs::metadata(tree.join(&path)).unwrap();
+            assert_eq!((std::fs::read(tree.join(&path)).unwrap(), m.mtime()), (content, 1_000), "round {round}");
+        }
+    }
 }

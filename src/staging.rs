@@ -235,7 +235,10 @@ impl Staging {
         {
             let mut writing = self.writing.lock().map_err(poisoned)?;
             loop {
-                if self.present.lock().map_err(poisoned)?.contains(id) {
+                // Under the writing lock, which `finish` takes too: a plan applied and forgotten since it was read
+                // above needs nothing (its staged files are gone, and `present` no longer lists what it held).
+                let current = self.plan().is_some_and(|p| Arc::ptr_eq(&p, &plan));
+                if !current || self.present.lock().map_err(poisoned)?.contains(id) {
                     return Ok(false);
                 }
                 if writing.insert(*id) {
@@ -279,8 +282,18 @@ impl Staging {
 
     /// Forgets the plan once it was applied and removes staged files no longer needed.
     pub fn finish(&self) -> Result<()> {
-        *self.plan.write().map_err(|_| anyhow::anyhow!("staging lock poisoned"))? = None;
-        self.present.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))?.clear();
+        fn poisoned<T>(_: std::sync::PoisonError<T>) -> anyhow::Error {
+            anyhow::anyhow!("staging lock poisoned")
+        }
+        {
+            // Not while a chunk is being written, and a write starting later sees the plan gone.
+            let mut writing = self.writing.lock().map_err(poisoned)?;
+            while !writing.is_empty() {
+                writing = self.written.wait(writing).map_err(poisoned)?;
+            }
+            *self.plan.write().map_err(poisoned)? = None;
+            self.present.lock().map_err(poisoned)?.clear();
+        }
         for dir in ["objects", "tmp"] {
             for entry in std::fs::read_dir(self.dir.join(dir))? {
                 let path = entry?.path();

@@ -47,6 +47,10 @@ use crate::swarm::{self, Behaviour, BehaviourEvent, WireRequest};
 
 /// How often the engine is ticked.
 pub const TICK: Duration = Duration::from_millis(50);
+/// While nothing a client waits on changes (phase, snapshots, peer count, errors), the status the admin API serves is
+/// rebuilt at most this often: with dozens of peers, rebuilding it (and the metrics) after every loop event cost the
+/// origin more than the events themselves.
+pub const STATUS_INTERVAL: Duration = TICK;
 /// Events queued from tasks to the loop.
 pub const LOOP_EVENTS_MAX: usize = 4096;
 /// Bytes of manifest nodes in one control response.
@@ -195,6 +199,8 @@ pub struct Daemon {
     sync: SyncProgress,
     /// Origin: chunk bytes served when the newest snapshot was published.
     served_at_publish: u64,
+    /// When the status was last published, and what clients wait on in it then.
+    status_published: Option<(Instant, StatusKey)>,
     /// Span of the sync in progress (none when idle): log lines about it carry its sequence number.
     sync_span: tracing::Span,
 }
@@ -358,6 +364,7 @@ impl Daemon {
             started: Instant::now(),
             sync: SyncProgress::default(),
             served_at_publish: 0,
+            status_published: None,
             sync_span: tracing::Span::none(),
         };
         // The admin API answers with the state read from disk from its first request on.
@@ -414,8 +421,24 @@ impl Daemon {
             let reader = self.store.reader()?;
             self.engine.handle_tick(now(), &reader)?;
         }
-        self.publish_status();
+        let key = self.status_key();
+        if self.status_published.as_ref().is_none_or(|(at, was)| *was != key || at.elapsed() >= STATUS_INTERVAL) {
+            self.publish_status();
+        }
         Ok(())
+    }
+
+    fn status_key(&self) -> StatusKey {
+        let engine = self.engine.status();
+        StatusKey {
+            phase: engine.phase,
+            current: engine.current.map(|c| c.0),
+            target: engine.target.map(|t| t.0),
+            waiting_for_origin: engine.waiting_for_origin,
+            peers: engine.peers,
+            staged: self.sync.staged_seq,
+            last_error: self.last_error.clone(),
+        }
     }
 
     fn execute(&mut self, out: Output<PeerId>) -> Result<()> {
@@ -1227,6 +1250,7 @@ impl Daemon {
     // ---- status -------------------------------------------------------------------------------------------
 
     fn publish_status(&mut self) {
+        self.status_published = Some((Instant::now(), self.status_key()));
         let engine = self.engine.status();
         let traffic = self.data.traffic();
         let syncing = engine.phase != "idle";
@@ -1324,6 +1348,18 @@ impl Daemon {
         self.metrics.refresh(&status, origin_sent);
         self.status_tx.send_replace(status);
     }
+}
+
+/// What in the status a client may be waiting on: a change publishes it at once.
+#[derive(PartialEq, Eq)]
+struct StatusKey {
+    phase: &'static str,
+    current: Option<u64>,
+    target: Option<u64>,
+    waiting_for_origin: bool,
+    peers: usize,
+    staged: Option<u64>,
+    last_error: Option<String>,
 }
 
 /// Watches the tree (recursively, inotify on Linux) and tells the loop when anything in it changes. Bursts
