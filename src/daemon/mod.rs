@@ -368,7 +368,8 @@ impl Daemon {
             sync_span: tracing::Span::none(),
         };
         // The admin API answers with the state read from disk from its first request on.
-        daemon.publish_status();
+        let key = daemon.status_key();
+        daemon.publish_status(key);
         Ok((daemon, handle))
     }
 
@@ -423,7 +424,7 @@ impl Daemon {
         }
         let key = self.status_key();
         if self.status_published.as_ref().is_none_or(|(at, was)| *was != key || at.elapsed() >= STATUS_INTERVAL) {
-            self.publish_status();
+            self.publish_status(key);
         }
         Ok(())
     }
@@ -1249,8 +1250,8 @@ impl Daemon {
 
     // ---- status -------------------------------------------------------------------------------------------
 
-    fn publish_status(&mut self) {
-        self.status_published = Some((Instant::now(), self.status_key()));
+    fn publish_status(&mut self, key: StatusKey) {
+        self.status_published = Some((Instant::now(), key));
         let engine = self.engine.status();
         let traffic = self.data.traffic();
         let syncing = engine.phase != "idle";

@@ -711,7 +711,7 @@ impl<P: PeerKey> Engine<P> {
         }
         let seq = self.current.as_ref().map(|c| c.body.seq);
         if seq.is_some() && self.peers.get(peer).is_some_and(|info| info.complete_seq == seq) {
-            self.seeder.refused += 1;
+            self.seeder.counts.refused += 1;
             return ServeDecision::Refuse;
         }
         let mut holders: Vec<P> = self
@@ -734,7 +734,7 @@ impl<P: PeerKey> Engine<P> {
     /// Chunks the origin served (and why it served copies beyond the first), redirected, and refused to peers
     /// claiming to hold the snapshot already.
     pub fn seeder_counts(&self) -> seeder::SeederCounts {
-        self.seeder.counts()
+        self.seeder.counts
     }
 
     pub fn handle_tick(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {

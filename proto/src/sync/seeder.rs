@@ -60,20 +60,17 @@ pub struct Seeder<P: PeerKey> {
     recipients_count: usize,
     /// (asker, chunk) pairs already pointed elsewhere: when last, and how often by rule 1.
     redirected: BTreeMap<(P, ChunkId), (Timestamp, u8)>,
-    /// Chunks served, redirected and refused since the start.
-    pub served: u64,
-    pub redirects: u64,
-    pub refused: u64,
-    /// Copies of chunks the origin had already handed out in this snapshot, by why they were served.
-    pub again: AgainCounts,
+    /// What it did since the start.
+    pub counts: SeederCounts,
 }
 
-/// What the origin's policy did since the start.
+/// What the origin's policy did since the start: chunks served, redirected and refused.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SeederCounts {
     pub served: u64,
     pub redirects: u64,
     pub refused: u64,
+    /// Copies of chunks the origin had already handed out in this snapshot, by why they were served.
     pub again: AgainCounts,
 }
 
@@ -91,20 +88,13 @@ pub struct AgainCounts {
 }
 
 impl<P: PeerKey> Seeder<P> {
-    pub fn counts(&self) -> SeederCounts {
-        SeederCounts { served: self.served, redirects: self.redirects, refused: self.refused, again: self.again }
-    }
-
     pub fn new(limits: SeederLimits) -> Self {
         Self {
             limits,
             recipients: BTreeMap::new(),
             recipients_count: 0,
             redirected: BTreeMap::new(),
-            served: 0,
-            redirects: 0,
-            refused: 0,
-            again: AgainCounts::default(),
+            counts: SeederCounts::default(),
         }
     }
 
@@ -142,7 +132,7 @@ impl<P: PeerKey> Seeder<P> {
             let rebound = now.millis_since(last) < self.limits.rebound_ms;
             if rebound && count < REDIRECTS_PER_ASKER_MAX && !newer.is_empty() {
                 self.redirected.insert(key, (now, count + 1));
-                self.redirects += 1;
+                self.counts.redirects += 1;
                 return ServeDecision::Elsewhere(newer.into_iter().rev().take(REDIRECT_PEERS_MAX).collect());
             }
             if claimed.is_empty()
@@ -150,11 +140,11 @@ impl<P: PeerKey> Seeder<P> {
             {
                 // Still on its way to its first recipient (the origin's queue can be seconds long): a second copy
                 // now would only compete with the first.
-                self.redirects += 1;
+                self.counts.redirects += 1;
                 return ServeDecision::Elsewhere(vec![first]);
             }
             if !got.is_empty() {
-                if rebound { self.again.after_bans += 1 } else { self.again.after_wait += 1 }
+                if rebound { self.counts.again.after_bans += 1 } else { self.counts.again.after_wait += 1 }
             }
             return self.serve(now, asker, id);
         }
@@ -172,13 +162,13 @@ impl<P: PeerKey> Seeder<P> {
         elsewhere.truncate(REDIRECT_PEERS_MAX);
         if !elsewhere.is_empty() && self.redirected.len() < self.limits.entries_max {
             self.redirected.insert(key, (now, 0));
-            self.redirects += 1;
+            self.counts.redirects += 1;
             return ServeDecision::Elsewhere(elsewhere);
         }
         if got.iter().any(|(p, _)| p == asker) {
-            self.again.asked_again += 1;
+            self.counts.again.asked_again += 1;
         } else if !got.is_empty() {
-            self.again.no_holder += 1;
+            self.counts.again.no_holder += 1;
         }
         self.serve(now, asker, id)
     }
@@ -188,7 +178,7 @@ impl<P: PeerKey> Seeder<P> {
             self.recipients.entry(*id).or_default().push((asker.clone(), now));
             self.recipients_count += 1;
         }
-        self.served += 1;
+        self.counts.served += 1;
         ServeDecision::Serve
     }
 }
@@ -217,8 +207,8 @@ mod tests {
         let d = ChunkId([2; 32]);
         assert_eq!(s.decide(t, &1, &d, &[], |_| true), ServeDecision::Serve);
         assert_eq!(s.decide(t, &2, &d, &[], |p| *p != 1), ServeDecision::Serve);
-        assert_eq!((s.served, s.redirects), (5, 3));
-        assert_eq!(s.again, AgainCounts { after_wait: 0, after_bans: 1, no_holder: 2, asked_again: 0 });
+        assert_eq!((s.counts.served, s.counts.redirects), (5, 3));
+        assert_eq!(s.counts.again, AgainCounts { after_wait: 0, after_bans: 1, no_holder: 2, asked_again: 0 });
     }
 
     #[test]
@@ -233,8 +223,8 @@ mod tests {
         // After a new snapshot nothing has been handed out again.
         s.reset();
         assert_eq!(s.decide(t.plus_ms(20), &3, &c, &[9, 1], |_| true), ServeDecision::Serve);
-        assert_eq!((s.served, s.redirects), (2, 1));
-        assert_eq!(s.again, AgainCounts::default());
+        assert_eq!((s.counts.served, s.counts.redirects), (2, 1));
+        assert_eq!(s.counts.again, AgainCounts::default());
     }
 
     #[test]
@@ -259,7 +249,7 @@ mod tests {
         assert_eq!(s.decide(t.plus_ms(6_100), &5, &c, &[9, 1], |_| true), ServeDecision::Serve);
         // A newcomer is pointed at every recipient, in the order they got it.
         assert_eq!(s.decide(t.plus_ms(6_200), &4, &c, &[], |_| true), ServeDecision::Elsewhere(vec![9, 1, 2, 5]));
-        assert_eq!((s.served, s.redirects), (4, 7));
-        assert_eq!(s.again, AgainCounts { after_wait: 1, after_bans: 2, no_holder: 0, asked_again: 0 });
+        assert_eq!((s.counts.served, s.counts.redirects), (4, 7));
+        assert_eq!(s.counts.again, AgainCounts { after_wait: 1, after_bans: 2, no_holder: 0, asked_again: 0 });
     }
 }
