@@ -594,22 +594,19 @@ impl Daemon {
         let task = tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let mut outcomes = Vec::with_capacity(chunks.len());
-                let mut bytes = 0u64;
+                // Verified chunks are written once the request is done, on the blocking pool: a write into the
+                // page cache would hold up this runtime thread, and with it the QUIC connections it drives. A
+                // request asks for about `request_bytes_target`, so this holds about that much.
+                let mut verified = Vec::new();
                 let result = if addrs.is_empty() {
                     Err(anyhow!("no data-plane address known for {peer}"))
                 } else {
                     data.fetch(peer, &addrs, chunks, |id, fetched| {
                         let outcome = match fetched {
-                            Fetched::Verified(data) => match staging.write_chunk(&id, &data) {
-                                Ok(_) => {
-                                    bytes += data.len() as u64;
-                                    ChunkOutcome::Verified
-                                }
-                                Err(e) => {
-                                    tracing::error!("keeping chunk {id}: {e:#}");
-                                    ChunkOutcome::Dropped
-                                }
-                            },
+                            Fetched::Verified(data) => {
+                                verified.push((outcomes.len(), data));
+                                ChunkOutcome::Verified
+                            }
                             Fetched::Corrupt => ChunkOutcome::Corrupt,
                             Fetched::Missing => ChunkOutcome::Missing,
                             Fetched::Elsewhere(peers) => ChunkOutcome::Elsewhere(peers),
@@ -617,6 +614,40 @@ impl Daemon {
                         outcomes.push((id, outcome));
                     })
                     .await
+                };
+                let bytes = if verified.is_empty() {
+                    0
+                } else {
+                    let ids: Vec<ChunkId> = verified.iter().map(|(at, _)| outcomes[*at].0).collect();
+                    let written = tokio::task::spawn_blocking(move || {
+                        verified
+                            .iter()
+                            .zip(ids)
+                            .map(|((at, data), id)| match staging.write_chunk(&id, data) {
+                                Ok(_) => (*at, Some(data.len() as u64)),
+                                Err(e) => {
+                                    tracing::error!("keeping chunk {id}: {e:#}");
+                                    (*at, None)
+                                }
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                    .unwrap_or_default();
+                    let mut bytes = 0;
+                    for (at, kept) in written.iter().copied() {
+                        match kept {
+                            Some(len) => bytes += len,
+                            None => outcomes[at].1 = ChunkOutcome::Dropped,
+                        }
+                    }
+                    if written.is_empty() {
+                        // The blocking task panicked: nothing is known to be kept.
+                        for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| *o == ChunkOutcome::Verified) {
+                            *outcome = ChunkOutcome::Dropped;
+                        }
+                    }
+                    bytes
                 };
                 let unreachable = result.as_ref().err().is_some_and(|e| e.downcast_ref::<Unreachable>().is_some());
                 let error = result.err().map(|e| format!("{e:#}"));

@@ -67,14 +67,26 @@ impl Serving {
         for loc in locations {
             let Some((offset, len)) = chunk_range(loc.file_size, u64::from(loc.index)) else { continue };
             let path = self.tree.join(&*loc.path);
-            let mut buf = vec![0u8; len as usize];
-            let read = std::fs::File::open(&path)
-                .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, offset));
-            if read.is_ok() && ChunkId::of(&buf) == *id {
+            if let Ok(buf) = read_range(&path, offset, len)
+                && ChunkId::of(&buf) == *id
+            {
                 return Ok(Some(buf));
             }
             tracing::warn!(path = %path.display(), chunk = %id, "served file does not hold the expected chunk; not serving it");
         }
         Ok(None)
     }
+}
+
+/// Reads `len` bytes at `offset` of `path` into a new buffer, without zeroing it first; short is an error.
+fn read_range(path: &std::path::Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut buf)?;
+    if buf.len() as u64 != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf)
 }
