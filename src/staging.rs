@@ -368,16 +368,10 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 mod tests {
     use super::*;
 
-    fn content(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
+    fn content(len: usize, seed: u8) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(len);
+        crate::gentree::content::write_content(&[seed; 32], len as u64, &mut bytes).unwrap();
+        bytes
     }
 
     fn stage_file(path: &str, bytes: &[u8]) -> StageFile {

@@ -604,7 +604,7 @@ impl Daemon {
                     data.fetch(peer, &addrs, chunks, |id, fetched| {
                         let outcome = match fetched {
                             Fetched::Verified(data) => {
-                                verified.push((outcomes.len(), data));
+                                verified.push((outcomes.len(), id, data));
                                 ChunkOutcome::Verified
                             }
                             Fetched::Corrupt => ChunkOutcome::Corrupt,
@@ -615,40 +615,37 @@ impl Daemon {
                     })
                     .await
                 };
-                let bytes = if verified.is_empty() {
-                    0
-                } else {
-                    let ids: Vec<ChunkId> = verified.iter().map(|(at, _)| outcomes[*at].0).collect();
+                let mut bytes = 0;
+                if !verified.is_empty() {
                     let written = tokio::task::spawn_blocking(move || {
-                        verified
-                            .iter()
-                            .zip(ids)
-                            .map(|((at, data), id)| match staging.write_chunk(&id, data) {
-                                Ok(_) => (*at, Some(data.len() as u64)),
+                        let keep =
+                            |(at, id, data): (usize, ChunkId, bytes::Bytes)| match staging.write_chunk(&id, &data) {
+                                Ok(_) => (at, Some(data.len() as u64)),
                                 Err(e) => {
                                     tracing::error!("keeping chunk {id}: {e:#}");
-                                    (*at, None)
+                                    (at, None)
                                 }
-                            })
-                            .collect::<Vec<_>>()
+                            };
+                        verified.into_iter().map(keep).collect::<Vec<_>>()
                     })
-                    .await
-                    .unwrap_or_default();
-                    let mut bytes = 0;
-                    for (at, kept) in written.iter().copied() {
-                        match kept {
-                            Some(len) => bytes += len,
-                            None => outcomes[at].1 = ChunkOutcome::Dropped,
+                    .await;
+                    match written {
+                        Ok(written) => {
+                            for (at, kept) in written {
+                                match kept {
+                                    Some(len) => bytes += len,
+                                    None => outcomes[at].1 = ChunkOutcome::Dropped,
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!("writing fetched chunks failed: {e}");
+                            for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| *o == ChunkOutcome::Verified) {
+                                *outcome = ChunkOutcome::Dropped;
+                            }
                         }
                     }
-                    if written.is_empty() {
-                        // The blocking task panicked: nothing is known to be kept.
-                        for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| *o == ChunkOutcome::Verified) {
-                            *outcome = ChunkOutcome::Dropped;
-                        }
-                    }
-                    bytes
-                };
+                }
                 let unreachable = result.as_ref().err().is_some_and(|e| e.downcast_ref::<Unreachable>().is_some());
                 let error = result.err().map(|e| format!("{e:#}"));
                 let _ = events.send(LoopEvent::Fetched { peer, req, outcomes, bytes, error, unreachable }).await;
