@@ -121,8 +121,14 @@ fn plane_setup(data: &[Bytes]) -> Result<Planes> {
     let server_key = NodeKey::from_seed([3; 32])?;
     let client_key = NodeKey::from_seed([4; 32])?;
     let listen: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-    let cfg =
-        |repo: RepoId| DataPlaneConfig { listen, upload_rate: None, allow: None, repo, timeouts: Default::default() };
+    let cfg = |repo: RepoId| DataPlaneConfig {
+        listen,
+        upload_rate: None,
+        allow: None,
+        repo,
+        timeouts: Default::default(),
+        sending_replies_max: None,
+    };
     let source = MemSource { chunks: data.iter().map(|b| (ChunkId::of(b), b.clone())).collect() };
     let server = DataPlane::bind(&server_key, cfg(repo.clone()), Arc::new(source))?;
     let client = DataPlane::bind(&client_key, cfg(repo), Arc::new(MemSource { chunks: HashMap::new() }))?;

@@ -105,6 +105,7 @@ fn node_with(
         allow,
         repo: repo(),
         timeouts: Default::default(),
+        sending_replies_max: None,
     };
     let plane = DataPlane::bind(&key, cfg, Arc::new(source)).unwrap();
     Node { key, plane }
@@ -112,6 +113,11 @@ fn node_with(
 
 /// A node whose stream timeouts are short, so the stall tests take a fraction of a second.
 fn node_timed(seed: u8, chunks: &[Vec<u8>], timeouts: StreamTimeouts) -> Node {
+    node_limited(seed, chunks, timeouts, None)
+}
+
+/// An honest node with the given stream timeouts and sending slots.
+fn node_limited(seed: u8, chunks: &[Vec<u8>], timeouts: StreamTimeouts, sending_replies_max: Option<usize>) -> Node {
     let key = key(seed);
     let source = MemSource {
         chunks: chunks.iter().map(|c| (ChunkId::of(c), c.clone())).collect(),
@@ -124,6 +130,7 @@ fn node_timed(seed: u8, chunks: &[Vec<u8>], timeouts: StreamTimeouts) -> Node {
         allow: None,
         repo: repo(),
         timeouts,
+        sending_replies_max,
     };
     let plane = DataPlane::bind(&key, cfg, Arc::new(source)).unwrap();
     Node { key, plane }
@@ -359,9 +366,13 @@ async fn bad_arguments_and_closed_planes_fail_cleanly() {
         allow: None,
         repo: repo(),
         timeouts: Default::default(),
+        sending_replies_max: None,
     };
     let source = Arc::new(MemSource { chunks: HashMap::new(), mode: Mode::Honest, redirect: vec![] });
-    assert!(DataPlane::bind(&key(3), cfg, source).is_err());
+    assert!(DataPlane::bind(&key(3), cfg.clone(), source.clone()).is_err());
+    let cfg = DataPlaneConfig { upload_rate: None, sending_replies_max: Some(0), ..cfg };
+    let err = DataPlane::bind(&key(3), cfg, source).unwrap_err();
+    assert!(format!("{err:#}").contains("sending replies"), "{err:#}");
 
     fetch_all(&client, &server, &[ChunkId::of(&chunk)]).await.unwrap();
     // A closed plane fails its fetches at once, naming the peer.
@@ -486,4 +497,38 @@ async fn a_reader_that_stops_reading_is_reset() {
     let reset = recv.received_reset().await;
     assert!(matches!(reset, Ok(Some(code)) if code.into_inner() == 3), "{reset:?}");
     assert_eq!(server.plane.refusals()["slow_reader"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sending_slots_are_taken_in_turn_and_a_stalled_reader_gives_it_up() {
+    let chunks: Vec<Vec<u8>> = (0..40).map(|i| pattern(i, CHUNK_SIZE as usize)).collect();
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+    // One slot, and the default 30 s write stall: only the slot's hold limit can free it from a stalled reader.
+    let server = node_limited(1, &chunks, StreamTimeouts::default(), Some(1));
+    let identity = tls::Identity::new(&key(5)).unwrap();
+    let (config, _) = tls::client_config(&identity, server.peer()).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint.connect_with(config, server.addr(), tls::SERVER_NAME).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&framed(&ChunkRequest { repo: repo(), chunks: ids.clone() }.encode())).await.unwrap();
+    send.finish().unwrap();
+    // The stalled request holds the slot once its first byte arrives; then nothing more is read.
+    let mut one = [0u8; 1];
+    recv.read_exact(&mut one).await.unwrap();
+
+    // Three peers at once, each a few chunks: every reply takes the slot in turn, and all arrive byte for byte,
+    // long before the stalled stream would be reset.
+    let clients: Vec<Node> = (2..5).map(|seed| node(seed, &[])).collect();
+    let fetches = clients.iter().enumerate().map(|(i, c)| fetch_all(c, &server, &ids[i * 4..i * 4 + 4]));
+    let results = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(fetches))
+        .await
+        .expect("the stalled reader kept the only sending slot");
+    for (i, result) in results.into_iter().enumerate() {
+        let (summary, got) = result.unwrap();
+        assert_eq!(summary.chunks, 4);
+        for ((id, fetched), chunk) in got.iter().zip(&chunks[i * 4..]) {
+            assert_eq!(*fetched, Fetched::Verified(Bytes::from(chunk.clone())), "chunk {id}");
+        }
+    }
+    assert_eq!(server.plane.refusals()["slow_reader"], 0, "the stalled stream is still open: its slot was given up");
 }

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::apply::{self, ApplyReport};
 use crate::chunk_index::ChunkIndex;
 use crate::config::{Config, RoleName};
-use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, Fetched, Unreachable};
+use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, Fetched, ORIGIN_SENDING_REPLIES_MAX, Unreachable};
 use crate::key::NodeKey;
 use crate::metrics::Metrics;
 use crate::publish::{PublishOptions, PublishReport, now, publish};
@@ -280,6 +280,7 @@ impl Daemon {
                 allow: cfg.allow.clone(),
                 repo: cfg.repo.clone(),
                 timeouts: Default::default(),
+                sending_replies_max: (role == Role::Origin).then_some(ORIGIN_SENDING_REPLIES_MAX),
             },
             Arc::new(serving),
         )

@@ -44,6 +44,9 @@
 //!   [`STREAM_RECEIVE_WINDOW`] per stream and [`CONNECTION_RECEIVE_WINDOW`] per connection;
 //! - upload: an optional token bucket shared by all connections meters chunk bytes in pieces of
 //!   [`RATE_PIECE_BYTES`], saving up at most [`RATE_BURST`] of idle time;
+//! - sending: optionally (the origin: [`ORIGIN_SENDING_REPLIES_MAX`]) only a few replies send chunk data at once,
+//!   across all connections; a reply keeps its slot until its peer acknowledged all of it, at most
+//!   [`SENDING_SLOT_HOLD_MAX`], so a slow or silent peer holds a slot only that long;
 //! - bookkeeping: per-peer traffic for at most [`TRAFFIC_PEERS_MAX`] peers.
 //!
 //! Refused input is counted by kind ([`DataPlane::refusals`]): `malformed`, `oversized`, `stalled` (request not
@@ -120,6 +123,15 @@ pub const SEND_WINDOW: u64 = 16 << 20;
 pub const STREAM_RECEIVE_WINDOW: u32 = 8 << 20;
 /// Receive window of a dialed connection, all streams together.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 << 20;
+/// Replies the origin sends chunk data in at once, across all connections. Each mirror asks the origin for its own
+/// new chunk; sent side by side, eight such chunks share the origin's link and each reaches its first holder (and
+/// can spread from there) only after eight chunks' time. Sent three at a time, each arrives in three chunks' time
+/// and the mesh starts forwarding sooner, at the start of an update and at its end. (Two left the origin's link
+/// idle while both replies waited for acknowledgements queued behind the mirrors' own uploads; on mirrors, whose
+/// uploads are many copies of chunks already spread, a limit made the mesh slower: testbed sync, BENCHMARKS.md.)
+pub const ORIGIN_SENDING_REPLIES_MAX: usize = 3;
+/// Longest a reply keeps its sending slot (from taking it to its peer's acknowledgement of the last byte).
+pub const SENDING_SLOT_HOLD_MAX: Duration = Duration::from_millis(500);
 /// Chunk bytes are metered by the upload limit in pieces of this size.
 pub const RATE_PIECE_BYTES: usize = 64 << 10;
 /// The upload limit saves up at most this much idle time (and at least one piece).
@@ -165,6 +177,9 @@ pub struct DataPlaneConfig {
     pub allow: Option<BTreeSet<PeerId>>,
     pub repo: RepoId,
     pub timeouts: StreamTimeouts,
+    /// Replies that may send chunk data at once, across all connections (None = no limit; the origin sets
+    /// [`ORIGIN_SENDING_REPLIES_MAX`]).
+    pub sending_replies_max: Option<usize>,
 }
 
 /// How long a stream may stall before it is given up (the defaults are the named constants).
@@ -302,6 +317,8 @@ struct Shared {
     source: Arc<dyn ChunkSource>,
     stats: Stats,
     upload: Option<rate::TokenBucket>,
+    /// Sending slots (see [`DataPlaneConfig::sending_replies_max`]).
+    sending: Option<Arc<Semaphore>>,
     serve_memory: Arc<Semaphore>,
     incoming: Mutex<server::IncomingCounts>,
     /// Peers banned by the node: neither served nor asked.
@@ -347,6 +364,9 @@ impl DataPlane {
         if cfg.upload_rate == Some(0) {
             bail!("data plane upload rate must be positive (leave it unset for unlimited)");
         }
+        if cfg.sending_replies_max == Some(0) {
+            bail!("data plane sending replies must be at least 1 (leave it unset for no limit)");
+        }
         let identity = tls::Identity::new(key)?;
         let server_config = tls::server_config(&identity)?;
         let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
@@ -359,6 +379,7 @@ impl DataPlane {
             source,
             stats: Stats::default(),
             upload: cfg.upload_rate.map(rate::TokenBucket::new),
+            sending: cfg.sending_replies_max.map(|n| Arc::new(Semaphore::new(n))),
             serve_memory: Arc::new(Semaphore::new(SERVE_CHUNKS_IN_MEMORY_MAX)),
             incoming: Mutex::new(server::IncomingCounts::default()),
             denied: Mutex::default(),

@@ -16,7 +16,7 @@ use super::frame::{self, LenError};
 use super::stall::Watchdog;
 use super::{
     CONNECTIONS_MAX, CONNECTIONS_PER_PEER_MAX, Decision, HANDSHAKE_TIMEOUT, HANDSHAKES_MAX, RATE_PIECE_BYTES,
-    READ_AHEAD_CHUNKS, Refusal, SERVE_CHUNKS_PER_CONNECTION_MAX, Shared, code, tls,
+    READ_AHEAD_CHUNKS, Refusal, SENDING_SLOT_HOLD_MAX, SERVE_CHUNKS_PER_CONNECTION_MAX, Shared, code, tls,
 };
 
 /// Accepted connections and handshakes in progress, for the connection limits.
@@ -349,13 +349,43 @@ async fn serve_stream(
         let _ = send.reset(code::INTERNAL);
         return;
     }
+    // A reply with data to send waits for a sending slot where the node limits them (the origin), before it reads.
+    let sends_data = decisions.iter().any(|d| matches!(d, Decision::Serve));
+    let slot = match (&shared.sending, sends_data) {
+        // Never closed.
+        (Some(slots), true) => slots.clone().acquire_owned().await.ok(),
+        _ => None,
+    };
     let replies = futures::stream::iter(request.chunks.into_iter().zip(decisions))
         .map(|(id, decision)| prepare(shared.clone(), memory.clone(), id, decision))
         .buffered(READ_AHEAD_CHUNKS + 1);
+    let deadline = tokio::time::Instant::now() + SENDING_SLOT_HOLD_MAX;
+    let sending = send_replies(&shared, peer, &mut send, replies, slot.is_some().then_some(deadline));
+    match slot {
+        None => sending.await,
+        Some(slot) => {
+            futures::pin_mut!(sending);
+            if tokio::time::timeout_at(deadline, &mut sending).await.is_err() {
+                drop(slot);
+                sending.await;
+            }
+        }
+    }
+}
+
+/// Writes every reply, then finishes the stream; with `ack_by`, then waits (until then at most) for the peer to
+/// acknowledge all of it, which is when a sending slot is free for the next reply.
+async fn send_replies(
+    shared: &Shared,
+    peer: PeerId,
+    send: &mut quinn::SendStream,
+    replies: impl futures::Stream<Item = Prepared>,
+    ack_by: Option<tokio::time::Instant>,
+) {
     futures::pin_mut!(replies);
     let mut watchdog = Watchdog::new(shared.timeouts.write_stall);
     while let Some(reply) = replies.next().await {
-        match write_reply(&shared, &mut send, &mut watchdog, reply).await {
+        match write_reply(shared, send, &mut watchdog, reply).await {
             Ok(Some(bytes)) => shared.stats.record(peer, |t| {
                 t.bytes_sent += bytes;
                 t.chunks_sent += 1;
@@ -375,6 +405,10 @@ async fn serve_stream(
         }
     }
     let _ = send.finish();
+    if let Some(deadline) = ack_by {
+        // Ok(None) once every byte is acknowledged; a stop code or a lost connection frees the slot as well.
+        let _ = tokio::time::timeout_at(deadline, send.stopped()).await;
+    }
 }
 
 fn refuse(
