@@ -15,6 +15,7 @@
 
 pub mod net;
 mod throughput;
+mod timeline;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -84,6 +85,9 @@ struct SyncArgs {
     /// Packages the update rebuilds.
     #[arg(long, default_value_t = 50)]
     update_packages: usize,
+    /// Also print, for each mirrormesh step, the origin's upload and every mirror's download per 100 ms.
+    #[arg(long)]
+    timeline: bool,
 }
 
 #[derive(Args)]
@@ -247,11 +251,13 @@ impl Bed {
     }
 
     /// Publishes the origin's tree; the time is until every mirror serves the new snapshot (applied). Then waits
-    /// until the old files are removed too and checks every tree.
-    fn mirrormesh_update(&self) -> Result<Measured> {
+    /// until the old files are removed too and checks every tree. With `timeline`, the links are sampled until
+    /// every mirror serves it and printed under that title.
+    fn mirrormesh_update(&self, timeline: Option<&str>) -> Result<Measured> {
         let tx0 = self.origin_tx()?;
         let served0 = self.fabric.status(0)?.bytes_served_total;
         let t0 = Instant::now();
+        let recorder = timeline.map(|_| timeline::Recorder::start(&self.net.hosts, t0)).transpose()?;
         let published = self.fabric.publish()?;
         let seq = published.seq;
         let elapsed = std::thread::scope(|scope| {
@@ -266,6 +272,9 @@ impl Bed {
                 .map(|w| w.join().map_err(|_| anyhow::anyhow!("waiting thread panicked"))?)
                 .try_fold(Duration::ZERO, |max, t| anyhow::Ok(max.max(t?)))
         })?;
+        if let (Some(recorder), Some(title)) = (recorder, timeline) {
+            recorder.finish_and_print(title, &self.rates);
+        }
         self.fabric.wait_all_settled(seq, SYNC_TIMEOUT)?;
         let tx = self.origin_tx()? - tx0;
         for i in 1..self.fabric.nodes.len() {
@@ -406,7 +415,7 @@ fn sync(a: &SyncArgs) -> Result<()> {
     let n = bed.mirrors();
 
     println!("initial sync ...");
-    let mm_initial = bed.mirrormesh_update()?;
+    let mm_initial = bed.mirrormesh_update(a.timeline.then_some("the initial sync"))?;
     let rs_initial = bed.rsync_update(&rsyncd, mm_initial.bytes)?;
     gentree::generate(&GenTreeArgs {
         out: bed.fabric.nodes[0].tree.clone(),
@@ -415,7 +424,7 @@ fn sync(a: &SyncArgs) -> Result<()> {
         ..GenTreeArgs::default()
     })?;
     println!("{}-package update ...", a.update_packages);
-    let mm_update = bed.mirrormesh_update()?;
+    let mm_update = bed.mirrormesh_update(a.timeline.then_some("the update"))?;
     let rs_update = bed.rsync_update(&rsyncd, mm_update.bytes)?;
     drop(rsyncd);
 
@@ -459,7 +468,7 @@ fn sync(a: &SyncArgs) -> Result<()> {
 
 fn freshness(a: &FreshnessArgs) -> Result<()> {
     let bed = Bed::start(&a.fabric)?;
-    bed.mirrormesh_update()?;
+    bed.mirrormesh_update(None)?;
     let mut times = Vec::new();
     for round in 0..a.rounds {
         gentree::generate(&GenTreeArgs {
@@ -468,7 +477,7 @@ fn freshness(a: &FreshnessArgs) -> Result<()> {
             seed: a.fabric.seed + 100 + round as u64,
             ..GenTreeArgs::default()
         })?;
-        let m = bed.mirrormesh_update()?;
+        let m = bed.mirrormesh_update(None)?;
         println!(
             "  round {}: {} changed, all {} mirrors serving it after {:.3} s",
             round + 1,
@@ -495,7 +504,7 @@ fn freshness(a: &FreshnessArgs) -> Result<()> {
 
 fn idle(a: &IdleArgs) -> Result<()> {
     let bed = Bed::start(&a.fabric)?;
-    bed.mirrormesh_update()?;
+    bed.mirrormesh_update(None)?;
     let before: Vec<u64> = bed.net.hosts.iter().map(|h| h.tx_bytes()).collect::<Result<_>>()?;
     // The measurement is a span of wall time with nothing to do: waiting is what is measured.
     std::thread::sleep(Duration::from_secs(a.seconds));
