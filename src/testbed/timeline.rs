@@ -91,14 +91,13 @@ impl Recorder {
                 y.saturating_sub(x) as f64 / secs
             };
             let origin = rate(0, false);
-            if origin >= BUSY_SHARE * rates[0] {
-                origin_busy_until = b.at;
-            }
+            let origin_busy = origin >= BUSY_SHARE * rates[0];
             let downs: Vec<f64> = (1..=mirrors).map(|i| rate(i, true)).collect();
             if downs.iter().zip(&rates[1..]).any(|(d, r)| *d >= BUSY_SHARE * r) {
                 mirrors_busy_until = b.at;
             }
-            if origin >= BUSY_SHARE * rates[0] {
+            if origin_busy {
+                origin_busy_until = b.at;
                 for (d, r) in downs.iter().zip(&rates[1..]) {
                     mirror_fill.0 += d / r;
                     mirror_fill.1 += 1;
