@@ -7,21 +7,27 @@
 //! 3. symlinks (created in staging, renamed into place) and directory mode changes;
 //! 4. index files (`repo.index_globs`, default `APKINDEX.tar.gz`), so no index names a package not yet in place;
 //! 5. the directories written to are flushed;
-//! 6. removals are not done here: they are returned, to be carried out after the grace period.
+//! 6. removals are not done here: they are returned, to be carried out after the grace period (`removals.rs`
+//!    checks each again then). A path the new snapshot names is never among them, even when it changed kind (a
+//!    file that became a directory is removed as a file and added as a directory by the diff).
 //!
-//! No temporary name ever appears inside the tree. A crash at any point leaves a consistent tree (old index with
-//! old files still present, or new files with the old index, or everything new); re-running the apply after a
-//! restart finishes it, since staging finds the files already in place.
+//! Modes are applied through [`served_mode`]: never setuid, setgid or sticky, never writable by group or others,
+//! whatever the manifest says.
+//!
+//! No temporary name ever appears inside the tree. A crash or an error at any point leaves a consistent tree (old
+//! index with old files still present, or new files with the old index, or everything new); re-running the apply
+//! finishes it: a file whose staged copy was already renamed into place is recognised there by its content.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{File, FileTimes, OpenOptions, Permissions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use mirrormesh_proto::chunk::{ChunkId, chunk_range};
 use mirrormesh_proto::diff::Change;
-use mirrormesh_proto::entry::{EntryKind, FileMeta};
+use mirrormesh_proto::entry::{EntryKind, FileMeta, served_mode};
 use mirrormesh_proto::tree::split_parent;
 
 use crate::config::glob_match;
@@ -37,9 +43,10 @@ pub struct ApplyReport {
     pub symlinks: usize,
     pub dirs_created: usize,
     pub bytes: u64,
-    /// Paths to remove once the grace period is over, deepest first.
+    /// Paths to remove once the grace period is over, deepest first. None of them is named by the new snapshot.
     pub removals: Vec<String>,
-    /// Paths written by this apply (pending removals of these paths must be cancelled).
+    /// Paths the new snapshot names that this apply wrote or created (files, symlinks, directories): pending
+    /// removals of these paths must be cancelled.
     pub written: Vec<String>,
 }
 
@@ -54,6 +61,8 @@ pub fn apply(staging: &Staging, changes: &[Change], index_globs: &[String]) -> R
     let mut indexes: Vec<(&str, &FileMeta)> = Vec::new();
     let mut links: Vec<(&str, &str)> = Vec::new();
     let mut dirs: Vec<(&str, u32, bool)> = Vec::new();
+    // A path that changed kind appears twice (removed as the old kind, added as the new): it is not a removal.
+    let named: HashSet<&str> = changes.iter().filter(|c| c.new.is_some()).map(|c| c.path.as_str()).collect();
     for change in changes {
         let old_kind = change.old.as_ref().map(|e| &e.kind);
         match change.new.as_ref().map(|e| &e.kind) {
@@ -64,6 +73,7 @@ pub fn apply(staging: &Staging, changes: &[Change], index_globs: &[String]) -> R
                 let created = !matches!(old_kind, Some(EntryKind::Dir { .. }));
                 dirs.push((&change.path, *mode, created));
             }
+            None if named.contains(change.path.as_str()) => {}
             None => report.removals.push(change.path.clone()),
         }
     }
@@ -80,8 +90,9 @@ pub fn apply(staging: &Staging, changes: &[Change], index_globs: &[String]) -> R
                 Err(e) => return Err(e).with_context(|| format!("creating directory {}", full.display())),
             }
         }
-        std::fs::set_permissions(&full, Permissions::from_mode(*mode))
+        std::fs::set_permissions(&full, Permissions::from_mode(served_mode(*mode)))
             .with_context(|| format!("setting mode of {}", full.display()))?;
+        report.written.push((*path).to_owned());
     }
 
     // How many paths still need each staged file: the last one takes it by rename, the others get copies.
@@ -93,24 +104,32 @@ pub fn apply(staging: &Staging, changes: &[Change], index_globs: &[String]) -> R
     }
     // Staged files that one path takes by rename are given their mode and mtime and flushed first, many at once
     // (flushing is waiting for the disk; one at a time it was most of the apply). The renames below stay in order.
+    // A staged file already renamed into place by an earlier, interrupted run of this apply is not flushed again.
     let direct: Vec<(FileKey, &FileMeta)> = files
         .iter()
         .chain(&indexes)
         .filter_map(|(path, meta)| plan.paths.get(*path).map(|(key, _)| (*key, *meta)))
-        .filter(|(key, _)| uses.get(key) == Some(&1))
+        .filter(|(key, _)| uses.get(key) == Some(&1) && staging.object_path(key).exists())
         .collect();
     let flushers = rayon::ThreadPoolBuilder::new().num_threads(FLUSH_THREADS).build().context("flush threads")?;
     flushers.install(|| {
         use rayon::prelude::*;
         direct.par_iter().try_for_each(|(key, meta)| finalize(&staging.object_path(key), meta))
     })?;
-    let flushed: std::collections::BTreeSet<FileKey> = direct.iter().map(|(key, _)| *key).collect();
-    let mut touched_dirs = std::collections::BTreeSet::new();
+    let flushed: BTreeSet<FileKey> = direct.iter().map(|(key, _)| *key).collect();
+    let mut touched_dirs = BTreeSet::new();
     let mut place = |path: &str, meta: &FileMeta, report: &mut ApplyReport| -> Result<()> {
         let (key, _) = plan.paths.get(path).with_context(|| format!("{path} was not staged"))?;
         let staged = staging.object_path(key);
         let remaining = uses.get_mut(key).context("staged file accounting")?;
         *remaining -= 1;
+        let full = tree.join(path);
+        if !staged.exists() && in_place(&full, meta)? {
+            // Renamed into place by an earlier run of this apply that stopped before the end.
+            report.bytes += meta.size;
+            report.written.push(path.to_owned());
+            return Ok(());
+        }
         let source = if *remaining > 0 {
             let copy = staging.tmp_path(&format!("copy-{}", report.files + report.index_files));
             std::fs::copy(&staged, &copy).with_context(|| format!("copying {}", staged.display()))?;
@@ -121,7 +140,6 @@ pub fn apply(staging: &Staging, changes: &[Change], index_globs: &[String]) -> R
         if !flushed.contains(key) {
             finalize(&source, meta)?;
         }
-        let full = tree.join(path);
         clear_other_kind(&full, Kind::File)?;
         std::fs::rename(&source, &full)
             .with_context(|| format!("renaming {} into {}", source.display(), full.display()))?;
@@ -163,7 +181,7 @@ fn finalize(path: &Path, meta: &FileMeta) -> Result<()> {
     if file.metadata()?.len() != meta.size {
         bail!("staged file {} has the wrong size", path.display());
     }
-    file.set_permissions(Permissions::from_mode(meta.mode))?;
+    file.set_permissions(Permissions::from_mode(served_mode(meta.mode)))?;
     let mtime = if meta.mtime >= 0 {
         UNIX_EPOCH + Duration::from_secs(meta.mtime as u64)
     } else {
@@ -172,6 +190,27 @@ fn finalize(path: &Path, meta: &FileMeta) -> Result<()> {
     file.set_times(FileTimes::new().set_modified(mtime).set_accessed(SystemTime::now()))?;
     file.sync_all().with_context(|| format!("flushing {}", path.display()))?;
     Ok(())
+}
+
+/// Whether the tree already holds this file at `full`: a regular file of the right size whose every chunk hashes
+/// to the manifest's id (read only when the staged copy is gone, i.e. when an apply runs again).
+fn in_place(full: &Path, meta: &FileMeta) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let Ok(stat) = std::fs::symlink_metadata(full) else { return Ok(false) };
+    if !stat.is_file() || stat.len() != meta.size {
+        return Ok(false);
+    }
+    let file = File::open(full).with_context(|| format!("opening {}", full.display()))?;
+    let mut buf = Vec::new();
+    for (i, id) in meta.chunks.iter().enumerate() {
+        let Some((offset, len)) = chunk_range(meta.size, i as u64) else { return Ok(false) };
+        buf.resize(len as usize, 0);
+        file.read_exact_at(&mut buf, offset).with_context(|| format!("reading {}", full.display()))?;
+        if ChunkId::of(&buf) != *id {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[derive(PartialEq)]
@@ -197,19 +236,6 @@ fn clear_other_kind(path: &Path, want: Kind) -> Result<()> {
     }
     if have == Kind::Dir { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) }
         .with_context(|| format!("clearing {} for an entry of another kind", path.display()))
-}
-
-/// Carries out one removal whose grace period is over. A directory is removed only once empty.
-pub fn remove(tree: &Path, path: &str) -> Result<()> {
-    let full = tree.join(path);
-    let Ok(meta) = std::fs::symlink_metadata(&full) else { return Ok(()) };
-    let result = if meta.is_dir() { std::fs::remove_dir(&full) } else { std::fs::remove_file(&full) };
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", full.display())),
-    }
 }
 
 #[cfg(test)]
@@ -257,6 +283,29 @@ mod tests {
             let m = std::fs::metadata(&full).unwrap();
             assert_eq!((m.mode() & 0o7777, m.mtime()), (mode, mtime), "{path}");
         }
+    }
+
+    #[test]
+    fn modes_from_the_manifest_are_masked_no_setuid_setgid_sticky_or_group_write() {
+        use mirrormesh_proto::node::NodeHash;
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        let staging = Staging::open(&dir.path().join("staging"), &tree).unwrap();
+        let content = b"#!/bin/sh\n".as_slice();
+        let stage = [StageFile { path: "bin/tool".into(), meta: meta(content, 0o6777, 1_000) }];
+        staging.prepare(1, &stage, &ChunkIndex::default()).unwrap();
+        staging.write_chunk(&ChunkId::of(content), content).unwrap();
+        let changes = vec![
+            Change {
+                path: "bin".into(),
+                old: None,
+                new: Some(Entry { name: "bin".into(), kind: EntryKind::Dir { mode: 0o3777, root: NodeHash([0; 32]) } }),
+            },
+            Change { path: "bin/tool".into(), old: None, new: Some(Entry::file("tool", meta(content, 0o6777, 1_000))) },
+        ];
+        apply(&staging, &changes, &[]).unwrap();
+        let mode = |p: &str| std::fs::metadata(tree.join(p)).unwrap().mode() & 0o7777;
+        assert_eq!((mode("bin"), mode("bin/tool")), (0o755, 0o755));
     }
 
     #[test]

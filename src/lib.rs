@@ -20,6 +20,7 @@ pub mod key;
 pub mod local_fabric;
 pub mod metrics;
 pub mod publish;
+pub mod removals;
 pub mod scan;
 pub mod staging;
 pub mod status;

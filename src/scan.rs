@@ -6,7 +6,8 @@
 //! match the scan cache reuses the chunk ids cached for it, everything else is read and hashed, one 1 MiB chunk per
 //! task across all cores. A file that changes while it is being hashed fails the scan (publish when the tree is
 //! quiet). Entries a manifest cannot carry (non-UTF-8 or forbidden names, sockets, devices, symlinks leaving the
-//! tree) are skipped, logged and counted.
+//! tree, files over `FILE_SIZE_MAX`) are skipped, logged and counted, before anything is hashed. Modes are
+//! published through `served_mode` (no setuid, setgid or sticky bit, no group or other write).
 
 use std::fs::{File, Metadata};
 use std::io::IsTerminal;
@@ -18,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use mirrormesh_proto::builder::build_dir;
 use mirrormesh_proto::chunk::{CHUNK_SIZE, ChunkId, chunk_count, chunk_range};
-use mirrormesh_proto::entry::{Entry, EntryKind, FileMeta, MODE_BITS};
+use mirrormesh_proto::entry::{Entry, EntryKind, FILE_SIZE_MAX, FileMeta, served_mode};
 use mirrormesh_proto::node::NodeHash;
 use mirrormesh_proto::path::{check_symlink_within, depth, join, validate_name};
 use rayon::prelude::*;
@@ -141,7 +142,7 @@ impl Scanner<'_> {
             let kind = if meta.is_dir() {
                 let root = self.dir(&child, &path)?;
                 self.stats.dirs += 1;
-                EntryKind::Dir { mode: meta.mode() & MODE_BITS, root }
+                EntryKind::Dir { mode: served_mode(meta.mode()), root }
             } else if meta.is_symlink() {
                 let target = std::fs::read_link(&child).with_context(|| format!("readlink {}", child.display()))?;
                 let Some(target) = target.to_str().map(str::to_owned) else {
@@ -154,6 +155,9 @@ impl Scanner<'_> {
                 }
                 self.stats.symlinks += 1;
                 EntryKind::Symlink { target }
+            } else if meta.is_file() && meta.len() > FILE_SIZE_MAX {
+                self.skip(&path, &format!("{} bytes, over the limit of {FILE_SIZE_MAX}", meta.len()));
+                continue;
             } else if meta.is_file() {
                 self.stats.files += 1;
                 self.stats.bytes += meta.len();
@@ -173,7 +177,7 @@ impl Scanner<'_> {
                     }
                 };
                 EntryKind::File(FileMeta {
-                    mode: meta.mode() & MODE_BITS,
+                    mode: served_mode(meta.mode()),
                     size: meta.len(),
                     mtime: meta.mtime(),
                     chunks,

@@ -98,6 +98,11 @@ impl StoreReader {
         Ok(out)
     }
 
+    /// How many deletions wait for their grace period.
+    pub fn pending_deletion_count(&self) -> Result<u64> {
+        Ok(self.txn.open_table(PENDING_DELETIONS)?.len()?)
+    }
+
     pub fn delta(&self, hash: &DeltaHash) -> Result<Option<Vec<u8>>> {
         Ok(self.txn.open_table(DELTAS)?.get(&hash.0)?.map(|v| v.value().to_vec()))
     }

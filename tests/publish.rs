@@ -173,3 +173,68 @@ fn publish_errors_are_clear() {
     ]);
     assert!(err.contains("--repo"), "{err}");
 }
+
+/// Publishes `tree` offline with a fresh key and state; returns the command's output.
+fn publish_offline(dir: &Path, tree: &Path) -> String {
+    let key = dir.join("origin.key");
+    if !key.exists() {
+        mirrormesh(&["keygen", "--out", key.to_str().unwrap()]);
+    }
+    let state = dir.join("state");
+    mirrormesh(&[
+        "publish",
+        "--tree",
+        tree.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+    ])
+}
+
+/// Every entry of the newest published manifest in `state`, by path.
+fn published(state: &Path) -> HashMap<String, EntryKind> {
+    let store = StateStore::open(state).unwrap();
+    let reader = store.reader().unwrap();
+    let signed = reader.root(&RepoId::new("alpine").unwrap()).unwrap().expect("root recorded");
+    let body = signed.verify_signature().unwrap();
+    let (changes, _) = diff(&reader, None, &body.root).unwrap();
+    changes.into_iter().filter_map(|c| Some((c.path, c.new?.kind))).collect()
+}
+
+#[test]
+fn published_modes_never_carry_setuid_setgid_sticky_or_group_and_other_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    write(&tree, "dir/tool", b"#!/bin/sh\n");
+    write(&tree, "dir/shared.apk", b"package");
+    std::fs::set_permissions(tree.join("dir/tool"), std::fs::Permissions::from_mode(0o4777)).unwrap();
+    std::fs::set_permissions(tree.join("dir/shared.apk"), std::fs::Permissions::from_mode(0o664)).unwrap();
+    std::fs::set_permissions(tree.join("dir"), std::fs::Permissions::from_mode(0o3777)).unwrap();
+    publish_offline(dir.path(), &tree);
+    let entries = published(&dir.path().join("state"));
+    let mode = |path: &str| match &entries[path] {
+        EntryKind::File(meta) => meta.mode,
+        EntryKind::Dir { mode, .. } => *mode,
+        other => panic!("{path}: {other:?}"),
+    };
+    assert_eq!(mode("dir/tool"), 0o755);
+    assert_eq!(mode("dir/shared.apk"), 0o644);
+    assert_eq!(mode("dir"), 0o755);
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_left_out_and_counted_not_a_failed_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    write(&tree, "small.apk", b"small");
+    let huge = std::fs::File::create(tree.join("huge.iso")).unwrap();
+    // Sparse: no disk space, but its size is past the limit.
+    huge.set_len(mirrormesh_proto::entry::FILE_SIZE_MAX + 1).unwrap();
+    let out = publish_offline(dir.path(), &tree);
+    assert!(field(&out, "files").starts_with("1 "), "{out}");
+    assert!(field(&out, "entries").contains("1 skipped"), "{out}");
+    let entries = published(&dir.path().join("state"));
+    assert!(entries.contains_key("small.apk") && !entries.contains_key("huge.iso"));
+}

@@ -10,6 +10,15 @@ use crate::wire::{DecodeError, bounded_vec};
 /// Permission bits kept for files and directories (setuid/setgid/sticky and rwx); file type bits are implied by
 /// the entry kind.
 pub const MODE_BITS: u32 = 0o7777;
+/// Permission bits a node gives what it publishes and what it applies: read and execute as the origin set them,
+/// write for the owner only; never setuid, setgid or sticky, never writable by group or others. A mirror running as
+/// root must not create setuid files from a manifest, and a hardened service (`RestrictSUIDSGID=yes`) cannot.
+pub const SERVED_MODE_MASK: u32 = 0o755;
+
+/// `mode` as it is published and applied (see [`SERVED_MODE_MASK`]).
+pub fn served_mode(mode: u32) -> u32 {
+    mode & SERVED_MODE_MASK
+}
 /// Largest file a manifest may describe. Alpine's largest package is 124 MiB; this leaves room for installer
 /// images while keeping one entry's chunk list (8,192 ids, 264 KiB) well inside a manifest node.
 pub const FILE_SIZE_MAX: u64 = 8 << 30;

@@ -19,6 +19,7 @@
 //! - [`builder`]: content-defined paging of a directory into nodes.
 //! - [`tree`]: an in-memory directory tree (the publisher's scan result, the tests' model).
 //! - [`diff`]: the changes between two manifests, loading only differing nodes.
+//! - [`lookup`]: one entry of a manifest by path.
 //! - [`delta`]: a snapshot-to-snapshot delta, applied and verified against the signed root.
 //! - [`root`]: signed roots, the publisher trust store and rollback protection.
 //! - [`wire`]: the versioned, bounded encoding every message and object uses.
@@ -40,6 +41,7 @@ pub mod control;
 pub mod delta;
 pub mod diff;
 pub mod entry;
+pub mod lookup;
 pub mod node;
 pub mod node_store;
 pub mod path;

@@ -10,6 +10,7 @@
 
 mod progress;
 mod serving;
+mod tree_writer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -29,11 +30,11 @@ use mirrormesh_proto::node_store::NodeSink;
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
-use mirrormesh_proto::{SignedRoot, Timestamp, VerifiedRoot};
+use mirrormesh_proto::{SignedRoot, VerifiedRoot};
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::apply::{self, ApplyReport};
+use crate::apply::ApplyReport;
 use crate::chunk_index::ChunkIndex;
 use crate::config::{Config, RoleName};
 use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, Fetched, ORIGIN_SENDING_REPLIES_MAX, Unreachable};
@@ -89,6 +90,8 @@ pub enum LoopEvent {
         changes: Vec<Change>,
         result: Result<ApplyReport>,
     },
+    /// The tree writer carried out (or deferred) the removals that were due.
+    Removed(Box<Result<tree_writer::RemovalRun>>),
     /// The origin's data plane asks how to answer a request.
     Serve {
         peer: PeerId,
@@ -187,6 +190,10 @@ pub struct Daemon {
     last_error: Option<String>,
     publishing: bool,
     next_deletion_check: Instant,
+    /// The one thread that changes the served tree (applies and removals).
+    tree_writer: tree_writer::TreeWriter,
+    /// A removal run is queued or running on the tree writer.
+    removing: bool,
     /// Files and bytes of the applied snapshot (for status).
     totals: (u64, u64),
     pending_deletions: u64,
@@ -320,7 +327,14 @@ impl Daemon {
             })
             .collect();
         let (status_tx, status_rx) = watch::channel(Status::default());
-        let pending_deletions = store.reader()?.pending_deletions()?.len() as u64;
+        let pending_deletions = store.reader()?.pending_deletion_count()?;
+        let tree_writer = tree_writer::TreeWriter::start(
+            store.clone(),
+            staging.clone(),
+            cfg.repo.clone(),
+            cfg.index_globs.clone(),
+            events_tx.clone(),
+        )?;
         let watcher = if cfg.watch { Some(watch_tree(&cfg.tree, events_tx.clone())?) } else { None };
         let handle = Handle {
             status: status_rx,
@@ -355,6 +369,8 @@ impl Daemon {
             last_error: None,
             publishing: false,
             next_deletion_check: Instant::now(),
+            tree_writer,
+            removing: false,
             totals,
             pending_deletions,
             listen_addrs,
@@ -504,25 +520,8 @@ impl Daemon {
                 }
             }
             Output::Apply { target, base } => {
-                let staging = self.staging.clone();
-                let store = self.store.clone();
-                let globs = self.cfg.index_globs.clone();
-                let events = self.events_tx.clone();
                 tracing::info!(seq = target.body.seq, "applying snapshot");
-                tokio::task::spawn_blocking(move || {
-                    let diffed = store.reader().and_then(|reader| {
-                        let (changes, _) = mirrormesh_proto::diff::diff(&reader, base.as_ref(), &target.body.root)?;
-                        Ok(changes)
-                    });
-                    let (changes, result) = match diffed {
-                        Ok(changes) => {
-                            let result = apply::apply(&staging, &changes, &globs);
-                            (changes, result)
-                        }
-                        Err(e) => (Vec::new(), Err(e.context("diffing the snapshot to apply"))),
-                    };
-                    let _ = events.blocking_send(LoopEvent::Applied { target: Box::new(target), changes, result });
-                });
+                self.tree_writer.submit(tree_writer::TreeJob::Apply { target: Box::new(target), base })?;
             }
             Output::Ban { peer, reason } => {
                 tracing::warn!(%peer, ?reason, "peer banned for this snapshot");
@@ -742,6 +741,7 @@ impl Daemon {
                 }
             }
             LoopEvent::Applied { target, changes, result } => self.on_applied(*target, changes, result)?,
+            LoopEvent::Removed(run) => self.on_removed(*run),
             LoopEvent::Serve { peer, chunks, reply } => {
                 let decisions = chunks
                     .iter()
@@ -777,12 +777,10 @@ impl Daemon {
             writer.remove_pending_deletion(path)?;
         }
         for path in &report.removals {
-            if !report.written.contains(path) {
-                writer.add_pending_deletion(path, due)?;
-            }
+            writer.add_pending_deletion(path, due)?;
         }
         writer.commit()?;
-        self.pending_deletions = self.store.reader()?.pending_deletions()?.len() as u64;
+        self.pending_deletions = self.store.reader()?.pending_deletion_count()?;
         if let Ok(mut index) = self.index.write() {
             index.apply(&changes);
         }
@@ -801,6 +799,28 @@ impl Daemon {
         let reader = self.store.reader()?;
         self.engine.handle_applied(now(), target.body.seq, &reader)?;
         Ok(())
+    }
+
+    fn on_removed(&mut self, run: Result<tree_writer::RemovalRun>) {
+        self.removing = false;
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => return self.error(format!("pending deletions: {e:#}")),
+        };
+        self.pending_deletions = run.pending;
+        let r = &run.report;
+        if r.named_by_snapshot > 0 {
+            tracing::info!(count = r.named_by_snapshot, "removals cancelled: the snapshot in the tree names them");
+        }
+        for (what, n) in [("removals_named_by_snapshot", r.named_by_snapshot), ("removals_dropped", r.not_beneath_tree)]
+        {
+            if n > 0 {
+                *self.counters.entry(what.into()).or_default() += n;
+            }
+        }
+        if r.removed > 0 {
+            tracing::info!(count = r.removed, "removed files after the grace period");
+        }
     }
 
     fn start_publish(&mut self, reply: Option<oneshot::Sender<Result<PublishReply, String>>>) {
@@ -1233,8 +1253,11 @@ impl Daemon {
             for (peer, refused) in abusers {
                 self.ban_for_protocol(peer, "baddatarequests", &format!("{refused} data-plane requests refused"));
             }
-            if let Err(e) = self.run_deletions(t) {
-                self.error(format!("pending deletions: {e:#}"));
+            if !self.removing {
+                match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
+                    Ok(()) => self.removing = true,
+                    Err(e) => self.error(format!("pending deletions: {e:#}")),
+                }
             }
         }
     }
@@ -1250,31 +1273,6 @@ impl Daemon {
                 }
             }
         }
-    }
-
-    fn run_deletions(&mut self, t: Timestamp) -> Result<()> {
-        let due: Vec<String> = self
-            .store
-            .reader()?
-            .pending_deletions()?
-            .into_iter()
-            .filter(|(_, at)| *at <= t.0)
-            .map(|(p, _)| p)
-            .collect();
-        if due.is_empty() {
-            return Ok(());
-        }
-        let mut ordered = due;
-        ordered.sort_by(|a, b| b.matches('/').count().cmp(&a.matches('/').count()).then(b.cmp(a)));
-        let mut writer = self.store.writer()?;
-        for path in &ordered {
-            apply::remove(&self.cfg.tree, path)?;
-            writer.remove_pending_deletion(path)?;
-        }
-        writer.commit()?;
-        self.pending_deletions = self.store.reader()?.pending_deletions()?.len() as u64;
-        tracing::info!(count = ordered.len(), "removed files after the grace period");
-        Ok(())
     }
 
     // ---- status -------------------------------------------------------------------------------------------

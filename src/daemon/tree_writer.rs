@@ -1,0 +1,150 @@
+//! The one thread that changes the served tree: it applies snapshots and carries out removals whose grace period is
+//! over, one job at a time, so a removal never runs beside an apply.
+//!
+//! It also knows which snapshot the tree holds *now* (`in_tree`), which the event loop learns only a moment later,
+//! and checks every removal against it (`removals.rs`): a path a newer snapshot brought back is never removed. While
+//! an apply that failed part-way has left the tree between two snapshots, no removal runs at all.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use mirrormesh_proto::node::NodeHash;
+use mirrormesh_proto::{RepoId, VerifiedRoot};
+use tokio::sync::mpsc;
+
+use crate::apply;
+use crate::removals::{Removal, RemovalReport, remove_due};
+use crate::staging::Staging;
+use crate::store::StateStore;
+
+use super::LoopEvent;
+
+/// Jobs queued for the tree writer. The loop keeps at most one apply and one removal run outstanding.
+pub const TREE_JOBS_MAX: usize = 4;
+/// Removals carried out in one run; the rest wait for the next (a run keeps applies waiting).
+pub const REMOVALS_PER_RUN_MAX: usize = 10_000;
+
+pub enum TreeJob {
+    /// Apply `diff(base, target)`; answered with [`LoopEvent::Applied`].
+    Apply { target: Box<VerifiedRoot>, base: Option<NodeHash> },
+    /// Carry out the removals due by `now_ms`; answered with [`LoopEvent::Removed`].
+    RemoveDue { now_ms: u64 },
+}
+
+/// What a removal run did.
+#[derive(Debug, Default)]
+pub struct RemovalRun {
+    pub report: RemovalReport,
+    /// Removals not run because an apply is unfinished.
+    pub deferred: bool,
+    /// Removals still pending after the run.
+    pub pending: u64,
+}
+
+pub struct TreeWriter {
+    jobs: mpsc::Sender<TreeJob>,
+}
+
+struct Worker {
+    store: Arc<StateStore>,
+    staging: Arc<Staging>,
+    tree: PathBuf,
+    index_globs: Vec<String>,
+    events: mpsc::Sender<LoopEvent>,
+    /// Manifest root of the snapshot wholly in the tree (none before the first).
+    in_tree: Option<NodeHash>,
+    /// An apply failed part-way: the tree is between two snapshots until an apply succeeds.
+    unfinished: bool,
+}
+
+impl TreeWriter {
+    pub fn start(
+        store: Arc<StateStore>,
+        staging: Arc<Staging>,
+        repo: RepoId,
+        index_globs: Vec<String>,
+        events: mpsc::Sender<LoopEvent>,
+    ) -> Result<Self> {
+        let in_tree = store.reader()?.applied(&repo)?.map(|r| r.verify_signature().map(|b| b.root)).transpose()?;
+        let (jobs, mut queue) = mpsc::channel(TREE_JOBS_MAX);
+        let tree = staging.tree().to_owned();
+        let mut worker = Worker { store, staging, tree, index_globs, events, in_tree, unfinished: false };
+        std::thread::Builder::new()
+            .name("tree-writer".into())
+            .spawn(move || {
+                while let Some(job) = queue.blocking_recv() {
+                    let event = match job {
+                        TreeJob::Apply { target, base } => worker.apply(target, base),
+                        TreeJob::RemoveDue { now_ms } => LoopEvent::Removed(Box::new(worker.remove_due(now_ms))),
+                    };
+                    if worker.events.blocking_send(event).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("starting the tree writer thread")?;
+        Ok(Self { jobs })
+    }
+
+    /// Queues a job; fails only if the writer is gone or the loop broke its bound on outstanding jobs.
+    pub fn submit(&self, job: TreeJob) -> Result<()> {
+        self.jobs.try_send(job).map_err(|e| anyhow::anyhow!("tree writer: {e}"))
+    }
+}
+
+impl Worker {
+    fn apply(&mut self, target: Box<VerifiedRoot>, base: Option<NodeHash>) -> LoopEvent {
+        let diffed = self.store.reader().and_then(|reader| {
+            let (changes, _) = mirrormesh_proto::diff::diff(&reader, base.as_ref(), &target.body.root)?;
+            Ok(changes)
+        });
+        let (changes, result) = match diffed {
+            Ok(changes) => {
+                let result = apply::apply(&self.staging, &changes, &self.index_globs);
+                (changes, result)
+            }
+            Err(e) => (Vec::new(), Err(e.context("diffing the snapshot to apply"))),
+        };
+        match &result {
+            Ok(_) => {
+                self.in_tree = Some(target.body.root);
+                self.unfinished = false;
+            }
+            Err(_) => self.unfinished = true,
+        }
+        LoopEvent::Applied { target, changes, result }
+    }
+
+    fn remove_due(&mut self, now_ms: u64) -> Result<RemovalRun> {
+        if self.unfinished {
+            let pending = self.store.reader()?.pending_deletion_count()?;
+            return Ok(RemovalRun { deferred: true, pending, ..RemovalRun::default() });
+        }
+        let reader = self.store.reader()?;
+        let mut due: Vec<String> =
+            reader.pending_deletions()?.into_iter().filter(|(_, at)| *at <= now_ms).map(|(p, _)| p).collect();
+        if due.is_empty() {
+            return Ok(RemovalRun { pending: reader.pending_deletion_count()?, ..RemovalRun::default() });
+        }
+        // Deepest first, so a directory comes after its contents.
+        due.sort_by(|a, b| b.matches('/').count().cmp(&a.matches('/').count()).then(b.cmp(a)));
+        due.truncate(REMOVALS_PER_RUN_MAX);
+        let mut settled = Vec::with_capacity(due.len());
+        let outcome = remove_due(&self.tree, &reader, self.in_tree, &due, |path, removal| {
+            if removal == Removal::NotBeneathTree {
+                tracing::warn!(path, "removal dropped: a symlink or a file is now on its way");
+            }
+            settled.push(path.to_owned());
+        });
+        drop(reader);
+        let mut writer = self.store.writer()?;
+        for path in &settled {
+            writer.remove_pending_deletion(path)?;
+        }
+        writer.commit()?;
+        let report = outcome?;
+        let pending = self.store.reader()?.pending_deletion_count()?;
+        Ok(RemovalRun { report, deferred: false, pending })
+    }
+}
