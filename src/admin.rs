@@ -15,6 +15,7 @@
 //!   `waiting_for_origin=true|false`, the node is (or is not) waiting for chunks only the origin has. 408 after `T` ms (default 30 s, at most
 //!   10 min). Tests and scripts synchronise on this instead of sleeping.
 //! - `POST /publish` (origin): scan, sign and announce a new snapshot; answers with its sequence number and root.
+//!   `?force=true` skips the publish checks (an empty tree, too many removals); a refusal answers 409 with why.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -158,12 +159,19 @@ async fn wait(State(state): State<AppState>, headers: HeaderMap, Query(q): Query
     }
 }
 
-async fn publish(State(state): State<AppState>, headers: HeaderMap) -> Response {
+#[derive(Deserialize)]
+struct PublishQuery {
+    /// Publish whatever the publish checks say (an empty tree, many removals): the operator means it.
+    #[serde(default)]
+    force: bool,
+}
+
+async fn publish(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<PublishQuery>) -> Response {
     if let Err(denied) = authorized(&state, &headers) {
         return *denied;
     }
     let (reply, answer) = oneshot::channel();
-    if state.handle.events.send(LoopEvent::Publish { reply }).await.is_err() {
+    if state.handle.events.send(LoopEvent::Publish { force: q.force, reply }).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "daemon stopped\n").into_response();
     }
     match answer.await {

@@ -71,6 +71,11 @@ impl AdminClient {
         self.call("POST", "/publish")
     }
 
+    /// Publishes whatever the publish checks say (an empty tree, many removals).
+    pub fn publish_forced(&self) -> Result<PublishReply> {
+        self.call("POST", "/publish?force=true")
+    }
+
     /// Blocks until the node's applied snapshot reaches `seq` (or the timeout, in milliseconds, passes).
     pub fn wait_for_seq(&self, seq: u64, timeout_ms: u64) -> Result<Status> {
         self.call("GET", &format!("/wait?seq={seq}&timeout_ms={timeout_ms}"))

@@ -12,6 +12,7 @@ use mirrormesh_proto::{PublisherKey, RepoId};
 use serde::Deserialize;
 
 use crate::key::parse_publisher;
+use crate::publish::PublishGuard;
 
 /// Default data-plane port; the control plane's default is one below.
 pub const DEFAULT_DATA_PORT: u16 = 4002;
@@ -19,6 +20,10 @@ pub const DEFAULT_DATA_PORT: u16 = 4002;
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7480";
 /// Default deletion grace period: files a new snapshot removes stay this long (clients mid-download finish).
 pub const DEFAULT_DELETE_GRACE_SECS: u64 = 300;
+/// Default validity of a signed root, in hours (re-signed at half of it).
+pub const DEFAULT_VALIDITY_HOURS: u64 = 168;
+/// Longest validity of a signed root, in hours: a stolen or stale root must not stay acceptable for years.
+pub const VALIDITY_HOURS_MAX: u64 = 24 * 366;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -63,6 +68,7 @@ struct RepoSection {
     index_globs: Vec<String>,
     #[serde(default = "default_grace")]
     delete_grace_secs: u64,
+    stale_after_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +103,10 @@ struct OriginSection {
     watch: bool,
     quiet_secs: Option<u64>,
     validity_hours: Option<u64>,
+    removal_limit_percent: Option<u32>,
+    #[serde(default)]
+    require_mount: bool,
+    require_file: Option<String>,
 }
 
 /// Fault injection, for testing the fabric's defences against misbehaving peers. Never set in production.
@@ -145,6 +155,8 @@ pub struct Config {
     /// File-name globs (`*` and `?`) of index files, applied after every other file.
     pub index_globs: Vec<String>,
     pub delete_grace: Duration,
+    /// A served snapshot created longer ago than this is reported stale (`None`: only expiry is checked).
+    pub stale_after: Option<Duration>,
     pub listen: Multiaddr,
     pub data_listen: SocketAddr,
     /// Bootstrap peers: each address ends in `/p2p/<peer id>`.
@@ -158,14 +170,29 @@ pub struct Config {
     pub watch: bool,
     pub watch_quiet: Duration,
     pub validity: Duration,
+    /// Origin: what a publish must find before it signs (the `force` flag comes per publish).
+    pub publish_guard: PublishGuard,
     pub faults: Faults,
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
-            .with_context(|| format!("config {}", path.display()))
+        let config = Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+            .with_context(|| format!("config {}", path.display()))?;
+        // The same check as in `parse`, with symlinks resolved: a staging directory reached through a symlink into
+        // the tree would be served.
+        let (tree, staging) = (resolve_existing(&config.tree), resolve_existing(&config.staging_dir));
+        if staging.starts_with(&tree) || tree.starts_with(&staging) {
+            bail!(
+                "config {}: repo.staging_dir: {} resolves to {}, inside the served tree {}; it must be outside it",
+                path.display(),
+                config.staging_dir.display(),
+                staging.display(),
+                tree.display()
+            );
+        }
+        Ok(config)
     }
 
     /// Parses and validates config text; relative paths are taken relative to `base`.
@@ -176,10 +203,11 @@ impl Config {
         let repo = RepoId::new(&file.repo.name).map_err(|e| anyhow!("repo.name: {e}"))?;
         let tree = abs(&file.repo.tree);
         let staging_dir = match &file.repo.staging_dir {
-            Some(dir) => abs(dir),
+            Some(dir) => normalize(&abs(dir)),
             None => default_staging(&tree).context("repo.staging_dir")?,
         };
-        if staging_dir.starts_with(&tree) {
+        let tree = normalize(&tree);
+        if staging_dir.starts_with(&tree) || tree.starts_with(&staging_dir) {
             bail!(
                 "repo.staging_dir: {} is inside the served tree {}; it must be outside it",
                 staging_dir.display(),
@@ -214,7 +242,10 @@ impl Config {
         }
         let allow = match file.network.allow {
             None => None,
-            Some(list) if list.is_empty() => None,
+            Some(list) if list.is_empty() => bail!(
+                "network.allow: an empty list would refuse every peer; leave the key out to allow any peer, or list \
+                 the node ids allowed"
+            ),
             Some(list) => Some(
                 list.iter()
                     .map(|p| p.parse::<PeerId>().map_err(|e| anyhow!("network.allow: {p:?} is not a peer id: {e}")))
@@ -245,6 +276,25 @@ impl Config {
         if file.origin.watch && file.node.role != RoleName::Origin {
             bail!("origin.watch: only an origin publishes");
         }
+        let validity_hours = file.origin.validity_hours.unwrap_or(DEFAULT_VALIDITY_HOURS);
+        if !(1..=VALIDITY_HOURS_MAX).contains(&validity_hours) {
+            bail!("origin.validity_hours: {validity_hours} is out of range (1 to {VALIDITY_HOURS_MAX})");
+        }
+        if file.origin.quiet_secs == Some(0) {
+            bail!("origin.quiet_secs: must be positive");
+        }
+        let removal_limit_percent =
+            file.origin.removal_limit_percent.unwrap_or(crate::publish::DEFAULT_REMOVAL_LIMIT_PERCENT);
+        if removal_limit_percent > 100 {
+            bail!("origin.removal_limit_percent: {removal_limit_percent} is not a percentage (0 to 100)");
+        }
+        if let Some(file) = &file.origin.require_file {
+            mirrormesh_proto::path::validate_rel_path(file)
+                .map_err(|e| anyhow!("origin.require_file: {file:?} is not a path inside the tree: {e}"))?;
+        }
+        if file.repo.stale_after_secs == Some(0) {
+            bail!("repo.stale_after_secs: must be positive (leave it out to check only the root's expiry)");
+        }
 
         Ok(Config {
             key: abs(&file.node.key),
@@ -255,6 +305,7 @@ impl Config {
             staging_dir,
             index_globs: file.repo.index_globs,
             delete_grace: Duration::from_secs(file.repo.delete_grace_secs),
+            stale_after: file.repo.stale_after_secs.map(Duration::from_secs),
             listen,
             data_listen,
             bootstrap,
@@ -265,9 +316,50 @@ impl Config {
             admin_token,
             watch: file.origin.watch,
             watch_quiet: Duration::from_secs(file.origin.quiet_secs.unwrap_or(30)),
-            validity: Duration::from_secs(file.origin.validity_hours.unwrap_or(168).saturating_mul(3600)),
+            validity: Duration::from_secs(validity_hours * 3600),
+            publish_guard: PublishGuard {
+                removal_limit_percent,
+                require_mount: file.origin.require_mount,
+                require_file: file.origin.require_file,
+                force: false,
+            },
             faults: file.faults,
         })
+    }
+}
+
+/// `path` with `.` and `..` components resolved lexically (no filesystem access), so that `other/../tree/x` is seen
+/// to be inside `tree`. `Config::load` also compares the paths with symlinks resolved.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `path` with symlinks resolved as far as it exists (the rest appended as written).
+fn resolve_existing(path: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut at = path.to_owned();
+    loop {
+        if let Ok(real) = at.canonicalize() {
+            return missing.iter().rev().fold(real, |p, name| p.join(name));
+        }
+        match (at.file_name().map(ToOwned::to_owned), at.parent()) {
+            (Some(name), Some(parent)) => {
+                missing.push(name);
+                at = parent.to_owned();
+            }
+            _ => return path.to_owned(),
+        }
     }
 }
 
@@ -339,6 +431,36 @@ mod tests {
             .contains("repo.staging_dir")
         );
         assert!(err(minimal("mirror") + "[origin]\nwatch = true\n").contains("origin.watch"));
+    }
+
+    #[test]
+    fn values_that_would_break_later_are_refused_now() {
+        let err = |text: String| format!("{:#}", Config::parse(&text, Path::new("/")).unwrap_err());
+        let origin = minimal("origin");
+        assert!(err(origin.clone() + "[origin]\nvalidity_hours = 0\n").contains("origin.validity_hours"));
+        assert!(err(origin.clone() + "[origin]\nvalidity_hours = 1000000\n").contains("origin.validity_hours"));
+        assert!(err(origin.clone() + "[origin]\nremoval_limit_percent = 101\n").contains("removal_limit_percent"));
+        assert!(err(origin.clone() + "[origin]\nrequire_file = \"../x\"\n").contains("origin.require_file"));
+        assert!(err(minimal("mirror") + "[network]\nallow = []\n").contains("network.allow"));
+        // Inside the tree through `..`.
+        let sneaky = minimal("mirror")
+            .replace("tree = \"/srv/mirror\"", "tree = \"/srv/mirror\"\nstaging_dir = \"/srv/other/../mirror/.stage\"");
+        assert!(err(sneaky).contains("repo.staging_dir"));
+        let c = Config::parse(&(origin + "[origin]\nremoval_limit_percent = 25\n"), Path::new("/")).unwrap();
+        assert_eq!(c.publish_guard.removal_limit_percent, 25);
+    }
+
+    #[test]
+    fn a_staging_directory_reached_through_a_symlink_into_the_tree_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tree")).unwrap();
+        std::os::unix::fs::symlink("tree", dir.path().join("alias")).unwrap();
+        let text =
+            minimal("mirror").replace("tree = \"/srv/mirror\"", "tree = \"tree\"\nstaging_dir = \"alias/.stage\"");
+        let config = dir.path().join("node.toml");
+        std::fs::write(&config, text).unwrap();
+        let e = format!("{:#}", Config::load(&config).unwrap_err());
+        assert!(e.contains("repo.staging_dir") && e.contains("resolves to"), "{e}");
     }
 
     #[test]

@@ -42,13 +42,32 @@ impl NodeKey {
         Ok(Self { secret, keypair })
     }
 
+    /// Loads a node key; warns if the file is readable by group or others.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_checked(path, false)
+    }
+
+    /// Loads a publisher's key (the origin's node key signs every root): refuses a file readable by group or others,
+    /// since whoever reads it can sign snapshots every mirror accepts.
+    pub fn load_publisher(path: &Path) -> Result<Self> {
+        Self::load_checked(path, true)
+    }
+
+    fn load_checked(path: &Path, publisher: bool) -> Result<Self> {
         let pem = std::fs::read_to_string(path).with_context(|| format!("reading key file {}", path.display()))?;
         let key = SigningKey::from_pkcs8_pem(&pem)
             .map_err(|e| anyhow!("key file {} is not an ed25519 PKCS#8 PEM key: {e}", path.display()))?;
         if let Ok(meta) = std::fs::metadata(path)
             && meta.permissions().mode() & 0o077 != 0
         {
+            let mode = meta.permissions().mode() & 0o777;
+            if publisher {
+                bail!(
+                    "key file {} (mode {mode:o}) is readable by group or others and is the publisher key: whoever \
+                     reads it can sign snapshots every mirror accepts; chmod 600 it",
+                    path.display()
+                );
+            }
             tracing::warn!(path = %path.display(), "key file is readable by group or others; chmod 600 it");
         }
         Self::from_seed(key.to_bytes())
@@ -121,6 +140,19 @@ pub fn peer_id_of(key: &PublisherKey) -> Result<PeerId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_publisher_key_readable_by_others_is_refused_a_node_key_only_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        NodeKey::generate().unwrap().save(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = format!("{:#}", NodeKey::load_publisher(&path).unwrap_err());
+        assert!(e.contains("publisher key") && e.contains("chmod 600"), "{e}");
+        assert!(NodeKey::load(&path).is_ok());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(NodeKey::load_publisher(&path).is_ok());
+    }
 
     #[test]
     fn save_load_and_identities_agree() {

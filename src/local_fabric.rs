@@ -38,7 +38,18 @@ pub struct NodeOptions {
     /// Bootstrap to the origin and at most this many of the mirrors before this one, picked pseudo-randomly
     /// (default: all of them).
     pub bootstrap_mirrors_max: Option<usize>,
+    /// Origin: `origin.removal_limit_percent` (default [`LAB_REMOVAL_LIMIT_PERCENT`]).
+    pub removal_limit_percent: Option<u32>,
+    /// Origin: publish by itself once the tree has been quiet this long (`origin.watch`, `origin.quiet_secs`).
+    pub watch_quiet_secs: Option<u64>,
+    /// `repo.stale_after_secs`.
+    pub stale_after_secs: Option<u64>,
 }
+
+/// The lab's origins allow an update to remove any share of the tree: lab trees hold a few hundred packages, where
+/// a 50-package update replaces a third of the bytes, while on a real mirror of 10^6 files the default limit (10%)
+/// only stops a tree that went missing or empty.
+pub const LAB_REMOVAL_LIMIT_PERCENT: u32 = 100;
 
 /// Where a node runs: an address of its own in a network namespace, or loopback in this one.
 #[derive(Clone, Debug)]
@@ -206,6 +217,16 @@ impl LocalFabric {
             admin = node.admin,
             token = opts.admin_token.as_ref().map(|t| format!("token = \"{t}\"\n")).unwrap_or_default(),
         );
+        if let Some(secs) = opts.stale_after_secs {
+            text = text.replace("[network]\n", &format!("stale_after_secs = {secs}\n\n[network]\n"));
+        }
+        if node.origin {
+            let limit = opts.removal_limit_percent.unwrap_or(LAB_REMOVAL_LIMIT_PERCENT);
+            text.push_str(&format!("\n[origin]\nremoval_limit_percent = {limit}\n"));
+            if let Some(quiet) = opts.watch_quiet_secs {
+                text.push_str(&format!("watch = true\nquiet_secs = {quiet}\n"));
+            }
+        }
         if opts.corrupt_served_chunks {
             text.push_str("\n[faults]\ncorrupt_served_chunks = true\n");
         }

@@ -9,7 +9,9 @@ use mirrormesh::admin_client::AdminClient;
 use mirrormesh::config::{Config, DEFAULT_ADMIN};
 use mirrormesh::gentree::{self, GenTreeArgs};
 use mirrormesh::key::NodeKey;
-use mirrormesh::publish::{DEFAULT_VALIDITY, PublishOptions, human_bytes, publish};
+use mirrormesh::publish::{
+    DEFAULT_REMOVAL_LIMIT_PERCENT, DEFAULT_VALIDITY, PublishGuard, PublishOptions, human_bytes, publish,
+};
 use mirrormesh::store::StateStore;
 use mirrormesh::table;
 use mirrormesh_proto::RepoId;
@@ -102,6 +104,12 @@ struct PublishArgs {
     /// How long the signed root stays valid, in hours.
     #[arg(long, default_value_t = DEFAULT_VALIDITY.as_secs() / 3600)]
     valid_hours: u64,
+    /// Offline: refuse a snapshot removing more than this share (percent) of the previous one's files or bytes.
+    #[arg(long, default_value_t = DEFAULT_REMOVAL_LIMIT_PERCENT, value_parser = clap::value_parser!(u32).range(0..=100))]
+    removal_limit_percent: u32,
+    /// Publish even if the snapshot is empty or removes more than the limit (the operator means it).
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() {
@@ -149,9 +157,9 @@ fn run(command: Command) -> Result<()> {
             let repos = client(&args.admin).repos()?;
             show(&repos, args.json, |r| table::repos_table(r, now_ms(), table::terminal_width()))
         }
-        Command::Publish(PublishArgs { admin: Some(admin), token, .. }) => {
+        Command::Publish(PublishArgs { admin: Some(admin), token, force, .. }) => {
             let client = AdminClient::new(&admin, token, Duration::from_secs(3600));
-            let r = client.publish()?;
+            let r = if force { client.publish_forced()? } else { client.publish()? };
             println!("published {} seq {}", r.repo, r.seq);
             println!("  root      {}", r.root);
             println!("  files     {} ({}, {} bytes)", r.files, human_bytes(r.bytes), r.bytes);
@@ -165,7 +173,10 @@ fn run(command: Command) -> Result<()> {
             let (Some(tree), Some(key), Some(state)) = (args.tree, args.key, args.state) else {
                 anyhow::bail!("publish needs --admin ADDR (a running origin) or all of --tree, --key and --state");
             };
-            let key = NodeKey::load(&key)?;
+            if args.valid_hours == 0 {
+                anyhow::bail!("--valid-hours must be at least 1");
+            }
+            let key = NodeKey::load_publisher(&key)?;
             let store = StateStore::open(&state)?;
             let repo = RepoId::new(&args.repo).with_context(|| format!("--repo {:?}", args.repo))?;
             let opts = PublishOptions {
@@ -173,6 +184,11 @@ fn run(command: Command) -> Result<()> {
                 repo,
                 validity: Duration::from_secs(args.valid_hours.saturating_mul(3600)),
                 progress: true,
+                guard: PublishGuard {
+                    removal_limit_percent: args.removal_limit_percent,
+                    force: args.force,
+                    ..PublishGuard::default()
+                },
             };
             let r = publish(&store, &key, &opts)?;
             let s = &r.scan;

@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::daemon::ProblemKind;
 use crate::status::Status;
 
 /// Most distinct label values of one metric family (event names, rejection reasons): the names come from the
@@ -33,6 +34,12 @@ struct Reason {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Event {
     event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    /// A `ProblemKind` name (a closed set).
+    kind: String,
 }
 
 /// Every metric the daemon exports. Cloning shares the values.
@@ -56,6 +63,9 @@ pub struct Metrics {
     origin_update_sent: Gauge,
     waiting_for_origin: Gauge,
     failing: Gauge,
+    problem: Family<Kind, Gauge>,
+    root_created: Gauge,
+    root_expires: Gauge,
 }
 
 /// Seconds, from 50 ms to about 55 minutes.
@@ -146,13 +156,39 @@ impl Metrics {
         let failing = Gauge::default();
         r.register(
             "failing",
-            "1 while the last error (staging, applying, a full disk, publishing) has not been recovered from",
+            "1 while any problem is present (see mirrormesh_problem and the status's problems)",
             failing.clone(),
+        );
+        let problem = Family::<Kind, Gauge>::default();
+        r.register(
+            "problem",
+            "1 while a problem of this kind is present (publish refused, apply failing, root expired, ...)",
+            problem.clone(),
+        );
+        for kind in ProblemKind::ALL {
+            problem.get_or_create(&Kind { kind: kind.name().into() }).set(0);
+        }
+        let root_created = Gauge::default();
+        r.register_with_unit(
+            "root_created_timestamp",
+            "When the origin created the root of the snapshot served here (Unix time)",
+            Unit::Seconds,
+            root_created.clone(),
+        );
+        let root_expires = Gauge::default();
+        r.register_with_unit(
+            "root_expires_timestamp",
+            "When the root of the snapshot served here expires (Unix time)",
+            Unit::Seconds,
+            root_expires.clone(),
         );
         Self {
             registry: std::sync::Arc::new(r),
             waiting_for_origin,
             failing,
+            problem,
+            root_created,
+            root_expires,
             sent,
             received,
             chunks_verified,
@@ -218,7 +254,15 @@ impl Metrics {
             self.missing.set(repo.bytes_missing as i64);
             self.waiting_for_origin.set(i64::from(repo.waiting_for_origin));
         }
-        self.failing.set(i64::from(status.last_error.is_some()));
+        self.failing.set(i64::from(!status.problems.is_empty()));
+        for kind in ProblemKind::ALL {
+            let present = status.problems.iter().any(|p| p.kind == kind);
+            self.problem.get_or_create(&Kind { kind: kind.name().into() }).set(i64::from(present));
+        }
+        if let Some(repo) = status.repos.first() {
+            self.root_created.set(repo.created_ms.map_or(0, |ms| (ms / 1000) as i64));
+            self.root_expires.set(repo.expires_ms.map_or(0, |ms| (ms / 1000) as i64));
+        }
         if let Some(sent) = origin_update_sent {
             self.origin_update_sent.set(sent as i64);
         }

@@ -18,12 +18,133 @@ use crate::store::StateStore;
 /// How long a published root stays valid unless the publisher says otherwise.
 pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Share of the previous snapshot's files or bytes a new snapshot may remove without being forced, by default.
+pub const DEFAULT_REMOVAL_LIMIT_PERCENT: u32 = 10;
+
 pub struct PublishOptions<'a> {
     pub tree: &'a Path,
     pub repo: RepoId,
     pub validity: Duration,
     /// Draw a progress bar while hashing (only when stderr is a terminal).
     pub progress: bool,
+    pub guard: PublishGuard,
+}
+
+/// What a publish must find before it signs anything: the checks that keep an unmounted, moved or emptied tree from
+/// wiping every mirror.
+#[derive(Clone, Debug)]
+pub struct PublishGuard {
+    /// Refuse a snapshot that removes more than this share (percent) of the previous snapshot's files or bytes.
+    pub removal_limit_percent: u32,
+    /// Refuse unless the tree is a mount point.
+    pub require_mount: bool,
+    /// Refuse unless this file (relative to the tree) exists.
+    pub require_file: Option<String>,
+    /// The operator asked for this publish whatever the checks say (an empty or much smaller tree is intended).
+    pub force: bool,
+}
+
+impl Default for PublishGuard {
+    fn default() -> Self {
+        Self {
+            removal_limit_percent: DEFAULT_REMOVAL_LIMIT_PERCENT,
+            require_mount: false,
+            require_file: None,
+            force: false,
+        }
+    }
+}
+
+/// Why a publish was refused. Nothing was signed or recorded: mirrors keep the snapshot they have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("tree {0} does not exist or is not a directory (an origin never creates its tree: mount or restore it)")]
+    TreeMissing(String),
+    #[error("tree {0} is not a mount point (origin.require_mount)")]
+    NotMounted(String),
+    #[error("tree {tree} has no {file} (origin.require_file): is the right filesystem mounted?")]
+    MarkerMissing { tree: String, file: String },
+    #[error("the new snapshot is empty{}", previous.map(|f| format!(" (the previous one has {f} files)")).unwrap_or_default())]
+    Empty { previous: Option<u64> },
+    #[error(
+        "the new snapshot removes {removed_files} of {files} files and {removed_bytes} of {bytes} bytes, more than \
+         origin.removal_limit_percent ({limit}%)"
+    )]
+    TooManyRemovals { removed_files: u64, files: u64, removed_bytes: u64, bytes: u64, limit: u32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("publish refused: {0}; if this is intended, publish with --force")]
+    Refused(Refusal),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl From<Refusal> for PublishError {
+    fn from(r: Refusal) -> Self {
+        PublishError::Refused(r)
+    }
+}
+
+/// The checks made before scanning (see [`PublishGuard`]).
+fn check_tree(tree: &Path, guard: &PublishGuard) -> Result<(), Refusal> {
+    let shown = || tree.display().to_string();
+    if !std::fs::metadata(tree).is_ok_and(|m| m.is_dir()) {
+        return Err(Refusal::TreeMissing(shown()));
+    }
+    if guard.require_mount && !is_mount_point(tree) {
+        return Err(Refusal::NotMounted(shown()));
+    }
+    if let Some(file) = &guard.require_file
+        && std::fs::symlink_metadata(tree.join(file)).is_err()
+    {
+        return Err(Refusal::MarkerMissing { tree: shown(), file: file.clone() });
+    }
+    Ok(())
+}
+
+/// Whether `dir` is where a filesystem is mounted (`/proc/self/mountinfo` names it as a mount point).
+pub fn is_mount_point(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else { return false };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    // Field 5 is the mount point, with space, tab, newline and backslash escaped as octal.
+    let unescape =
+        |field: &str| field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\");
+    mounts.lines().filter_map(|line| line.split(' ').nth(4)).any(|point| Path::new(&unescape(point)) == dir)
+}
+
+/// The checks made on the scanned snapshot against the previous one (see [`PublishGuard`]).
+fn check_removals(
+    guard: &PublishGuard,
+    files: u64,
+    previous: Option<&RootBody>,
+    changes: &[mirrormesh_proto::diff::Change],
+) -> Result<(), Refusal> {
+    if files == 0 {
+        return Err(Refusal::Empty { previous: previous.map(|p| p.files) });
+    }
+    let Some(previous) = previous else { return Ok(()) };
+    let (removed_files, removed_bytes) = changes
+        .iter()
+        .filter(|c| !matches!(c.new.as_ref().map(|e| &e.kind), Some(EntryKind::File(_))))
+        .filter_map(|c| match c.old.as_ref().map(|e| &e.kind) {
+            Some(EntryKind::File(meta)) => Some(meta.size),
+            _ => None,
+        })
+        .fold((0u64, 0u64), |(n, b), size| (n + 1, b + size));
+    let limit = u128::from(guard.removal_limit_percent);
+    let over = |removed: u64, total: u64| u128::from(removed) * 100 > u128::from(total) * limit;
+    if over(removed_files, previous.files) || over(removed_bytes, previous.bytes) {
+        return Err(Refusal::TooManyRemovals {
+            removed_files,
+            files: previous.files,
+            removed_bytes,
+            bytes: previous.bytes,
+            limit: guard.removal_limit_percent,
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -50,8 +171,12 @@ pub fn now() -> Timestamp {
 }
 
 /// Scans `opts.tree`, signs a new snapshot with `key` and commits it to `store`, all in one transaction: a crash
-/// leaves the previous snapshot as it was.
-pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> Result<PublishReport> {
+/// leaves the previous snapshot as it was. Refuses (recording nothing) what `opts.guard` refuses, unless forced.
+pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> Result<PublishReport, PublishError> {
+    let guard = &opts.guard;
+    if !guard.force {
+        check_tree(opts.tree, guard)?;
+    }
     let mut writer = store.writer()?;
     let previous = match writer.root(&opts.repo)? {
         Some(root) => Some(root.verify_signature().context("the previously published root does not verify")?),
@@ -71,6 +196,10 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         None => (Vec::new(), None),
     };
     let build_elapsed = build_started.elapsed();
+    if !guard.force {
+        // Dropping the writer records nothing of this scan.
+        check_removals(guard, scanned.stats.files, previous.as_ref(), &changes)?;
+    }
 
     let created = now();
     let previous_seq = previous.as_ref().map(|b| b.seq);

@@ -26,8 +26,12 @@ pub struct Status {
     pub bytes_fetched_from_origin: u64,
     /// Events worth counting (roots rejected by reason, chunks rejected, bans, ...).
     pub counters: BTreeMap<String, u64>,
-    /// The last error a sync hit (e.g. a full disk), if it has not recovered since.
+    /// The newest of `problems`, if any.
     pub last_error: Option<String>,
+    /// What is wrong now, one entry per kind (a refused publish, a failing apply, an expired root, ...); each stays
+    /// until the condition behind it is gone.
+    #[serde(default)]
+    pub problems: Vec<crate::daemon::Problem>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -60,6 +64,11 @@ pub struct RepoStatus {
     pub bytes: u64,
     /// Removals waiting for their grace period.
     pub pending_deletions: u64,
+    /// When the origin created the served snapshot's root, and when that root expires (ms since the Unix epoch).
+    #[serde(default)]
+    pub created_ms: Option<u64>,
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
     /// When the served tree last changed to a new snapshot (milliseconds since the Unix epoch).
     #[serde(default)]
     pub last_apply_ms: Option<u64>,

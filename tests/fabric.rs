@@ -200,8 +200,7 @@ fn forged_and_rolled_back_roots_are_ignored() {
 #[test]
 fn an_origin_in_watch_mode_publishes_once_the_tree_is_quiet() {
     let dir = tempfile::tempdir().unwrap();
-    let origin =
-        NodeOptions { extra_config: "\n[origin]\nwatch = true\nquiet_secs = 1\n".into(), ..NodeOptions::default() };
+    let origin = NodeOptions { watch_quiet_secs: Some(1), ..NodeOptions::default() };
     let mut fabric = LocalFabric::create(dir.path(), binary(), 1, &[origin, NodeOptions::default()]).unwrap();
     generate(&fabric.nodes[0].tree, 0.005, 4);
     fabric.start_all().unwrap();

@@ -53,3 +53,153 @@ fn a_directory_replaced_by_a_symlink_or_a_file_by_a_directory_costs_the_mirror_n
     fabric.wait_all_settled(third.seq, WAIT).unwrap();
     fabric.check_identical(1).unwrap();
 }
+
+/// `GET /metrics` of node `i` (classic text format).
+fn metrics(fabric: &LocalFabric, i: usize) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    agent.get(format!("http://{}/metrics", fabric.nodes[i].admin)).call().unwrap().body_mut().read_to_string().unwrap()
+}
+
+/// The value of sample `series` (labels included) in a metrics exposition.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn counter(fabric: &LocalFabric, i: usize, name: &str) -> u64 {
+    fabric.status(i).unwrap().counters.get(name).copied().unwrap_or(0)
+}
+
+#[test]
+fn an_origin_whose_tree_is_moved_away_or_emptied_publishes_nothing_and_no_mirror_loses_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // The product's removal limit (10%), a watching origin, mirrors that remove at once (grace 0).
+    let origin = NodeOptions { removal_limit_percent: Some(10), watch_quiet_secs: Some(1), ..NodeOptions::default() };
+    let mirror = NodeOptions { delete_grace_secs: 0, ..NodeOptions::default() };
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 2, &[origin, mirror.clone(), mirror]).unwrap();
+    let tree = fabric.nodes[0].tree.clone();
+    for i in 0..40 {
+        write(&tree.join(format!("alpine/edge/main/x86_64/p{i}-1.0-r0.apk")), &format!("package {i}"));
+    }
+    write(&tree.join("alpine/edge/main/x86_64/APKINDEX.tar.gz"), "index");
+    fabric.start_all().unwrap();
+    // Nobody publishes: the watching origin does, once the tree is quiet.
+    let first = fabric.client(1, WAIT).wait_settled(1, WAIT.as_millis() as u64).unwrap().repos[0].seq.unwrap();
+    fabric.wait_all_settled(first, WAIT).unwrap();
+    let served = |fabric: &LocalFabric| {
+        (1..=2).map(|i| mirrormesh::local_fabric::summarize(&fabric.nodes[i].tree).unwrap().entries).collect::<Vec<_>>()
+    };
+    let before = served(&fabric);
+    assert_eq!(before[0].len(), 45, "41 files and 4 directories");
+
+    // The tree is moved away (an unmounted filesystem looks the same to the daemon).
+    let moved = dir.path().join("moved-away");
+    std::fs::rename(&tree, &moved).unwrap();
+    let refused = fabric.client(0, WAIT).wait_counter("publishes_refused", 1, WAIT.as_millis() as u64).unwrap();
+    let problem = refused.problems.iter().find(|p| p.kind == mirrormesh::daemon::ProblemKind::PublishRefused);
+    assert!(problem.is_some_and(|p| p.message.contains("does not exist")), "{:?}", refused.problems);
+    assert_eq!(refused.repos[0].seq, Some(first), "nothing was published");
+    let m = metrics(&fabric, 0);
+    assert_eq!(sample(&m, "mirrormesh_problem{kind=\"publish_refused\"}"), 1.0);
+    assert_eq!(sample(&m, "mirrormesh_failing"), 1.0);
+    assert!(!fabric.nodes[0].tree.exists(), "the origin never creates its tree");
+
+    // Restored: the watcher finds it again and a change is published.
+    std::fs::rename(&moved, &tree).unwrap();
+    write(&tree.join("alpine/edge/main/x86_64/p40-1.0-r0.apk"), "package 40");
+    let second = fabric.client(1, WAIT).wait_settled(first + 1, WAIT.as_millis() as u64).unwrap().repos[0].seq.unwrap();
+    fabric.wait_all_settled(second, WAIT).unwrap();
+    fabric.check_identical(1).unwrap();
+    assert!(fabric.status(0).unwrap().problems.is_empty(), "the refusal cleared with the publish");
+    let before = served(&fabric);
+
+    // Emptied: refused too, and the mirrors keep every file.
+    for entry in std::fs::read_dir(&tree).unwrap() {
+        std::fs::remove_dir_all(entry.unwrap().path()).unwrap();
+    }
+    let refused = fabric.client(0, WAIT).wait_counter("publishes_refused", 2, WAIT.as_millis() as u64).unwrap();
+    assert!(refused.last_error.as_deref().is_some_and(|e| e.contains("empty")), "{:?}", refused.last_error);
+    assert_eq!(sample(&metrics(&fabric, 0), "mirrormesh_problem{kind=\"publish_refused\"}"), 1.0);
+    // Removing 90% of the files is refused as well.
+    for i in 0..4 {
+        write(&tree.join(format!("alpine/edge/main/x86_64/p{i}-1.0-r0.apk")), &format!("package {i}"));
+    }
+    let refused = fabric.client(0, WAIT).wait_counter("publishes_refused", 3, WAIT.as_millis() as u64).unwrap();
+    assert!(refused.last_error.as_deref().is_some_and(|e| e.contains("removal_limit_percent")), "{:?}", refused);
+    for i in 1..=2 {
+        let status = fabric.status(i).unwrap();
+        assert_eq!(status.repos[0].seq, Some(second), "mirror {i} still serves the last good snapshot");
+    }
+    assert_eq!(served(&fabric), before, "no mirror lost a file");
+
+    // The operator means it: a forced publish goes out, and the mirrors follow.
+    let forced = fabric.client(0, WAIT).publish_forced().unwrap();
+    assert_eq!(forced.files, 4);
+    fabric.wait_all_settled(forced.seq, WAIT).unwrap();
+    fabric.check_identical(2).unwrap();
+    assert_eq!(counter(&fabric, 0, "publishes_refused"), 3);
+}
+
+#[test]
+fn a_mirror_that_trusts_the_wrong_publisher_or_never_synced_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = vec![NodeOptions::default(); 3];
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 2, &opts).unwrap();
+    // Mirror 2 pins a key that is not the origin's.
+    let wrong = mirrormesh::key::NodeKey::generate().unwrap().peer_id().to_string();
+    let config = std::fs::read_to_string(&fabric.nodes[2].config).unwrap();
+    std::fs::write(&fabric.nodes[2].config, config.replace(&fabric.nodes[0].peer_id, &wrong)).unwrap();
+    write(&fabric.nodes[0].tree.join("alpine/p.apk"), "package");
+    fabric.start(1).unwrap();
+    // Before any snapshot exists, a mirror is not "idle and in sync".
+    let fresh = fabric.status(1).unwrap();
+    assert_eq!(fresh.repos[0].state, "never-synced");
+    assert_eq!(fresh.repos[0].progress, 0.0);
+    assert!(fresh.problems.iter().any(|p| p.kind == mirrormesh::daemon::ProblemKind::NeverSynced));
+    fabric.start(0).unwrap();
+    fabric.start(2).unwrap();
+    let published = fabric.publish().unwrap();
+    let good = fabric.client(1, WAIT).wait_settled(published.seq, WAIT.as_millis() as u64).unwrap();
+    assert!(good.problems.is_empty(), "{:?}", good.problems);
+    assert_eq!(sample(&metrics(&fabric, 1), "mirrormesh_failing"), 0.0);
+
+    let wrong_status =
+        fabric.client(2, WAIT).wait_counter("roots_rejected_unknown_publisher", 1, WAIT.as_millis() as u64).unwrap();
+    let repo = &wrong_status.repos[0];
+    assert_eq!((repo.state.as_str(), repo.progress, repo.seq), ("never-synced", 0.0, None));
+    let untrusted = wrong_status.problems.iter().find(|p| p.kind == mirrormesh::daemon::ProblemKind::RootsUntrusted);
+    let message = untrusted.map(|p| p.message.clone()).unwrap_or_default();
+    assert!(
+        message.contains(&fabric.nodes[0].peer_id) && message.contains(&wrong),
+        "names the signer and the trusted id as the config does: {message:?}"
+    );
+    assert_eq!(sample(&metrics(&fabric, 2), "mirrormesh_failing"), 1.0);
+    let log = std::fs::read_to_string(&fabric.nodes[2].log).unwrap();
+    assert!(!log.contains("PeerId(") && !log.contains("Some("), "no Debug output in the log");
+}
+
+#[test]
+fn a_mirror_serving_an_old_snapshot_reports_it_and_exports_the_root_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = NodeOptions { stale_after_secs: Some(1), ..NodeOptions::default() };
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 1, &[NodeOptions::default(), mirror]).unwrap();
+    write(&fabric.nodes[0].tree.join("alpine/p.apk"), "package");
+    fabric.start_all().unwrap();
+    let published = fabric.publish().unwrap();
+    fabric.wait_all_settled(published.seq, WAIT).unwrap();
+    // Nothing newer comes: a second after its creation the snapshot is stale.
+    let stale = fabric.client(1, WAIT).wait_counter("problems_root_stale", 1, WAIT.as_millis() as u64).unwrap();
+    let problem = stale.problems.iter().find(|p| p.kind == mirrormesh::daemon::ProblemKind::RootStale);
+    assert!(problem.is_some_and(|p| p.message.contains("stale_after_secs")), "{:?}", stale.problems);
+    let m = metrics(&fabric, 1);
+    assert_eq!(sample(&m, "mirrormesh_problem{kind=\"root_stale\"}"), 1.0);
+    let created = sample(&m, "mirrormesh_root_created_timestamp_seconds");
+    let expires = sample(&m, "mirrormesh_root_expires_timestamp_seconds");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(created <= now && now - created < 600.0, "created {created}, now {now}");
+    assert!((expires - created - 7.0 * 24.0 * 3600.0).abs() < 2.0, "a week's validity: {created} .. {expires}");
+}

@@ -126,6 +126,28 @@ pub struct RootBody {
     pub delta: Option<DeltaRef>,
 }
 
+/// How the root of a served snapshot stands at some instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    /// Created longer ago than the node's limit: the origin has published nothing newer (a frozen fabric).
+    Stale,
+    /// At or past its expiry: no peer would accept it any more; the origin has not re-signed it.
+    Expired,
+}
+
+/// How `body` stands at `now` (wall-clock time): expired at and after its expiry; stale once it was created more
+/// than `stale_after_ms` ago (`None`: only expiry counts).
+pub fn freshness(body: &RootBody, now: Timestamp, stale_after_ms: Option<u64>) -> Freshness {
+    if now >= body.expires {
+        Freshness::Expired
+    } else if stale_after_ms.is_some_and(|limit| now.millis_since(body.created) > limit) {
+        Freshness::Stale
+    } else {
+        Freshness::Fresh
+    }
+}
+
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedRoot {
     pub publisher: PublisherKey,
@@ -313,5 +335,29 @@ impl RootTracker {
 
     pub fn is_trusted(&self, key: &PublisherKey) -> bool {
         self.trusted.contains(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_is_stale_after_the_limit_and_expired_at_its_expiry() {
+        let body = RootBody {
+            repo: RepoId::new("alpine").unwrap(),
+            seq: 1,
+            created: Timestamp(1_000),
+            expires: Timestamp(10_000),
+            root: NodeHash([0; 32]),
+            files: 0,
+            bytes: 0,
+            delta: None,
+        };
+        assert_eq!(freshness(&body, Timestamp(5_000), None), Freshness::Fresh);
+        assert_eq!(freshness(&body, Timestamp(5_000), Some(4_000)), Freshness::Fresh);
+        assert_eq!(freshness(&body, Timestamp(5_001), Some(4_000)), Freshness::Stale);
+        assert_eq!(freshness(&body, Timestamp(10_000), None), Freshness::Expired);
+        assert_eq!(freshness(&body, Timestamp(20_000), Some(4_000)), Freshness::Expired);
     }
 }

@@ -8,9 +8,14 @@
 //! State survives restarts: the applied snapshot, the newest accepted root, manifest nodes and deltas, pending
 //! deletions (the state database), and staged chunks (re-verified when staging is prepared again).
 
+mod health;
 mod progress;
+mod publisher;
 mod serving;
 mod tree_writer;
+
+use health::Health;
+pub use health::{Problem, ProblemKind};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
+use indicatif::HumanDuration;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
@@ -27,10 +33,11 @@ use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, roots_topic};
 use mirrormesh_proto::diff::Change;
 use mirrormesh_proto::node_store::NodeSink;
+use mirrormesh_proto::root::Freshness;
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
-use mirrormesh_proto::{SignedRoot, VerifiedRoot};
+use mirrormesh_proto::{RootError, SignedRoot, Timestamp, VerifiedRoot};
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -40,7 +47,7 @@ use crate::config::{Config, RoleName};
 use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, Fetched, ORIGIN_SENDING_REPLIES_MAX, Unreachable};
 use crate::key::NodeKey;
 use crate::metrics::Metrics;
-use crate::publish::{PublishOptions, PublishReport, now, publish};
+use crate::publish::{PublishError, PublishGuard, PublishOptions, PublishReport, now, publish};
 use crate::staging::{Prepared, Staging};
 use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
 use crate::store::StateStore;
@@ -98,14 +105,15 @@ pub enum LoopEvent {
         chunks: Vec<ChunkId>,
         reply: oneshot::Sender<Vec<Decision>>,
     },
-    /// The admin API asks the origin to publish.
+    /// The admin API asks the origin to publish (`force`: whatever the publish checks say).
     Publish {
+        force: bool,
         reply: oneshot::Sender<Result<PublishReply, String>>,
     },
     /// Something changed in the served tree (origin watch mode).
     TreeChanged,
     Published {
-        result: Box<Result<PublishReport>>,
+        result: Box<Result<PublishReport, PublishError>>,
         reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
     },
 }
@@ -187,8 +195,8 @@ pub struct Daemon {
     events_rx: mpsc::Receiver<LoopEvent>,
     status_tx: watch::Sender<Status>,
     counters: BTreeMap<String, u64>,
-    last_error: Option<String>,
-    publishing: bool,
+    health: Health,
+    publisher: publisher::Publisher,
     next_deletion_check: Instant,
     /// The one thread that changes the served tree (applies and removals).
     tree_writer: tree_writer::TreeWriter,
@@ -198,9 +206,6 @@ pub struct Daemon {
     totals: (u64, u64),
     pending_deletions: u64,
     listen_addrs: Vec<Multiaddr>,
-    /// Origin watch mode: the tree watcher (kept alive) and when the tree last changed, if not yet published.
-    _watcher: Option<notify::RecommendedWatcher>,
-    tree_changed_at: Option<Instant>,
     metrics: Metrics,
     started: Instant,
     sync: SyncProgress,
@@ -230,7 +235,10 @@ fn verified(root: &SignedRoot) -> Result<VerifiedRoot> {
 impl Daemon {
     /// Opens the node's state, binds its sockets and returns the daemon (not yet running) and a handle to it.
     pub async fn start(cfg: Config) -> Result<(Self, Handle)> {
-        let key = NodeKey::load(&cfg.key)?;
+        let key = match cfg.role {
+            RoleName::Origin => NodeKey::load_publisher(&cfg.key)?,
+            RoleName::Mirror => NodeKey::load(&cfg.key)?,
+        };
         let store = Arc::new(StateStore::open(&cfg.state_dir)?);
         let staging = Arc::new(Staging::open(&cfg.staging_dir, &cfg.tree)?);
         let reader = store.reader()?;
@@ -335,7 +343,7 @@ impl Daemon {
             cfg.index_globs.clone(),
             events_tx.clone(),
         )?;
-        let watcher = if cfg.watch { Some(watch_tree(&cfg.tree, events_tx.clone())?) } else { None };
+        let publisher = publisher::Publisher::new(cfg.tree.clone(), cfg.watch, cfg.watch_quiet, events_tx.clone());
         let handle = Handle {
             status: status_rx,
             events: events_tx.clone(),
@@ -366,17 +374,14 @@ impl Daemon {
             events_rx,
             status_tx,
             counters: BTreeMap::new(),
-            last_error: None,
-            publishing: false,
+            health: Health::default(),
+            publisher,
             next_deletion_check: Instant::now(),
             tree_writer,
             removing: false,
             totals,
             pending_deletions,
             listen_addrs,
-            // Whatever happened to the tree while the daemon was down is published once it is quiet.
-            tree_changed_at: watcher.as_ref().map(|_| Instant::now()),
-            _watcher: watcher,
             metrics: handle.metrics.clone(),
             started: Instant::now(),
             sync: SyncProgress::default(),
@@ -385,6 +390,7 @@ impl Daemon {
             sync_span: tracing::Span::none(),
         };
         // The admin API answers with the state read from disk from its first request on.
+        daemon.check_served_root(now());
         let key = daemon.status_key();
         daemon.publish_status(key);
         Ok((daemon, handle))
@@ -414,9 +420,75 @@ impl Daemon {
         Ok(())
     }
 
+    /// A problem of no more specific kind (cleared once the next snapshot is in place).
     fn error(&mut self, message: String) {
-        tracing::error!("{message}");
-        self.last_error = Some(message);
+        self.set_problem(ProblemKind::Other, message, now().0);
+    }
+
+    /// Sets a problem (see `health.rs`); counts `problems_{kind}` each time one appears.
+    fn set_problem(&mut self, kind: ProblemKind, message: impl Into<String>, now_ms: u64) {
+        if self.health.set(kind, message, now_ms) {
+            self.count(format!("problems_{}", kind.name()));
+        }
+    }
+
+    /// What the served snapshot and the roots heard so far say about this node's health: never synced, only
+    /// untrusted roots heard, the served root expired or stale.
+    fn check_served_root(&mut self, t: Timestamp) {
+        let syncing = self.engine.status().phase != "idle";
+        match self.engine.current() {
+            None if self.cfg.role == RoleName::Mirror && !syncing => {
+                let message = match self.health.is_set(ProblemKind::RootsUntrusted) {
+                    true => "never synced: every root heard so far was refused (see roots_untrusted)",
+                    false => "never synced: no snapshot has been applied here yet and no sync is running",
+                };
+                self.set_problem(ProblemKind::NeverSynced, message, t.0);
+            }
+            _ => self.health.clear(ProblemKind::NeverSynced),
+        }
+        let Some(current) = self.engine.current() else {
+            self.health.clear(ProblemKind::RootExpired);
+            self.health.clear(ProblemKind::RootStale);
+            return;
+        };
+        let (seq, created, expires) = (current.body.seq, current.body.created, current.body.expires);
+        match mirrormesh_proto::root::freshness(&current.body, t, self.cfg.stale_after.map(|d| d.as_millis() as u64)) {
+            Freshness::Expired => {
+                let message = format!(
+                    "the snapshot served (seq {seq}) expired {} ago: the origin has not re-signed it (is it down?)",
+                    HumanDuration(Duration::from_millis(t.millis_since(expires)))
+                );
+                self.set_problem(ProblemKind::RootExpired, message, t.0);
+                self.health.clear(ProblemKind::RootStale);
+            }
+            Freshness::Stale => {
+                let message = format!(
+                    "the snapshot served (seq {seq}) was created {} ago, more than repo.stale_after_secs",
+                    HumanDuration(Duration::from_millis(t.millis_since(created)))
+                );
+                self.set_problem(ProblemKind::RootStale, message, t.0);
+                self.health.clear(ProblemKind::RootExpired);
+            }
+            Freshness::Fresh => {
+                self.health.clear(ProblemKind::RootExpired);
+                self.health.clear(ProblemKind::RootStale);
+            }
+        }
+    }
+
+    /// A root error as operators read it: publishers named by node id, as `trust.publishers` names them.
+    fn describe_root_error(&self, error: &RootError) -> String {
+        match error {
+            RootError::UnknownPublisher(key) => {
+                let signer = crate::key::peer_id_of(key).map_or_else(|_| key.to_string(), |p| p.to_string());
+                let trusted: Vec<String> = self.cfg.publishers.iter().map(|(_, p)| p.to_string()).collect();
+                format!(
+                    "root signed by {signer}, which is not a trusted publisher (trust.publishers lists {})",
+                    if trusted.is_empty() { "none".into() } else { trusted.join(", ") }
+                )
+            }
+            other => other.to_string(),
+        }
     }
 
     fn count(&mut self, what: impl Into<String>) {
@@ -439,6 +511,7 @@ impl Daemon {
             let reader = self.store.reader()?;
             self.engine.handle_tick(now(), &reader)?;
         }
+        self.check_served_root(now());
         let key = self.status_key();
         if self.status_published.as_ref().is_none_or(|(at, was)| *was != key || at.elapsed() >= STATUS_INTERVAL) {
             self.publish_status(key);
@@ -455,7 +528,8 @@ impl Daemon {
             waiting_for_origin: engine.waiting_for_origin,
             peers: engine.peers,
             staged: self.sync.staged_seq,
-            last_error: self.last_error.clone(),
+            last_error: self.health.newest().map(str::to_owned),
+            problems: self.health.list().len(),
         }
     }
 
@@ -524,7 +598,7 @@ impl Daemon {
                 self.tree_writer.submit(tree_writer::TreeJob::Apply { target: Box::new(target), base })?;
             }
             Output::Ban { peer, reason } => {
-                tracing::warn!(%peer, ?reason, "peer banned for this snapshot");
+                tracing::warn!(%peer, reason = format!("{reason:?}").to_lowercase(), "peer banned for this snapshot");
                 self.peers.entry(peer).or_default().banned = true;
                 self.count(format!("peers_banned_{reason:?}").to_lowercase());
             }
@@ -538,6 +612,7 @@ impl Daemon {
             Notice::RootAccepted { seq } => {
                 tracing::info!(seq, "accepted a new root");
                 self.count("roots_accepted");
+                self.health.clear(ProblemKind::RootsUntrusted);
                 if self.cfg.role == RoleName::Mirror {
                     self.sync_span = tracing::info_span!("sync", seq);
                     self.sync.started = Some((seq, Instant::now()));
@@ -550,14 +625,21 @@ impl Daemon {
                 }
             }
             Notice::RootRejected { from, error } => {
-                tracing::warn!(?from, %error, "root rejected");
+                let why = self.describe_root_error(&error);
+                match from {
+                    Some(peer) => tracing::warn!(%peer, "root rejected: {why}"),
+                    None => tracing::warn!("root rejected: {why}"),
+                }
                 self.count(format!("roots_rejected_{}", error.reason()));
+                if matches!(error, RootError::UnknownPublisher(_)) && self.engine.latest().is_none() {
+                    self.set_problem(ProblemKind::RootsUntrusted, format!("roots rejected: {why}"), now().0);
+                }
             }
             Notice::DeltaRejected => self.count("deltas_rejected"),
             Notice::WaitingForOrigin { chunks } => {
                 tracing::warn!(chunks, "waiting for origin: some chunks exist on no reachable peer");
             }
-            Notice::ManifestError(e) => self.error(format!("manifest: {e}")),
+            Notice::ManifestError(e) => self.set_problem(ProblemKind::Manifest, format!("manifest: {e}"), now().0),
             Notice::WrongRepo { from } => {
                 tracing::debug!(%from, "peer speaks of another repository");
                 self.count("messages_wrong_repo");
@@ -691,7 +773,7 @@ impl Daemon {
                     self.engine.handle_staged(t, seq, prepared.held);
                 }
                 Err(e) => {
-                    self.error(format!("staging snapshot {seq}: {e:#}"));
+                    self.set_problem(ProblemKind::StagingFailing, format!("staging snapshot {seq}: {e:#}"), t.0);
                     self.count("staging_failures");
                 }
             },
@@ -717,11 +799,10 @@ impl Daemon {
                     self.engine.handle_chunk(t, peer, req, id, outcome);
                 }
                 if dropped {
-                    self.last_error = Some("could not write staged chunks (is the staging filesystem full?)".into());
-                } else if bytes > 0
-                    && self.last_error.as_deref().is_some_and(|e| e.starts_with("could not write staged"))
-                {
-                    self.last_error = None;
+                    let message = "could not write staged chunks (is the staging filesystem full?)";
+                    self.set_problem(ProblemKind::StagingFailing, message, t.0);
+                } else if bytes > 0 {
+                    self.health.clear(ProblemKind::StagingFailing);
                 }
                 match error {
                     Some(e) => {
@@ -753,8 +834,8 @@ impl Daemon {
                     .collect();
                 let _ = reply.send(decisions);
             }
-            LoopEvent::Publish { reply } => self.start_publish(Some(reply)),
-            LoopEvent::TreeChanged => self.tree_changed_at = Some(Instant::now()),
+            LoopEvent::Publish { force, reply } => self.start_publish(force, Some(reply)),
+            LoopEvent::TreeChanged => self.publisher.tree_changed(Instant::now()),
             LoopEvent::Published { result, reply } => self.on_published(*result, reply)?,
         }
         Ok(())
@@ -788,7 +869,10 @@ impl Daemon {
             tracing::warn!("cleaning staging: {e:#}");
         }
         self.totals = (target.body.files, target.body.bytes);
-        self.last_error = None;
+        for kind in [ProblemKind::ApplyFailing, ProblemKind::StagingFailing, ProblemKind::Manifest, ProblemKind::Other]
+        {
+            self.health.clear(kind);
+        }
         tracing::info!(
             seq = target.body.seq,
             files = report.files,
@@ -823,28 +907,31 @@ impl Daemon {
         }
     }
 
-    fn start_publish(&mut self, reply: Option<oneshot::Sender<Result<PublishReply, String>>>) {
+    fn start_publish(&mut self, force: bool, reply: Option<oneshot::Sender<Result<PublishReply, String>>>) {
         if self.cfg.role != RoleName::Origin {
             if let Some(reply) = reply {
                 let _ = reply.send(Err("this node is a mirror; only the origin publishes".into()));
             }
             return;
         }
-        if self.publishing {
+        if !self.publisher.begin() {
             if let Some(reply) = reply {
                 let _ = reply.send(Err("a publish is already running".into()));
             }
             return;
         }
-        self.publishing = true;
         let store = self.store.clone();
         let key = self.key.clone();
         let tree = self.cfg.tree.clone();
         let repo = self.cfg.repo.clone();
         let validity = self.cfg.validity;
+        let guard = PublishGuard { force, ..self.cfg.publish_guard.clone() };
+        if force {
+            tracing::warn!("publishing with --force: the publish checks are skipped");
+        }
         let events = self.events_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let opts = PublishOptions { tree: &tree, repo, validity, progress: false };
+            let opts = PublishOptions { tree: &tree, repo, validity, progress: false, guard };
             let result = publish(&store, &key, &opts);
             let _ = events.blocking_send(LoopEvent::Published { result: Box::new(result), reply });
         });
@@ -852,18 +939,24 @@ impl Daemon {
 
     fn on_published(
         &mut self,
-        result: Result<PublishReport>,
+        result: Result<PublishReport, PublishError>,
         reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
     ) -> Result<()> {
-        self.publishing = false;
+        let t = now();
+        self.publisher.end(matches!(result, Err(PublishError::Failed(_))));
         let report = match result {
             Ok(report) => report,
             Err(e) => {
-                let message = format!("publishing: {e:#}");
-                self.error(message.clone());
-                if self._watcher.is_some() {
-                    // Most likely the tree changed under the scan: try again once it is quiet.
-                    self.tree_changed_at = Some(Instant::now());
+                let message = format!("{e:#}");
+                match &e {
+                    PublishError::Refused(_) => {
+                        self.count("publishes_refused");
+                        self.set_problem(ProblemKind::PublishRefused, message.clone(), t.0);
+                    }
+                    PublishError::Failed(_) => {
+                        self.count("publish_failures");
+                        self.set_problem(ProblemKind::PublishFailed, format!("publishing: {message}"), t.0);
+                    }
                 }
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(message));
@@ -871,16 +964,18 @@ impl Daemon {
                 return Ok(());
             }
         };
+        self.health.clear(ProblemKind::PublishRefused);
+        self.health.clear(ProblemKind::PublishFailed);
         let reader = self.store.reader()?;
         let index = ChunkIndex::build(&reader, &report.body.root)?;
         drop(reader);
         if let Ok(mut current) = self.index.write() {
             *current = index;
         }
-        let accepted = self.engine.handle_published(now(), report.signed.clone());
+        let accepted = self.engine.handle_published(t, report.signed.clone());
         if let Err(e) = accepted {
             let message = format!("publishing: the engine refused the new root: {e}");
-            self.error(message.clone());
+            self.set_problem(ProblemKind::PublishFailed, message.clone(), t.0);
             if let Some(reply) = reply {
                 let _ = reply.send(Err(message));
             }
@@ -1224,23 +1319,18 @@ impl Daemon {
             self.error(format!("{e:#}"));
         }
         self.dial_bootstrap();
-        if let Some(changed) = self.tree_changed_at
-            && changed.elapsed() >= self.cfg.watch_quiet
-            && !self.publishing
-        {
-            tracing::info!("tree quiet for {:?}: publishing", self.cfg.watch_quiet);
-            self.tree_changed_at = None;
-            self.start_publish(None);
+        if self.publisher.watch_due(Instant::now()) {
+            self.start_publish(false, None);
         }
         if Instant::now() >= self.next_deletion_check {
             // An origin re-signs before half the validity of its root is left, so mirrors never hold an expired one.
             if self.cfg.role == RoleName::Origin
-                && !self.publishing
+                && !self.publisher.is_running()
                 && let Some(current) = self.engine.current()
                 && current.body.expires.millis_since(t) < self.cfg.validity.as_millis() as u64 / 2
             {
                 tracing::info!(seq = current.body.seq, "root past half its validity: re-signing");
-                self.start_publish(None);
+                self.start_publish(false, None);
             }
             self.next_deletion_check = Instant::now() + Duration::from_secs(1);
             let abusers: Vec<(PeerId, u64)> = self
@@ -1287,6 +1377,7 @@ impl Daemon {
             self.sync.need_bytes = self.sync.need_bytes.max(bytes_missing);
         }
         let progress = match engine.phase {
+            "idle" if engine.current.is_none() && self.cfg.role == RoleName::Mirror => 0.0,
             "idle" => 1.0,
             "transferring" if self.sync.need_bytes > 0 => 1.0 - bytes_missing as f64 / self.sync.need_bytes as f64,
             "applying" => 1.0,
@@ -1301,7 +1392,11 @@ impl Daemon {
             name: engine.repo.to_string(),
             seq: engine.current.map(|c| c.0),
             root: engine.current.map(|c| c.1.to_hex()),
-            state: if syncing { "syncing".into() } else { "idle".into() },
+            state: match (syncing, engine.current) {
+                (true, _) => "syncing".into(),
+                (false, None) if self.cfg.role == RoleName::Mirror => "never-synced".into(),
+                (false, _) => "idle".into(),
+            },
             phase: engine.phase.into(),
             target_seq,
             staged_seq: self.sync.staged_seq.filter(|_| syncing),
@@ -1313,6 +1408,8 @@ impl Daemon {
             files: self.totals.0,
             bytes: self.totals.1,
             pending_deletions: self.pending_deletions,
+            created_ms: self.engine.current().map(|c| c.body.created.0),
+            expires_ms: self.engine.current().map(|c| c.body.expires.0),
             last_apply_ms: self.sync.last_apply_ms,
             propagation_lag_ms: self.sync.propagation_lag_ms,
         };
@@ -1370,7 +1467,8 @@ impl Daemon {
             bytes_fetched_total: fetched,
             bytes_fetched_from_origin: from_origin,
             counters,
-            last_error: self.last_error.clone(),
+            last_error: self.health.newest().map(str::to_owned),
+            problems: self.health.list(),
         };
         let origin_sent = (self.cfg.role == RoleName::Origin).then(|| served.saturating_sub(self.served_at_publish));
         self.metrics.refresh(&status, origin_sent);
@@ -1388,22 +1486,7 @@ struct StatusKey {
     peers: usize,
     staged: Option<u64>,
     last_error: Option<String>,
-}
-
-/// Watches the tree (recursively, inotify on Linux) and tells the loop when anything in it changes. Bursts
-/// coalesce: a full event queue just drops the extra notifications.
-fn watch_tree(tree: &std::path::Path, events: mpsc::Sender<LoopEvent>) -> Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = events.try_send(LoopEvent::TreeChanged);
-        }
-    })
-    .context("origin.watch: starting the tree watcher")?;
-    watcher
-        .watch(tree, notify::RecursiveMode::Recursive)
-        .with_context(|| format!("origin.watch: watching {}", tree.display()))?;
-    Ok(watcher)
+    problems: usize,
 }
 
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
