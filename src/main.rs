@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use mirrormesh::admin::Access;
 use mirrormesh::admin_client::AdminClient;
 use mirrormesh::config::{Config, DEFAULT_ADMIN};
 use mirrormesh::gentree::{self, GenTreeArgs};
@@ -214,10 +215,9 @@ fn run_daemon(config: &std::path::Path) -> Result<()> {
     let cfg = Config::load(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let admin_listen = cfg.admin_listen;
-        let token = cfg.admin_token.clone();
+        let access = Access::from_config(&cfg);
         let (daemon, handle) = mirrormesh::daemon::Daemon::start(cfg).await?;
-        let admin = mirrormesh::admin::serve(admin_listen, token, handle.clone()).await?;
+        let admin = mirrormesh::admin::serve(access, handle.clone()).await?;
         tracing::info!(%admin, data = %handle.data_addr, listen = ?handle.listen_addrs, "admin API listening");
         daemon.run(shutdown_signal()).await
     })
