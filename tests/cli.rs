@@ -2,10 +2,12 @@
 //! server that answers `/status`, `/peers`, `/repos` and `/publish` with fixed data):
 //!
 //! - a reader that closes early (`mirrormesh status | true`, `mirrormesh peers --json | head -1`) ends every
-//!   command quietly with status 0, never a panic.
+//!   command quietly with status 0, never a panic;
+//! - in a pipe, tables are never cut (whatever `COLUMNS` says); on a terminal they fit its width.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -180,4 +182,74 @@ fn peers_json_into_head_exits_quietly() {
         .unwrap();
     assert_quiet_success("peers --json | head -1", &out);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "[\n", "head printed the first line");
+}
+
+#[test]
+fn tables_in_a_pipe_are_never_cut() {
+    let status = stub_status(3);
+    let addr = stub(status.clone()).to_string();
+    for command in ["status", "peers"] {
+        // Not even when COLUMNS is exported (shells and CI runners do): a pipe has no width.
+        for columns in [None, Some("60")] {
+            let mut cmd = Command::new(binary());
+            cmd.args([command, "--admin", &addr]).env_remove("MIRRORMESH_TOKEN").stdin(Stdio::null());
+            match columns {
+                Some(c) => cmd.env("COLUMNS", c),
+                None => cmd.env_remove("COLUMNS"),
+            };
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{command}: {}", String::from_utf8_lossy(&out.stderr));
+            let text = String::from_utf8(out.stdout).unwrap();
+            assert!(!text.contains('…'), "{command} (COLUMNS={columns:?}) cut a cell in a pipe:\n{text}");
+            for p in &status.peers {
+                assert!(text.contains(&p.id), "{command} (COLUMNS={columns:?}): whole id {}:\n{text}", p.id);
+                assert!(text.contains(p.data_address.as_deref().unwrap()), "{command}: whole address:\n{text}");
+            }
+            for title in ["RTT", "RECEIVED", "SENT", "CHUNKS IN/OUT", "FAIL", "SCORE", "SEQ"] {
+                assert!(text.contains(title), "{command} (COLUMNS={columns:?}): column {title} left out:\n{text}");
+            }
+        }
+    }
+}
+
+/// Runs the binary with its standard output a terminal (a pseudo-terminal `cols` wide) and returns what it printed.
+fn run_on_terminal(args: &[&str], cols: u16) -> String {
+    let mut master = -1;
+    let mut slave = -1;
+    let size = libc::winsize { ws_row: 50, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: openpty writes two new descriptors into the given integers and reads the window size.
+    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = Command::new(binary())
+        .args(args)
+        .env_remove("COLUMNS")
+        .env_remove("MIRRORMESH_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(slave)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The terminal reports end of input (EIO on Linux) once the child, the last holder of its other side, exits.
+    let mut printed = Vec::new();
+    let _ = std::fs::File::from(master).read_to_end(&mut printed);
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(child.wait().unwrap().success(), "{args:?}: {stderr}");
+    String::from_utf8(printed).unwrap().replace("\r\n", "\n")
+}
+
+#[test]
+fn tables_on_a_terminal_fit_its_width() {
+    let status = stub_status(3);
+    let addr = stub(status.clone()).to_string();
+    for command in ["status", "peers"] {
+        let text = run_on_terminal(&[command, "--admin", &addr], 80);
+        assert!(text.contains("PEER"), "{command}:\n{text}");
+        for line in text.lines() {
+            assert!(line.chars().count() <= 80, "{command}: {line:?} is wider than the terminal:\n{text}");
+        }
+        assert!(text.contains('…'), "{command}: long ids are cut in the middle to fit:\n{text}");
+    }
 }
