@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail};
 use serde::de::DeserializeOwned;
 
+use crate::admin::REQUEST_HEADER;
 use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
 
 /// A client for one daemon's admin API.
@@ -31,7 +32,8 @@ impl AdminClient {
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match method {
             "POST" => {
-                let mut req = self.agent.post(&url);
+                // Not a browser: say so, as the API requires of every POST when it has no token.
+                let mut req = self.agent.post(&url).header(REQUEST_HEADER, "1");
                 if let Some(auth) = &auth {
                     req = req.header("authorization", auth);
                 }
@@ -51,6 +53,11 @@ impl AdminClient {
         match code {
             200 => serde_json::from_str(&body).map_err(|e| anyhow!("unexpected answer from {url}: {e}")),
             401 => bail!("{url}: unauthorized (give the admin token with --token or MIRRORMESH_TOKEN)"),
+            403 => bail!("{url}: refused: {}", body.trim()),
+            421 => bail!(
+                "{url}: refused (give the daemon's admin.listen address or a name in its admin.hosts): {}",
+                body.trim()
+            ),
             _ => bail!("{url}: HTTP {code}: {}", body.trim()),
         }
     }

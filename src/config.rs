@@ -18,6 +18,11 @@ use crate::publish::PublishGuard;
 pub const DEFAULT_DATA_PORT: u16 = 4002;
 /// Default admin HTTP address: loopback only.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7480";
+/// Shortest admin token (`admin.token`, `admin.read_token`) accepted: 16 characters of a random hex string are
+/// 64 bits, beyond guessing over HTTP; `mirrormesh testbed` generates tokens of exactly this length.
+pub const ADMIN_TOKEN_LEN_MIN: usize = 16;
+/// Longest name in `admin.hosts` (a DNS name's limit).
+const ADMIN_HOST_LEN_MAX: usize = 253;
 /// Default deletion grace period: files a new snapshot removes stay this long (clients mid-download finish).
 pub const DEFAULT_DELETE_GRACE_SECS: u64 = 300;
 /// Default validity of a signed root, in hours (re-signed at half of it).
@@ -93,7 +98,14 @@ struct TrustSection {
 #[serde(deny_unknown_fields)]
 struct AdminSection {
     listen: Option<String>,
+    /// Bearer token for everything (reads and `POST /publish`).
     token: Option<String>,
+    /// Bearer token for reads only (status, peers, repos, metrics, wait); needs `token`.
+    read_token: Option<String>,
+    /// Further names (or addresses) the admin API answers to in the `Host` header, beside its listen address and
+    /// `localhost`: the name operators and Prometheus use to reach it.
+    #[serde(default)]
+    hosts: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,7 +178,12 @@ pub struct Config {
     /// Trusted publishers, as keys and as the peer ids of their nodes (the origins).
     pub publishers: Vec<(PublisherKey, PeerId)>,
     pub admin_listen: SocketAddr,
+    /// Bearer token for every admin request (`admin.token`).
     pub admin_token: Option<String>,
+    /// Bearer token for the admin API's reads only (`admin.read_token`); set only beside `admin_token`.
+    pub admin_read_token: Option<String>,
+    /// Host names (lowercase, no port) the admin API answers to beside its listen address and `localhost`.
+    pub admin_hosts: Vec<String>,
     pub watch: bool,
     pub watch_quiet: Duration,
     pub validity: Duration,
@@ -269,10 +286,23 @@ impl Config {
         let admin_text = file.admin.listen.unwrap_or_else(|| DEFAULT_ADMIN.into());
         let admin_listen: SocketAddr =
             admin_text.parse().map_err(|e| anyhow!("admin.listen: {admin_text:?} is not ip:port: {e}"))?;
-        let admin_token = file.admin.token.filter(|t| !t.is_empty());
+        let admin_token = file.admin.token;
+        let admin_read_token = file.admin.read_token;
+        if let Some(token) = &admin_token {
+            check_token("admin.token", token)?;
+        }
+        if let Some(token) = &admin_read_token {
+            check_token("admin.read_token", token)?;
+            match &admin_token {
+                None => bail!("admin.read_token: needs admin.token too (the token that may publish)"),
+                Some(full) if full == token => bail!("admin.read_token: must differ from admin.token"),
+                Some(_) => {}
+            }
+        }
         if !admin_listen.ip().is_loopback() && admin_token.is_none() {
             bail!("admin.token: required when admin.listen ({admin_listen}) is not a loopback address");
         }
+        let admin_hosts = file.admin.hosts.iter().map(|h| admin_host(h)).collect::<Result<Vec<_>>>()?;
         if file.origin.watch && file.node.role != RoleName::Origin {
             bail!("origin.watch: only an origin publishes");
         }
@@ -314,6 +344,8 @@ impl Config {
             publishers,
             admin_listen,
             admin_token,
+            admin_read_token,
+            admin_hosts,
             watch: file.origin.watch,
             watch_quiet: Duration::from_secs(file.origin.quiet_secs.unwrap_or(30)),
             validity: Duration::from_secs(validity_hours * 3600),
@@ -361,6 +393,32 @@ fn resolve_existing(path: &Path) -> PathBuf {
             _ => return path.to_owned(),
         }
     }
+}
+
+/// An admin token must be long enough not to be guessed and fit an `Authorization: Bearer` header as it is.
+fn check_token(key: &str, token: &str) -> Result<()> {
+    let len = token.chars().count();
+    if len < ADMIN_TOKEN_LEN_MIN {
+        bail!(
+            "{key}: must be at least {ADMIN_TOKEN_LEN_MIN} characters long (it has {len}); e.g. `openssl rand -hex 16`"
+        );
+    }
+    if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        bail!("{key}: only printable ASCII without spaces is allowed (it contains {c:?})");
+    }
+    Ok(())
+}
+
+/// One `admin.hosts` entry: a DNS name or an IP address, without a port. Returned lowercase.
+fn admin_host(text: &str) -> Result<String> {
+    let name = text.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(text);
+    let dns_name = !name.is_empty()
+        && name.len() <= ADMIN_HOST_LEN_MAX
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !dns_name && name.parse::<std::net::IpAddr>().is_err() {
+        bail!("admin.hosts: {text:?} is neither a host name nor an IP address (give no port or scheme)");
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 /// `<parent of tree>/.<tree name>.mirrormesh-staging`: beside the tree, so on the same filesystem, outside it.
@@ -461,6 +519,47 @@ mod tests {
         std::fs::write(&config, text).unwrap();
         let e = format!("{:#}", Config::load(&config).unwrap_err());
         assert!(e.contains("repo.staging_dir") && e.contains("resolves to"), "{e}");
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused() {
+        for short in ["x", "", "0123456789abcde"] {
+            let text = minimal("mirror") + &format!("[admin]\ntoken = \"{short}\"\n");
+            let e = format!("{:#}", Config::parse(&text, Path::new("/")).unwrap_err());
+            assert!(e.contains("admin.token") && e.contains("at least 16"), "{short:?}: {e}");
+        }
+        assert!(
+            Config::parse(&(minimal("mirror") + "[admin]\ntoken = \"0123456789abcdef\"\n"), Path::new("/")).is_ok()
+        );
+    }
+
+    #[test]
+    fn admin_tokens_are_long_distinct_header_safe_and_a_read_token_needs_an_admin_token() {
+        let parse = |admin: &str| Config::parse(&(minimal("mirror") + "[admin]\n" + admin), Path::new("/"));
+        let err = |admin: &str| format!("{:#}", parse(admin).unwrap_err());
+        let long = "0123456789abcdef";
+        let other = "fedcba9876543210";
+        for short in ["x", "", "0123456789abcde"] {
+            let e = err(&format!("token = \"{short}\"\n"));
+            assert!(e.contains("admin.token") && e.contains("at least 16"), "{short:?}: {e}");
+            let e = err(&format!("token = \"{long}\"\nread_token = \"{short}\"\n"));
+            assert!(e.contains("admin.read_token") && e.contains("at least 16"), "{short:?}: {e}");
+        }
+        let e = err(&format!("token = \"{long} with spaces\"\n"));
+        assert!(e.contains("admin.token") && e.contains("space"), "{e}");
+        let e = err(&format!("token = \"{long}\"\nread_token = \"{long}\"\n"));
+        assert!(e.contains("admin.read_token") && e.contains("differ"), "{e}");
+        let e = err(&format!("read_token = \"{other}\"\n"));
+        assert!(e.contains("admin.read_token") && e.contains("admin.token"), "{e}");
+        let e = err("hosts = [\"evil example\"]\n");
+        assert!(e.contains("admin.hosts"), "{e}");
+        let c = parse(&format!("token = \"{long}\"\nread_token = \"{other}\"\nhosts = [\"Mirror1.example.org\"]\n"))
+            .unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some(long));
+        assert_eq!(c.admin_read_token.as_deref(), Some(other));
+        assert_eq!(c.admin_hosts, ["mirror1.example.org"]);
+        let c = parse("").unwrap();
+        assert_eq!((c.admin_token, c.admin_read_token, c.admin_hosts.len()), (None, None, 0));
     }
 
     #[test]

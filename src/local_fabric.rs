@@ -29,7 +29,7 @@ pub struct NodeOptions {
     pub upload_bytes_per_sec: Option<u64>,
     pub corrupt_served_chunks: bool,
     pub delete_grace_secs: u64,
-    /// Extra TOML appended to the config (tests of config handling).
+    /// Extra TOML appended to the config right after its `[admin]` section (tests of config handling).
     pub extra_config: String,
     /// The admin API's bearer token (the fabric's clients send it).
     pub admin_token: Option<String>,
@@ -217,6 +217,8 @@ impl LocalFabric {
             admin = node.admin,
             token = opts.admin_token.as_ref().map(|t| format!("token = \"{t}\"\n")).unwrap_or_default(),
         );
+        // Right after the `[admin]` section it may add keys to.
+        text.push_str(&opts.extra_config);
         if let Some(secs) = opts.stale_after_secs {
             text = text.replace("[network]\n", &format!("stale_after_secs = {secs}\n\n[network]\n"));
         }
@@ -230,7 +232,6 @@ impl LocalFabric {
         if opts.corrupt_served_chunks {
             text.push_str("\n[faults]\ncorrupt_served_chunks = true\n");
         }
-        text.push_str(&opts.extra_config);
         std::fs::write(&node.config, text)?;
         Ok(())
     }

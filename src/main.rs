@@ -1,10 +1,19 @@
 //! The `mirrormesh` command line.
+//!
+//! Output goes to a reader that may stop early (`mirrormesh peers --json | head -1`, `mirrormesh status | true`):
+//! a write that finds the pipe closed ends the command quietly with status 0, as a reader that has read what it
+//! wanted is no failure (and `set -o pipefail` scripts do not fail for it). The CLI's own output goes through
+//! [`out`]; `println!` in code beyond this file (gen-tree, demo, testbed) is covered by [`quiet_when_output_closes`].
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use mirrormesh::admin::Access;
 use mirrormesh::admin_client::AdminClient;
 use mirrormesh::config::{Config, DEFAULT_ADMIN};
 use mirrormesh::gentree::{self, GenTreeArgs};
@@ -115,10 +124,55 @@ struct PublishArgs {
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    if let Err(error) = run(cli.command) {
-        eprintln!("error: {error:#}");
-        std::process::exit(1);
+    quiet_when_output_closes();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli.command))) {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) if error.downcast_ref::<StdoutClosed>().is_some() => {}
+        Ok(Err(error)) => {
+            // Not eprintln!: it would panic if stderr is a closed pipe too.
+            let _ = writeln!(std::io::stderr(), "error: {error:#}");
+            std::process::exit(1);
+        }
+        Err(_) if OUTPUT_CLOSED.load(Ordering::Relaxed) => {}
+        Err(panic) => std::panic::resume_unwind(panic),
     }
+}
+
+/// Standard output's reader went away: the command stops, quietly and successfully.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed by its reader")]
+struct StdoutClosed;
+
+/// Writes `text` to standard output; [`StdoutClosed`] if its reader went away.
+fn out(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
+}
+
+/// Set when `print!`/`eprint!` panicked on a closed pipe.
+static OUTPUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// `print!` and `println!` panic when their pipe is closed ("failed printing to stdout: Broken pipe"). For that
+/// panic only, the message is left out and [`OUTPUT_CLOSED`] set: unwinding still runs every drop (gen-tree's,
+/// the demo's child daemons, the testbed's namespaces), then `main` exits quietly with status 0.
+fn quiet_when_output_closes() {
+    let default = std::panic::take_hook();
+    let broken_pipe = format!("(os error {})", libc::EPIPE);
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
+        let closed =
+            message.is_some_and(|m| m.starts_with("failed printing to std") && m.ends_with(broken_pipe.as_str()));
+        if closed {
+            OUTPUT_CLOSED.store(true, Ordering::Relaxed);
+        } else {
+            default(info);
+        }
+    }));
 }
 
 fn init_logging(format: LogFormat) {
@@ -135,14 +189,11 @@ fn init_logging(format: LogFormat) {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Keygen { out } => {
+        Command::Keygen { out: path } => {
             let key = NodeKey::generate()?;
-            key.save(&out)?;
+            key.save(&path)?;
             let public: String = key.publisher_key().0.iter().map(|b| format!("{b:02x}")).collect();
-            println!("key file   {}", out.display());
-            println!("node id    {}", key.peer_id());
-            println!("public key {public}");
-            Ok(())
+            out(&format!("key file   {}\nnode id    {}\npublic key {public}\n", path.display(), key.peer_id()))
         }
         Command::Daemon { config } => run_daemon(&config),
         Command::Status(args) => {
@@ -160,14 +211,15 @@ fn run(command: Command) -> Result<()> {
         Command::Publish(PublishArgs { admin: Some(admin), token, force, .. }) => {
             let client = AdminClient::new(&admin, token, Duration::from_secs(3600));
             let r = if force { client.publish_forced()? } else { client.publish()? };
-            println!("published {} seq {}", r.repo, r.seq);
-            println!("  root      {}", r.root);
-            println!("  files     {} ({}, {} bytes)", r.files, human_bytes(r.bytes), r.bytes);
+            let mut text = String::new();
+            writeln!(text, "published {} seq {}", r.repo, r.seq)?;
+            writeln!(text, "  root      {}", r.root)?;
+            writeln!(text, "  files     {} ({}, {} bytes)", r.files, human_bytes(r.bytes), r.bytes)?;
             match r.delta_bytes {
-                Some(d) => println!("  changes   {}, delta {}", r.changes, human_bytes(d as u64)),
-                None => println!("  changes   {}", r.changes),
+                Some(d) => writeln!(text, "  changes   {}, delta {}", r.changes, human_bytes(d as u64))?,
+                None => writeln!(text, "  changes   {}", r.changes)?,
             }
-            Ok(())
+            out(&text)
         }
         Command::Publish(args) => {
             let (Some(tree), Some(key), Some(state)) = (args.tree, args.key, args.state) else {
@@ -193,32 +245,35 @@ fn run(command: Command) -> Result<()> {
             let r = publish(&store, &key, &opts)?;
             let s = &r.scan;
             let rate = s.hashed_bytes as f64 / s.hash_elapsed.as_secs_f64().max(1e-9);
-            println!("published {} seq {}", r.body.repo, r.body.seq);
-            println!("  root      {}", r.body.root.to_hex());
-            println!("  files     {} ({}, {} bytes)", r.body.files, human_bytes(r.body.bytes), r.body.bytes);
-            println!("  entries   {} dirs, {} symlinks, {} skipped", s.dirs, s.symlinks, s.skipped);
-            println!(
+            let mut text = String::new();
+            writeln!(text, "published {} seq {}", r.body.repo, r.body.seq)?;
+            writeln!(text, "  root      {}", r.body.root.to_hex())?;
+            writeln!(text, "  files     {} ({}, {} bytes)", r.body.files, human_bytes(r.body.bytes), r.body.bytes)?;
+            writeln!(text, "  entries   {} dirs, {} symlinks, {} skipped", s.dirs, s.symlinks, s.skipped)?;
+            writeln!(
+                text,
                 "  scan      {:.2} s: hashed {} files ({}, {}/s), {} unchanged from cache",
                 s.elapsed.as_secs_f64(),
                 s.hashed_files,
                 human_bytes(s.hashed_bytes),
                 human_bytes(rate as u64),
                 s.cached_files
-            );
-            println!(
+            )?;
+            writeln!(
+                text,
                 "  manifest  {} new nodes ({}), built in {:.2} s",
                 r.new_nodes,
                 human_bytes(r.new_node_bytes as u64),
                 r.build_elapsed.as_secs_f64()
-            );
+            )?;
             match (r.previous_seq, r.delta_bytes) {
                 (Some(prev), Some(delta)) => {
-                    println!("  changes   {} since seq {prev}, delta {}", r.changes, human_bytes(delta as u64))
+                    writeln!(text, "  changes   {} since seq {prev}, delta {}", r.changes, human_bytes(delta as u64))?
                 }
-                (Some(prev), None) => println!("  changes   {} since seq {prev}", r.changes),
-                (None, _) => println!("  changes   first snapshot"),
+                (Some(prev), None) => writeln!(text, "  changes   {} since seq {prev}", r.changes)?,
+                (None, _) => writeln!(text, "  changes   first snapshot")?,
             }
-            Ok(())
+            out(&text)
         }
         Command::GenTree(args) => gentree::run(&args),
         Command::Demo(args) => mirrormesh::demo::run(&args),
@@ -230,10 +285,9 @@ fn run_daemon(config: &std::path::Path) -> Result<()> {
     let cfg = Config::load(config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let admin_listen = cfg.admin_listen;
-        let token = cfg.admin_token.clone();
+        let access = Access::from_config(&cfg);
         let (daemon, handle) = mirrormesh::daemon::Daemon::start(cfg).await?;
-        let admin = mirrormesh::admin::serve(admin_listen, token, handle.clone()).await?;
+        let admin = mirrormesh::admin::serve(access, handle.clone()).await?;
         tracing::info!(%admin, data = %handle.data_addr, listen = ?handle.listen_addrs, "admin API listening");
         daemon.run(shutdown_signal()).await
     })
@@ -265,10 +319,5 @@ fn now_ms() -> u64 {
 
 /// Prints `value` as pretty JSON or as the text `render` makes of it.
 fn show<T: serde::Serialize>(value: &T, json: bool, render: impl Fn(&T) -> String) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
-    } else {
-        print!("{}", render(value));
-    }
-    Ok(())
+    if json { out(&(serde_json::to_string_pretty(value)? + "\n")) } else { out(&render(value)) }
 }

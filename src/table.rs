@@ -1,12 +1,14 @@
 //! Plain-text tables for `mirrormesh status`, `peers` and `repos`: columns sized to their contents; to fit the
-//! terminal the widest shrinkable ones are cut (with `…`), then the least important ones left out.
+//! terminal the widest shrinkable ones are cut (with `…`), then the least important ones left out. Only on a
+//! terminal: in a pipe or a file (`mirrormesh peers | grep`, `> peers.txt`) nothing is ever cut or left out,
+//! whatever `COLUMNS` says.
 
 use std::time::Duration;
 
 use crate::publish::human_bytes;
 use crate::status::{PeerStatus, RepoStatus, Status};
 
-/// Width assumed when stdout is not a terminal and `COLUMNS` is not set.
+/// Width assumed on a terminal that does not tell its size when `COLUMNS` is not set either.
 pub const DEFAULT_WIDTH: usize = 120;
 /// Shrinkable columns are cut to this width before any column is left out (a peer id cut to 20 characters still
 /// tells peers apart), and to [`SHRINK_MIN`] after.
@@ -27,12 +29,17 @@ const fn col(title: &'static str, right: bool, shrink: bool, rank: u8) -> Column
     Column { title, right, shrink, rank }
 }
 
-/// The width to fit: the terminal's, else `COLUMNS`, else [`DEFAULT_WIDTH`].
-pub fn terminal_width() -> usize {
-    if let Some((_, cols)) = console::Term::stdout().size_checked() {
-        return usize::from(cols);
+/// The width to fit when stdout is a terminal: its size, else `COLUMNS`, else [`DEFAULT_WIDTH`]. `None` when
+/// stdout is not a terminal (a pipe, a file): nothing is to be cut.
+pub fn terminal_width() -> Option<usize> {
+    let stdout = console::Term::stdout();
+    if !stdout.is_term() {
+        return None;
     }
-    std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).filter(|&c| c > 0).unwrap_or(DEFAULT_WIDTH)
+    if let Some((_, cols)) = stdout.size_checked() {
+        return Some(usize::from(cols));
+    }
+    Some(std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).filter(|&c| c > 0).unwrap_or(DEFAULT_WIDTH))
 }
 
 /// Cuts `text` to `width` characters, keeping its start and end (ids and addresses differ at both).
@@ -51,8 +58,9 @@ fn cut(text: &str, width: usize) -> String {
     format!("{start}…{end}")
 }
 
-/// Renders `rows` under `columns` in at most `width` characters per line (as far as rank-0 columns allow).
-pub fn render(columns: &[Column], rows: &[Vec<String>], width: usize) -> String {
+/// Renders `rows` under `columns` in at most `width` characters per line (as far as rank-0 columns allow); with
+/// no width, every column whole.
+pub fn render(columns: &[Column], rows: &[Vec<String>], width: Option<usize>) -> String {
     let mut widths: Vec<usize> = columns.iter().map(|c| c.title.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -69,7 +77,9 @@ pub fn render(columns: &[Column], rows: &[Vec<String>], width: usize) -> String 
             .filter(|&i| shown[i] && columns[i].shrink && widths[i] > floor)
             .max_by_key(|&i| (widths[i], std::cmp::Reverse(i)))
     };
-    while total(&widths, &shown) > width {
+    while let Some(width) = width
+        && total(&widths, &shown) > width
+    {
         if let Some(i) = widest(&widths, &shown, SHRINK_COMFORT) {
             widths[i] -= 1;
             continue;
@@ -138,7 +148,7 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-pub fn peers_table(peers: &[PeerStatus], now_ms: u64, width: usize) -> String {
+pub fn peers_table(peers: &[PeerStatus], now_ms: u64, width: Option<usize>) -> String {
     let columns = [
         col("PEER", false, true, 0),
         col("ADDRESS", false, true, 3),
@@ -179,7 +189,7 @@ pub fn peers_table(peers: &[PeerStatus], now_ms: u64, width: usize) -> String {
     render(&columns, &rows, width)
 }
 
-pub fn repos_table(repos: &[RepoStatus], now_ms: u64, width: usize) -> String {
+pub fn repos_table(repos: &[RepoStatus], now_ms: u64, width: Option<usize>) -> String {
     let columns = [
         col("REPO", false, true, 0),
         col("SEQ", true, false, 0),
@@ -214,8 +224,8 @@ pub fn repos_table(repos: &[RepoStatus], now_ms: u64, width: usize) -> String {
     render(&columns, &rows, width)
 }
 
-/// `mirrormesh status`: a summary, then the repositories and peers tables.
-pub fn status_text(s: &Status, now_ms: u64, width: usize) -> String {
+/// `mirrormesh status`: a summary, then the repositories and peers tables (fit to `width` if given).
+pub fn status_text(s: &Status, now_ms: u64, width: Option<usize>) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "node    {} ({}), up {}\n",
@@ -258,7 +268,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        let text = peers_table(&peers, 0, 100);
+        let text = peers_table(&peers, 0, Some(100));
         assert_eq!(text.lines().count(), 4);
         for line in text.lines() {
             assert!(line.chars().count() <= 100, "{line:?} is {} wide", line.chars().count());
@@ -267,12 +277,14 @@ mod tests {
         assert!(text.contains("12D3KooW") && text.contains('…'), "{text}");
         assert!(text.contains("5.0 MiB") && text.contains("0.2 ms"), "{text}");
         // Narrower than the rank-0 columns and the cut ones: the least important columns go, the rest stay whole.
-        let narrow = peers_table(&peers, 0, 80);
+        let narrow = peers_table(&peers, 0, Some(80));
         assert!(narrow.lines().all(|l| l.chars().count() <= 80), "{narrow}");
         assert!(narrow.starts_with("PEER") && narrow.contains("KIND") && !narrow.contains("CHUNKS"), "{narrow}");
         // Wide enough: nothing is cut.
-        let wide = peers_table(&peers, 0, 400);
+        let wide = peers_table(&peers, 0, Some(400));
         assert!(wide.contains(&peers[0].id) && !wide.contains('…'), "{wide}");
+        // No width (not a terminal): nothing is cut or left out, however wide the rows.
+        assert_eq!(peers_table(&peers, 0, None), wide);
     }
 
     #[test]

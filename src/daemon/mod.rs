@@ -989,6 +989,9 @@ impl Daemon {
         self.served_at_publish = self.data.traffic().values().map(|t| t.bytes_sent).sum();
         self.metrics.published(report.changed_bytes);
         tracing::info!(seq = report.body.seq, root = %report.body.root, files = report.body.files, changes = report.changes, "published");
+        // A client that reads the status after the answer sees the new snapshot.
+        let key = self.status_key();
+        self.publish_status(key);
         if let Some(reply) = reply {
             let _ = reply.send(Ok(PublishReply {
                 repo: report.body.repo.to_string(),
