@@ -60,6 +60,7 @@ struct NodeSection {
     key: PathBuf,
     role: RoleName,
     state_dir: PathBuf,
+    log: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,7 +159,11 @@ fn default_grace() -> u64 {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was loaded from (re-read on SIGHUP).
+    pub path: Option<PathBuf>,
     pub key: PathBuf,
+    /// Log filter (`node.log`); `RUST_LOG` wins when set.
+    pub log: Option<String>,
     pub role: RoleName,
     pub state_dir: PathBuf,
     pub repo: RepoId,
@@ -195,8 +200,9 @@ pub struct Config {
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let config = Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+        let mut config = Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
             .with_context(|| format!("config {}", path.display()))?;
+        config.path = Some(path.to_owned());
         // The same check as in `parse`, with symlinks resolved: a staging directory reached through a symlink into
         // the tree would be served.
         let (tree, staging) = (resolve_existing(&config.tree), resolve_existing(&config.staging_dir));
@@ -326,8 +332,13 @@ impl Config {
             bail!("repo.stale_after_secs: must be positive (leave it out to check only the root's expiry)");
         }
 
+        if let Some(log) = &file.node.log {
+            crate::logging::check(log).map_err(|e| anyhow!("node.log: {e}"))?;
+        }
         Ok(Config {
+            path: None,
             key: abs(&file.node.key),
+            log: file.node.log,
             role: file.node.role,
             state_dir: abs(&file.node.state_dir),
             repo,
@@ -357,6 +368,52 @@ impl Config {
             },
             faults: file.faults,
         })
+    }
+}
+
+impl Config {
+    /// What a reload from `new` would change that only a restart can: one message per key, naming it. The rest
+    /// (`network.bootstrap`, `network.allow`, `network.upload_bytes_per_sec`, `node.log`, `repo.delete_grace_secs`,
+    /// `repo.stale_after_secs`, `origin.quiet_secs` and the publish checks) takes effect on reload.
+    pub fn needs_restart(&self, new: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut same = |key: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{key} changed ({a} -> {b})"));
+            }
+        };
+        same("node.key", self.key.display().to_string(), new.key.display().to_string());
+        same("node.role", format!("{:?}", self.role).to_lowercase(), format!("{:?}", new.role).to_lowercase());
+        same("node.state_dir", self.state_dir.display().to_string(), new.state_dir.display().to_string());
+        same("repo.name", self.repo.to_string(), new.repo.to_string());
+        same("repo.tree", self.tree.display().to_string(), new.tree.display().to_string());
+        same("repo.staging_dir", self.staging_dir.display().to_string(), new.staging_dir.display().to_string());
+        same("repo.index_globs", self.index_globs.join(","), new.index_globs.join(","));
+        same("network.listen", self.listen.to_string(), new.listen.to_string());
+        same("network.data_listen", self.data_listen.to_string(), new.data_listen.to_string());
+        let ids = |c: &Config| c.publishers.iter().map(|(_, p)| p.to_string()).collect::<Vec<_>>().join(",");
+        same("trust.publishers", ids(self), ids(new));
+        same("admin.listen", self.admin_listen.to_string(), new.admin_listen.to_string());
+        // Tokens are never shown: only whether they are set.
+        let token = |t: &Option<String>| t.as_ref().map_or("unset", |_| "set").to_owned();
+        if self.admin_token != new.admin_token {
+            same("admin.token", token(&self.admin_token), format!("another, {}", token(&new.admin_token)));
+        }
+        if self.admin_read_token != new.admin_read_token {
+            same(
+                "admin.read_token",
+                token(&self.admin_read_token),
+                format!("another, {}", token(&new.admin_read_token)),
+            );
+        }
+        same("admin.hosts", self.admin_hosts.join(","), new.admin_hosts.join(","));
+        same("origin.watch", self.watch.to_string(), new.watch.to_string());
+        same(
+            "origin.validity_hours",
+            (self.validity.as_secs() / 3600).to_string(),
+            (new.validity.as_secs() / 3600).to_string(),
+        );
+        out
     }
 }
 

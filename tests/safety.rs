@@ -203,3 +203,29 @@ fn a_mirror_serving_an_old_snapshot_reports_it_and_exports_the_root_times() {
     assert!(created <= now && now - created < 600.0, "created {created}, now {now}");
     assert!((expires - created - 7.0 * 24.0 * 3600.0).abs() < 2.0, "a week's validity: {created} .. {expires}");
 }
+
+#[test]
+fn a_publish_reaches_every_mirror_within_seconds_of_an_origin_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 3, &vec![NodeOptions::default(); 4]).unwrap();
+    write(&fabric.nodes[0].tree.join("alpine/p1.apk"), "package 1");
+    fabric.start_all().unwrap();
+    let first = fabric.publish().unwrap();
+    fabric.wait_all_settled(first.seq, WAIT).unwrap();
+
+    // SIGTERM, as systemd stops it; then the origin starts again and publishes at once.
+    let stopped = std::time::Instant::now();
+    fabric.kill(0, 15).unwrap();
+    let stop = stopped.elapsed();
+    write(&fabric.nodes[0].tree.join("alpine/p2.apk"), "package 2");
+    fabric.start(0).unwrap();
+    let restarted = std::time::Instant::now();
+    let second = fabric.publish().unwrap();
+    fabric.wait_all_settled(second.seq, Duration::from_secs(30)).unwrap();
+    let reached = restarted.elapsed();
+    println!("origin stopped in {stop:?}; publish after the restart served by all 3 mirrors {reached:?} after it");
+    assert!(reached < Duration::from_secs(15), "{reached:?}");
+    for i in 1..=3 {
+        fabric.check_identical(i).unwrap();
+    }
+}

@@ -74,6 +74,10 @@ pub const DATA_REFUSALS_MAX: u64 = 16;
 /// How long a peer banned for breaking the protocol stays banned (it is disconnected, its connections refused,
 /// and its data plane neither served nor asked).
 pub const PROTOCOL_BAN: Duration = Duration::from_secs(3600);
+/// How long a shutting-down daemon waits for its connections to close.
+pub const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long it then lets the connections' drivers send their close frames (a few loopback or LAN round trips).
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_millis(100);
 /// Peers remembered as banned for breaking the protocol; the longest-banned are forgotten beyond this.
 pub const PROTOCOL_BANS_MAX: usize = 4096;
 
@@ -112,6 +116,8 @@ pub enum LoopEvent {
     },
     /// Something changed in the served tree (origin watch mode).
     TreeChanged,
+    /// SIGHUP: re-read the configuration file.
+    Reload,
     Published {
         result: Box<Result<PublishReport, PublishError>>,
         reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
@@ -416,8 +422,33 @@ impl Daemon {
                 self.error(format!("{e:#}"));
             }
         }
+        self.close_connections().await;
         self.data.close();
         Ok(())
+    }
+
+    /// Closes every control connection and waits (at most [`SHUTDOWN_CLOSE_WAIT`]) until they are closed, so peers
+    /// notice at once and redial, instead of holding a dead connection until its idle timeout: an origin restarted
+    /// on the same address would never hear from them again (it has no bootstrap list, and a new process cannot
+    /// answer for the old one's connections).
+    async fn close_connections(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        tracing::info!(peers = peers.len(), "closing every connection");
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_CLOSE_WAIT;
+        while self.swarm.connected_peers().next().is_some() {
+            if tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await.is_err() {
+                tracing::warn!("some connections did not close within {SHUTDOWN_CLOSE_WAIT:?}");
+                return;
+            }
+        }
+        // The close frames are sent by the connections' drivers: let them run before the runtime stops.
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, std::future::pending::<()>()).await;
     }
 
     /// A problem of no more specific kind (cleared once the next snapshot is in place).
@@ -836,6 +867,7 @@ impl Daemon {
             }
             LoopEvent::Publish { force, reply } => self.start_publish(force, Some(reply)),
             LoopEvent::TreeChanged => self.publisher.tree_changed(Instant::now()),
+            LoopEvent::Reload => self.reload(),
             LoopEvent::Published { result, reply } => self.on_published(*result, reply)?,
         }
         Ok(())
@@ -905,6 +937,87 @@ impl Daemon {
         if r.removed > 0 {
             tracing::info!(count = r.removed, "removed files after the grace period");
         }
+    }
+
+    /// Re-reads the configuration file (SIGHUP) and applies what may change while running (see
+    /// [`Config::needs_restart`]); refuses the whole reload, keeping the running configuration, if anything else
+    /// changed or the file does not load.
+    fn reload(&mut self) {
+        let Some(path) = self.cfg.path.clone() else {
+            tracing::warn!("SIGHUP: this daemon was not started from a config file; nothing to re-read");
+            return;
+        };
+        tracing::info!(config = %path.display(), "SIGHUP: re-reading the configuration");
+        let new = match Config::load(&path) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!("reload refused, the running configuration stays: {e:#}");
+                self.count("reloads_refused");
+                return;
+            }
+        };
+        let restart = self.cfg.needs_restart(&new);
+        if !restart.is_empty() {
+            tracing::error!(
+                "reload refused, the running configuration stays: {} (these take a restart)",
+                restart.join("; ")
+            );
+            self.count("reloads_refused");
+            return;
+        }
+        let log = match crate::logging::apply(new.log.as_deref()) {
+            Ok(filter) => filter,
+            Err(e) => format!("unchanged ({e:#})"),
+        };
+        self.set_bootstrap(&new.bootstrap);
+        if new.allow != self.cfg.allow {
+            self.data.set_allow(new.allow.clone());
+            let refused: Vec<PeerId> = self
+                .swarm
+                .connected_peers()
+                .filter(|p| new.allow.as_ref().is_some_and(|allow| !allow.contains(p)))
+                .copied()
+                .collect();
+            for peer in refused {
+                tracing::warn!(%peer, "peer no longer in network.allow; disconnecting");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+        self.publisher.set_quiet(new.watch_quiet);
+        let allow = new.allow.as_ref().map_or("any peer".to_owned(), |a| format!("{} peers", a.len()));
+        tracing::info!(
+            bootstrap = new.bootstrap.len(),
+            allow,
+            log,
+            delete_grace_secs = new.delete_grace.as_secs(),
+            "configuration reloaded"
+        );
+        self.cfg = new;
+        self.count("reloads");
+    }
+
+    /// Replaces the bootstrap list: peers kept keep their back-off, new ones are dialled at once, peers dropped from
+    /// the list are no longer redialled (their connections stay).
+    fn set_bootstrap(&mut self, list: &[(PeerId, Multiaddr)]) {
+        let me = self.key.peer_id();
+        let mut old: Vec<Bootstrap> = std::mem::take(&mut self.bootstrap);
+        for (peer, addr) in list.iter().filter(|(p, _)| *p != me) {
+            match old.iter().position(|b| b.peer == *peer) {
+                Some(at) => {
+                    let mut kept = old.swap_remove(at);
+                    kept.addr = addr.clone();
+                    self.bootstrap.push(kept);
+                }
+                None => self.bootstrap.push(Bootstrap {
+                    peer: *peer,
+                    addr: addr.clone(),
+                    connected: self.swarm.is_connected(peer),
+                    next_dial: Instant::now(),
+                    backoff: REDIAL_MIN,
+                }),
+            }
+        }
+        self.dial_bootstrap();
     }
 
     fn start_publish(&mut self, force: bool, reply: Option<oneshot::Sender<Result<PublishReply, String>>>) {

@@ -313,7 +313,8 @@ impl Stats {
 struct Shared {
     repo: RepoId,
     timeouts: StreamTimeouts,
-    allow: Option<BTreeSet<PeerId>>,
+    /// Changed when the node's configuration is reloaded.
+    allow: std::sync::RwLock<Option<BTreeSet<PeerId>>>,
     source: Arc<dyn ChunkSource>,
     stats: Stats,
     upload: Option<rate::TokenBucket>,
@@ -327,7 +328,7 @@ struct Shared {
 
 impl Shared {
     fn allowed(&self, peer: &PeerId) -> bool {
-        self.allow.as_ref().is_none_or(|allow| allow.contains(peer))
+        self.allow.read().unwrap_or_else(PoisonError::into_inner).as_ref().is_none_or(|allow| allow.contains(peer))
             && !self.denied.lock().unwrap_or_else(PoisonError::into_inner).contains(peer)
     }
 }
@@ -375,7 +376,7 @@ impl DataPlane {
         let shared = Arc::new(Shared {
             repo: cfg.repo,
             timeouts: cfg.timeouts,
-            allow: cfg.allow,
+            allow: std::sync::RwLock::new(cfg.allow),
             source,
             stats: Stats::default(),
             upload: cfg.upload_rate.map(rate::TokenBucket::new),
@@ -428,6 +429,20 @@ impl DataPlane {
         {
             conn.close(code::NOT_ALLOWED, b"banned");
         }
+    }
+
+    /// Replaces the allow list (a reloaded configuration): peers no longer allowed are refused from now on, and
+    /// their connections closed at their next request.
+    pub fn set_allow(&self, allow: Option<BTreeSet<PeerId>>) {
+        *self.inner.shared.allow.write().unwrap_or_else(PoisonError::into_inner) = allow;
+        let shared = &self.inner.shared;
+        self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).retain(|peer, slot| {
+            let keep = shared.allowed(peer);
+            if !keep && let Some(conn) = slot.live() {
+                conn.close(code::NOT_ALLOWED, b"peer not allowed");
+            }
+            keep
+        });
     }
 
     /// Fault injection (`faults.flood_data_plane`), for testing peers' defences: until the returned future is
