@@ -46,7 +46,9 @@
 //!   [`RATE_PIECE_BYTES`], saving up at most [`RATE_BURST`] of idle time;
 //! - sending: optionally (the origin: [`ORIGIN_SENDING_REPLIES_MAX`]) only a few replies send chunk data at once,
 //!   across all connections; a reply keeps its slot until its peer acknowledged all of it, at most
-//!   [`SENDING_SLOT_HOLD_MAX`], so a slow or silent peer holds a slot only that long;
+//!   [`SENDING_SLOT_HOLD_MAX`], so a slow or silent peer holds a slot only that long. A slot that comes free goes to
+//!   the waiting peer holding fewest slots (the longest-waiting reply among equals), so a peer with many requests
+//!   queued gets a second slot only when no other peer waits (see `sending.rs`);
 //! - bookkeeping: per-peer traffic for at most [`TRAFFIC_PEERS_MAX`] peers.
 //!
 //! Refused input is counted by kind ([`DataPlane::refusals`]): `malformed`, `oversized`, `stalled` (request not
@@ -66,6 +68,7 @@ mod flood;
 mod frame;
 mod rate;
 pub mod raw;
+mod sending;
 
 pub use client::Unreachable;
 mod server;
@@ -318,7 +321,7 @@ struct Shared {
     stats: Stats,
     upload: Option<rate::TokenBucket>,
     /// Sending slots (see [`DataPlaneConfig::sending_replies_max`]).
-    sending: Option<Arc<Semaphore>>,
+    sending: Option<Arc<sending::SendingSlots>>,
     serve_memory: Arc<Semaphore>,
     incoming: Mutex<server::IncomingCounts>,
     /// Peers banned by the node: neither served nor asked.
@@ -379,7 +382,7 @@ impl DataPlane {
             source,
             stats: Stats::default(),
             upload: cfg.upload_rate.map(rate::TokenBucket::new),
-            sending: cfg.sending_replies_max.map(|n| Arc::new(Semaphore::new(n))),
+            sending: cfg.sending_replies_max.map(sending::SendingSlots::new),
             serve_memory: Arc::new(Semaphore::new(SERVE_CHUNKS_IN_MEMORY_MAX)),
             incoming: Mutex::new(server::IncomingCounts::default()),
             denied: Mutex::default(),

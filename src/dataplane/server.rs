@@ -352,8 +352,7 @@ async fn serve_stream(
     // A reply with data to send waits for a sending slot where the node limits them (the origin), before it reads.
     let sends_data = decisions.iter().any(|d| matches!(d, Decision::Serve));
     let slot = match (&shared.sending, sends_data) {
-        // Never closed.
-        (Some(slots), true) => slots.clone().acquire_owned().await.ok(),
+        (Some(slots), true) => slots.acquire(peer).await,
         _ => None,
     };
     let replies = futures::stream::iter(request.chunks.into_iter().zip(decisions))
