@@ -1,7 +1,10 @@
-//! Floods of connections against the data plane, on loopback: QUIC Initial packets of handshakes that never
-//! complete (no identity needed, the source address spoofable) while a fresh mirror syncs from an origin with real
-//! daemons; handshakes that pass address validation and then stall, all from one source address; a refused
-//! handshake is not "unreachable".
+//! Floods of connections against both planes, on loopback.
+//!
+//! - The data plane: QUIC Initial packets of handshakes that never complete (no identity needed, the source address
+//!   spoofable) while a fresh mirror syncs from an origin with real daemons; handshakes that pass address
+//!   validation and then stall, all from one source address; a refused handshake is not "unreachable".
+//! - The control plane (libp2p): connections per peer, pending incoming connections, established incoming
+//!   connections.
 //!
 //! The flooder is test harness and lives here: it makes each Initial with quinn's protocol core (a client
 //! `Endpoint::connect` and the first datagram that connection would send), sends it from one of many UDP source
@@ -19,8 +22,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use futures::StreamExt;
 use futures::future::BoxFuture;
-use libp2p::PeerId;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ListenError, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, connection_limits};
 use mirrormesh::dataplane::{
     ChunkSource, DataPlane, DataPlaneConfig, Decision, HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE_MAX, HandshakeFailed,
     StreamTimeouts, Unreachable, tls,
@@ -28,6 +34,7 @@ use mirrormesh::dataplane::{
 use mirrormesh::gentree::{self, GenTreeArgs};
 use mirrormesh::key::NodeKey;
 use mirrormesh::local_fabric::{LocalFabric, NodeOptions};
+use mirrormesh::swarm::{CONTROL_CONNECTIONS_PER_PEER_MAX, CONTROL_PENDING_INCOMING_MAX, ConnectionCaps};
 use mirrormesh_proto::{ChunkId, RepoId};
 
 // ---- the flooder ---------------------------------------------------------------------------------------------
@@ -368,4 +375,141 @@ fn a_fresh_mirror_syncs_through_a_handshake_flood() {
             ratios[runs - 1]
         );
     }
+}
+
+// ---- the control plane's connection limits -------------------------------------------------------------------
+
+/// A libp2p node with no behaviour and no limits, to dial others.
+fn dialer() -> Swarm<libp2p::swarm::dummy::Behaviour> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build()
+}
+
+/// Starts `swarm` listening on loopback and returns its address.
+async fn listen<B: libp2p::swarm::NetworkBehaviour>(swarm: &mut Swarm<B>) -> Multiaddr {
+    swarm.listen_on("/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()).unwrap();
+    loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            return address;
+        }
+    }
+}
+
+/// The limit a denied incoming connection exceeded, if it was one of libp2p's connection limits.
+fn exceeded<E>(event: &SwarmEvent<E>) -> Option<String> {
+    match event {
+        SwarmEvent::IncomingConnectionError { error: ListenError::Denied { cause }, .. } => {
+            cause.downcast_ref::<connection_limits::Exceeded>().map(ToString::to_string)
+        }
+        _ => None,
+    }
+}
+
+const SWARM_WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_connections_per_peer_are_capped() {
+    let key = NodeKey::from_seed([1; 32]).unwrap();
+    let mut node = mirrormesh::swarm::build(&key, false).unwrap();
+    let addr = listen(&mut node).await;
+    let mut peer = dialer();
+    let cap = CONTROL_CONNECTIONS_PER_PEER_MAX as usize;
+    for _ in 0..=cap {
+        let opts = DialOpts::peer_id(key.peer_id()).condition(PeerCondition::Always).addresses(vec![addr.clone()]);
+        peer.dial(opts.build()).unwrap();
+    }
+    let peer_id = *peer.local_peer_id();
+    let (mut established, mut denied) = (0, Vec::new());
+    tokio::time::timeout(SWARM_WAIT, async {
+        while established + denied.len() <= cap {
+            tokio::select! {
+                event = node.select_next_some() => {
+                    if let Some(limit) = exceeded(&event) {
+                        denied.push(limit);
+                    } else if let SwarmEvent::ConnectionEstablished { peer_id: from, .. } = event {
+                        established += usize::from(from == peer_id);
+                    }
+                }
+                _ = peer.select_next_some() => {}
+            }
+        }
+    })
+    .await
+    .expect("every dial was answered");
+    assert_eq!(established, cap, "denied: {denied:?}");
+    assert_eq!(denied.len(), 1);
+    assert!(denied[0].contains("per peer"), "{}", denied[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_incoming_control_connections_are_capped() {
+    let key = NodeKey::from_seed([1; 32]).unwrap();
+    let mut node = mirrormesh::swarm::build(&key, false).unwrap();
+    let addr = listen(&mut node).await;
+    let port = addr
+        .iter()
+        .find_map(|p| if let libp2p::multiaddr::Protocol::Udp(port) = p { Some(port) } else { None })
+        .unwrap();
+    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // Four times the cap of handshakes that never complete (so that enough arrive even if a loaded machine loses
+    // some).
+    let flood = 4 * CONTROL_PENDING_INCOMING_MAX as usize;
+    let mut flooder = Flooder::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 16);
+    for _ in 0..flood {
+        flooder.send_initial(target);
+    }
+    let (mut denied, mut failed) = (Vec::new(), 0);
+    tokio::time::timeout(SWARM_WAIT, async {
+        while denied.is_empty() && failed < flood {
+            let event = node.select_next_some().await;
+            if let Some(limit) = exceeded(&event) {
+                denied.push(limit);
+            } else if let SwarmEvent::IncomingConnectionError { .. } = event {
+                failed += 1;
+            }
+        }
+    })
+    .await
+    .expect("the flooded handshakes ended");
+    assert!(!denied.is_empty(), "no pending connection was denied ({failed} timed out)");
+    assert!(denied[0].contains("pending incoming"), "{}", denied[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn established_incoming_control_connections_are_capped() {
+    let key = NodeKey::from_seed([1; 32]).unwrap();
+    let caps = ConnectionCaps { established_incoming: 3, ..ConnectionCaps::default() };
+    let mut node = mirrormesh::swarm::build_with(&key, false, caps).unwrap();
+    let addr = listen(&mut node).await;
+    // One more peer than the cap, each dialing once.
+    let mut peers: Vec<_> = (0..=caps.established_incoming).map(|_| dialer()).collect();
+    for peer in &mut peers {
+        peer.dial(addr.clone()).unwrap();
+    }
+    let mut peers = futures::stream::select_all(peers);
+    let (mut established, mut denied) = (0, Vec::new());
+    tokio::time::timeout(SWARM_WAIT, async {
+        while established + denied.len() <= caps.established_incoming as usize {
+            tokio::select! {
+                event = node.select_next_some() => {
+                    if let Some(limit) = exceeded(&event) {
+                        denied.push(limit);
+                    } else if let SwarmEvent::ConnectionEstablished { .. } = event {
+                        established += 1;
+                    }
+                }
+                _ = peers.select_next_some() => {}
+            }
+        }
+    })
+    .await
+    .expect("every dial was answered");
+    assert_eq!(established, caps.established_incoming as usize, "denied: {denied:?}");
+    assert_eq!(denied.len(), 1);
+    assert!(denied[0].contains("established incoming"), "{}", denied[0]);
 }

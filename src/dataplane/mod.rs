@@ -103,7 +103,9 @@ use crate::key::NodeKey;
 
 /// Most concurrent requests (bidirectional streams) a peer may have open on one connection.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 64;
-/// Most accepted connections from one peer.
+/// Most accepted connections from one peer id (further ones are closed once the handshake names the peer). A node
+/// dials each peer once and reuses the connection; a peer that restarted or changed networks opens a new one while
+/// the old one lingers here until [`IDLE_TIMEOUT`], so two are normal and four leave room for that twice in a row.
 pub const CONNECTIONS_PER_PEER_MAX: usize = 4;
 /// Most accepted connections in all.
 pub const CONNECTIONS_MAX: usize = 256;
