@@ -229,3 +229,56 @@ fn a_publish_reaches_every_mirror_within_seconds_of_an_origin_restart() {
         fabric.check_identical(i).unwrap();
     }
 }
+
+fn signal(fabric: &LocalFabric, i: usize, signal: i32) {
+    let pid = fabric.pid(i).expect("running") as i32;
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill -{signal} {pid}");
+}
+
+#[test]
+fn sighup_reloads_the_allow_list_and_refuses_what_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 2, &vec![NodeOptions::default(); 3]).unwrap();
+    let (origin, first) = (fabric.nodes[0].peer_id.clone(), fabric.nodes[1].peer_id.clone());
+    // Mirror 2 allows only the origin at first.
+    let config = std::fs::read_to_string(&fabric.nodes[2].config).unwrap();
+    let only_origin = config.replace("bootstrap = [", &format!("allow = [\"{origin}\"]\nbootstrap = ["));
+    std::fs::write(&fabric.nodes[2].config, &only_origin).unwrap();
+    write(&fabric.nodes[0].tree.join("alpine/p.apk"), "package");
+    fabric.start_all().unwrap();
+    fabric.client(2, WAIT).wait_counter("peers_refused_not_allowed", 1, WAIT.as_millis() as u64).unwrap();
+
+    // The operator adds mirror 1 to the list and reloads: no restart, mirror 1 is let in.
+    let joined = fabric.watch_log(2, &format!("peer={first}}}: mirrormesh::daemon: connected"));
+    let reloaded = fabric.watch_log(2, "configuration reloaded");
+    let both = config.replace("bootstrap = [", &format!("allow = [\"{origin}\", \"{first}\"]\nbootstrap = ["));
+    std::fs::write(&fabric.nodes[2].config, &both).unwrap();
+    signal(&fabric, 2, libc::SIGHUP);
+    reloaded.recv_timeout(WAIT).expect("the reload is logged");
+    joined.recv_timeout(WAIT).expect("mirror 1 connects once allowed");
+    let published = fabric.publish().unwrap();
+    fabric.wait_all_settled(published.seq, WAIT).unwrap();
+
+    // A change only a restart can make is refused, and the daemon keeps running as it was.
+    let refused = fabric.watch_log(2, "reload refused");
+    std::fs::write(&fabric.nodes[2].config, both.replace("role = \"mirror\"", "role = \"origin\"")).unwrap();
+    signal(&fabric, 2, libc::SIGHUP);
+    let line = refused.recv_timeout(WAIT).expect("the refusal is logged");
+    assert!(line.contains("node.role"), "{line}");
+    let status = fabric.client(2, WAIT).wait_counter("reloads_refused", 1, WAIT.as_millis() as u64).unwrap();
+    assert_eq!((status.counters["reloads"], status.role.as_str()), (1, "mirror"));
+}
+
+#[test]
+fn two_nodes_with_the_same_key_are_noticed_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 2, &vec![NodeOptions::default(); 3]).unwrap();
+    // Mirror 2 was set up by copying mirror 1's key file.
+    std::fs::copy(&fabric.nodes[1].key, &fabric.nodes[2].key).unwrap();
+    write(&fabric.nodes[0].tree.join("alpine/p.apk"), "package");
+    let warned = fabric.watch_log(0, "use the same key");
+    fabric.start_all().unwrap();
+    let line = warned.recv_timeout(WAIT).expect("the origin names the duplicated node id");
+    assert!(line.contains(&fabric.nodes[1].peer_id), "{line}");
+    fabric.client(0, WAIT).wait_counter("peers_duplicate_key", 1, WAIT.as_millis() as u64).unwrap();
+}

@@ -8,6 +8,7 @@
 //! State survives restarts: the applied snapshot, the newest accepted root, manifest nodes and deltas, pending
 //! deletions (the state database), and staged chunks (re-verified when staging is prepared again).
 
+mod duplicate_key;
 mod health;
 mod progress;
 mod publisher;
@@ -189,8 +190,10 @@ pub struct Daemon {
     /// Chunk requests running, and when each was sent.
     fetches: HashMap<ReqId, (tokio::task::AbortHandle, Instant)>,
     bootstrap: Vec<Bootstrap>,
-    /// Open control-plane connections per peer, and whether the peer dialed them.
-    connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+    /// Open control-plane connections per peer, whether the peer dialed them, and its address on each.
+    connections: HashMap<PeerId, Vec<(ConnectionId, bool, Multiaddr)>>,
+    /// Peers whose connections keep replacing each other from different addresses (two nodes, one key).
+    duplicate_keys: duplicate_key::DuplicateKeys,
     /// When each connection last brought an answer to one of this node's control requests.
     control_answered: HashMap<ConnectionId, Instant>,
     /// Peers banned for breaking the protocol, until when.
@@ -373,6 +376,7 @@ impl Daemon {
             fetches: HashMap::new(),
             bootstrap,
             connections: HashMap::new(),
+            duplicate_keys: Default::default(),
             control_answered: HashMap::new(),
             protocol_bans: HashMap::new(),
             flooding: Default::default(),
@@ -1164,12 +1168,28 @@ impl Daemon {
                     // The peer dialed again although it had dialed before: it restarted or lost its network, so
                     // its earlier connections are dead (they would swallow requests until their idle timeout).
                     // Close them and greet it afresh.
-                    let stale: Vec<ConnectionId> =
-                        connections.iter().filter(|(_, inbound)| *inbound).map(|(id, _)| *id).collect();
+                    let stale: Vec<(ConnectionId, Multiaddr)> = connections
+                        .iter()
+                        .filter(|(_, inbound, _)| *inbound)
+                        .map(|(id, _, addr)| (*id, addr.clone()))
+                        .collect();
                     if !stale.is_empty() {
-                        connections.retain(|(id, _)| !stale.contains(id));
+                        connections.retain(|(id, _, _)| !stale.iter().any(|(s, _)| s == id));
                         tracing::info!(stale = stale.len(), "peer reconnected; closing its earlier connections");
                         self.count("connections_replaced");
+                        let old: Vec<Multiaddr> = stale.iter().map(|(_, a)| a.clone()).collect();
+                        let new = endpoint.get_remote_address();
+                        if let Some(addrs) = self.duplicate_keys.replaced(Instant::now(), peer_id, &old, new) {
+                            let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                            tracing::warn!(
+                                peer = %peer_id,
+                                "two nodes seem to use the same key: {peer_id} keeps connecting from {} in turn; \
+                                 every node needs its own key (mirrormesh keygen)",
+                                addrs.join(" and ")
+                            );
+                            self.count("peers_duplicate_key");
+                        }
+                        let stale: Vec<ConnectionId> = stale.into_iter().map(|(id, _)| id).collect();
                         for id in stale {
                             self.swarm.close_connection(id);
                         }
@@ -1177,7 +1197,11 @@ impl Daemon {
                         self.engine.handle_peer_connected(t, peer_id);
                     }
                 }
-                self.connections.entry(peer_id).or_default().push((connection_id, inbound));
+                self.connections.entry(peer_id).or_default().push((
+                    connection_id,
+                    inbound,
+                    endpoint.get_remote_address().clone(),
+                ));
                 let state = self.peers.entry(peer_id).or_default();
                 state.address = Some(endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
@@ -1192,7 +1216,7 @@ impl Daemon {
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
                 if let Some(connections) = self.connections.get_mut(&peer_id) {
-                    connections.retain(|(id, _)| *id != connection_id);
+                    connections.retain(|(id, _, _)| *id != connection_id);
                 }
                 self.control_answered.remove(&connection_id);
                 if num_established > 0 {
@@ -1311,7 +1335,7 @@ impl Daemon {
                     tracing::info!(%peer, "control request timed out; closing the connection");
                     self.swarm.close_connection(connection_id);
                     let others =
-                        self.connections.get(&peer).is_some_and(|c| c.iter().any(|(id, _)| *id != connection_id));
+                        self.connections.get(&peer).is_some_and(|c| c.iter().any(|(id, _, _)| *id != connection_id));
                     if others {
                         self.engine.handle_peer_disconnected(t, &peer);
                         self.engine.handle_peer_connected(t, peer);
