@@ -90,16 +90,16 @@ mod tests {
         let (a, b): (Multiaddr, Multiaddr) =
             ("/ip4/10.0.0.1/udp/4001/quic-v1".parse().unwrap(), "/ip4/10.0.0.2/udp/4001/quic-v1".parse().unwrap());
         let t = Instant::now();
-        assert_eq!(d.replaced(t, peer, &[a.clone()], &a), None, "same address: nothing");
-        assert_eq!(d.replaced(t, peer, &[a.clone()], &b), None, "one replacement is a restart");
-        assert_eq!(d.replaced(t + Duration::from_secs(1), peer, &[b.clone()], &a), None);
-        let named = d.replaced(t + Duration::from_secs(2), peer, &[a.clone()], &b).expect("third flap");
+        assert_eq!(d.replaced(t, peer, std::slice::from_ref(&a), &a), None, "same address: nothing");
+        assert_eq!(d.replaced(t, peer, std::slice::from_ref(&a), &b), None, "one replacement is a restart");
+        assert_eq!(d.replaced(t + Duration::from_secs(1), peer, std::slice::from_ref(&b), &a), None);
+        let named = d.replaced(t + Duration::from_secs(2), peer, std::slice::from_ref(&a), &b).expect("third flap");
         assert!(named.contains(&a) && named.contains(&b));
-        assert_eq!(d.replaced(t + Duration::from_secs(3), peer, &[b.clone()], &a), None, "warned once");
+        assert_eq!(d.replaced(t + Duration::from_secs(3), peer, std::slice::from_ref(&b), &a), None, "warned once");
         // Slow restarts, a minute apart, never add up.
         let other = PeerId::random();
         for i in 0..10 {
-            assert_eq!(d.replaced(t + Duration::from_secs(61 * i), other, &[a.clone()], &b), None);
+            assert_eq!(d.replaced(t + Duration::from_secs(61 * i), other, std::slice::from_ref(&a), &b), None);
         }
     }
 }
