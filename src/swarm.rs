@@ -79,6 +79,34 @@ impl ConnectionCaps {
     }
 }
 
+/// Gossipsub's peer scoring for the roots topic. Roots are rare (one per publish), so only what a peer does wrong
+/// counts: an invalid root (undecodable, badly signed, from an untrusted publisher) costs
+/// [`INVALID_ROOT_WEIGHT`] times the square of such roots (decaying), so one puts a peer below the gossip threshold
+/// and two below the graylist, where its gossip is ignored. Peers are not scored for delivering few messages, and
+/// not for sharing an IP address (mirrors behind one NAT, fabrics on one host).
+pub fn root_topic_scoring(
+    topic: &gossipsub::IdentTopic,
+) -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic_params = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 0.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: INVALID_ROOT_WEIGHT,
+        invalid_message_deliveries_decay: INVALID_ROOT_DECAY,
+        ..Default::default()
+    };
+    let mut params = gossipsub::PeerScoreParams { ip_colocation_factor_weight: 0.0, ..Default::default() };
+    params.topics.insert(topic.hash(), topic_params);
+    (params, gossipsub::PeerScoreThresholds::default())
+}
+
+/// Score per invalid root squared (the default thresholds: gossip -10, publish -50, graylist -80).
+pub const INVALID_ROOT_WEIGHT: f64 = -50.0;
+/// Kept of the invalid-root count per decay interval (1 s): about a minute to fall back above the graylist.
+pub const INVALID_ROOT_DECAY: f64 = 0.97;
+
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     /// Refuses connections over [`ConnectionCaps`] (first, so that no other behaviour sets up state for them).
@@ -218,6 +246,8 @@ pub fn build_with(key: &NodeKey, malformed_control: bool, caps: ConnectionCaps) 
                 .heartbeat_interval(Duration::from_millis(500))
                 .max_transmit_size(GOSSIP_BYTES_MAX)
                 .validation_mode(gossipsub::ValidationMode::Strict)
+                // A root is forwarded only once the node has checked it (`report_message_validation_result`).
+                .validate_messages()
                 // Identical roots are one message however many peers forward them.
                 .message_id_fn(|m: &gossipsub::Message| {
                     gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())

@@ -10,6 +10,7 @@
 
 mod duplicate_key;
 mod health;
+mod manifest_answers;
 mod progress;
 mod publisher;
 mod serving;
@@ -62,8 +63,9 @@ pub const TICK: Duration = Duration::from_millis(50);
 pub const STATUS_INTERVAL: Duration = TICK;
 /// Events queued from tasks to the loop.
 pub const LOOP_EVENTS_MAX: usize = 4096;
-/// Bytes of manifest nodes in one control response.
-pub const NODES_RESPONSE_BYTES_MAX: usize = 16 << 20;
+pub use manifest_answers::{
+    ANSWER_BURST_BYTES, ANSWER_BYTES_PER_PEER_PER_SEC, ANSWERS_IN_FLIGHT_PER_PEER_MAX, NODES_RESPONSE_BYTES_MAX,
+};
 /// Bootstrap redial back-off bounds.
 pub const REDIAL_MIN: Duration = Duration::from_secs(1);
 pub const REDIAL_MAX: Duration = Duration::from_secs(30);
@@ -119,6 +121,13 @@ pub enum LoopEvent {
     TreeChanged,
     /// SIGHUP: re-read the configuration file.
     Reload,
+    /// A manifest fetch of a peer's, answered off the loop: send it (`bytes` of nodes or delta, paid from the
+    /// peer's budget).
+    Answer {
+        peer: PeerId,
+        channel: request_response::ResponseChannel<ControlResponse>,
+        answer: Result<(ControlResponse, usize)>,
+    },
     Published {
         result: Box<Result<PublishReport, PublishError>>,
         reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
@@ -194,6 +203,8 @@ pub struct Daemon {
     connections: HashMap<PeerId, Vec<(ConnectionId, bool, Multiaddr)>>,
     /// Peers whose connections keep replacing each other from different addresses (two nodes, one key).
     duplicate_keys: duplicate_key::DuplicateKeys,
+    /// What each peer may still take in manifest answers.
+    answer_budgets: manifest_answers::AnswerBudgets,
     /// When each connection last brought an answer to one of this node's control requests.
     control_answered: HashMap<ConnectionId, Instant>,
     /// Peers banned for breaking the protocol, until when.
@@ -316,6 +327,12 @@ impl Daemon {
         }
         let topic = gossipsub::IdentTopic::new(roots_topic(&cfg.repo));
         swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| anyhow!("subscribing to {topic}: {e}"))?;
+        let (score, thresholds) = swarm::root_topic_scoring(&topic);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .with_peer_score(score, thresholds)
+            .map_err(|e| anyhow!("gossip scoring: {e}"))?;
         swarm.listen_on(cfg.listen.clone()).with_context(|| format!("network.listen {}", cfg.listen))?;
         // Wait for the listener so the handle can say where the node listens.
         let mut listen_addrs = Vec::new();
@@ -377,6 +394,7 @@ impl Daemon {
             bootstrap,
             connections: HashMap::new(),
             duplicate_keys: Default::default(),
+            answer_budgets: Default::default(),
             control_answered: HashMap::new(),
             protocol_bans: HashMap::new(),
             flooding: Default::default(),
@@ -508,6 +526,14 @@ impl Daemon {
                 self.health.clear(ProblemKind::RootExpired);
                 self.health.clear(ProblemKind::RootStale);
             }
+        }
+    }
+
+    /// Whether roots signed by `key` are accepted here (an origin trusts its own key only).
+    fn trusts(&self, key: &mirrormesh_proto::PublisherKey) -> bool {
+        match self.cfg.role {
+            RoleName::Origin => *key == self.key.publisher_key(),
+            RoleName::Mirror => self.cfg.publishers.iter().any(|(k, _)| k == key),
         }
     }
 
@@ -872,6 +898,17 @@ impl Daemon {
             LoopEvent::Publish { force, reply } => self.start_publish(force, Some(reply)),
             LoopEvent::TreeChanged => self.publisher.tree_changed(Instant::now()),
             LoopEvent::Reload => self.reload(),
+            LoopEvent::Answer { peer, channel, answer } => match answer {
+                Ok((response, bytes)) => {
+                    self.answer_budgets.spend(Instant::now(), peer, bytes);
+                    let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
+                }
+                // Not answered: the peer's request fails and it asks elsewhere.
+                Err(e) => {
+                    self.answer_budgets.spend(Instant::now(), peer, 0);
+                    self.error(format!("answering a manifest fetch: {e:#}"));
+                }
+            },
             LoopEvent::Published { result, reply } => self.on_published(*result, reply)?,
         }
         Ok(())
@@ -1240,18 +1277,40 @@ impl Daemon {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
+                message_id,
                 message,
-                ..
-            })) => match SignedRoot::decode(&message.data) {
-                Ok(root) => {
-                    let reader = self.store.reader()?;
-                    self.engine.handle_root(t, RootVia::Gossip(propagation_source), root, &reader)?;
-                }
-                Err(e) => {
-                    tracing::warn!(peer = %propagation_source, "undecodable gossip: {e}");
-                    self.count("gossip_malformed");
-                }
-            },
+            })) => {
+                // Forwarded only if it brought this node a newer root; penalised if it is not a root at all, or
+                // not one of a trusted publisher (gossipsub's peer score: `swarm::root_topic_scoring`).
+                let acceptance = match SignedRoot::decode(&message.data) {
+                    Ok(root) if root.verify_signature().is_err() || !self.trusts(&root.publisher) => {
+                        self.count("gossip_invalid_roots");
+                        let reader = self.store.reader()?;
+                        self.engine.handle_root(t, RootVia::Gossip(propagation_source), root, &reader)?;
+                        gossipsub::MessageAcceptance::Reject
+                    }
+                    Ok(root) => {
+                        let before = self.engine.latest().map(|r| r.body.seq);
+                        let reader = self.store.reader()?;
+                        self.engine.handle_root(t, RootVia::Gossip(propagation_source), root, &reader)?;
+                        if self.engine.latest().map(|r| r.body.seq) > before {
+                            gossipsub::MessageAcceptance::Accept
+                        } else {
+                            gossipsub::MessageAcceptance::Ignore
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %propagation_source, "undecodable gossip: {e}");
+                        self.count("gossip_malformed");
+                        gossipsub::MessageAcceptance::Reject
+                    }
+                };
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Control(event)) => self.on_control(event)?,
             _ => {}
         }
@@ -1272,8 +1331,7 @@ impl Daemon {
         match event {
             request_response::Event::Message { peer, connection_id, message } => match message {
                 request_response::Message::Request { request: WireRequest::Valid(request), channel, .. } => {
-                    let response = self.answer(peer, request)?;
-                    let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
+                    self.answer(peer, request, channel)?;
                 }
                 request_response::Message::Request { request: WireRequest::Malformed(why), .. } => {
                     // Not answered: dropping the channel resets the stream.
@@ -1356,12 +1414,18 @@ impl Daemon {
         Ok(())
     }
 
-    fn answer(&mut self, peer: PeerId, request: ControlRequest) -> Result<ControlResponse> {
+    /// Answers a control request: hellos and haves here, manifest fetches off the loop.
+    fn answer(
+        &mut self,
+        peer: PeerId,
+        request: ControlRequest,
+        channel: request_response::ResponseChannel<ControlResponse>,
+    ) -> Result<()> {
         let t = now();
-        let reader = self.store.reader()?;
-        Ok(match request {
+        let response = match request {
             ControlRequest::Hello(hello) => {
                 self.learn_data_addrs(peer, &hello.data_addrs);
+                let reader = self.store.reader()?;
                 self.engine.handle_hello(t, peer, hello, &reader)?;
                 let mut mine = self.engine.hello();
                 mine.data_addrs = vec![self.data_addr_text()];
@@ -1372,24 +1436,49 @@ impl Daemon {
                 self.engine.handle_have(t, peer, have);
                 ControlResponse::Ack
             }
-            ControlRequest::GetNodes { hashes } => {
-                let mut total = 0;
-                let mut nodes = Vec::with_capacity(hashes.len());
-                for hash in &hashes {
-                    let bytes = if total < NODES_RESPONSE_BYTES_MAX {
-                        mirrormesh_proto::node_store::NodeSource::node_bytes(&reader, hash)?
-                    } else {
-                        None
-                    };
-                    total += bytes.as_ref().map_or(0, Vec::len);
-                    nodes.push(bytes.map(ByteBuf::from));
+            ControlRequest::GetNodes { .. } | ControlRequest::GetDelta { .. } => {
+                self.answer_manifest_fetch(peer, request, channel);
+                return Ok(());
+            }
+        };
+        let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
+        Ok(())
+    }
+
+    /// Answers `GetNodes` or `GetDelta` on the blocking pool, within the peer's budget (`manifest_answers.rs`).
+    fn answer_manifest_fetch(
+        &mut self,
+        peer: PeerId,
+        request: ControlRequest,
+        channel: request_response::ResponseChannel<ControlResponse>,
+    ) {
+        let (asked, is_delta) = match &request {
+            ControlRequest::GetNodes { hashes } => (hashes.len(), false),
+            _ => (1, true),
+        };
+        if !self.answer_budgets.start(Instant::now(), peer) {
+            self.count("manifest_answers_throttled");
+            let refusal = manifest_answers::refusal(asked, is_delta);
+            let _ = self.swarm.behaviour_mut().control.send_response(channel, refusal);
+            return;
+        }
+        let store = self.store.clone();
+        let events = self.events_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let answer = match request {
+                ControlRequest::GetNodes { hashes } => {
+                    manifest_answers::nodes(&store, &hashes).map(|(response, bytes, repeats)| {
+                        if repeats > 0 {
+                            tracing::debug!(%peer, repeats, "a node fetch asked for the same hash more than once");
+                        }
+                        (response, bytes)
+                    })
                 }
-                ControlResponse::Nodes { nodes }
-            }
-            ControlRequest::GetDelta { hash } => {
-                ControlResponse::Delta { delta: reader.delta(&hash)?.map(ByteBuf::from) }
-            }
-        })
+                ControlRequest::GetDelta { hash } => manifest_answers::delta(&store, &hash),
+                _ => Err(anyhow!("not a manifest fetch")),
+            };
+            let _ = events.blocking_send(LoopEvent::Answer { peer, channel, answer });
+        });
     }
 
     /// Fault injection (`faults.lie_about_holdings`): claim to hold the newest snapshot completely (in hellos and
