@@ -169,8 +169,8 @@ pub struct Config {
     pub repo: RepoId,
     pub tree: PathBuf,
     pub staging_dir: PathBuf,
-    /// File-name globs (`*` and `?`) of index files, applied after every other file.
-    pub index_globs: Vec<String>,
+    /// File-name globs of index files, applied after every other file.
+    pub index_globs: IndexGlobs,
     pub delete_grace: Duration,
     /// A served snapshot created longer ago than this is reported stale (`None`: only expiry is checked).
     pub stale_after: Option<Duration>,
@@ -237,11 +237,7 @@ impl Config {
                 tree.display()
             );
         }
-        for glob in &file.repo.index_globs {
-            if glob.is_empty() || glob.contains('/') {
-                bail!("repo.index_globs: {glob:?} must be a non-empty file-name pattern without '/'");
-            }
-        }
+        let index_globs = IndexGlobs::new(&file.repo.index_globs)?;
 
         let listen_text =
             file.network.listen.unwrap_or_else(|| format!("/ip4/0.0.0.0/udp/{}/quic-v1", DEFAULT_DATA_PORT - 1));
@@ -344,7 +340,7 @@ impl Config {
             repo,
             tree,
             staging_dir,
-            index_globs: file.repo.index_globs,
+            index_globs,
             delete_grace: Duration::from_secs(file.repo.delete_grace_secs),
             stale_after: file.repo.stale_after_secs.map(Duration::from_secs),
             listen,
@@ -388,7 +384,7 @@ impl Config {
         same("repo.name", self.repo.to_string(), new.repo.to_string());
         same("repo.tree", self.tree.display().to_string(), new.tree.display().to_string());
         same("repo.staging_dir", self.staging_dir.display().to_string(), new.staging_dir.display().to_string());
-        same("repo.index_globs", self.index_globs.join(","), new.index_globs.join(","));
+        same("repo.index_globs", self.index_globs.patterns.join(","), new.index_globs.patterns.join(","));
         same("network.listen", self.listen.to_string(), new.listen.to_string());
         same("network.data_listen", self.data_listen.to_string(), new.data_listen.to_string());
         let ids = |c: &Config| c.publishers.iter().map(|(_, p)| p.to_string()).collect::<Vec<_>>().join(",");
@@ -488,18 +484,35 @@ fn default_staging(tree: &Path) -> Result<PathBuf> {
     Ok(parent.join(format!(".{name}.mirrormesh-staging")))
 }
 
-/// Whether a file name matches a glob with `*` (any run) and `?` (any one character).
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
+/// The file-name patterns of index files (`repo.index_globs`: `*`, `?`, `[...]`, `{a,b}` as in shells), matched
+/// against the last component of a path.
+#[derive(Debug, Clone)]
+pub struct IndexGlobs {
+    pub patterns: Vec<String>,
+    set: globset::GlobSet,
+}
+
+impl IndexGlobs {
+    pub fn new(patterns: &[String]) -> Result<Self> {
+        let mut set = globset::GlobSetBuilder::new();
+        for pattern in patterns {
+            if pattern.is_empty() || pattern.contains('/') {
+                bail!("repo.index_globs: {pattern:?} must be a non-empty file-name pattern without '/'");
+            }
+            let glob = globset::GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| anyhow!("repo.index_globs: {pattern:?}: {e}"))?;
+            set.add(glob);
         }
+        let set = set.build().map_err(|e| anyhow!("repo.index_globs: {e}"))?;
+        Ok(Self { patterns: patterns.to_vec(), set })
     }
-    go(pattern.as_bytes(), name.as_bytes())
+
+    /// Whether the file `name` (one path component) is an index file.
+    pub fn matches(&self, name: &str) -> bool {
+        self.set.is_match(name)
+    }
 }
 
 #[cfg(test)]
@@ -621,10 +634,16 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(glob_match("APKINDEX.tar.gz", "APKINDEX.tar.gz"));
-        assert!(glob_match("*.db", "core.db"));
-        assert!(glob_match("Release*", "Release.gpg"));
-        assert!(!glob_match("*.db", "core.db.sig"));
-        assert!(glob_match("?x", "ax"));
+        let globs = |p: &str| IndexGlobs::new(&[p.to_owned()]).unwrap();
+        assert!(globs("APKINDEX.tar.gz").matches("APKINDEX.tar.gz"));
+        assert!(globs("*.db").matches("core.db"));
+        assert!(globs("Release*").matches("Release.gpg"));
+        assert!(!globs("*.db").matches("core.db.sig"));
+        assert!(globs("?x").matches("ax"));
+        assert!(globs("{InRelease,Release.gpg}").matches("Release.gpg"));
+        // Linear, not exponential, in the pattern (the hand-written matcher backtracked on runs of `*`).
+        let stars = "*a".repeat(40);
+        assert!(!globs(&stars).matches(&"a".repeat(39)));
+        assert!(IndexGlobs::new(&["x/y".into()]).is_err() && IndexGlobs::new(&["[".into()]).is_err());
     }
 }

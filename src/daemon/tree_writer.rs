@@ -14,6 +14,7 @@ use mirrormesh_proto::{RepoId, VerifiedRoot};
 use tokio::sync::mpsc;
 
 use crate::apply;
+use crate::config::IndexGlobs;
 use crate::removals::{Removal, RemovalReport, remove_due};
 use crate::staging::Staging;
 use crate::store::StateStore;
@@ -50,7 +51,7 @@ struct Worker {
     store: Arc<StateStore>,
     staging: Arc<Staging>,
     tree: PathBuf,
-    index_globs: Vec<String>,
+    index_globs: IndexGlobs,
     events: mpsc::Sender<LoopEvent>,
     /// Manifest root of the snapshot wholly in the tree (none before the first).
     in_tree: Option<NodeHash>,
@@ -63,7 +64,7 @@ impl TreeWriter {
         store: Arc<StateStore>,
         staging: Arc<Staging>,
         repo: RepoId,
-        index_globs: Vec<String>,
+        index_globs: IndexGlobs,
         events: mpsc::Sender<LoopEvent>,
     ) -> Result<Self> {
         let in_tree = store.reader()?.applied(&repo)?.map(|r| r.verify_signature().map(|b| b.root)).transpose()?;
