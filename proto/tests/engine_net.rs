@@ -34,25 +34,81 @@ struct Node {
     liar: bool,
     /// Claims in its hellos to hold the newest snapshot completely.
     claims_complete: bool,
+    /// How it answers chunk requests instead of serving them (it syncs honestly for itself).
+    chunk_lie: Option<ChunkLie>,
+    /// Chunks it asked the origin for, and other peers.
+    asked_of_origin: u64,
+    asked_of_peers: u64,
+    /// When it last applied a snapshot.
+    applied_at: Option<Timestamp>,
     bans: Vec<(u32, BanReason)>,
     notices: Vec<Notice<u32>>,
     bytes_from_peers: u64,
     bytes_from_origin: u64,
 }
 
+/// A peer's answer to every chunk request, whatever it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChunkLie {
+    /// `Elsewhere`, naming the origin (only an origin may redirect).
+    Elsewhere,
+    /// Never answers (the request times out).
+    Stall,
+    /// Gives no data-plane address: every request to it fails at once.
+    NoDataAddr,
+}
+
 enum Msg {
-    Hello { from: u32, to: u32, hello: Hello, reply: bool },
-    Have { from: u32, to: u32, have: Have },
-    Root { from: u32, to: u32, root: SignedRoot },
-    GetNodes { from: u32, to: u32, req: ReqId, hashes: Vec<NodeHash> },
-    GetDelta { from: u32, to: u32, req: ReqId, hash: DeltaHash },
-    GetChunks { from: u32, to: u32, req: ReqId, chunks: Vec<ChunkId> },
+    Hello {
+        from: u32,
+        to: u32,
+        hello: Hello,
+        reply: bool,
+    },
+    Have {
+        from: u32,
+        to: u32,
+        have: Have,
+    },
+    Root {
+        from: u32,
+        to: u32,
+        root: SignedRoot,
+    },
+    GetNodes {
+        from: u32,
+        to: u32,
+        req: ReqId,
+        hashes: Vec<NodeHash>,
+    },
+    GetDelta {
+        from: u32,
+        to: u32,
+        req: ReqId,
+        hash: DeltaHash,
+    },
+    GetChunks {
+        from: u32,
+        to: u32,
+        req: ReqId,
+        chunks: Vec<ChunkId>,
+    },
+    /// A lying peer's answer to a chunk request (delivered a round after the request, like a round trip).
+    Lie {
+        from: u32,
+        to: u32,
+        req: ReqId,
+        chunks: Vec<ChunkId>,
+        lie: ChunkLie,
+    },
 }
 
 struct Net {
     nodes: BTreeMap<u32, Node>,
     links: BTreeSet<(u32, u32)>,
     queue: VecDeque<Msg>,
+    /// Delivered in the next round.
+    later: Vec<Msg>,
     now: Timestamp,
     sizes: HashMap<ChunkId, u64>,
     seq: u64,
@@ -61,6 +117,8 @@ struct Net {
     /// Every output, for the determinism check.
     trace: blake3::Hasher,
     lies_max: u32,
+    /// When the newest snapshot was published.
+    published_at: Timestamp,
 }
 
 fn repo() -> RepoId {
@@ -73,6 +131,7 @@ impl Net {
             nodes: BTreeMap::new(),
             links: BTreeSet::new(),
             queue: VecDeque::new(),
+            later: Vec::new(),
             now: Timestamp(1_800_000_000_000),
             sizes: HashMap::new(),
             seq: 0,
@@ -80,6 +139,7 @@ impl Net {
             root: None,
             trace: blake3::Hasher::new(),
             lies_max: 16,
+            published_at: Timestamp(0),
         };
         for id in 0..=mirrors {
             net.add_node(id);
@@ -164,6 +224,7 @@ impl Net {
         origin.applied = Some(root);
         origin.engine.as_mut().unwrap().handle_published(now, signed.clone()).unwrap();
         self.root = Some(root);
+        self.published_at = now;
         self.drain(ORIGIN);
         signed
     }
@@ -205,11 +266,17 @@ impl Net {
                     node.engine.as_mut().unwrap().handle_staged(now, seq, held);
                 }
                 Output::FetchChunks { peer, req, chunks } => {
+                    if peer == ORIGIN {
+                        node.asked_of_origin += chunks.len() as u64;
+                    } else {
+                        node.asked_of_peers += chunks.len() as u64;
+                    }
                     self.queue.push_back(Msg::GetChunks { from: id, to: peer, req, chunks })
                 }
                 Output::Cancel { .. } => {}
                 Output::Apply { target, .. } => {
                     node.applied = Some(target.body.root);
+                    node.applied_at = Some(now);
                     let Node { engine, nodes, .. } = node;
                     engine.as_mut().unwrap().handle_applied(now, target.body.seq, nodes).unwrap();
                 }
@@ -227,7 +294,8 @@ impl Net {
             | Msg::Root { from, to, .. }
             | Msg::GetNodes { from, to, .. }
             | Msg::GetDelta { from, to, .. }
-            | Msg::GetChunks { from, to, .. } => (*from, *to),
+            | Msg::GetChunks { from, to, .. }
+            | Msg::Lie { from, to, .. } => (*from, *to),
         };
         if !self.connected(from, to) {
             return;
@@ -268,6 +336,12 @@ impl Net {
                 engine.as_mut().unwrap().handle_delta(now, to, req, answer, nodes).unwrap();
             }
             Msg::GetChunks { req, chunks, .. } => {
+                if let Some(lie) = self.node(to).chunk_lie {
+                    if lie != ChunkLie::Stall {
+                        self.later.push(Msg::Lie { from: to, to: from, req, chunks, lie });
+                    }
+                    return;
+                }
                 let mut bytes = 0;
                 for id in chunks {
                     let size = self.sizes[&id];
@@ -295,6 +369,21 @@ impl Net {
                 }
                 self.node(from).engine.as_mut().unwrap().handle_chunks_done(now, to, req, bytes);
             }
+            Msg::Lie { req, chunks, lie, .. } => {
+                // `from` is the liar, `to` the asker.
+                let engine = self.node(to).engine.as_mut().unwrap();
+                match lie {
+                    ChunkLie::Stall => {}
+                    // What the shell does when it knows no address: the request fails before anything is sent.
+                    ChunkLie::NoDataAddr => engine.handle_chunks_failed(now, from, req),
+                    ChunkLie::Elsewhere => {
+                        for id in chunks {
+                            engine.handle_chunk(now, from, req, id, ChunkOutcome::Elsewhere(vec![ORIGIN]));
+                        }
+                        engine.handle_chunks_done(now, from, req, 0);
+                    }
+                }
+            }
         }
         self.drain(from);
         self.drain(to);
@@ -303,6 +392,7 @@ impl Net {
     /// Runs until nothing is queued and no engine wants more, or `rounds` idle rounds pass.
     fn run(&mut self, rounds: usize) {
         for _ in 0..rounds {
+            self.queue.extend(std::mem::take(&mut self.later));
             while let Some(msg) = self.queue.pop_front() {
                 self.deliver(msg);
             }
@@ -314,14 +404,16 @@ impl Net {
                 engine.as_mut().unwrap().handle_tick(now, nodes).unwrap();
                 self.drain(id);
             }
-            if self.queue.is_empty() && self.converged() {
+            if self.queue.is_empty() && self.later.is_empty() && self.converged() {
                 return;
             }
         }
     }
 
     fn converged(&self) -> bool {
-        self.nodes.iter().all(|(id, n)| *id == ORIGIN || n.corrupt || n.liar || n.applied == self.root)
+        self.nodes
+            .iter()
+            .all(|(id, n)| *id == ORIGIN || n.corrupt || n.liar || n.chunk_lie.is_some() || n.applied == self.root)
     }
 
     fn origin_bytes(&self) -> u64 {
@@ -461,6 +553,81 @@ fn a_peer_claiming_a_snapshot_it_still_downloads_gets_nothing_from_the_origin() 
     assert_eq!(net.node(3).bytes_from_origin, 0, "the origin served the liar");
     let ratio = net.origin_bytes() as f64 / net.tree_bytes() as f64;
     assert!(ratio <= 1.05, "origin sent {ratio:.3} x the tree");
+}
+
+/// Two honest mirrors sync beside mirror 3, which claims in its hellos to hold the snapshot completely and answers
+/// every chunk request with `lie`; runs for up to 600 virtual seconds and prints what each honest mirror did.
+fn sync_beside_a_claimed_holder(lie: ChunkLie) -> Net {
+    let mut net = Net::new(3);
+    packages(&mut net.tree, 60, 0);
+    net.publish();
+    let liar = net.node(3);
+    liar.claims_complete = true;
+    liar.chunk_lie = Some(lie);
+    full_mesh(&mut net);
+    net.run(12_000);
+    let published = net.published_at;
+    for id in 1..=2 {
+        let n = &net.nodes[&id];
+        let took = n.applied_at.map(|t| t.millis_since(published) as f64 / 1000.0);
+        println!(
+            "{lie:?}: mirror {id} applied: {}, after {took:?} s; chunks asked of the origin {}, of peers {}; bans {:?}",
+            n.applied.is_some(),
+            n.asked_of_origin,
+            n.asked_of_peers,
+            n.bans
+        );
+    }
+    let ratio = net.origin_bytes() as f64 / net.tree_bytes() as f64;
+    println!("{lie:?}: the origin sent {ratio:.3} x the tree");
+    for id in 1..=2 {
+        let n = &net.nodes[&id];
+        assert!(
+            n.applied == net.root,
+            "mirror {id} not applied after 600 virtual seconds; {} chunks asked of the origin, {} of peers",
+            n.asked_of_origin,
+            n.asked_of_peers
+        );
+        let took = n.applied_at.map_or(u64::MAX, |t| t.millis_since(published));
+        // Within two of the claimers' stall allowances (the silent claimer's case; the others are found out at once).
+        let allowed = 2 * SchedulerLimits::default().holds_all_stall_ms;
+        assert!(took <= allowed, "mirror {id} applied after {took} ms, more than {allowed}");
+        assert!(n.asked_of_origin > 0, "mirror {id} asked the origin for nothing");
+    }
+    // Each chunk left the origin about once (the liar gets nothing from it: it claims the snapshot).
+    assert!(ratio <= 1.10, "the origin sent {ratio:.3} x the tree");
+    assert_eq!(net.nodes[&3].bytes_from_origin, 0);
+    net
+}
+
+#[test]
+fn a_peer_claiming_the_snapshot_that_redirects_every_request_does_not_stop_the_sync() {
+    let net = sync_beside_a_claimed_holder(ChunkLie::Elsewhere);
+    for id in 1..=2 {
+        let bans = &net.nodes[&id].bans;
+        assert!(bans.contains(&(3, BanReason::FalseHave)), "mirror {id} banned the liar: {bans:?}");
+    }
+}
+
+#[test]
+fn a_peer_claiming_the_snapshot_that_never_answers_does_not_stop_the_sync() {
+    let net = sync_beside_a_claimed_holder(ChunkLie::Stall);
+    for id in 1..=2 {
+        // The origin is asked once the claimer stayed silent for the allowance, before any request to it timed out.
+        let took = net.nodes[&id].applied_at.map_or(u64::MAX, |t| t.millis_since(net.published_at));
+        let stall = SchedulerLimits::default().holds_all_stall_ms;
+        assert!(took < SchedulerLimits::default().request_timeout_base_ms, "mirror {id} applied after {took} ms");
+        assert!(took >= stall, "mirror {id} applied after {took} ms, before the stall allowance of {stall} ms");
+    }
+}
+
+#[test]
+fn a_peer_claiming_the_snapshot_without_a_data_address_does_not_stop_the_sync() {
+    let net = sync_beside_a_claimed_holder(ChunkLie::NoDataAddr);
+    for id in 1..=2 {
+        let bans = &net.nodes[&id].bans;
+        assert!(bans.contains(&(3, BanReason::Unresponsive)), "mirror {id} banned the peer: {bans:?}");
+    }
 }
 
 #[test]

@@ -644,9 +644,12 @@ impl<P: PeerKey> Engine<P> {
         self.pump_after(now, &peer);
     }
 
+    /// A chunk request failed as a whole (no data-plane address, connection error, reset): its chunks are not
+    /// asked of that peer again in this snapshot, and the failure counts against it.
     pub fn handle_chunks_failed(&mut self, now: Timestamp, _peer: P, req: ReqId) {
         if let Phase::Transfer { sched, .. } = &mut self.phase {
-            sched.on_request_failed(req);
+            let outs = sched.on_request_failed(req);
+            self.sched_outputs(outs);
         }
         self.pump(now);
     }

@@ -5,12 +5,21 @@
 //! - **Windows.** Each peer has a byte window of requests in flight, adapted to its measured throughput (the bytes
 //!   it can deliver in [`SchedulerLimits::window_target_ms`]); several requests are in flight per peer.
 //! - **Batches.** Small chunks travel many per request, up to [`SchedulerLimits::request_bytes_target`].
-//! - **Origin last.** An origin peer is asked only for chunks that no connected, unbanned non-origin peer holds; if
-//!   it answers "elsewhere" (super-seeding), the chunk is not asked of it again for a while.
+//! - **Origin last.** An origin peer is asked only for chunks that no connected, unbanned non-origin peer can
+//!   supply: nobody announced them and no peer claims the whole snapshot, or every peer claiming the whole snapshot
+//!   refused them, or the peers claiming the whole snapshot delivered nothing for
+//!   [`SchedulerLimits::holds_all_stall_ms`] while asked (a claim is only a claim). If the origin answers
+//!   "elsewhere" (super-seeding), the chunk is not asked of it again for a while.
 //! - **Endgame.** Once every chunk is requested, idle peers also ask for chunks in flight elsewhere (at most
 //!   [`SchedulerLimits::endgame_copies_max`] copies); a request whose chunks all arrived elsewhere is cancelled.
+//! - **Refusals.** Only an origin may answer "elsewhere". A chunk a non-origin peer answers "missing" or
+//!   "elsewhere" for, or whose request to it failed or timed out, is marked missing at that peer: not asked of it
+//!   again in this snapshot unless it announces the chunk again.
 //! - **Bans.** A peer that delivers a chunk with the wrong hash is banned for the rest of this snapshot; a peer that
-//!   claims to hold chunks it then does not have is banned after [`SchedulerLimits::lies_max`] such answers.
+//!   claims to hold chunks it then refuses ("missing", or "elsewhere" from a non-origin) is banned after more than
+//!   [`SchedulerLimits::lies_max`] such answers; a non-origin peer whose requests fail or time out more than
+//!   [`SchedulerLimits::failures_max`] times in a row without it delivering a chunk is banned as unresponsive
+//!   (requests already in flight when a failure is counted fail with it and do not count again).
 //!
 //! Chunks are numbered once (ids sorted) and everything per chunk or per peer is an array or a bitset over those
 //! numbers, so a node syncing millions of chunks with dozens of peers stays small and fast. All collections that
@@ -55,8 +64,14 @@ pub struct SchedulerLimits {
     pub redirect_defer_ms: u64,
     /// Copies of one chunk in flight at once during the endgame.
     pub endgame_copies_max: usize,
-    /// "Missing" answers for chunks a peer claimed to hold before it is banned.
+    /// Refusals ("missing", or "elsewhere" from a non-origin) of chunks a peer claimed to hold; one more bans it.
     pub lies_max: u32,
+    /// Failed or timed-out requests to a non-origin peer in a row (without a chunk delivered in between, requests
+    /// in flight together counting once); one more bans it.
+    pub failures_max: u32,
+    /// Peers claiming the whole snapshot that delivered nothing for this long while asked no longer keep the
+    /// origin from being asked.
+    pub holds_all_stall_ms: u64,
 }
 
 impl Default for SchedulerLimits {
@@ -75,6 +90,14 @@ impl Default for SchedulerLimits {
             redirect_defer_ms: 6_000,
             endgame_copies_max: 2,
             lies_max: 16,
+            // An honest peer's failures come in bursts (one lost connection fails every request on it, counted
+            // once) and end with a delivery; four rounds in a row with nothing delivered is a peer that cannot
+            // serve. A no-address peer reaches it within milliseconds, a silent one after four request timeouts.
+            failures_max: 3,
+            // Below the 10 s request timeout, so the origin is asked before the first request to a silent claimer
+            // times out; above what an honest peer takes to deliver its first chunk (a round trip plus a chunk at
+            // its share of its upload: 1 MiB at 10 Mbit/s is 0.8 s).
+            holds_all_stall_ms: 5_000,
         }
     }
 }
@@ -84,8 +107,12 @@ impl Default for SchedulerLimits {
 pub enum BanReason {
     /// It sent bytes that do not hash to the chunk id asked for.
     CorruptChunk,
-    /// It claimed to hold chunks it did not have, too often.
+    /// It claimed to hold chunks it then refused (answered missing, or elsewhere though it is no origin), too
+    /// often.
     FalseHave,
+    /// Its requests failed or timed out too many times in a row (no data-plane address, a dead data plane, a peer
+    /// that never answers).
+    Unresponsive,
     /// It sent a manifest node or delta that does not hash to its name.
     CorruptMetadata,
 }
@@ -137,6 +164,11 @@ struct PeerSched {
     /// Measured delivery rate, bytes per second (exponentially weighted).
     rate: Option<f64>,
     lies: u32,
+    /// Failures counted since it last delivered a chunk.
+    failures: u32,
+    /// Number of the current failure round: a failed request counts only if it was sent in this round (requests
+    /// sent before the last counted failure failed with it).
+    failure_round: u32,
 }
 
 struct Request<P> {
@@ -145,6 +177,8 @@ struct Request<P> {
     pending: Vec<u32>,
     bytes: u64,
     sent_at: Timestamp,
+    /// The peer's failure round when it was sent.
+    round: u32,
 }
 
 pub struct Scheduler<P: PeerKey> {
@@ -168,6 +202,11 @@ pub struct Scheduler<P: PeerKey> {
     peers: BTreeMap<P, PeerSched>,
     /// Connected, unbanned non-origin peers that hold every chunk.
     holds_all_count: u32,
+    /// Needed chunks that every peer counted in `holds_all_count` refused or failed to deliver (only kept while
+    /// there are such peers): the origin may be asked for them.
+    lacking: BTreeSet<u32>,
+    /// Since when requests to peers claiming the whole snapshot wait without any of them delivering a chunk.
+    holds_all_waiting_since: Option<Timestamp>,
     requests: BTreeMap<ReqId, Request<P>>,
     bytes_missing: u64,
     chunks_missing: usize,
@@ -261,6 +300,8 @@ impl<P: PeerKey> Scheduler<P> {
             mesh_moved_at: None,
             peers: BTreeMap::new(),
             holds_all_count: 0,
+            lacking: BTreeSet::new(),
+            holds_all_waiting_since: None,
             requests: BTreeMap::new(),
         }
     }
@@ -306,10 +347,18 @@ impl<P: PeerKey> Scheduler<P> {
     /// Chunks that no connected peer (origin included) can supply right now.
     pub fn unavailable(&self) -> usize {
         let origin_up = self.peers.values().any(|p| p.is_origin && !p.banned);
-        if origin_up || self.holds_all_count > 0 {
+        if origin_up {
             return 0;
         }
+        if self.holds_all_count > 0 {
+            return self.lacking.iter().filter(|&&c| self.avail.level(c) == 0).count();
+        }
         self.avail.unannounced().count()
+    }
+
+    /// Peers claiming the whole snapshot were asked and delivered nothing for `holds_all_stall_ms`.
+    pub fn holds_all_stalled(&self, now: Timestamp) -> bool {
+        self.holds_all_waiting_since.is_some_and(|t| now.millis_since(t) >= self.limits.holds_all_stall_ms)
     }
 
     pub fn requests_in_flight(&self) -> usize {
@@ -331,9 +380,12 @@ impl<P: PeerKey> Scheduler<P> {
             window,
             rate: None,
             lies: 0,
+            failures: 0,
+            failure_round: 0,
         });
         let before = contribution(entry);
-        if holds_all && !entry.holds_all {
+        let completed = holds_all && !entry.holds_all;
+        if completed {
             // It completed the snapshot: whatever it lacked before, it holds now.
             entry.missing.clear();
         }
@@ -344,6 +396,9 @@ impl<P: PeerKey> Scheduler<P> {
             self.contribute(peer, before, -1);
             self.contribute(peer, after, 1);
         }
+        if before != after || (completed && after == Contribution::All) {
+            self.holders_changed(before, after);
+        }
     }
 
     /// A peer announced that it holds `id`.
@@ -352,6 +407,9 @@ impl<P: PeerKey> Scheduler<P> {
         let Some(p) = self.peers.get_mut(peer) else { return };
         // A fresh announcement outweighs an earlier "missing" answer: the peer has it now.
         p.missing.set(c as usize, false);
+        if contribution(p) == Contribution::All {
+            self.lacking.remove(&c);
+        }
         if p.explicit.put(c as usize) {
             return;
         }
@@ -372,6 +430,7 @@ impl<P: PeerKey> Scheduler<P> {
         for req in p.requests {
             self.drop_request(req);
         }
+        self.holders_changed(before, Contribution::Nothing);
         Vec::new()
     }
 
@@ -399,37 +458,26 @@ impl<P: PeerKey> Scheduler<P> {
         self.untrack(c, &peer, req);
         match outcome {
             ChunkOutcome::Verified => {
-                if self.peers.get(&peer).is_some_and(|p| !p.is_origin) {
+                if let Some(p) = self.peers.get_mut(&peer)
+                    && !p.is_origin
+                {
                     self.mesh_moved_at = Some(now);
+                    p.failures = 0;
+                    if contribution(p) == Contribution::All {
+                        // Peers claiming the snapshot deliver: the clock restarts for requests still waiting.
+                        let waiting =
+                            self.peers.values().any(|q| contribution(q) == Contribution::All && !q.requests.is_empty());
+                        self.holds_all_waiting_since = waiting.then_some(now);
+                    }
                 }
                 self.release(req, &peer, size);
                 self.complete_chunk(c)
             }
             ChunkOutcome::Corrupt => self.ban(&peer, BanReason::CorruptChunk),
-            ChunkOutcome::Missing => {
-                let mut out = Vec::new();
-                let mut lied = false;
-                if let Some(p) = self.peers.get_mut(&peer) {
-                    p.missing.put(c as usize);
-                    let claimed = p.holds_all || p.explicit.contains(c as usize);
-                    let counted = p.explicit.contains(c as usize) && contribution(p) == Contribution::Explicit;
-                    p.explicit.set(c as usize, false);
-                    if counted {
-                        self.avail.lower(c);
-                    }
-                    if let Some(p) = self.peers.get_mut(&peer)
-                        && claimed
-                        && !p.is_origin
-                    {
-                        p.lies += 1;
-                        lied = p.lies > self.limits.lies_max;
-                    }
-                }
-                if lied {
-                    out.extend(self.ban(&peer, BanReason::FalseHave));
-                }
-                self.release(req, &peer, size);
-                out
+            ChunkOutcome::Missing => self.refused(&peer, req, c, size),
+            ChunkOutcome::Elsewhere(_) if self.peers.get(&peer).is_some_and(|p| !p.is_origin) => {
+                // Only an origin redirects: from anyone else "elsewhere" is a refusal.
+                self.refused(&peer, req, c, size)
             }
             ChunkOutcome::Elsewhere(holders) => {
                 // Wait for the chunk to come from the peers pointed at (directly, or through peers they pass it
@@ -466,14 +514,90 @@ impl<P: PeerKey> Scheduler<P> {
         self.drop_request(req);
     }
 
-    /// The request failed (connection error, reset, timeout): requeue its chunks and shrink the peer's window.
-    pub fn on_request_failed(&mut self, req: ReqId) {
-        if let Some(request) = self.requests.get(&req)
-            && let Some(p) = self.peers.get_mut(&request.peer)
-        {
-            p.window = (p.window / 2).max(self.limits.window_min);
+    /// `peer` refused chunk `c` of request `req` (answered missing, or elsewhere though it is no origin).
+    fn refused(&mut self, peer: &P, req: ReqId, c: u32, size: u64) -> Vec<SchedOut<P>> {
+        let claimed = self.mark_missing(peer, c);
+        self.release(req, peer, size);
+        let Some(p) = self.peers.get_mut(peer) else { return Vec::new() };
+        if !claimed || p.is_origin {
+            return Vec::new();
         }
+        p.lies += 1;
+        if p.lies > self.limits.lies_max { self.ban(peer, BanReason::FalseHave) } else { Vec::new() }
+    }
+
+    /// `peer` will not supply chunk `c` in this snapshot unless it announces it again. Returns whether the peer had
+    /// claimed it (announced it, or holds the whole snapshot).
+    fn mark_missing(&mut self, peer: &P, c: u32) -> bool {
+        let Some(p) = self.peers.get_mut(peer) else { return false };
+        p.missing.put(c as usize);
+        let claimed = p.holds_all || p.explicit.contains(c as usize);
+        let counted = p.explicit.contains(c as usize) && contribution(p) == Contribution::Explicit;
+        p.explicit.set(c as usize, false);
+        let holds_all = contribution(p) == Contribution::All;
+        if counted {
+            self.avail.lower(c);
+        }
+        if holds_all
+            && self.needed(c)
+            && self
+                .peers
+                .values()
+                .filter(|q| contribution(q) == Contribution::All)
+                .all(|q| q.missing.contains(c as usize))
+        {
+            self.lacking.insert(c);
+        }
+        claimed
+    }
+
+    /// The set of peers claiming the whole snapshot changed (a peer went from `before` to `after`): recomputes the
+    /// chunks they all lack.
+    fn holders_changed(&mut self, before: Contribution, after: Contribution) {
+        if before != Contribution::All && after != Contribution::All {
+            return;
+        }
+        self.lacking.clear();
+        let mut holders = self.peers.values().filter(|p| contribution(p) == Contribution::All);
+        let Some(first) = holders.next() else {
+            self.holds_all_waiting_since = None;
+            return;
+        };
+        let mut all = first.missing.clone();
+        for p in holders {
+            all.intersect_with(&p.missing);
+        }
+        all.difference_with(&self.held);
+        self.lacking.extend(all.ones().map(|c| c as u32));
+    }
+
+    /// The request failed (connection error, no address, reset, timeout): its chunks are requeued, marked missing
+    /// at a non-origin peer and the failure counted against it; the peer's window shrinks.
+    pub fn on_request_failed(&mut self, req: ReqId) -> Vec<SchedOut<P>> {
+        let Some(request) = self.requests.get(&req) else { return Vec::new() };
+        let (peer, round, pending) = (request.peer.clone(), request.round, request.pending.clone());
+        let Some(p) = self.peers.get_mut(&peer) else {
+            self.drop_request(req);
+            return Vec::new();
+        };
+        p.window = (p.window / 2).max(self.limits.window_min);
+        // The origin is the supplier of last resort: a failure toward it is retried, never held against it.
+        let is_origin = p.is_origin;
+        if !is_origin && round == p.failure_round {
+            p.failure_round += 1;
+            p.failures += 1;
+        }
+        let unresponsive = !is_origin && p.failures > self.limits.failures_max;
         self.drop_request(req);
+        if is_origin {
+            return Vec::new();
+        }
+        for c in pending {
+            if self.needed(c) {
+                self.mark_missing(&peer, c);
+            }
+        }
+        if unresponsive { self.ban(&peer, BanReason::Unresponsive) } else { Vec::new() }
     }
 
     /// Times out overdue requests.
@@ -490,8 +614,12 @@ impl<P: PeerKey> Scheduler<P> {
             .collect();
         let mut out = Vec::new();
         for (req, peer) in overdue {
-            self.on_request_failed(req);
+            if !self.requests.contains_key(&req) {
+                // Dropped with an earlier one (its peer was banned).
+                continue;
+            }
             out.push(SchedOut::Cancel { peer, req });
+            out.extend(self.on_request_failed(req));
         }
         out
     }
@@ -530,6 +658,7 @@ impl<P: PeerKey> Scheduler<P> {
         if p.banned || p.requests.len() >= limits.requests_in_flight_per_peer_max || p.in_flight_bytes >= window {
             return None;
         }
+        let (round, claims_all) = (p.failure_round, contribution(p) == Contribution::All);
         let budget = (window - p.in_flight_bytes).min(limits.request_bytes_target).max(1);
         let mut picked: Vec<u32> = Vec::new();
         let mut bytes = 0u64;
@@ -541,12 +670,19 @@ impl<P: PeerKey> Scheduler<P> {
         let usable = |c: u32| self.queued(c) && !p.missing.contains(c as usize);
 
         if p.is_origin {
-            // Only chunks no one else can supply, and not ones the origin just redirected.
+            // Only chunks no one else can supply, and not ones the origin just redirected: nobody announced them
+            // and nobody claims the snapshot (or those who do stopped delivering), or every claimer refused them.
             // Chunks never redirected come first: a redirected chunk is on its way through the mesh, and asking
             // the origin again (which serves a second copy) is the last resort once nothing fresh is left.
-            if self.holds_all_count == 0 {
+            let unclaimed = self.holds_all_count == 0 || self.holds_all_stalled(now);
+            let lacking = (!unclaimed).then(|| self.lacking.iter().copied().filter(|&c| self.avail.level(c) == 0));
+            let candidates = || {
+                let unannounced = unclaimed.then(|| self.avail.unannounced());
+                unannounced.into_iter().flatten().chain(lacking.clone().into_iter().flatten())
+            };
+            {
                 let mut full = false;
-                for c in self.avail.unannounced() {
+                for c in candidates() {
                     let fresh = !self.origin_deferred.contains_key(&c);
                     if fresh && usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
                         full = true;
@@ -561,7 +697,7 @@ impl<P: PeerKey> Scheduler<P> {
                 let quiet = self.mesh_moved_at.is_none_or(|at| now.millis_since(at) >= limits.redirect_defer_ms);
                 let mesh_active = !quiet || self.peers.values().any(|q| !q.is_origin && !q.requests.is_empty());
                 if !full && !mesh_active {
-                    for c in self.avail.unannounced() {
+                    for c in candidates() {
                         let due = self.origin_deferred.get(&c).is_some_and(|(until, _)| *until <= now);
                         if due && usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
                             break;
@@ -637,7 +773,10 @@ impl<P: PeerKey> Scheduler<P> {
             p.in_flight_bytes += total;
         }
         let chunks = picked.iter().map(|&c| self.ids[c as usize]).collect();
-        self.requests.insert(req, Request { peer: peer.clone(), pending: picked, bytes: total, sent_at: now });
+        self.requests.insert(req, Request { peer: peer.clone(), pending: picked, bytes: total, sent_at: now, round });
+        if claims_all && self.holds_all_waiting_since.is_none() {
+            self.holds_all_waiting_since = Some(now);
+        }
         Some(ChunkFetch { peer: peer.clone(), req, chunks })
     }
 
@@ -651,6 +790,7 @@ impl<P: PeerKey> Scheduler<P> {
         self.bytes_missing -= size;
         self.chunks_missing -= 1;
         self.origin_deferred.remove(&c);
+        self.lacking.remove(&c);
         let mut out = Vec::new();
         for (peer, req) in self.in_flight.remove(&c).unwrap_or_default() {
             // Another copy of this chunk is in flight: stop counting it, and cancel the request if nothing in it
@@ -719,6 +859,7 @@ impl<P: PeerKey> Scheduler<P> {
         let Some(p) = self.peers.get_mut(peer) else { return Vec::new() };
         p.banned = true;
         let requests: Vec<ReqId> = p.requests.iter().copied().collect();
+        self.holders_changed(before, Contribution::Nothing);
         let mut out = vec![SchedOut::Ban { peer: peer.clone(), reason }];
         for req in requests {
             self.drop_request(req);
@@ -864,5 +1005,141 @@ mod tests {
         let quiet = quiet - 1 + SchedulerLimits::default().redirect_defer_ms;
         let last = sent(&mut s, quiet);
         assert_eq!(last.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(0, vec![id(2)])]);
+    }
+
+    /// Fetches in `outs` as (peer, chunks, request).
+    fn sent(outs: &[SchedOut<u32>]) -> Vec<(u32, Vec<ChunkId>, ReqId)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                SchedOut::Fetch(f) => Some((f.peer, f.chunks.clone(), f.req)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn counter() -> impl FnMut() -> ReqId {
+        let mut n = 0;
+        move || {
+            n += 1;
+            ReqId(n)
+        }
+    }
+
+    #[test]
+    fn elsewhere_from_a_peer_is_a_refusal_and_the_origin_supplies_what_every_claimer_refused() {
+        let limits = SchedulerLimits { lies_max: 1, ..SchedulerLimits::default() };
+        let mut s = Scheduler::new(limits, 1, [(id(1), 100), (id(2), 100), (id(3), 100)]);
+        let mut next = counter();
+        s.set_peer(&0, true, true);
+        s.set_peer(&5, false, true);
+        let first = sent(&s.pump(Timestamp(0), &mut next));
+        assert_eq!(first.len(), 1, "only the claimer is asked: {first:?}");
+        assert_eq!((first[0].0, first[0].1.len()), (5, 3));
+        let req = first[0].2;
+        assert!(s.on_chunk(Timestamp(1), req, &id(1), ChunkOutcome::Elsewhere(vec![0])).is_empty());
+        // The claimer refused chunk 1: the origin is asked for it, the claimer is not asked again.
+        let again = sent(&s.pump(Timestamp(2), &mut next));
+        assert_eq!(again.iter().map(|f| (f.0, f.1.clone())).collect::<Vec<_>>(), vec![(0, vec![id(1)])]);
+        let outs = s.on_chunk(Timestamp(3), req, &id(2), ChunkOutcome::Elsewhere(vec![0]));
+        assert!(outs.contains(&SchedOut::Ban { peer: 5, reason: BanReason::FalseHave }), "{outs:?}");
+        // Banned: its last chunk goes to the origin too.
+        let last = sent(&s.pump(Timestamp(4), &mut next));
+        assert_eq!(last.len(), 1);
+        let mut chunks = last[0].1.clone();
+        chunks.sort();
+        assert_eq!((last[0].0, chunks), (0, vec![id(2), id(3)]));
+    }
+
+    #[test]
+    fn failed_requests_in_a_row_ban_a_peer_and_a_delivery_forgives_them() {
+        let limits = SchedulerLimits {
+            failures_max: 2,
+            window_initial: 300,
+            window_min: 100,
+            request_bytes_target: 100,
+            requests_in_flight_per_peer_max: 3,
+            ..SchedulerLimits::default()
+        };
+        let chunks: Vec<(ChunkId, u64)> = (1..=20).map(|n| (id(n), 100)).collect();
+        let mut s = Scheduler::new(limits, 1, chunks);
+        let mut next = counter();
+        s.set_peer(&5, false, true);
+        let mut asked: Vec<ChunkId> = Vec::new();
+        // Asks the peer, fails every request: returns what the scheduler decided.
+        fn round(
+            s: &mut Scheduler<u32>,
+            next: &mut impl FnMut() -> ReqId,
+            at: u64,
+            asked: &mut Vec<ChunkId>,
+        ) -> Vec<SchedOut<u32>> {
+            let fetches = sent(&s.pump(Timestamp(at), next));
+            assert!(!fetches.is_empty(), "the peer is asked at {at}");
+            let mut outs = Vec::new();
+            for (peer, chunks, req) in fetches {
+                assert_eq!(peer, 5);
+                for c in &chunks {
+                    assert!(!asked.contains(c), "chunk {c} asked again of the peer whose request for it failed");
+                }
+                asked.extend(chunks);
+                outs.extend(s.on_request_failed(req));
+            }
+            outs
+        }
+        // Three requests in flight fail together: one failure.
+        assert!(round(&mut s, &mut next, 0, &mut asked).is_empty());
+        assert!(round(&mut s, &mut next, 1, &mut asked).is_empty());
+        // It delivers a chunk: forgiven.
+        let fetch = sent(&s.pump(Timestamp(2), &mut next));
+        let (_, chunks, req) = fetch[0].clone();
+        s.on_chunk(Timestamp(3), req, &chunks[0], ChunkOutcome::Verified);
+        s.on_request_done(Timestamp(3), req, 100);
+        for (_, chunks, req) in &fetch[1..] {
+            asked.extend(chunks.iter().copied());
+            s.on_chunk(Timestamp(3), *req, &chunks[0], ChunkOutcome::Verified);
+            s.on_request_done(Timestamp(3), *req, 100);
+        }
+        assert!(round(&mut s, &mut next, 4, &mut asked).is_empty());
+        assert!(round(&mut s, &mut next, 5, &mut asked).is_empty());
+        let outs = round(&mut s, &mut next, 6, &mut asked);
+        assert!(outs.contains(&SchedOut::Ban { peer: 5, reason: BanReason::Unresponsive }), "{outs:?}");
+        assert!(s.is_banned(&5));
+    }
+
+    #[test]
+    fn timeouts_count_as_failures() {
+        let limits = SchedulerLimits { failures_max: 0, ..SchedulerLimits::default() };
+        let mut s = Scheduler::new(limits.clone(), 1, [(id(1), 100), (id(2), 100)]);
+        let mut next = counter();
+        s.set_peer(&5, false, true);
+        assert_eq!(sent(&s.pump(Timestamp(0), &mut next)).len(), 1);
+        assert!(s.on_tick(Timestamp(limits.request_timeout_base_ms)).is_empty(), "not overdue yet");
+        let outs = s.on_tick(Timestamp(limits.request_timeout_base_ms + 10));
+        assert!(outs.contains(&SchedOut::Cancel { peer: 5, req: ReqId(1) }), "{outs:?}");
+        assert!(outs.contains(&SchedOut::Ban { peer: 5, reason: BanReason::Unresponsive }), "{outs:?}");
+    }
+
+    #[test]
+    fn the_origin_is_asked_once_peers_claiming_the_snapshot_stay_silent() {
+        let mb = 1 << 20;
+        let chunks: Vec<(ChunkId, u64)> = (1..=6).map(|n| (id(n), mb)).collect();
+        let mut s = Scheduler::new(SchedulerLimits::default(), 1, chunks);
+        let stall = SchedulerLimits::default().holds_all_stall_ms;
+        let mut next = counter();
+        s.set_peer(&0, true, true);
+        s.set_peer(&5, false, true);
+        let to_claimer = sent(&s.pump(Timestamp(0), &mut next));
+        assert!(to_claimer.iter().all(|f| f.0 == 5), "{to_claimer:?}");
+        assert!(sent(&s.pump(Timestamp(stall - 1), &mut next)).is_empty(), "the origin waits for the claimer");
+        let to_origin = sent(&s.pump(Timestamp(stall), &mut next));
+        assert_eq!(to_origin.iter().map(|f| (f.0, f.1.len())).collect::<Vec<_>>(), vec![(0, 1)]);
+        // The claimer delivers after all: the origin is not asked for more while it keeps doing so.
+        let (_, chunks, req) = to_claimer[0].clone();
+        s.on_chunk(Timestamp(stall + 1), req, &chunks[0], ChunkOutcome::Verified);
+        s.on_request_done(Timestamp(stall + 1), req, mb);
+        let (_, chunks, req) = to_origin[0].clone();
+        s.on_chunk(Timestamp(stall + 2), req, &chunks[0], ChunkOutcome::Verified);
+        s.on_request_done(Timestamp(stall + 2), req, mb);
+        let after = sent(&s.pump(Timestamp(stall + 3), &mut next));
+        assert!(after.iter().all(|f| f.0 == 5), "{after:?}");
     }
 }
