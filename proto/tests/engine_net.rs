@@ -622,6 +622,31 @@ fn a_peer_claiming_the_snapshot_that_never_answers_does_not_stop_the_sync() {
 }
 
 #[test]
+fn a_claimer_that_stalled_holds_up_the_next_snapshot_no_more() {
+    let mut net = sync_beside_a_claimed_holder(ChunkLie::Stall);
+    for i in (0..60).step_by(10) {
+        net.tree
+            .insert_file(&format!("alpine/edge/main/x86_64/pkg{i:04}-1.1-r0.apk"), file(500_000 + i, 1 << 40 | i))
+            .unwrap();
+    }
+    net.publish();
+    // It claims the new snapshot too.
+    for to in 1..=2 {
+        let hello = net.node(3).engine.as_ref().unwrap().hello();
+        net.queue.push_back(Msg::Hello { from: 3, to, hello, reply: true });
+    }
+    net.run(12_000);
+    for id in 1..=2 {
+        let n = &net.nodes[&id];
+        let took = n.applied_at.map_or(u64::MAX, |t| t.millis_since(net.published_at));
+        println!("update: mirror {id} applied after {took} ms");
+        assert_eq!(n.applied, net.root, "mirror {id} applies the update");
+        let stall = SchedulerLimits::default().holds_all_stall_ms;
+        assert!(took < stall, "mirror {id} waited {took} ms for the claimer again");
+    }
+}
+
+#[test]
 fn a_peer_claiming_the_snapshot_without_a_data_address_does_not_stop_the_sync() {
     let net = sync_beside_a_claimed_holder(ChunkLie::NoDataAddr);
     for id in 1..=2 {

@@ -92,6 +92,18 @@ const FAULTS: &str = r#"
     behaviour = "replayer"
     nodes = 1
     [[faults]]
+    kind = "byzantine"
+    behaviour = "elsewhere"
+    nodes = 1
+    [[faults]]
+    kind = "byzantine"
+    behaviour = "stall"
+    nodes = 1
+    [[faults]]
+    kind = "byzantine"
+    behaviour = "no_data_addr"
+    nodes = 1
+    [[faults]]
     kind = "slow"
     nodes = 2
     factor = 0.1
@@ -120,7 +132,7 @@ fn faults_of_every_kind_still_converge_and_byzantine_peers_are_found_out() {
     let report = run(FAULTS, 11);
     assert_checks(&report, 11);
     // One checker per byzantine peer ran (and passed above).
-    assert_eq!(report.checks.iter().filter(|c| c.name == "byzantine peer found out").count(), 4);
+    assert_eq!(report.checks.iter().filter(|c| c.name == "byzantine peer found out").count(), 7);
     assert_eq!(report.rows.len(), 5);
 }
 

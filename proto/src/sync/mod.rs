@@ -64,6 +64,10 @@ pub enum Role {
 pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 22;
 /// How often newly held chunks are announced to peers, by default.
 pub const HAVE_FLUSH_MS: u64 = 50;
+/// Peers remembered as suspect (banned or stalled in an earlier snapshot, not delivering since); beyond it the one
+/// with the smallest id is forgotten. A mirror has tens of peers: this covers every peer of any mesh while bounding
+/// what a stream of fresh identities can make this node remember.
+pub const SUSPECTS_MAX: usize = 1024;
 /// After this node fails to keep a chunk (staging write error, e.g. a full disk), no chunk is requested for this
 /// long; the error is reported each time.
 pub const LOCAL_FAILURE_BACKOFF_MS: u64 = 2_000;
@@ -245,6 +249,9 @@ pub struct Engine<P: PeerKey> {
     peers: BTreeMap<P, PeerInfo>,
     /// Peers banned for the snapshot being synced.
     banned: BTreeSet<P>,
+    /// Peers banned or stalled in an earlier snapshot that have not delivered a chunk since (kept across
+    /// reconnections): the next scheduler starts them stalled (see [`Scheduler::suspect`]).
+    suspects: BTreeSet<P>,
     seeder: Seeder<P>,
     /// Origin: a few peers that announced each chunk of the current snapshot (for redirects).
     holders: BTreeMap<ChunkId, Vec<P>>,
@@ -273,6 +280,7 @@ impl<P: PeerKey> Engine<P> {
             phase: Phase::Idle,
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
+            suspects: BTreeSet::new(),
             seeder,
             holders: BTreeMap::new(),
             next_req: 0,
@@ -356,6 +364,16 @@ impl<P: PeerKey> Engine<P> {
         self.banned.contains(peer)
     }
 
+    /// Whether `peer`'s claims are not trusted until it delivers a chunk: it was banned or stalled in this or the
+    /// previous snapshot (see [`Scheduler::suspect`]).
+    pub fn is_suspect(&self, peer: &P) -> bool {
+        let now = match &self.phase {
+            Phase::Transfer { sched, .. } => sched.suspicion(peer),
+            _ => None,
+        };
+        now.unwrap_or_else(|| self.suspects.contains(peer))
+    }
+
     // ---- events -------------------------------------------------------------------------------------------
 
     pub fn handle_peer_connected(&mut self, _now: Timestamp, peer: P) {
@@ -415,7 +433,11 @@ impl<P: PeerKey> Engine<P> {
         if let Phase::Transfer { target, sched } = &mut self.phase {
             let seq = target.body.seq;
             let holds_all = hello.complete_seq == Some(seq);
+            let known = sched.peer_keys().any(|p| *p == peer);
             sched.set_peer(&peer, is_origin, holds_all);
+            if !known && self.suspects.contains(&peer) {
+                sched.suspect(&peer);
+            }
             if first {
                 // Tell the newcomer what we already hold of this snapshot.
                 let complete_seq = self.current.as_ref().map(|c| c.body.seq);
@@ -583,6 +605,9 @@ impl<P: PeerKey> Engine<P> {
                 continue;
             }
             sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
+            if self.suspects.contains(peer) {
+                sched.suspect(peer);
+            }
             for id in &holdings {
                 sched.add_holding(now, peer, id);
             }
@@ -790,6 +815,7 @@ impl<P: PeerKey> Engine<P> {
         }
         // Abandon a sync to an older snapshot (staged chunks stay staged and are found again).
         if let Phase::Transfer { sched, .. } = &mut self.phase {
+            remember_suspects(&mut self.suspects, sched);
             let outs = sched.cancel_all();
             self.sched_outputs(outs);
         }
@@ -864,7 +890,8 @@ impl<P: PeerKey> Engine<P> {
             return;
         }
         self.flush_haves(now);
-        if let Phase::Transfer { target, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
+        if let Phase::Transfer { target, sched } = std::mem::replace(&mut self.phase, Phase::Idle) {
+            remember_suspects(&mut self.suspects, &sched);
             let base = self.current.as_ref().map(|c| c.body.root);
             self.out.push_back(Output::Apply { target: target.clone(), base });
             self.phase = Phase::Applying { target };
@@ -983,6 +1010,24 @@ impl<P: PeerKey> Engine<P> {
         for peer in peers {
             let have = Have { repo: self.cfg.repo.clone(), seq, complete_seq: Some(seq), chunks: Vec::new() };
             self.out.push_back(Output::SendHave(peer, have));
+        }
+    }
+}
+
+/// Carries what a finished or abandoned snapshot's scheduler learnt about its peers into the next one.
+fn remember_suspects<P: PeerKey>(suspects: &mut BTreeSet<P>, sched: &Scheduler<P>) {
+    for peer in sched.peer_keys() {
+        match sched.suspicion(peer) {
+            Some(true) => {
+                if suspects.len() >= SUSPECTS_MAX && !suspects.contains(peer) {
+                    suspects.pop_first();
+                }
+                suspects.insert(peer.clone());
+            }
+            Some(false) => {
+                suspects.remove(peer);
+            }
+            None => {}
         }
     }
 }

@@ -6,10 +6,14 @@
 //!   it can deliver in [`SchedulerLimits::window_target_ms`]); several requests are in flight per peer.
 //! - **Batches.** Small chunks travel many per request, up to [`SchedulerLimits::request_bytes_target`].
 //! - **Origin last.** An origin peer is asked only for chunks that no connected, unbanned non-origin peer can
-//!   supply: nobody announced them and no peer claims the whole snapshot, or every peer claiming the whole snapshot
-//!   refused them, or the peers claiming the whole snapshot delivered nothing for
-//!   [`SchedulerLimits::holds_all_stall_ms`] while asked (a claim is only a claim). If the origin answers
-//!   "elsewhere" (super-seeding), the chunk is not asked of it again for a while.
+//!   supply: nobody announced them, and no peer claims the whole snapshot or every peer claiming it is stalled or
+//!   refused them (a claim is only a claim). A claimer that delivers nothing for
+//!   [`SchedulerLimits::holds_all_stall_ms`] while asked is stalled: its requests fail (one failure) and it does
+//!   not keep the origin from being asked until it delivers again; while an origin is connected a stalled
+//!   claimer is asked only for copies of chunks in flight elsewhere, so it holds nothing up. A peer that ended the
+//!   previous snapshot banned or stalled starts the next one stalled ([`Scheduler::suspect`]): trust in a claim
+//!   is earned by delivering. If the origin answers "elsewhere" (super-seeding), the chunk is not asked of it again
+//!   for a while.
 //! - **Endgame.** Once every chunk is requested, idle peers also ask for chunks in flight elsewhere (at most
 //!   [`SchedulerLimits::endgame_copies_max`] copies); a request whose chunks all arrived elsewhere is cancelled.
 //! - **Refusals.** Only an origin may answer "elsewhere". A chunk a non-origin peer answers "missing" or
@@ -69,8 +73,8 @@ pub struct SchedulerLimits {
     /// Failed or timed-out requests to a non-origin peer in a row (without a chunk delivered in between, requests
     /// in flight together counting once); one more bans it.
     pub failures_max: u32,
-    /// Peers claiming the whole snapshot that delivered nothing for this long while asked no longer keep the
-    /// origin from being asked.
+    /// A peer claiming the whole snapshot that delivers nothing for this long while asked is stalled: its requests
+    /// fail, and it no longer keeps the origin from being asked until it delivers again.
     pub holds_all_stall_ms: u64,
 }
 
@@ -94,9 +98,9 @@ impl Default for SchedulerLimits {
             // once) and end with a delivery; four rounds in a row with nothing delivered is a peer that cannot
             // serve. A no-address peer reaches it within milliseconds, a silent one after four request timeouts.
             failures_max: 3,
-            // Below the 10 s request timeout, so the origin is asked before the first request to a silent claimer
-            // times out; above what an honest peer takes to deliver its first chunk (a round trip plus a chunk at
-            // its share of its upload: 1 MiB at 10 Mbit/s is 0.8 s).
+            // Below the 10 s request timeout, so the origin is asked before a request to a silent claimer times
+            // out; above what an honest peer takes to deliver a chunk while it has requests waiting (its window is
+            // about a second of its measured rate; a first, unmeasured 2 MiB window at 10 Mbit/s is 1.7 s).
             holds_all_stall_ms: 5_000,
         }
     }
@@ -169,6 +173,13 @@ struct PeerSched {
     /// Number of the current failure round: a failed request counts only if it was sent in this round (requests
     /// sent before the last counted failure failed with it).
     failure_round: u32,
+    /// Since when it has had requests in flight without delivering a chunk.
+    waiting_since: Option<Timestamp>,
+    /// It claims the whole snapshot and delivered nothing for `holds_all_stall_ms` while asked: until it delivers
+    /// again, it does not keep the origin from being asked.
+    stalled: bool,
+    /// It delivered a chunk in this snapshot.
+    delivered: bool,
 }
 
 struct Request<P> {
@@ -205,8 +216,6 @@ pub struct Scheduler<P: PeerKey> {
     /// Needed chunks that every peer counted in `holds_all_count` refused or failed to deliver (only kept while
     /// there are such peers): the origin may be asked for them.
     lacking: BTreeSet<u32>,
-    /// Since when requests to peers claiming the whole snapshot wait without any of them delivering a chunk.
-    holds_all_waiting_since: Option<Timestamp>,
     requests: BTreeMap<ReqId, Request<P>>,
     bytes_missing: u64,
     chunks_missing: usize,
@@ -301,7 +310,6 @@ impl<P: PeerKey> Scheduler<P> {
             peers: BTreeMap::new(),
             holds_all_count: 0,
             lacking: BTreeSet::new(),
-            holds_all_waiting_since: None,
             requests: BTreeMap::new(),
         }
     }
@@ -356,9 +364,10 @@ impl<P: PeerKey> Scheduler<P> {
         self.avail.unannounced().count()
     }
 
-    /// Peers claiming the whole snapshot were asked and delivered nothing for `holds_all_stall_ms`.
-    pub fn holds_all_stalled(&self, now: Timestamp) -> bool {
-        self.holds_all_waiting_since.is_some_and(|t| now.millis_since(t) >= self.limits.holds_all_stall_ms)
+    /// Whether some peer claiming the whole snapshot still keeps the origin from being asked: it is not stalled
+    /// (see [`Scheduler::on_tick`]).
+    fn claimed_by_a_live_holder(&self) -> bool {
+        self.holds_all_count > 0 && self.peers.values().any(|p| contribution(p) == Contribution::All && !p.stalled)
     }
 
     pub fn requests_in_flight(&self) -> usize {
@@ -382,6 +391,9 @@ impl<P: PeerKey> Scheduler<P> {
             lies: 0,
             failures: 0,
             failure_round: 0,
+            waiting_since: None,
+            stalled: false,
+            delivered: false,
         });
         let before = contribution(entry);
         let completed = holds_all && !entry.holds_all;
@@ -399,6 +411,33 @@ impl<P: PeerKey> Scheduler<P> {
         if before != after || (completed && after == Contribution::All) {
             self.holders_changed(before, after);
         }
+    }
+
+    /// `peer` was banned or stalled in an earlier snapshot and has not delivered since: while it claims the whole
+    /// snapshot it starts stalled (it gets only copies of chunks in flight elsewhere while an origin is connected,
+    /// and does not keep the origin from being asked) until it delivers a chunk.
+    pub fn suspect(&mut self, peer: &P) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.stalled = true;
+        }
+    }
+
+    /// What this snapshot showed of `peer` so far: `Some(true)` if it is banned, or stalled and has not delivered
+    /// since (see [`Scheduler::suspect`]), `Some(false)` if it delivered a chunk, `None` if neither.
+    pub fn suspicion(&self, peer: &P) -> Option<bool> {
+        let p = self.peers.get(peer)?;
+        if p.banned || p.stalled {
+            Some(true)
+        } else if p.delivered {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// Peers this scheduler knows (connected, banned or not).
+    pub fn peer_keys(&self) -> impl Iterator<Item = &P> + '_ {
+        self.peers.keys()
     }
 
     /// A peer announced that it holds `id`.
@@ -463,12 +502,10 @@ impl<P: PeerKey> Scheduler<P> {
                 {
                     self.mesh_moved_at = Some(now);
                     p.failures = 0;
-                    if contribution(p) == Contribution::All {
-                        // Peers claiming the snapshot deliver: the clock restarts for requests still waiting.
-                        let waiting =
-                            self.peers.values().any(|q| contribution(q) == Contribution::All && !q.requests.is_empty());
-                        self.holds_all_waiting_since = waiting.then_some(now);
-                    }
+                    p.stalled = false;
+                    p.delivered = true;
+                    // It delivers: the clock restarts for its requests still waiting.
+                    p.waiting_since = Some(now);
                 }
                 self.release(req, &peer, size);
                 self.complete_chunk(c)
@@ -559,10 +596,7 @@ impl<P: PeerKey> Scheduler<P> {
         }
         self.lacking.clear();
         let mut holders = self.peers.values().filter(|p| contribution(p) == Contribution::All);
-        let Some(first) = holders.next() else {
-            self.holds_all_waiting_since = None;
-            return;
-        };
+        let Some(first) = holders.next() else { return };
         let mut all = first.missing.clone();
         for p in holders {
             all.intersect_with(&p.missing);
@@ -600,8 +634,31 @@ impl<P: PeerKey> Scheduler<P> {
         if unresponsive { self.ban(&peer, BanReason::Unresponsive) } else { Vec::new() }
     }
 
-    /// Times out overdue requests.
+    /// Times out overdue requests, and fails the requests of a peer claiming the whole snapshot that delivered
+    /// nothing for `holds_all_stall_ms` while asked: it is stalled (counted as one failure; until it delivers again
+    /// it does not keep the origin from being asked).
     pub fn on_tick(&mut self, now: Timestamp) -> Vec<SchedOut<P>> {
+        let stall_ms = self.limits.holds_all_stall_ms;
+        let stalled: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                contribution(p) == Contribution::All && p.waiting_since.is_some_and(|t| now.millis_since(t) >= stall_ms)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for peer in stalled {
+            let Some(p) = self.peers.get_mut(&peer) else { continue };
+            p.stalled = true;
+            let requests: Vec<ReqId> = p.requests.iter().copied().collect();
+            for req in requests {
+                if self.requests.contains_key(&req) {
+                    out.push(SchedOut::Cancel { peer: peer.clone(), req });
+                    out.extend(self.on_request_failed(req));
+                }
+            }
+        }
         let overdue: Vec<(ReqId, P)> = self
             .requests
             .iter()
@@ -612,7 +669,6 @@ impl<P: PeerKey> Scheduler<P> {
             })
             .map(|(id, r)| (*id, r.peer.clone()))
             .collect();
-        let mut out = Vec::new();
         for (req, peer) in overdue {
             if !self.requests.contains_key(&req) {
                 // Dropped with an earlier one (its peer was banned).
@@ -624,11 +680,23 @@ impl<P: PeerKey> Scheduler<P> {
         out
     }
 
-    /// Fills every peer's window; `next_req` hands out request ids. Non-origin peers are served first.
+    /// Fills every peer's window; `next_req` hands out request ids. Non-origin peers are served first, stalled
+    /// claimers last.
     pub fn pump(&mut self, now: Timestamp, next_req: &mut impl FnMut() -> ReqId) -> Vec<SchedOut<P>> {
         let mut out = Vec::new();
-        let mut order: Vec<P> = self.peers.iter().filter(|(_, p)| !p.is_origin).map(|(k, _)| k.clone()).collect();
-        order.extend(self.peers.iter().filter(|(_, p)| p.is_origin).map(|(k, _)| k.clone()));
+        // Peers first, then the origin, then stalled claimers (they get what is left).
+        let rank = |p: &PeerSched| {
+            if p.is_origin {
+                1
+            } else if p.stalled && p.holds_all {
+                2
+            } else {
+                0
+            }
+        };
+        let mut order: Vec<(u8, P)> = self.peers.iter().map(|(k, p)| (rank(p), k.clone())).collect();
+        order.sort();
+        let order = order.into_iter().map(|(_, k)| k);
         for peer in order {
             out.extend(self.pump_peer(now, &peer, next_req));
         }
@@ -658,7 +726,7 @@ impl<P: PeerKey> Scheduler<P> {
         if p.banned || p.requests.len() >= limits.requests_in_flight_per_peer_max || p.in_flight_bytes >= window {
             return None;
         }
-        let (round, claims_all) = (p.failure_round, contribution(p) == Contribution::All);
+        let round = p.failure_round;
         let budget = (window - p.in_flight_bytes).min(limits.request_bytes_target).max(1);
         let mut picked: Vec<u32> = Vec::new();
         let mut bytes = 0u64;
@@ -674,7 +742,7 @@ impl<P: PeerKey> Scheduler<P> {
             // and nobody claims the snapshot (or those who do stopped delivering), or every claimer refused them.
             // Chunks never redirected come first: a redirected chunk is on its way through the mesh, and asking
             // the origin again (which serves a second copy) is the last resort once nothing fresh is left.
-            let unclaimed = self.holds_all_count == 0 || self.holds_all_stalled(now);
+            let unclaimed = !self.claimed_by_a_live_holder();
             let lacking = (!unclaimed).then(|| self.lacking.iter().copied().filter(|&c| self.avail.level(c) == 0));
             let candidates = || {
                 let unannounced = unclaimed.then(|| self.avail.unannounced());
@@ -706,9 +774,14 @@ impl<P: PeerKey> Scheduler<P> {
                 }
             }
         } else if p.holds_all {
-            for c in self.avail.rarest_first() {
-                if usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
-                    break;
+            // A stalled claimer gets only copies of chunks in flight elsewhere (below) while an origin can supply
+            // the rest: it proves itself by delivering one, and holds nothing up meanwhile.
+            let origin_up = self.peers.values().any(|q| q.is_origin && !q.banned);
+            if !p.stalled || !origin_up {
+                for c in self.avail.rarest_first() {
+                    if usable(c) && take(c, u64::from(self.sizes[c as usize]), &mut picked) {
+                        break;
+                    }
                 }
             }
         } else {
@@ -747,8 +820,8 @@ impl<P: PeerKey> Scheduler<P> {
         }
 
         let nothing_queued = self.in_flight.len() >= self.chunks_missing;
-        if picked.is_empty() && nothing_queued && !p.is_origin {
-            // Endgame: help with chunks in flight elsewhere.
+        if picked.is_empty() && (nothing_queued || (p.stalled && p.holds_all)) && !p.is_origin {
+            // Endgame: help with chunks in flight elsewhere (a stalled claimer only ever does this).
             for (&c, flights) in &self.in_flight {
                 let here = flights.iter().any(|(q, _)| q == peer);
                 let can = p.holds_all || p.explicit.contains(c as usize);
@@ -774,8 +847,8 @@ impl<P: PeerKey> Scheduler<P> {
         }
         let chunks = picked.iter().map(|&c| self.ids[c as usize]).collect();
         self.requests.insert(req, Request { peer: peer.clone(), pending: picked, bytes: total, sent_at: now, round });
-        if claims_all && self.holds_all_waiting_since.is_none() {
-            self.holds_all_waiting_since = Some(now);
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.waiting_since.get_or_insert(now);
         }
         Some(ChunkFetch { peer: peer.clone(), req, chunks })
     }
@@ -831,6 +904,9 @@ impl<P: PeerKey> Scheduler<P> {
         if let Some(p) = self.peers.get_mut(&request.peer) {
             p.requests.remove(&req);
             p.in_flight_bytes = p.in_flight_bytes.saturating_sub(request.bytes);
+            if p.requests.is_empty() {
+                p.waiting_since = None;
+            }
         }
         for c in request.pending {
             self.untrack(c, &request.peer, req);
@@ -1110,7 +1186,9 @@ mod tests {
         let limits = SchedulerLimits { failures_max: 0, ..SchedulerLimits::default() };
         let mut s = Scheduler::new(limits.clone(), 1, [(id(1), 100), (id(2), 100)]);
         let mut next = counter();
-        s.set_peer(&5, false, true);
+        s.set_peer(&5, false, false);
+        s.add_holding(Timestamp(0), &5, &id(1));
+        s.add_holding(Timestamp(0), &5, &id(2));
         assert_eq!(sent(&s.pump(Timestamp(0), &mut next)).len(), 1);
         assert!(s.on_tick(Timestamp(limits.request_timeout_base_ms)).is_empty(), "not overdue yet");
         let outs = s.on_tick(Timestamp(limits.request_timeout_base_ms + 10));
@@ -1119,27 +1197,56 @@ mod tests {
     }
 
     #[test]
-    fn the_origin_is_asked_once_peers_claiming_the_snapshot_stay_silent() {
+    fn a_claimer_silent_for_the_stall_allowance_fails_its_requests_and_lets_the_origin_be_asked() {
         let mb = 1 << 20;
-        let chunks: Vec<(ChunkId, u64)> = (1..=6).map(|n| (id(n), mb)).collect();
+        let chunks: Vec<(ChunkId, u64)> = (1..=12).map(|n| (id(n), mb)).collect();
         let mut s = Scheduler::new(SchedulerLimits::default(), 1, chunks);
         let stall = SchedulerLimits::default().holds_all_stall_ms;
         let mut next = counter();
         s.set_peer(&0, true, true);
         s.set_peer(&5, false, true);
         let to_claimer = sent(&s.pump(Timestamp(0), &mut next));
-        assert!(to_claimer.iter().all(|f| f.0 == 5), "{to_claimer:?}");
+        assert!(!to_claimer.is_empty() && to_claimer.iter().all(|f| f.0 == 5), "{to_claimer:?}");
+        assert!(s.on_tick(Timestamp(stall - 1)).is_empty());
         assert!(sent(&s.pump(Timestamp(stall - 1), &mut next)).is_empty(), "the origin waits for the claimer");
-        let to_origin = sent(&s.pump(Timestamp(stall), &mut next));
-        assert_eq!(to_origin.iter().map(|f| (f.0, f.1.len())).collect::<Vec<_>>(), vec![(0, 1)]);
-        // The claimer delivers after all: the origin is not asked for more while it keeps doing so.
-        let (_, chunks, req) = to_claimer[0].clone();
-        s.on_chunk(Timestamp(stall + 1), req, &chunks[0], ChunkOutcome::Verified);
-        s.on_request_done(Timestamp(stall + 1), req, mb);
-        let (_, chunks, req) = to_origin[0].clone();
-        s.on_chunk(Timestamp(stall + 2), req, &chunks[0], ChunkOutcome::Verified);
-        s.on_request_done(Timestamp(stall + 2), req, mb);
-        let after = sent(&s.pump(Timestamp(stall + 3), &mut next));
-        assert!(after.iter().all(|f| f.0 == 5), "{after:?}");
+        // Silent for the allowance: its requests fail (their chunks go to the origin), and the origin is asked.
+        let outs = s.on_tick(Timestamp(stall));
+        for (_, _, req) in &to_claimer {
+            assert!(outs.contains(&SchedOut::Cancel { peer: 5, req: *req }), "{outs:?}");
+        }
+        let after = sent(&s.pump(Timestamp(stall), &mut next));
+        let to_origin: Vec<_> = after.iter().filter(|f| f.0 == 0).cloned().collect();
+        assert_eq!(to_origin.len(), 1, "{after:?}");
+        // Stalled, the claimer gets only copies of chunks in flight at the origin.
+        let at_origin =
+            |c: &ChunkId, reqs: &[(u32, Vec<ChunkId>, ReqId)]| reqs.iter().any(|f| f.0 == 0 && f.1.contains(c));
+        for f in after.iter().filter(|f| f.0 == 5) {
+            assert!(f.1.iter().all(|c| at_origin(c, &after)), "{after:?}");
+        }
+        // The origin delivers until the claimer is asked for a copy, which it delivers: it is no longer stalled.
+        let mut outstanding = after;
+        let mut at = stall;
+        let copy = loop {
+            if let Some(copy) = outstanding.iter().find(|f| f.0 == 5).cloned() {
+                break copy;
+            }
+            at += 1;
+            for (_, chunks, req) in outstanding.iter().filter(|f| f.0 == 0) {
+                s.on_chunk(Timestamp(at), *req, &chunks[0], ChunkOutcome::Verified);
+                s.on_request_done(Timestamp(at), *req, mb);
+            }
+            outstanding = sent(&s.pump(Timestamp(at), &mut next));
+            assert!(!outstanding.is_empty(), "nothing asked at {at}");
+        };
+        s.on_chunk(Timestamp(at + 1), copy.2, &copy.1[0], ChunkOutcome::Verified);
+        s.on_request_done(Timestamp(at + 1), copy.2, mb);
+        let later = sent(&s.pump(Timestamp(at + 2), &mut next));
+        let sat_on = |c: &ChunkId| to_claimer.iter().any(|g| g.1.contains(c));
+        assert!(later.iter().any(|f| f.0 == 5), "{later:?}");
+        for f in &later {
+            // The claimer gets fresh chunks again; the origin only what the claimer sat on (missing there).
+            assert!(f.0 == 0 || !f.1.iter().any(|c| at_origin(c, &outstanding)), "{later:?}");
+            assert!(f.0 == 5 || f.1.iter().all(sat_on), "{later:?}");
+        }
     }
 }
