@@ -15,7 +15,7 @@ use mirrormesh_proto::node::NodeHash;
 use mirrormesh_proto::root::{DeltaRef, RootBody, RootError, SignedRoot, publisher_key};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
-use mirrormesh_proto::sync::{Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
+use mirrormesh_proto::sync::{ChunkSet, Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
 use mirrormesh_proto::tree::TreeDir;
 use mirrormesh_proto::{RepoId, Timestamp};
 use support::*;
@@ -194,11 +194,13 @@ impl Net {
         let mut tree = self.tree.clone();
         let root = tree.build(&mut origin.nodes).unwrap();
         let (everything, _) = diff(&origin.nodes, None, &root).unwrap();
+        let mut snapshot = Vec::new();
         for change in &everything {
             if let Some(EntryKind::File(meta)) = change.new.as_ref().map(|e| &e.kind) {
                 for (i, id) in meta.chunks.iter().enumerate() {
                     self.sizes.insert(*id, chunk_range(meta.size, i as u64).unwrap().1);
                     origin.chunks.insert(*id);
+                    snapshot.push(*id);
                 }
             }
         }
@@ -222,7 +224,7 @@ impl Net {
         };
         let signed = SignedRoot::sign(&SECRET, &body);
         origin.applied = Some(root);
-        origin.engine.as_mut().unwrap().handle_published(now, signed.clone()).unwrap();
+        origin.engine.as_mut().unwrap().handle_published(now, signed.clone(), ChunkSet::new(snapshot)).unwrap();
         self.root = Some(root);
         self.published_at = now;
         self.drain(ORIGIN);

@@ -34,7 +34,7 @@ use mirrormesh_proto::node_store::{NodeSink, NodeSource, SourceError};
 use mirrormesh_proto::root::{DeltaRef, RepoId, RootBody, RootId, SignedRoot, VerifiedRoot, publisher_key};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
-use mirrormesh_proto::sync::{Engine, EngineConfig, HAVE_FLUSH_MS, Notice, Output, ReqId, Role, RootVia};
+use mirrormesh_proto::sync::{ChunkSet, Engine, EngineConfig, HAVE_FLUSH_MS, Notice, Output, ReqId, Role, RootVia};
 use mirrormesh_proto::timestamp::Timestamp;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
@@ -1284,8 +1284,9 @@ impl World {
         self.published.push(Published { seq, at: self.now, size, plan: plan.clone(), signed: signed.clone(), root });
         origin.record.applied = Some((seq, root));
         origin.record.completed[k] = Some(self.now);
+        let chunks = ChunkSet::new(self.content.current.iter().map(|&c| self.content.chunks[c as usize].id));
         if let Some(engine) = origin.engine.as_mut()
-            && engine.handle_published(now, signed.clone()).is_err()
+            && engine.handle_published(now, signed.clone(), chunks).is_err()
         {
             self.stats.engine_errors += 1;
         }

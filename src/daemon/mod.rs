@@ -853,11 +853,12 @@ impl Daemon {
         };
         let reader = self.store.reader()?;
         let index = ChunkIndex::build(&reader, &report.body.root)?;
+        let chunks = mirrormesh_proto::sync::ChunkSet::of_snapshot(&reader, &report.body.root)?;
         drop(reader);
         if let Ok(mut current) = self.index.write() {
             *current = index;
         }
-        let accepted = self.engine.handle_published(now(), report.signed.clone());
+        let accepted = self.engine.handle_published(now(), report.signed.clone(), chunks);
         if let Err(e) = accepted {
             let message = format!("publishing: the engine refused the new root: {e}");
             self.error(message.clone());

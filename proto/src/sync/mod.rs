@@ -6,7 +6,8 @@
 //! else the engine learns from events.
 //!
 //! # Call order
-//! 1. Create with [`Engine::new`] from the persisted state (the applied snapshot and the newest accepted root).
+//! 1. Create with [`Engine::new`] from the persisted state (the applied snapshot and the newest accepted root). An
+//!    origin restored with a current snapshot then gets its chunk ids through [`Engine::handle_snapshot_chunks`].
 //! 2. Feed events through the `handle_*` methods as they happen, each with the current time.
 //! 3. After every call, drain [`Engine::poll_output`] and execute the outputs **in order**. `StoreNodes` must be
 //!    durable and readable through the source before the next call; `Stage` is answered by
@@ -21,10 +22,20 @@
 //! ([`scheduler`]), with the origin asked only for chunks no peer holds → every chunk held: `Apply` → applied:
 //! the node announces that it is complete at the new snapshot.
 //!
-//! The origin role publishes instead of syncing ([`Engine::handle_published`]) and answers chunk requests through
-//! [`Engine::serve_decision`] ([`seeder`]).
+//! The origin role publishes instead of syncing ([`Engine::handle_published`], with the snapshot's [`ChunkSet`])
+//! and answers chunk requests through [`Engine::serve_decision`] ([`seeder`]).
+//!
+//! # What peers can make the engine remember
+//! Every table keyed by what peers send has a global cap: the origin keeps announcements only of chunks of its
+//! current snapshot (`HOLDER_ENTRIES_MAX` pairs), refuses requests for other chunks without remembering them (a
+//! peer making more than `UNKNOWN_CHUNK_REQUESTS_MAX` is banned for the snapshot), and its seeder's tables have
+//! caps of their own ([`seeder::SeederLimits`]). A mirror keeps announcements before it knows what its sync needs
+//! (while it fetches the manifest) up to `HOLDINGS_PER_PEER_MAX` per peer and `HOLDINGS_PENDING_MAX` in all; from
+//! planning on (staging, transfer) the scheduler keeps only chunks of the sync, as bits. Dropped announcements are
+//! counted ([`Engine::announce_counts`]); [`Engine::table_sizes`] shows the tables' sizes.
 
 pub mod availability;
+pub mod chunk_set;
 pub mod manifest_fetch;
 pub mod scheduler;
 pub mod seeder;
@@ -40,6 +51,7 @@ use crate::node::NodeHash;
 use crate::node_store::{NodeSource, SourceError};
 use crate::root::{PublisherKey, RepoId, RootError, RootTracker, SignedRoot, VerifiedRoot};
 use crate::timestamp::Timestamp;
+pub use chunk_set::ChunkSet;
 use manifest_fetch::{FetchOut, ManifestFetch};
 use scheduler::{BanReason, ChunkOutcome, SchedOut, Scheduler, SchedulerLimits};
 use seeder::{Seeder, SeederLimits, ServeDecision};
@@ -60,8 +72,26 @@ pub enum Role {
     Mirror,
 }
 
-/// Chunks one peer may be recorded as holding (beyond it, its announcements are ignored).
-pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 22;
+/// Chunks one peer may be recorded as holding before this node knows which chunks its sync needs (while it fetches
+/// the manifest; beyond it, the peer's announcements are dropped and counted). A release is hundreds to thousands
+/// of chunks and a whole Alpine repository about 8,100 per architecture; an announcement dropped here only means
+/// the chunk may be asked of the origin, which redirects to its holders.
+pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 17;
+/// Chunks recorded over all peers before this node knows which chunks its sync needs (see
+/// `HOLDINGS_PER_PEER_MAX`): about 63 bytes each in a B-tree set (measured, `proto/tests/state_bounds.rs`), so at
+/// most ~31 MiB. Once the sync is planned, announcements go to the scheduler, which keeps only chunks it needs.
+pub const HOLDINGS_PENDING_MAX: usize = 1 << 19;
+/// Origin: (chunk, peer) pairs remembered from announcements, over all chunks (at most `REDIRECT_PEERS_MAX` peers
+/// per chunk, only chunks of the current snapshot). Redirects need holders only for chunks already handed out,
+/// which in a release is the release's chunks (a whole Alpine architecture is ~8,100 chunks, x 8 peers = 65,000);
+/// beyond it announcements are dropped and counted. About 186 bytes per pair with libp2p peer ids when each chunk
+/// has one holder (the worst case; measured, `proto/tests/state_bounds.rs`): ~23 MiB at the cap.
+pub const HOLDER_ENTRIES_MAX: usize = 1 << 17;
+/// Origin: requests from one peer for chunks outside the current snapshot before it is banned for the snapshot.
+/// An honest mirror asks for such a chunk only while it syncs to an older snapshot and has not heard of the newer
+/// one (a round trip after publication), each chunk at most once; with the origin window of 1 MiB and requests of
+/// 256 chunks that is far below this.
+pub const UNKNOWN_CHUNK_REQUESTS_MAX: u32 = 1 << 16;
 /// How often newly held chunks are announced to peers, by default.
 pub const HAVE_FLUSH_MS: u64 = 50;
 /// Peers remembered as suspect (banned or stalled in an earlier snapshot, not delivering since); beyond it the one
@@ -197,6 +227,28 @@ pub struct EngineStatus {
     pub peers: usize,
 }
 
+/// Entries in the engine's tables that peers can grow, each under its cap (see [`Engine::table_sizes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Origin: (chunk, peer) pairs announced (`HOLDER_ENTRIES_MAX`).
+    pub holders: usize,
+    /// Origin: chunks handed out, per recipient (`SeederLimits::recipients_max`).
+    pub seeder_recipients: usize,
+    /// Origin: (asker, chunk) pairs pointed elsewhere (`SeederLimits::redirects_max`).
+    pub seeder_redirects: usize,
+    /// Mirror: chunks announced before the sync's chunks are known, over all peers (`HOLDINGS_PENDING_MAX`).
+    pub pending_holdings: usize,
+}
+
+/// Announced chunk ids this node dropped since the start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnnounceCounts {
+    /// Origin: ids that are not chunks of its current snapshot.
+    pub outside_snapshot: u64,
+    /// Ids dropped because a table was full (`HOLDER_ENTRIES_MAX`, `HOLDINGS_PER_PEER_MAX`, `HOLDINGS_PENDING_MAX`).
+    pub over_cap: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -216,6 +268,8 @@ struct PeerInfo {
     pushed: Option<u64>,
     /// Newest snapshot it announced chunks of (it holds that snapshot's manifest).
     manifest_seq: Option<u64>,
+    /// Origin: its requests for chunks outside the current snapshot.
+    unknown_requests: u32,
 }
 
 enum Phase<P: PeerKey> {
@@ -228,9 +282,10 @@ enum Phase<P: PeerKey> {
     Planned {
         target: VerifiedRoot,
     },
+    /// The caller stages the files; the scheduler already collects what peers announce (only chunks it needs).
     Staging {
         target: VerifiedRoot,
-        files: Vec<StageFile>,
+        sched: Scheduler<P>,
     },
     Transfer {
         target: VerifiedRoot,
@@ -255,6 +310,11 @@ pub struct Engine<P: PeerKey> {
     seeder: Seeder<P>,
     /// Origin: a few peers that announced each chunk of the current snapshot (for redirects).
     holders: BTreeMap<ChunkId, Vec<P>>,
+    /// (chunk, peer) pairs in `holders`.
+    holder_entries: usize,
+    /// Origin: the chunks of the current snapshot (`None` until the caller says, after a restart).
+    snapshot_chunks: Option<ChunkSet>,
+    announce_counts: AnnounceCounts,
     next_req: u64,
     out: VecDeque<Output<P>>,
     have_outbox: Vec<ChunkId>,
@@ -283,6 +343,9 @@ impl<P: PeerKey> Engine<P> {
             suspects: BTreeSet::new(),
             seeder,
             holders: BTreeMap::new(),
+            holder_entries: 0,
+            snapshot_chunks: None,
+            announce_counts: AnnounceCounts::default(),
             next_req: 0,
             out: VecDeque::new(),
             have_outbox: Vec::new(),
@@ -386,6 +449,7 @@ impl<P: PeerKey> Engine<P> {
             holdings: BTreeSet::new(),
             pushed: None,
             manifest_seq: None,
+            unknown_requests: 0,
         });
         self.out.push_back(Output::SendHello(peer, self.hello()));
     }
@@ -394,7 +458,7 @@ impl<P: PeerKey> Engine<P> {
         self.peers.remove(peer);
         match &mut self.phase {
             Phase::Manifest { fetch, .. } => fetch.on_peer_gone(peer),
-            Phase::Transfer { sched, .. } => {
+            Phase::Transfer { sched, .. } | Phase::Staging { sched, .. } => {
                 let outs = sched.remove_peer(peer);
                 self.sched_outputs(outs);
             }
@@ -423,6 +487,7 @@ impl<P: PeerKey> Engine<P> {
             holdings: BTreeSet::new(),
             pushed: None,
             manifest_seq: None,
+            unknown_requests: 0,
         });
         let first = !info.greeted;
         info.greeted = true;
@@ -430,7 +495,7 @@ impl<P: PeerKey> Engine<P> {
         if let Some(root) = hello.root {
             self.handle_root(now, RootVia::Hello(peer.clone()), root, source)?;
         }
-        if let Phase::Transfer { target, sched } = &mut self.phase {
+        if let Phase::Transfer { target, sched } | Phase::Staging { target, sched } = &mut self.phase {
             let seq = target.body.seq;
             let holds_all = hello.complete_seq == Some(seq);
             let known = sched.peer_keys().any(|p| *p == peer);
@@ -511,7 +576,8 @@ impl<P: PeerKey> Engine<P> {
         info.manifest_seq = info.manifest_seq.max(Some(have.seq));
         let (is_origin, complete_seq) = (info.is_origin, info.complete_seq);
         match &mut self.phase {
-            Phase::Transfer { target, sched } => {
+            Phase::Transfer { target, sched } | Phase::Staging { target, sched } => {
+                // The scheduler keeps only chunks this sync needs, in bitsets.
                 sched.set_peer(&peer, is_origin, complete_seq == Some(target.body.seq));
                 for id in &have.chunks {
                     sched.add_holding(now, &peer, id);
@@ -520,19 +586,41 @@ impl<P: PeerKey> Engine<P> {
                 self.pump_after(now, &peer);
                 return;
             }
-            Phase::Manifest { .. } | Phase::Planned { .. } | Phase::Staging { .. } => {
+            Phase::Manifest { .. } | Phase::Planned { .. } => {
+                // Which chunks this sync needs is not known yet: keep what fits under both caps.
+                let pending: usize = self.peers.values().map(|i| i.holdings.len()).sum();
+                let room = HOLDINGS_PENDING_MAX.saturating_sub(pending);
+                let Some(info) = self.peers.get_mut(&peer) else { return };
+                let before = info.holdings.len();
+                let limit = HOLDINGS_PER_PEER_MAX.min(before + room);
                 for id in &have.chunks {
-                    if info.holdings.len() >= HOLDINGS_PER_PEER_MAX {
-                        break;
+                    if info.holdings.len() >= limit && !info.holdings.contains(id) {
+                        self.announce_counts.over_cap += 1;
+                        continue;
                     }
                     info.holdings.insert(*id);
                 }
             }
             Phase::Idle | Phase::Applying { .. } if self.cfg.role == Role::Origin => {
                 for id in &have.chunks {
-                    let holders = self.holders.entry(*id).or_default();
-                    if holders.len() < crate::transfer::REDIRECT_PEERS_MAX && !holders.contains(&peer) {
-                        holders.push(peer.clone());
+                    // Only chunks of the current snapshot can be redirected to (before the caller gave the set,
+                    // only the cap bounds them).
+                    if self.snapshot_chunks.as_ref().is_some_and(|set| !set.contains(id)) {
+                        self.announce_counts.outside_snapshot += 1;
+                        continue;
+                    }
+                    let full = self.holder_entries >= HOLDER_ENTRIES_MAX;
+                    match self.holders.get_mut(id) {
+                        Some(holders) if holders.contains(&peer) => {}
+                        Some(holders) if holders.len() < crate::transfer::REDIRECT_PEERS_MAX && !full => {
+                            holders.push(peer.clone());
+                            self.holder_entries += 1;
+                        }
+                        None if !full => {
+                            self.holders.insert(*id, vec![peer.clone()]);
+                            self.holder_entries += 1;
+                        }
+                        _ => self.announce_counts.over_cap += 1,
                     }
                 }
             }
@@ -583,34 +671,16 @@ impl<P: PeerKey> Engine<P> {
     /// run).
     pub fn handle_staged(&mut self, now: Timestamp, seq: u64, held: Vec<ChunkId>) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let Phase::Staging { target, files } = phase else {
+        let Phase::Staging { target, mut sched } = phase else {
             self.phase = phase;
             return;
         };
         if target.body.seq != seq {
-            self.phase = Phase::Staging { target, files };
+            self.phase = Phase::Staging { target, sched };
             return;
         }
-        let chunks = files.iter().flat_map(|f| {
-            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| Some((*id, chunk_range(f.meta.size, i as u64)?.1)))
-        });
-        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, chunks);
-        drop(files);
         for id in &held {
             sched.mark_held(id);
-        }
-        for (peer, info) in &mut self.peers {
-            let holdings = std::mem::take(&mut info.holdings);
-            if !info.greeted || self.banned.contains(peer) {
-                continue;
-            }
-            sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
-            if self.suspects.contains(peer) {
-                sched.suspect(peer);
-            }
-            for id in &holdings {
-                sched.add_holding(now, peer, id);
-            }
         }
         self.have_outbox.extend(held);
         self.phase = Phase::Transfer { target, sched };
@@ -706,17 +776,53 @@ impl<P: PeerKey> Engine<P> {
         Ok(())
     }
 
-    /// Origin role: a snapshot was published locally (its nodes are in the store).
-    pub fn handle_published(&mut self, now: Timestamp, root: SignedRoot) -> Result<(), RootError> {
+    /// Origin role: a snapshot was published locally (its nodes are in the store); `chunks` are its chunk ids
+    /// (announcements of other ids are dropped, requests for them refused).
+    pub fn handle_published(&mut self, now: Timestamp, root: SignedRoot, chunks: ChunkSet) -> Result<(), RootError> {
         let verified = self.roots.accept(now, &root)?;
         let seq = verified.body.seq;
         self.current = Some(verified);
-        self.seeder.reset();
-        self.holders.clear();
+        self.start_serving(chunks);
         self.out.push_back(Output::Gossip(root));
         self.push_root(seq);
         self.announce_complete(seq);
         Ok(())
+    }
+
+    /// Origin role: the chunk ids of the current snapshot `seq`, for an origin restored from persisted state
+    /// ([`Engine::new`] with a current snapshot); until it is given, announcements and requests are bounded only by
+    /// the tables' caps. Ignored unless `seq` is the current snapshot.
+    pub fn handle_snapshot_chunks(&mut self, seq: u64, chunks: ChunkSet) {
+        if self.cfg.role == Role::Origin && self.current.as_ref().is_some_and(|c| c.body.seq == seq) {
+            self.start_serving(chunks);
+        }
+    }
+
+    /// Origin: forgets what it knew of the previous snapshot's distribution and serves `chunks`.
+    fn start_serving(&mut self, chunks: ChunkSet) {
+        self.seeder.reset();
+        self.holders.clear();
+        self.holder_entries = 0;
+        self.banned.clear();
+        for info in self.peers.values_mut() {
+            info.unknown_requests = 0;
+        }
+        self.snapshot_chunks = Some(chunks);
+    }
+
+    /// Sizes of the tables peers can grow (for tests and metrics).
+    pub fn table_sizes(&self) -> TableSizes {
+        TableSizes {
+            holders: self.holder_entries,
+            seeder_recipients: self.seeder.recipients_len(),
+            seeder_redirects: self.seeder.redirects_len(),
+            pending_holdings: self.peers.values().map(|i| i.holdings.len()).sum(),
+        }
+    }
+
+    /// Announced chunk ids dropped since the start.
+    pub fn announce_counts(&self) -> AnnounceCounts {
+        self.announce_counts
     }
 
     /// Sends this node's hello (which carries the newest root) straight to every greeted peer not known to have
@@ -738,6 +844,22 @@ impl<P: PeerKey> Engine<P> {
             return ServeDecision::Serve;
         }
         let seq = self.current.as_ref().map(|c| c.body.seq);
+        if self.banned.contains(peer) {
+            self.seeder.counts.refused_banned += 1;
+            return ServeDecision::Refuse;
+        }
+        if self.snapshot_chunks.as_ref().is_some_and(|set| !set.contains(id)) {
+            // Not a chunk of this snapshot: nothing to serve, nothing to remember; too many and the asker is
+            // banned for the snapshot.
+            self.seeder.counts.refused_unknown += 1;
+            if let Some(info) = self.peers.get_mut(peer) {
+                info.unknown_requests += 1;
+                if info.unknown_requests > UNKNOWN_CHUNK_REQUESTS_MAX && self.banned.insert(peer.clone()) {
+                    self.out.push_back(Output::Ban { peer: peer.clone(), reason: BanReason::UnknownChunks });
+                }
+            }
+            return ServeDecision::Refuse;
+        }
         if seq.is_some() && self.peers.get(peer).is_some_and(|info| info.complete_seq == seq) {
             self.seeder.counts.refused += 1;
             return ServeDecision::Refuse;
@@ -878,9 +1000,26 @@ impl<P: PeerKey> Engine<P> {
             })
             .collect();
         let seq = target.body.seq;
-        self.out.push_back(Output::Stage { seq, files: files.clone() });
-        self.phase = Phase::Staging { target, files };
-        let _ = now;
+        let chunks = files.iter().flat_map(|f| {
+            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| Some((*id, chunk_range(f.meta.size, i as u64)?.1)))
+        });
+        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, chunks);
+        // What peers announced so far moves into the scheduler, which keeps only chunks this sync needs.
+        for (peer, info) in &mut self.peers {
+            let holdings = std::mem::take(&mut info.holdings);
+            if !info.greeted || self.banned.contains(peer) {
+                continue;
+            }
+            sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
+            if self.suspects.contains(peer) {
+                sched.suspect(peer);
+            }
+            for id in &holdings {
+                sched.add_holding(now, peer, id);
+            }
+        }
+        self.out.push_back(Output::Stage { seq, files });
+        self.phase = Phase::Staging { target, sched };
         Ok(())
     }
 

@@ -117,6 +117,8 @@ pub enum BanReason {
     /// Its requests failed or timed out too many times in a row (no data-plane address, a dead data plane, a peer
     /// that never answers).
     Unresponsive,
+    /// Origin: it asked for too many chunks that are not in the current snapshot.
+    UnknownChunks,
     /// It sent a manifest node or delta that does not hash to its name.
     CorruptMetadata,
 }
