@@ -15,7 +15,10 @@ use mirrormesh_proto::node::NodeHash;
 use mirrormesh_proto::root::{DeltaRef, RootBody, RootError, SignedRoot, publisher_key};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
-use mirrormesh_proto::sync::{ChunkSet, Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
+use mirrormesh_proto::sync::{
+    APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, Notice, Output, ReqId,
+    Role, RootVia,
+};
 use mirrormesh_proto::tree::TreeDir;
 use mirrormesh_proto::{RepoId, Timestamp};
 use support::*;
@@ -41,6 +44,10 @@ struct Node {
     asked_of_peers: u64,
     /// When it last applied a snapshot.
     applied_at: Option<Timestamp>,
+    /// Applies of these snapshots fail (with the count of failures still to come before one succeeds).
+    apply_fails: BTreeMap<u64, u32>,
+    /// Every `Apply` it was asked for: (when, snapshot).
+    apply_attempts: Vec<(Timestamp, u64)>,
     bans: Vec<(u32, BanReason)>,
     notices: Vec<Notice<u32>>,
     bytes_from_peers: u64,
@@ -277,6 +284,15 @@ impl Net {
                 }
                 Output::Cancel { .. } => {}
                 Output::Apply { target, .. } => {
+                    let seq = target.body.seq;
+                    node.apply_attempts.push((now, seq));
+                    if let Some(left) = node.apply_fails.get_mut(&seq)
+                        && *left > 0
+                    {
+                        *left -= 1;
+                        node.engine.as_mut().unwrap().handle_apply_failed(now, seq, ApplyFailure::NoSpace);
+                        continue;
+                    }
                     node.applied = Some(target.body.root);
                     node.applied_at = Some(now);
                     let Node { engine, nodes, .. } = node;
@@ -655,6 +671,97 @@ fn a_peer_claiming_the_snapshot_without_a_data_address_does_not_stop_the_sync() 
         let bans = &net.nodes[&id].bans;
         assert!(bans.contains(&(3, BanReason::Unresponsive)), "mirror {id} banned the peer: {bans:?}");
     }
+}
+
+/// An origin and two mirrors synced to a first snapshot of 30 packages; then a release of 6 packages is published.
+fn release_after_a_first_snapshot() -> Net {
+    let mut net = Net::new(2);
+    packages(&mut net.tree, 30, 0);
+    net.publish();
+    full_mesh(&mut net);
+    net.run(400);
+    assert!(net.converged());
+    release(&mut net, 1);
+    net
+}
+
+/// Publishes `packages` rebuilt as version `version`.
+fn release(net: &mut Net, version: u64) {
+    for i in (0..30).step_by(5) {
+        let meta = file(400_000 + i, version << 40 | i);
+        net.tree.insert_file(&format!("alpine/edge/main/x86_64/pkg{i:04}-1.{version}-r0.apk"), meta).unwrap();
+    }
+    net.publish();
+}
+
+#[test]
+fn a_failed_apply_is_retried_after_a_back_off_until_it_succeeds() {
+    let mut net = Net::new(2);
+    packages(&mut net.tree, 30, 0);
+    net.node(1).apply_fails.insert(1, 2);
+    net.publish();
+    full_mesh(&mut net);
+    // Until the first failure is answered: the status says so.
+    let mut saw_retrying = false;
+    for _ in 0..400 {
+        net.run(1);
+        let status = net.node(1).engine.as_ref().unwrap().status();
+        if status.phase == "apply-retrying" {
+            saw_retrying = true;
+            assert!(status.apply_failures >= 1 && status.apply_retry_at.is_some(), "{status:?}");
+            assert_eq!(status.last_apply_failure, Some(ApplyFailure::NoSpace));
+        }
+        if net.converged() {
+            break;
+        }
+    }
+    let n = &net.nodes[&1];
+    println!("apply attempts of mirror 1: {:?}", n.apply_attempts);
+    assert!(saw_retrying, "the status showed the retry");
+    assert_eq!(n.applied, net.root, "applied on the third attempt");
+    let times: Vec<u64> = n.apply_attempts.iter().map(|(t, _)| t.0).collect();
+    assert_eq!(times.len(), 3, "{:?}", n.apply_attempts);
+    // Retried after the first back-off, then after twice as long (within a tick of 50 ms).
+    let (first, second) = (times[1] - times[0], times[2] - times[1]);
+    assert!((APPLY_RETRY_FIRST_MS..APPLY_RETRY_FIRST_MS + 50).contains(&first), "{first} ms");
+    assert!((2 * APPLY_RETRY_FIRST_MS..2 * APPLY_RETRY_FIRST_MS + 50).contains(&second), "{second} ms");
+    let status = net.nodes[&1].engine.as_ref().unwrap().status();
+    assert_eq!((status.phase, status.apply_failures, status.apply_retry_at), ("idle", 0, None));
+}
+
+#[test]
+fn a_snapshot_that_cannot_be_applied_is_overtaken_by_a_newer_one() {
+    let mut net = release_after_a_first_snapshot();
+    // Snapshot 2 never applies at mirror 1; snapshot 3 arrives while it waits to retry.
+    net.node(1).apply_fails.insert(2, u32::MAX);
+    net.run(20);
+    assert_eq!(net.node(1).apply_attempts.last().map(|a| a.1), Some(2), "snapshot 2 was tried");
+    release(&mut net, 2);
+    net.run(2_000);
+    let n = &net.nodes[&1];
+    println!("apply attempts of mirror 1: {:?}", n.apply_attempts);
+    assert_eq!(n.applied, net.root, "mirror 1 applied snapshot 3");
+    assert_eq!(n.apply_attempts.last().map(|a| a.1), Some(3));
+    assert_eq!(net.nodes[&2].applied, net.root);
+}
+
+#[test]
+fn the_apply_back_off_doubles_up_to_its_cap() {
+    let mut net = release_after_a_first_snapshot();
+    net.node(1).apply_fails.insert(2, u32::MAX);
+    // Long enough for the back-off to reach its cap a few times.
+    net.run(8_000);
+    let n = &net.nodes[&1];
+    let times: Vec<u64> = n.apply_attempts.iter().filter(|a| a.1 == 2).map(|(t, _)| t.0).collect();
+    let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    println!("gaps between apply attempts (ms): {gaps:?}");
+    assert!(gaps.len() >= 9, "{gaps:?}");
+    let mut expected = APPLY_RETRY_FIRST_MS;
+    for gap in &gaps {
+        assert!((expected..expected + 50).contains(gap), "gap {gap} ms, expected {expected}: {gaps:?}");
+        expected = (expected * 2).min(APPLY_RETRY_MAX_MS);
+    }
+    assert_eq!(*gaps.last().unwrap() / 1000, APPLY_RETRY_MAX_MS / 1000, "capped");
 }
 
 #[test]

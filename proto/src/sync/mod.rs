@@ -11,7 +11,9 @@
 //! 2. Feed events through the `handle_*` methods as they happen, each with the current time.
 //! 3. After every call, drain [`Engine::poll_output`] and execute the outputs **in order**. `StoreNodes` must be
 //!    durable and readable through the source before the next call; `Stage` is answered by
-//!    [`Engine::handle_staged`], `Apply` by [`Engine::handle_applied`], each fetch by its answer or failure.
+//!    [`Engine::handle_staged`], `Apply` by [`Engine::handle_applied`] or, when applying failed,
+//!    [`Engine::handle_apply_failed`] (the engine tries again after a back-off, or moves on to a newer root), each
+//!    fetch by its answer or failure.
 //! 4. Call [`Engine::handle_tick`] periodically (every few tens of milliseconds) and whenever
 //!    [`Engine::wants_tick`] says deferred work is waiting.
 //!
@@ -20,7 +22,9 @@
 //! otherwise nodes; [`manifest_fetch`]) → the diff against the applied snapshot gives the files to stage → the
 //! caller stages them, copying chunks it already holds, and reports what it holds → the rest is fetched from peers
 //! ([`scheduler`]), with the origin asked only for chunks no peer holds → every chunk held: `Apply` → applied:
-//! the node announces that it is complete at the new snapshot.
+//! the node announces that it is complete at the new snapshot. An apply that fails (a full disk, a permission) is
+//! retried after `APPLY_RETRY_FIRST_MS`, doubling per failure in a row up to `APPLY_RETRY_MAX_MS` (phase
+//! `apply-retrying`); if a newer root was accepted by the time of the retry, that one is synced instead.
 //!
 //! The origin role publishes instead of syncing ([`Engine::handle_published`], with the snapshot's [`ChunkSet`])
 //! and answers chunk requests through [`Engine::serve_decision`] ([`seeder`]).
@@ -101,6 +105,13 @@ pub const SUSPECTS_MAX: usize = 1024;
 /// After this node fails to keep a chunk (staging write error, e.g. a full disk), no chunk is requested for this
 /// long; the error is reported each time.
 pub const LOCAL_FAILURE_BACKOFF_MS: u64 = 2_000;
+/// After an apply fails, it is tried again after this long, then after twice as long each time it fails again in a
+/// row, up to `APPLY_RETRY_MAX_MS`. A second: a transient error (a file briefly locked, space freed by a log
+/// rotation) costs little; the doubling keeps a lasting one (a full disk) from re-running the apply's staging
+/// checks and renames every second.
+pub const APPLY_RETRY_FIRST_MS: u64 = 1_000;
+/// The longest wait between apply attempts: an operator who frees space sees the mirror catch up within a minute.
+pub const APPLY_RETRY_MAX_MS: u64 = 60_000;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig<P> {
@@ -220,11 +231,30 @@ pub struct EngineStatus {
     pub current: Option<(u64, NodeHash)>,
     /// The snapshot being synced to.
     pub target: Option<(u64, NodeHash)>,
+    /// `idle`, `fetching-manifest`, `staging`, `transferring`, `applying`, or `apply-retrying` (an apply failed and
+    /// waits for `apply_retry_at`).
     pub phase: &'static str,
     pub bytes_missing: u64,
     pub chunks_missing: usize,
     pub waiting_for_origin: bool,
     pub peers: usize,
+    /// Applies that failed in a row (0 once one succeeds).
+    pub apply_failures: u32,
+    /// When the failed apply is tried again (phase `apply-retrying`).
+    pub apply_retry_at: Option<Timestamp>,
+    /// Why the last apply failed, until one succeeds.
+    pub last_apply_failure: Option<ApplyFailure>,
+}
+
+/// Why applying a snapshot to the served tree failed (the caller maps its I/O error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyFailure {
+    /// The filesystem is full (ENOSPC, EDQUOT).
+    NoSpace,
+    /// Not allowed (EPERM, EACCES, EROFS).
+    Permission,
+    /// Anything else (EXDEV, EIO, ...).
+    Other,
 }
 
 /// Entries in the engine's tables that peers can grow, each under its cap (see [`Engine::table_sizes`]).
@@ -294,6 +324,11 @@ enum Phase<P: PeerKey> {
     Applying {
         target: VerifiedRoot,
     },
+    /// The apply failed: it is tried again at `retry_at` (or a newer root is synced instead).
+    ApplyWait {
+        target: VerifiedRoot,
+        retry_at: Timestamp,
+    },
 }
 
 pub struct Engine<P: PeerKey> {
@@ -322,6 +357,9 @@ pub struct Engine<P: PeerKey> {
     waiting_for_origin: bool,
     /// No chunk requests before this instant (after a local failure).
     paused_until: Timestamp,
+    /// Applies that failed in a row, and why the last one did.
+    apply_failures: u32,
+    last_apply_failure: Option<ApplyFailure>,
 }
 
 impl<P: PeerKey> Engine<P> {
@@ -352,6 +390,8 @@ impl<P: PeerKey> Engine<P> {
             last_have_flush: Timestamp(0),
             waiting_for_origin: false,
             paused_until: Timestamp(0),
+            apply_failures: 0,
+            last_apply_failure: None,
         };
         if let Some(latest) = latest
             && engine.is_newer(&latest)
@@ -405,6 +445,7 @@ impl<P: PeerKey> Engine<P> {
                 ("transferring", Some(target), sched.bytes_missing(), sched.chunks_missing())
             }
             Phase::Applying { target } => ("applying", Some(target), 0, 0),
+            Phase::ApplyWait { target, .. } => ("apply-retrying", Some(target), 0, 0),
         };
         EngineStatus {
             repo: self.cfg.repo.clone(),
@@ -415,6 +456,12 @@ impl<P: PeerKey> Engine<P> {
             chunks_missing,
             waiting_for_origin: self.waiting_for_origin,
             peers: self.peers.values().filter(|p| p.greeted).count(),
+            apply_failures: self.apply_failures,
+            apply_retry_at: match &self.phase {
+                Phase::ApplyWait { retry_at, .. } => Some(*retry_at),
+                _ => None,
+            },
+            last_apply_failure: self.last_apply_failure,
         }
     }
 
@@ -601,7 +648,7 @@ impl<P: PeerKey> Engine<P> {
                     info.holdings.insert(*id);
                 }
             }
-            Phase::Idle | Phase::Applying { .. } if self.cfg.role == Role::Origin => {
+            Phase::Idle | Phase::Applying { .. } | Phase::ApplyWait { .. } if self.cfg.role == Role::Origin => {
                 for id in &have.chunks {
                     // Only chunks of the current snapshot can be redirected to (before the caller gave the set,
                     // only the cap bounds them).
@@ -624,7 +671,7 @@ impl<P: PeerKey> Engine<P> {
                     }
                 }
             }
-            Phase::Idle | Phase::Applying { .. } => {}
+            Phase::Idle | Phase::Applying { .. } | Phase::ApplyWait { .. } => {}
         }
         self.pump(now);
     }
@@ -749,17 +796,39 @@ impl<P: PeerKey> Engine<P> {
         self.pump(now);
     }
 
-    /// The caller applied snapshot `seq` to the served tree.
-    pub fn handle_applied(&mut self, now: Timestamp, seq: u64, source: &impl NodeSource) -> Result<(), EngineError> {
+    /// Applying snapshot `seq` (an `Output::Apply`) failed: it is tried again after a back-off
+    /// (`APPLY_RETRY_FIRST_MS`, doubling per failure in a row up to `APPLY_RETRY_MAX_MS`), or, if a newer root was
+    /// accepted by then, the newer one is synced instead (from the applied snapshot; staged chunks are found again).
+    pub fn handle_apply_failed(&mut self, now: Timestamp, seq: u64, kind: ApplyFailure) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         let Phase::Applying { target } = phase else {
             self.phase = phase;
-            return Ok(());
+            return;
         };
         if target.body.seq != seq {
             self.phase = Phase::Applying { target };
-            return Ok(());
+            return;
         }
+        self.apply_failures = self.apply_failures.saturating_add(1);
+        self.last_apply_failure = Some(kind);
+        let doublings = (self.apply_failures - 1).min(u64::BITS - 1);
+        let wait = APPLY_RETRY_FIRST_MS.saturating_mul(1 << doublings).min(APPLY_RETRY_MAX_MS);
+        self.phase = Phase::ApplyWait { target, retry_at: now.plus_ms(wait) };
+    }
+
+    /// The caller applied snapshot `seq` to the served tree.
+    pub fn handle_applied(&mut self, now: Timestamp, seq: u64, source: &impl NodeSource) -> Result<(), EngineError> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let target = match phase {
+            // (Late news of an apply that was reported failed counts too: the tree holds the snapshot.)
+            Phase::Applying { target } | Phase::ApplyWait { target, .. } if target.body.seq == seq => target,
+            phase => {
+                self.phase = phase;
+                return Ok(());
+            }
+        };
+        self.apply_failures = 0;
+        self.last_apply_failure = None;
         self.current = Some(target);
         self.banned.clear();
         self.waiting_for_origin = false;
@@ -899,6 +968,7 @@ impl<P: PeerKey> Engine<P> {
                 let outs = sched.on_tick(now);
                 self.sched_outputs(outs);
             }
+            Phase::ApplyWait { retry_at, .. } if *retry_at <= now => self.retry_apply(now, source)?,
             _ => {}
         }
         if now.millis_since(self.last_have_flush) >= self.cfg.have_flush_ms {
@@ -923,8 +993,8 @@ impl<P: PeerKey> Engine<P> {
             return Ok(());
         }
         match &self.phase {
-            // Finish applying first; `handle_applied` picks up the newer root.
-            Phase::Applying { .. } => return Ok(()),
+            // Finish applying first; `handle_applied` picks up the newer root (or the retry does, after a failure).
+            Phase::Applying { .. } | Phase::ApplyWait { .. } => return Ok(()),
             Phase::Manifest { target: t, .. }
             | Phase::Planned { target: t }
             | Phase::Staging { target: t, .. }
@@ -1020,6 +1090,23 @@ impl<P: PeerKey> Engine<P> {
         }
         self.out.push_back(Output::Stage { seq, files });
         self.phase = Phase::Staging { target, sched };
+        Ok(())
+    }
+
+    /// The back-off after a failed apply is over: moves on to a newer accepted root if there is one, else applies
+    /// the same target again.
+    fn retry_apply(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
+        let Phase::ApplyWait { target, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return Ok(());
+        };
+        if let Some(latest) = self.latest().cloned()
+            && latest.body.seq > target.body.seq
+        {
+            return self.start_sync(now, latest, source);
+        }
+        let base = self.current.as_ref().map(|c| c.body.root);
+        self.out.push_back(Output::Apply { target: target.clone(), base });
+        self.phase = Phase::Applying { target };
         Ok(())
     }
 
@@ -1127,7 +1214,9 @@ impl<P: PeerKey> Engine<P> {
             return;
         }
         let seq = match &self.phase {
-            Phase::Transfer { target, .. } | Phase::Applying { target } => target.body.seq,
+            Phase::Transfer { target, .. } | Phase::Applying { target } | Phase::ApplyWait { target, .. } => {
+                target.body.seq
+            }
             _ => {
                 self.have_outbox.clear();
                 return;
