@@ -822,3 +822,27 @@ fn the_same_run_gives_the_same_trace() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn the_origin_names_no_peer_in_redirects_whose_complete_claim_it_caught() {
+    let mut net = Net::new(0);
+    packages(&mut net.tree, 5, 0);
+    net.publish();
+    let now = net.now;
+    let seq = net.seq;
+    let chunk = *net.sizes.keys().min().unwrap();
+    let other = *net.sizes.keys().max().unwrap();
+    let Node { engine, nodes, .. } = net.node(ORIGIN);
+    let origin = engine.as_mut().unwrap();
+    for (peer, complete_seq) in [(1, Some(seq)), (2, None), (3, None), (4, None)] {
+        origin.handle_peer_connected(now, peer);
+        let hello = Hello { repo: repo(), root: None, complete_seq, data_addrs: Vec::new() };
+        origin.handle_hello(now, peer, hello, nodes).unwrap();
+    }
+    assert_eq!(origin.serve_decision(now, &2, &chunk), ServeDecision::Serve);
+    // Peer 1 claims the snapshot: named after the first recipient.
+    assert_eq!(origin.serve_decision(now, &3, &chunk), ServeDecision::Elsewhere(vec![2, 1]));
+    // Then it asks for a chunk of the snapshot it claims: refused, and its claim is no longer believed.
+    assert_eq!(origin.serve_decision(now, &1, &other), ServeDecision::Refuse);
+    assert_eq!(origin.serve_decision(now, &4, &chunk), ServeDecision::Elsewhere(vec![2]));
+}

@@ -694,8 +694,10 @@ impl World {
             }
             Event::PartitionStart { side } => {
                 self.faults_pending -= 1;
-                let cut: Vec<(u32, u32)> =
+                let mut cut: Vec<(u32, u32)> =
                     self.links.keys().copied().filter(|(a, b)| side.contains(a) != side.contains(b)).collect();
+                // In a fixed order: the disconnections reach the engines (and the run) in this order.
+                cut.sort_unstable();
                 for (a, b) in cut {
                     self.disconnect(a, b);
                 }

@@ -147,6 +147,17 @@ fn a_seed_replays_the_same_run() {
 }
 
 #[test]
+fn a_seed_replays_the_same_run_through_faults() {
+    // Partitions, restarts and byzantine peers too: every collection whose order reaches the run is ordered.
+    let first = run(FAULTS, 11);
+    for _ in 0..2 {
+        let again = run(FAULTS, 11);
+        assert_eq!(first.trace_hex(), again.trace_hex());
+        assert_eq!(first.outcome.stats.events, again.outcome.stats.events);
+    }
+}
+
+#[test]
 fn every_shipped_scenario_parses() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
     let mut count = 0;

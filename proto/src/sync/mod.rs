@@ -300,6 +300,9 @@ struct PeerInfo {
     manifest_seq: Option<u64>,
     /// Origin: its requests for chunks outside the current snapshot.
     unknown_requests: u32,
+    /// Origin: it claimed the current snapshot complete and then asked for one of its chunks, so the claim is
+    /// false: it is not named in redirects.
+    false_claim: bool,
 }
 
 enum Phase<P: PeerKey> {
@@ -342,6 +345,9 @@ pub struct Engine<P: PeerKey> {
     /// Peers banned or stalled in an earlier snapshot that have not delivered a chunk since (kept across
     /// reconnections): the next scheduler starts them stalled (see [`Scheduler::suspect`]).
     suspects: BTreeSet<P>,
+    /// Claimers that kept an abandoned sync waiting without delivering, since when (handed to the next scheduler;
+    /// at most one entry per connected peer).
+    kept_waiting: BTreeMap<P, Timestamp>,
     seeder: Seeder<P>,
     /// Origin: a few peers that announced each chunk of the current snapshot (for redirects).
     holders: BTreeMap<ChunkId, Vec<P>>,
@@ -379,6 +385,7 @@ impl<P: PeerKey> Engine<P> {
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
             suspects: BTreeSet::new(),
+            kept_waiting: BTreeMap::new(),
             seeder,
             holders: BTreeMap::new(),
             holder_entries: 0,
@@ -497,6 +504,7 @@ impl<P: PeerKey> Engine<P> {
             pushed: None,
             manifest_seq: None,
             unknown_requests: 0,
+            false_claim: false,
         });
         self.out.push_back(Output::SendHello(peer, self.hello()));
     }
@@ -535,6 +543,7 @@ impl<P: PeerKey> Engine<P> {
             pushed: None,
             manifest_seq: None,
             unknown_requests: 0,
+            false_claim: false,
         });
         let first = !info.greeted;
         info.greeted = true;
@@ -875,6 +884,7 @@ impl<P: PeerKey> Engine<P> {
         self.banned.clear();
         for info in self.peers.values_mut() {
             info.unknown_requests = 0;
+            info.false_claim = false;
         }
         self.snapshot_chunks = Some(chunks);
     }
@@ -929,19 +939,26 @@ impl<P: PeerKey> Engine<P> {
             }
             return ServeDecision::Refuse;
         }
-        if seq.is_some() && self.peers.get(peer).is_some_and(|info| info.complete_seq == seq) {
+        if seq.is_some()
+            && let Some(info) = self.peers.get_mut(peer)
+            && info.complete_seq == seq
+        {
+            info.false_claim = true;
             self.seeder.counts.refused += 1;
             return ServeDecision::Refuse;
         }
         let mut holders: Vec<P> = self
             .peers
             .iter()
-            .filter(|(p, info)| *p != peer && info.greeted && info.complete_seq == seq && seq.is_some())
+            .filter(|(p, info)| {
+                *p != peer && info.greeted && info.complete_seq == seq && seq.is_some() && !info.false_claim
+            })
             .map(|(p, _)| p.clone())
             .take(crate::transfer::REDIRECT_PEERS_MAX)
             .collect();
         for holder in self.holders.get(id).into_iter().flatten() {
-            if holder != peer && self.peers.contains_key(holder) && !holders.contains(holder) {
+            let named = self.peers.get(holder).is_some_and(|info| !info.false_claim);
+            if holder != peer && named && !holders.contains(holder) {
                 holders.push(holder.clone());
             }
         }
@@ -1008,6 +1025,9 @@ impl<P: PeerKey> Engine<P> {
         // Abandon a sync to an older snapshot (staged chunks stay staged and are found again).
         if let Phase::Transfer { sched, .. } = &mut self.phase {
             remember_suspects(&mut self.suspects, sched);
+            // A claimer that kept this sync waiting keeps the next one waiting from the same instant: its stall
+            // allowance does not restart because a newer snapshot came (trickles can come faster than it).
+            self.kept_waiting = sched.peer_keys().filter_map(|p| Some((p.clone(), sched.waiting_since(p)?))).collect();
             let outs = sched.cancel_all();
             self.sched_outputs(outs);
         }
@@ -1084,10 +1104,14 @@ impl<P: PeerKey> Engine<P> {
             if self.suspects.contains(peer) {
                 sched.suspect(peer);
             }
+            if let Some(since) = self.kept_waiting.get(peer) {
+                sched.keep_waiting(peer, *since);
+            }
             for id in &holdings {
                 sched.add_holding(now, peer, id);
             }
         }
+        self.kept_waiting.clear();
         self.out.push_back(Output::Stage { seq, files });
         self.phase = Phase::Staging { target, sched };
         Ok(())

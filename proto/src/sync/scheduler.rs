@@ -12,8 +12,9 @@
 //!   not keep the origin from being asked until it delivers again; while an origin is connected a stalled
 //!   claimer is asked only for copies of chunks in flight elsewhere, so it holds nothing up. A peer that ended the
 //!   previous snapshot banned or stalled starts the next one stalled ([`Scheduler::suspect`]): trust in a claim
-//!   is earned by delivering. If the origin answers "elsewhere" (super-seeding), the chunk is not asked of it again
-//!   for a while.
+//!   is earned by delivering; a claimer's allowance runs on across a sync abandoned for a newer root
+//!   ([`Scheduler::keep_waiting`]). If the origin answers "elsewhere" (super-seeding), the chunk is not asked of it
+//!   again for a while, unless every peer named is banned or a stalled claimer.
 //! - **Endgame.** Once every chunk is requested, idle peers also ask for chunks in flight elsewhere (at most
 //!   [`SchedulerLimits::endgame_copies_max`] copies); a request whose chunks all arrived elsewhere is cancelled.
 //! - **Refusals.** Only an origin may answer "elsewhere". A chunk a non-origin peer answers "missing" or
@@ -272,6 +273,11 @@ enum Contribution {
     Explicit,
 }
 
+/// A peer a redirect may not wait for: banned, or a claimer that stalled.
+fn useless(p: &PeerSched) -> bool {
+    p.banned || (p.stalled && p.holds_all)
+}
+
 fn contribution(p: &PeerSched) -> Contribution {
     if p.banned || p.is_origin {
         Contribution::Nothing
@@ -437,6 +443,21 @@ impl<P: PeerKey> Scheduler<P> {
         }
     }
 
+    /// Since when `peer`, a claimer of the whole snapshot that has not delivered in this sync, has kept requests
+    /// waiting.
+    pub fn waiting_since(&self, peer: &P) -> Option<Timestamp> {
+        let p = self.peers.get(peer)?;
+        if p.holds_all && !p.delivered && !p.banned { p.waiting_since } else { None }
+    }
+
+    /// `peer` kept an abandoned sync waiting since `since` (see [`Scheduler::waiting_since`]): its stall allowance
+    /// counts from then, not from this sync's first request to it.
+    pub fn keep_waiting(&mut self, peer: &P, since: Timestamp) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.waiting_since = Some(since);
+        }
+    }
+
     /// Peers this scheduler knows (connected, banned or not).
     pub fn peer_keys(&self) -> impl Iterator<Item = &P> + '_ {
         self.peers.keys()
@@ -520,9 +541,10 @@ impl<P: PeerKey> Scheduler<P> {
             }
             ChunkOutcome::Elsewhere(holders) => {
                 // Wait for the chunk to come from the peers pointed at (directly, or through peers they pass it
-                // to), unless this node banned every one of them: then the origin's next answer serves it.
-                let all_banned = holders.iter().all(|h| self.peers.get(h).is_some_and(|p| p.banned));
-                if !all_banned {
+                // to), unless this node banned every one of them or they are stalled claimers: then the origin's
+                // next answer serves it.
+                let all_useless = holders.iter().all(|h| self.peers.get(h).is_some_and(useless));
+                if !all_useless {
                     let until = now.plus_ms(self.limits.redirect_defer_ms);
                     self.origin_deferred.insert(c, (until, holders.into_iter().take(REDIRECT_PEERS_MAX).collect()));
                 }
@@ -650,9 +672,16 @@ impl<P: PeerKey> Scheduler<P> {
             .map(|(k, _)| k.clone())
             .collect();
         let mut out = Vec::new();
+        if !stalled.is_empty() {
+            for peer in &stalled {
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.stalled = true;
+                }
+            }
+            self.undefer_useless();
+        }
         for peer in stalled {
-            let Some(p) = self.peers.get_mut(&peer) else { continue };
-            p.stalled = true;
+            let Some(p) = self.peers.get(&peer) else { continue };
             let requests: Vec<ReqId> = p.requests.iter().copied().collect();
             for req in requests {
                 if self.requests.contains_key(&req) {
@@ -737,7 +766,16 @@ impl<P: PeerKey> Scheduler<P> {
             bytes += size;
             bytes >= budget || picked.len() >= limits.request_chunks_max
         };
-        let usable = |c: u32| self.queued(c) && !p.missing.contains(c as usize);
+        // A chunk in flight only as copies at stalled claimers is still the origin's to supply.
+        let only_at_stalled = |c: u32| {
+            self.in_flight.get(&c).is_none_or(|flights| {
+                flights.iter().all(|(q, _)| self.peers.get(q).is_some_and(|q| q.stalled && q.holds_all))
+            })
+        };
+        let usable = |c: u32| {
+            let free = if p.is_origin { self.needed(c) && only_at_stalled(c) } else { self.queued(c) };
+            free && !p.missing.contains(c as usize)
+        };
 
         if p.is_origin {
             // Only chunks no one else can supply, and not ones the origin just redirected: nobody announced them
@@ -943,10 +981,15 @@ impl<P: PeerKey> Scheduler<P> {
             self.drop_request(req);
             out.push(SchedOut::Cancel { peer: peer.clone(), req });
         }
-        // A chunk the origin redirected only to peers now banned will not come from them: ask the origin again now.
-        let peers = &self.peers;
-        self.origin_deferred.retain(|_, (_, holders)| !holders.iter().all(|h| peers.get(h).is_some_and(|p| p.banned)));
+        self.undefer_useless();
         out
+    }
+
+    /// A chunk the origin redirected only to peers now banned or stalled will not come from them: the origin is
+    /// asked again now.
+    fn undefer_useless(&mut self) {
+        let peers = &self.peers;
+        self.origin_deferred.retain(|_, (_, holders)| !holders.iter().all(|h| peers.get(h).is_some_and(useless)));
     }
 
     pub fn is_banned(&self, peer: &P) -> bool {
@@ -1250,5 +1293,22 @@ mod tests {
             assert!(f.0 == 0 || !f.1.iter().any(|c| at_origin(c, &outstanding)), "{later:?}");
             assert!(f.0 == 5 || f.1.iter().all(sat_on), "{later:?}");
         }
+    }
+
+    #[test]
+    fn a_redirect_to_stalled_claimers_only_is_not_waited_for() {
+        let mut s = Scheduler::new(SchedulerLimits::default(), 1, [(id(1), 100), (id(2), 100)]);
+        let mut next = counter();
+        s.set_peer(&0, true, true);
+        s.set_peer(&5, false, true);
+        s.suspect(&5);
+        let first = sent(&s.pump(Timestamp(0), &mut next));
+        let (_, chunks, req) = first.iter().find(|f| f.0 == 0).cloned().expect("the origin is asked");
+        assert_eq!(chunks.len(), 2, "{first:?}");
+        s.on_chunk(Timestamp(1), req, &id(1), ChunkOutcome::Elsewhere(vec![5]));
+        s.on_chunk(Timestamp(1), req, &id(2), ChunkOutcome::Verified);
+        s.on_request_done(Timestamp(1), req, 100);
+        let again = sent(&s.pump(Timestamp(2), &mut next));
+        assert!(again.iter().any(|f| f.0 == 0 && f.1 == vec![id(1)]), "asked of the origin again at once: {again:?}");
     }
 }

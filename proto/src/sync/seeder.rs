@@ -72,7 +72,8 @@ pub enum ServeDecision<P> {
     Serve,
     Elsewhere(Vec<P>),
     /// Answer "missing": the asker claims to hold the whole snapshot already, so it is lying (an honest peer
-    /// announces a snapshot complete only after its last chunk arrived) and the origin's bandwidth is not for it.
+    /// announces a snapshot complete only after its last chunk arrived) and the origin's bandwidth is not for it
+    /// (the engine then names it in no redirect), or the chunk is not in the snapshot, or the asker is banned.
     Refuse,
 }
 
