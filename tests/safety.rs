@@ -282,3 +282,50 @@ fn two_nodes_with_the_same_key_are_noticed_and_named() {
     assert!(line.contains(&fabric.nodes[1].peer_id), "{line}");
     fabric.client(0, WAIT).wait_counter("peers_duplicate_key", 1, WAIT.as_millis() as u64).unwrap();
 }
+
+/// Makes a directory immutable (`chattr +i`: renames into it fail with EPERM, even for root) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Self {
+        let ok = std::process::Command::new("chattr").arg("+i").arg(dir).status().unwrap().success();
+        assert!(ok, "chattr +i {}", dir.display());
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_failing_apply_is_retried_and_the_mirror_converges_once_the_fault_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 1, &vec![NodeOptions::default(); 2]).unwrap();
+    let repo = "alpine/edge/main/x86_64";
+    write(&fabric.nodes[0].tree.join(repo).join("a-1.0-r0.apk"), "package a");
+    write(&fabric.nodes[0].tree.join(repo).join("APKINDEX.tar.gz"), "index: a");
+    fabric.start_all().unwrap();
+    let first = fabric.publish().unwrap();
+    fabric.wait_all_settled(first.seq, WAIT).unwrap();
+
+    // The mirror's package directory refuses new entries (as a read-only or foreign-owned directory would).
+    let guard = Immutable::set(&fabric.nodes[1].tree.join(repo));
+    write(&fabric.nodes[0].tree.join(repo).join("b-1.0-r0.apk"), "package b");
+    write(&fabric.nodes[0].tree.join(repo).join("APKINDEX.tar.gz"), "index: a b");
+    let second = fabric.publish().unwrap();
+    let failing = fabric.client(1, WAIT).wait_counter("apply_failures", 2, WAIT.as_millis() as u64).unwrap();
+    let repo_status = &failing.repos[0];
+    assert_eq!(repo_status.seq, Some(first.seq), "the old snapshot is still served");
+    assert!(failing.problems.iter().any(|p| p.kind == mirrormesh::daemon::ProblemKind::ApplyFailing));
+    assert_eq!(sample(&metrics(&fabric, 1), "mirrormesh_failing"), 1.0);
+    assert_eq!(std::fs::read_to_string(fabric.nodes[1].tree.join(repo).join("APKINDEX.tar.gz")).unwrap(), "index: a");
+
+    // The operator fixes the directory: the mirror converges by itself, no restart.
+    drop(guard);
+    let done = fabric.client(1, WAIT).wait_settled(second.seq, WAIT.as_millis() as u64).unwrap();
+    assert!(done.problems.is_empty(), "{:?}", done.problems);
+    fabric.check_identical(1).unwrap();
+}

@@ -67,7 +67,18 @@ pub fn run_checks(scenario: &Scenario, outcome: &Outcome, rows: &[UpdateRow]) ->
     for (i, n) in outcome.nodes.iter().enumerate() {
         let Kind::Byzantine(behaviour) = n.kind else { continue };
         let (ok, detail) = match behaviour {
-            Behaviour::Corrupt | Behaviour::Liar => {
+            Behaviour::Stall => {
+                // A silent claimer is distrusted at once (stalled) but banned only after several stalls in one
+                // snapshot, which a short update may not last.
+                let by = ordinary.iter().filter(|&&m| outcome.nodes[m].bans.iter().any(|b| b.0 as usize == i)).count();
+                let distrusted =
+                    ordinary.iter().filter(|&&m| outcome.nodes[m].distrusts.iter().any(|&p| p as usize == i)).count();
+                (
+                    by + distrusted > 0,
+                    format!("node {i} ({behaviour:?}) banned by {by} mirrors, distrusted at the end by {distrusted}"),
+                )
+            }
+            Behaviour::Corrupt | Behaviour::Liar | Behaviour::Elsewhere | Behaviour::NoDataAddr => {
                 let by = ordinary.iter().filter(|&&m| outcome.nodes[m].bans.iter().any(|b| b.0 as usize == i)).count();
                 (by > 0, format!("node {i} ({behaviour:?}) banned by {by} mirrors"))
             }

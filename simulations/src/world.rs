@@ -15,8 +15,9 @@
 //!
 //! Faults: node restarts (the engine is rebuilt from what the daemon persists: the applied and the newest root;
 //! stored chunks and nodes survive), partitions, an origin crash, slow nodes, and byzantine nodes that run an
-//! honest engine for themselves but corrupt what they serve, lie about what they hold, or gossip forged or old
-//! roots.
+//! honest engine for themselves but corrupt what they serve, lie about what they hold, gossip forged or old
+//! roots, or claim the whole snapshot in their hellos and then redirect every chunk request, never answer it, or
+//! give no data-plane address (the request fails at once, as in the daemon).
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -33,7 +34,7 @@ use mirrormesh_proto::node_store::{NodeSink, NodeSource, SourceError};
 use mirrormesh_proto::root::{DeltaRef, RepoId, RootBody, RootId, SignedRoot, VerifiedRoot, publisher_key};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
-use mirrormesh_proto::sync::{Engine, EngineConfig, HAVE_FLUSH_MS, Notice, Output, ReqId, Role, RootVia};
+use mirrormesh_proto::sync::{ChunkSet, Engine, EngineConfig, HAVE_FLUSH_MS, Notice, Output, ReqId, Role, RootVia};
 use mirrormesh_proto::timestamp::Timestamp;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
@@ -107,6 +108,9 @@ pub struct NodeRecord {
     /// Roots rejected, by reason.
     pub rejected: BTreeMap<&'static str, u64>,
     pub bans: Vec<(u32, BanReason)>,
+    /// Neighbours whose claims its engine distrusts at the end of the run (banned or stalled, see
+    /// `Engine::is_suspect`).
+    pub distrusts: Vec<u32>,
     pub applied: Option<(u64, NodeHash)>,
     /// The engine's newest accepted root at the end of the run.
     pub latest: Option<SignedRoot>,
@@ -180,15 +184,43 @@ impl Bulk {
 
 #[derive(Debug)]
 enum Event {
-    Tick { node: u32, generation: u64 },
-    Deliver { from: u32, to: u32, epoch: u64, msg: Msg },
-    Arrive { from: u32, to: u32, epoch: u64, bulk: Bulk },
+    Tick {
+        node: u32,
+        generation: u64,
+    },
+    Deliver {
+        from: u32,
+        to: u32,
+        epoch: u64,
+        msg: Msg,
+    },
+    Arrive {
+        from: u32,
+        to: u32,
+        epoch: u64,
+        bulk: Bulk,
+    },
     Publish(usize),
-    Down { node: u32, up_after: Nanos },
-    Up { node: u32 },
-    PartitionStart { side: BTreeSet<u32> },
+    Down {
+        node: u32,
+        up_after: Nanos,
+    },
+    Up {
+        node: u32,
+    },
+    PartitionStart {
+        side: BTreeSet<u32>,
+    },
     PartitionHeal,
-    Misbehave { node: u32 },
+    Misbehave {
+        node: u32,
+    },
+    /// A chunk request of `node` to `peer` failed before anything was sent (the peer gave no data-plane address).
+    FetchFailed {
+        node: u32,
+        peer: u32,
+        req: ReqId,
+    },
 }
 
 /// A queue entry, earliest first: (instant, insertion number, slab slot). Small, so the heap moves little; the
@@ -427,6 +459,7 @@ impl World {
                         accepted: Vec::new(),
                         rejected: BTreeMap::new(),
                         bans: Vec::new(),
+                        distrusts: Vec::new(),
                         applied: None,
                         latest: None,
                         chunks_stored: 0,
@@ -661,8 +694,10 @@ impl World {
             }
             Event::PartitionStart { side } => {
                 self.faults_pending -= 1;
-                let cut: Vec<(u32, u32)> =
+                let mut cut: Vec<(u32, u32)> =
                     self.links.keys().copied().filter(|(a, b)| side.contains(a) != side.contains(b)).collect();
+                // In a fixed order: the disconnections reach the engines (and the run) in this order.
+                cut.sort_unstable();
                 for (a, b) in cut {
                     self.disconnect(a, b);
                 }
@@ -674,6 +709,13 @@ impl World {
                 self.connect_all();
             }
             Event::Misbehave { node } => self.misbehave(node),
+            Event::FetchFailed { node, peer, req } => {
+                self.trace(&[10, self.now, u64::from(node), u64::from(peer)]);
+                self.with_engine(node, |e, now, _| {
+                    e.handle_chunks_failed(now, peer, req);
+                    Ok(())
+                });
+            }
         }
     }
 
@@ -748,7 +790,14 @@ impl World {
                     engine.handle_staged(now, seq, held);
                 }
             }
-            Output::FetchChunks { peer, req, chunks } => self.send(node, peer, Msg::GetChunks { req, chunks }),
+            Output::FetchChunks { peer, req, chunks } => {
+                if self.nodes[peer as usize].kind == Kind::Byzantine(Behaviour::NoDataAddr) {
+                    // As the daemon does without an address: the request fails at once, through its event loop.
+                    self.schedule(self.now, Event::FetchFailed { node, peer, req });
+                } else {
+                    self.send(node, peer, Msg::GetChunks { req, chunks });
+                }
+            }
             Output::Cancel { peer, req } => self.send(node, peer, Msg::Cancel { req }),
             Output::Apply { target, .. } => {
                 let seq = target.body.seq;
@@ -825,8 +874,15 @@ impl World {
     /// Sends a control message: it arrives after the pair's latency plus its transmission time at the slower
     /// end (plus a round trip when lost and retransmitted; gossip is not retransmitted, the mesh and the hellos
     /// cover for it).
-    fn send(&mut self, from: u32, to: u32, msg: Msg) {
+    fn send(&mut self, from: u32, to: u32, mut msg: Msg) {
         let Some(epoch) = self.link_epoch(from, to) else { return };
+        if let (Msg::Hello { hello, .. }, Kind::Byzantine(behaviour)) = (&mut msg, self.nodes[from as usize].kind)
+            && behaviour.claims_complete()
+        {
+            // Claims to hold the newest root it knows completely.
+            let latest = self.nodes[from as usize].engine.as_ref().and_then(|e| e.latest()).map(|r| r.body.seq);
+            hello.complete_seq = latest.or(hello.complete_seq);
+        }
         let bytes = match &msg {
             Msg::Hello { hello, .. } => Sizes::hello(hello),
             Msg::Have(have) => self.sizes.have(have.chunks.len()),
@@ -913,6 +969,19 @@ impl World {
     /// `server` answers `client`'s chunk request, chunk by chunk, then closes it.
     fn serve_chunks(&mut self, server: u32, client: u32, req: ReqId, chunks: Vec<ChunkId>) {
         let now = self.timestamp();
+        match self.nodes[server as usize].kind {
+            Kind::Byzantine(Behaviour::Stall) => return,
+            Kind::Byzantine(Behaviour::Elsewhere) => {
+                for id in chunks {
+                    let number = self.content.numbers.get(&id).copied().unwrap_or(u32::MAX);
+                    let reply = Reply::Elsewhere(vec![ORIGIN]);
+                    self.send_bulk(server, client, Sizes::chunk_elsewhere(1), Bulk::Chunk { req, number, reply });
+                }
+                self.send_bulk(server, client, 0, Bulk::Done { req, bytes: 0 });
+                return;
+            }
+            _ => {}
+        }
         let corrupt = self.nodes[server as usize].kind == Kind::Byzantine(Behaviour::Corrupt);
         let mut data_bytes = 0;
         for id in chunks {
@@ -1100,6 +1169,18 @@ impl World {
         let Some(last) = self.published.last().cloned() else { return };
         match behaviour {
             Behaviour::Corrupt => {}
+            Behaviour::Elsewhere | Behaviour::Stall | Behaviour::NoDataAddr => {
+                // Claims the newest snapshot to every neighbour (its hellos are rewritten in `send`).
+                let hello = Hello {
+                    repo: self.repo.clone(),
+                    root: Some(last.signed.clone()),
+                    complete_seq: Some(last.seq),
+                    data_addrs: Vec::new(),
+                };
+                for to in self.adjacency[node as usize].clone() {
+                    self.send(node, to, Msg::Hello { hello: hello.clone(), reply: true });
+                }
+            }
             Behaviour::Liar => {
                 // Claims every chunk of the newest snapshot.
                 let all: Vec<ChunkId> =
@@ -1205,8 +1286,9 @@ impl World {
         self.published.push(Published { seq, at: self.now, size, plan: plan.clone(), signed: signed.clone(), root });
         origin.record.applied = Some((seq, root));
         origin.record.completed[k] = Some(self.now);
+        let chunks = ChunkSet::new(self.content.current.iter().map(|&c| self.content.chunks[c as usize].id));
         if let Some(engine) = origin.engine.as_mut()
-            && engine.handle_published(now, signed.clone()).is_err()
+            && engine.handle_published(now, signed.clone(), chunks).is_err()
         {
             self.stats.engine_errors += 1;
         }
@@ -1285,6 +1367,11 @@ impl World {
         self.stats.virtual_ns = self.now;
         self.stats.rate_recomputations = self.net.recomputations;
         let origin_latency = (0..self.nodes.len() as u32).map(|id| self.latency(ORIGIN, id)).collect();
+        for (n, neighbours) in self.nodes.iter_mut().zip(&self.adjacency) {
+            if let Some(engine) = n.engine.as_ref() {
+                n.record.distrusts = neighbours.iter().copied().filter(|p| engine.is_suspect(p)).collect();
+            }
+        }
         let chunks = &self.content.chunks;
         let nodes = self
             .nodes

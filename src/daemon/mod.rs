@@ -38,7 +38,7 @@ use mirrormesh_proto::node_store::NodeSink;
 use mirrormesh_proto::root::Freshness;
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
-use mirrormesh_proto::sync::{Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
+use mirrormesh_proto::sync::{ApplyFailure, ChunkSet, Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
 use mirrormesh_proto::{RootError, SignedRoot, Timestamp, VerifiedRoot};
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -268,6 +268,11 @@ impl Daemon {
             Some(root) => ChunkIndex::build(&reader, &root.body.root)?,
             None => ChunkIndex::default(),
         };
+        // An origin restarted on a published snapshot keeps only that snapshot's chunks in its tables.
+        let snapshot_chunks = match (&applied, cfg.role) {
+            (Some(root), RoleName::Origin) => Some((root.body.seq, ChunkSet::of_snapshot(&reader, &root.body.root)?)),
+            _ => None,
+        };
         let totals = applied.as_ref().map_or((0, 0), |a| (a.body.files, a.body.bytes));
         drop(reader);
 
@@ -293,7 +298,10 @@ impl Daemon {
             seeder: SeederLimits::default(),
             have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
         };
-        let engine = Engine::new(engine_cfg, applied, latest);
+        let mut engine = Engine::new(engine_cfg, applied, latest);
+        if let Some((seq, chunks)) = snapshot_chunks {
+            engine.handle_snapshot_chunks(seq, chunks);
+        }
 
         let (events_tx, events_rx) = mpsc::channel(LOOP_EVENTS_MAX);
         let index = Arc::new(RwLock::new(index));
@@ -918,9 +926,13 @@ impl Daemon {
         let report = match result {
             Ok(report) => report,
             Err(e) => {
-                // The tree is consistent (see apply.rs); the engine retries the sync from its current state.
-                self.error(format!("applying snapshot {}: {e:#}", target.body.seq));
+                // The tree is consistent (see apply.rs); the engine tries again with back-off, or moves on to a
+                // newer root.
+                let kind = apply_failure(&e);
+                let seq = target.body.seq;
+                self.set_problem(ProblemKind::ApplyFailing, format!("applying snapshot {seq}: {e:#}"), now().0);
                 self.count("apply_failures");
+                self.engine.handle_apply_failed(now(), seq, kind);
                 return Ok(());
             }
         };
@@ -1122,11 +1134,12 @@ impl Daemon {
         self.health.clear(ProblemKind::PublishFailed);
         let reader = self.store.reader()?;
         let index = ChunkIndex::build(&reader, &report.body.root)?;
+        let chunks = mirrormesh_proto::sync::ChunkSet::of_snapshot(&reader, &report.body.root)?;
         drop(reader);
         if let Ok(mut current) = self.index.write() {
             *current = index;
         }
-        let accepted = self.engine.handle_published(t, report.signed.clone());
+        let accepted = self.engine.handle_published(t, report.signed.clone(), chunks);
         if let Err(e) = accepted {
             let message = format!("publishing: the engine refused the new root: {e}");
             self.set_problem(ProblemKind::PublishFailed, message.clone(), t.0);
@@ -1609,7 +1622,7 @@ impl Daemon {
             "idle" if engine.current.is_none() && self.cfg.role == RoleName::Mirror => 0.0,
             "idle" => 1.0,
             "transferring" if self.sync.need_bytes > 0 => 1.0 - bytes_missing as f64 / self.sync.need_bytes as f64,
-            "applying" => 1.0,
+            "applying" | "apply-retrying" => 1.0,
             _ => 0.0,
         };
         let target_seq = engine.target.map(|t| t.0);
@@ -1672,6 +1685,9 @@ impl Daemon {
             counters.insert(format!("data_refused_{what}"), n);
         }
         let seeder = self.engine.seeder_counts();
+        let announced = self.engine.announce_counts();
+        counters.insert("announced_outside_snapshot".into(), announced.outside_snapshot);
+        counters.insert("announced_over_cap".into(), announced.over_cap);
         if self.cfg.role == RoleName::Origin {
             counters.insert("origin_chunks_served".into(), seeder.served);
             counters.insert("origin_redirects".into(), seeder.redirects);
@@ -1680,6 +1696,8 @@ impl Daemon {
             counters.insert("origin_served_again_after_bans".into(), seeder.again.after_bans);
             counters.insert("origin_served_again_no_holder".into(), seeder.again.no_holder);
             counters.insert("origin_served_again_same_asker".into(), seeder.again.asked_again);
+            counters.insert("origin_refused_unknown_chunks".into(), seeder.refused_unknown);
+            counters.insert("origin_refused_banned".into(), seeder.refused_banned);
         }
         let status = Status {
             node_id: self.key.peer_id().to_string(),
@@ -1716,6 +1734,16 @@ struct StatusKey {
     staged: Option<u64>,
     last_error: Option<String>,
     problems: usize,
+}
+
+/// What kind of failure an apply error is, for the engine's retry (from the first I/O error in its chain).
+fn apply_failure(error: &anyhow::Error) -> ApplyFailure {
+    let errno = error.chain().find_map(|e| e.downcast_ref::<std::io::Error>()).and_then(std::io::Error::raw_os_error);
+    match errno {
+        Some(libc::ENOSPC | libc::EDQUOT) => ApplyFailure::NoSpace,
+        Some(libc::EPERM | libc::EACCES | libc::EROFS) => ApplyFailure::Permission,
+        _ => ApplyFailure::Other,
+    }
 }
 
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {

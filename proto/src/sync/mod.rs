@@ -6,11 +6,14 @@
 //! else the engine learns from events.
 //!
 //! # Call order
-//! 1. Create with [`Engine::new`] from the persisted state (the applied snapshot and the newest accepted root).
+//! 1. Create with [`Engine::new`] from the persisted state (the applied snapshot and the newest accepted root). An
+//!    origin restored with a current snapshot then gets its chunk ids through [`Engine::handle_snapshot_chunks`].
 //! 2. Feed events through the `handle_*` methods as they happen, each with the current time.
 //! 3. After every call, drain [`Engine::poll_output`] and execute the outputs **in order**. `StoreNodes` must be
 //!    durable and readable through the source before the next call; `Stage` is answered by
-//!    [`Engine::handle_staged`], `Apply` by [`Engine::handle_applied`], each fetch by its answer or failure.
+//!    [`Engine::handle_staged`], `Apply` by [`Engine::handle_applied`] or, when applying failed,
+//!    [`Engine::handle_apply_failed`] (the engine tries again after a back-off, or moves on to a newer root), each
+//!    fetch by its answer or failure.
 //! 4. Call [`Engine::handle_tick`] periodically (every few tens of milliseconds) and whenever
 //!    [`Engine::wants_tick`] says deferred work is waiting.
 //!
@@ -19,12 +22,24 @@
 //! otherwise nodes; [`manifest_fetch`]) → the diff against the applied snapshot gives the files to stage → the
 //! caller stages them, copying chunks it already holds, and reports what it holds → the rest is fetched from peers
 //! ([`scheduler`]), with the origin asked only for chunks no peer holds → every chunk held: `Apply` → applied:
-//! the node announces that it is complete at the new snapshot.
+//! the node announces that it is complete at the new snapshot. An apply that fails (a full disk, a permission) is
+//! retried after `APPLY_RETRY_FIRST_MS`, doubling per failure in a row up to `APPLY_RETRY_MAX_MS` (phase
+//! `apply-retrying`); if a newer root was accepted by the time of the retry, that one is synced instead.
 //!
-//! The origin role publishes instead of syncing ([`Engine::handle_published`]) and answers chunk requests through
-//! [`Engine::serve_decision`] ([`seeder`]).
+//! The origin role publishes instead of syncing ([`Engine::handle_published`], with the snapshot's [`ChunkSet`])
+//! and answers chunk requests through [`Engine::serve_decision`] ([`seeder`]).
+//!
+//! # What peers can make the engine remember
+//! Every table keyed by what peers send has a global cap: the origin keeps announcements only of chunks of its
+//! current snapshot (`HOLDER_ENTRIES_MAX` pairs), refuses requests for other chunks without remembering them (a
+//! peer making more than `UNKNOWN_CHUNK_REQUESTS_MAX` is banned for the snapshot), and its seeder's tables have
+//! caps of their own ([`seeder::SeederLimits`]). A mirror keeps announcements before it knows what its sync needs
+//! (while it fetches the manifest) up to `HOLDINGS_PER_PEER_MAX` per peer and `HOLDINGS_PENDING_MAX` in all; from
+//! planning on (staging, transfer) the scheduler keeps only chunks of the sync, as bits. Dropped announcements are
+//! counted ([`Engine::announce_counts`]); [`Engine::table_sizes`] shows the tables' sizes.
 
 pub mod availability;
+pub mod chunk_set;
 pub mod manifest_fetch;
 pub mod scheduler;
 pub mod seeder;
@@ -40,6 +55,7 @@ use crate::node::NodeHash;
 use crate::node_store::{NodeSource, SourceError};
 use crate::root::{PublisherKey, RepoId, RootError, RootTracker, SignedRoot, VerifiedRoot};
 use crate::timestamp::Timestamp;
+pub use chunk_set::ChunkSet;
 use manifest_fetch::{FetchOut, ManifestFetch};
 use scheduler::{BanReason, ChunkOutcome, SchedOut, Scheduler, SchedulerLimits};
 use seeder::{Seeder, SeederLimits, ServeDecision};
@@ -60,13 +76,42 @@ pub enum Role {
     Mirror,
 }
 
-/// Chunks one peer may be recorded as holding (beyond it, its announcements are ignored).
-pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 22;
+/// Chunks one peer may be recorded as holding before this node knows which chunks its sync needs (while it fetches
+/// the manifest; beyond it, the peer's announcements are dropped and counted). A release is hundreds to thousands
+/// of chunks and a whole Alpine repository about 8,100 per architecture; an announcement dropped here only means
+/// the chunk may be asked of the origin, which redirects to its holders.
+pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 17;
+/// Chunks recorded over all peers before this node knows which chunks its sync needs (see
+/// `HOLDINGS_PER_PEER_MAX`): about 63 bytes each in a B-tree set (measured, `proto/tests/state_bounds.rs`), so at
+/// most ~31 MiB. Once the sync is planned, announcements go to the scheduler, which keeps only chunks it needs.
+pub const HOLDINGS_PENDING_MAX: usize = 1 << 19;
+/// Origin: (chunk, peer) pairs remembered from announcements, over all chunks (at most `REDIRECT_PEERS_MAX` peers
+/// per chunk, only chunks of the current snapshot). Redirects need holders only for chunks already handed out,
+/// which in a release is the release's chunks (a whole Alpine architecture is ~8,100 chunks, x 8 peers = 65,000);
+/// beyond it announcements are dropped and counted. About 186 bytes per pair with libp2p peer ids when each chunk
+/// has one holder (the worst case; measured, `proto/tests/state_bounds.rs`): ~23 MiB at the cap.
+pub const HOLDER_ENTRIES_MAX: usize = 1 << 17;
+/// Origin: requests from one peer for chunks outside the current snapshot before it is banned for the snapshot.
+/// An honest mirror asks for such a chunk only while it syncs to an older snapshot and has not heard of the newer
+/// one (a round trip after publication), each chunk at most once; with the origin window of 1 MiB and requests of
+/// 256 chunks that is far below this.
+pub const UNKNOWN_CHUNK_REQUESTS_MAX: u32 = 1 << 16;
 /// How often newly held chunks are announced to peers, by default.
 pub const HAVE_FLUSH_MS: u64 = 50;
+/// Peers remembered as suspect (banned or stalled in an earlier snapshot, not delivering since); beyond it the one
+/// with the smallest id is forgotten. A mirror has tens of peers: this covers every peer of any mesh while bounding
+/// what a stream of fresh identities can make this node remember.
+pub const SUSPECTS_MAX: usize = 1024;
 /// After this node fails to keep a chunk (staging write error, e.g. a full disk), no chunk is requested for this
 /// long; the error is reported each time.
 pub const LOCAL_FAILURE_BACKOFF_MS: u64 = 2_000;
+/// After an apply fails, it is tried again after this long, then after twice as long each time it fails again in a
+/// row, up to `APPLY_RETRY_MAX_MS`. A second: a transient error (a file briefly locked, space freed by a log
+/// rotation) costs little; the doubling keeps a lasting one (a full disk) from re-running the apply's staging
+/// checks and renames every second.
+pub const APPLY_RETRY_FIRST_MS: u64 = 1_000;
+/// The longest wait between apply attempts: an operator who frees space sees the mirror catch up within a minute.
+pub const APPLY_RETRY_MAX_MS: u64 = 60_000;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig<P> {
@@ -186,11 +231,52 @@ pub struct EngineStatus {
     pub current: Option<(u64, NodeHash)>,
     /// The snapshot being synced to.
     pub target: Option<(u64, NodeHash)>,
+    /// `idle`, `fetching-manifest`, `staging`, `transferring`, `applying`, or `apply-retrying` (an apply failed and
+    /// waits for `apply_retry_at`).
     pub phase: &'static str,
     pub bytes_missing: u64,
     pub chunks_missing: usize,
     pub waiting_for_origin: bool,
     pub peers: usize,
+    /// Applies that failed in a row (0 once one succeeds).
+    pub apply_failures: u32,
+    /// When the failed apply is tried again (phase `apply-retrying`).
+    pub apply_retry_at: Option<Timestamp>,
+    /// Why the last apply failed, until one succeeds.
+    pub last_apply_failure: Option<ApplyFailure>,
+}
+
+/// Why applying a snapshot to the served tree failed (the caller maps its I/O error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyFailure {
+    /// The filesystem is full (ENOSPC, EDQUOT).
+    NoSpace,
+    /// Not allowed (EPERM, EACCES, EROFS).
+    Permission,
+    /// Anything else (EXDEV, EIO, ...).
+    Other,
+}
+
+/// Entries in the engine's tables that peers can grow, each under its cap (see [`Engine::table_sizes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Origin: (chunk, peer) pairs announced (`HOLDER_ENTRIES_MAX`).
+    pub holders: usize,
+    /// Origin: chunks handed out, per recipient (`SeederLimits::recipients_max`).
+    pub seeder_recipients: usize,
+    /// Origin: (asker, chunk) pairs pointed elsewhere (`SeederLimits::redirects_max`).
+    pub seeder_redirects: usize,
+    /// Mirror: chunks announced before the sync's chunks are known, over all peers (`HOLDINGS_PENDING_MAX`).
+    pub pending_holdings: usize,
+}
+
+/// Announced chunk ids this node dropped since the start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnnounceCounts {
+    /// Origin: ids that are not chunks of its current snapshot.
+    pub outside_snapshot: u64,
+    /// Ids dropped because a table was full (`HOLDER_ENTRIES_MAX`, `HOLDINGS_PER_PEER_MAX`, `HOLDINGS_PENDING_MAX`).
+    pub over_cap: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -212,6 +298,11 @@ struct PeerInfo {
     pushed: Option<u64>,
     /// Newest snapshot it announced chunks of (it holds that snapshot's manifest).
     manifest_seq: Option<u64>,
+    /// Origin: its requests for chunks outside the current snapshot.
+    unknown_requests: u32,
+    /// Origin: it claimed the current snapshot complete and then asked for one of its chunks, so the claim is
+    /// false: it is not named in redirects.
+    false_claim: bool,
 }
 
 enum Phase<P: PeerKey> {
@@ -224,9 +315,10 @@ enum Phase<P: PeerKey> {
     Planned {
         target: VerifiedRoot,
     },
+    /// The caller stages the files; the scheduler already collects what peers announce (only chunks it needs).
     Staging {
         target: VerifiedRoot,
-        files: Vec<StageFile>,
+        sched: Scheduler<P>,
     },
     Transfer {
         target: VerifiedRoot,
@@ -234,6 +326,11 @@ enum Phase<P: PeerKey> {
     },
     Applying {
         target: VerifiedRoot,
+    },
+    /// The apply failed: it is tried again at `retry_at` (or a newer root is synced instead).
+    ApplyWait {
+        target: VerifiedRoot,
+        retry_at: Timestamp,
     },
 }
 
@@ -245,9 +342,20 @@ pub struct Engine<P: PeerKey> {
     peers: BTreeMap<P, PeerInfo>,
     /// Peers banned for the snapshot being synced.
     banned: BTreeSet<P>,
+    /// Peers banned or stalled in an earlier snapshot that have not delivered a chunk since (kept across
+    /// reconnections): the next scheduler starts them stalled (see [`Scheduler::suspect`]).
+    suspects: BTreeSet<P>,
+    /// Claimers that kept an abandoned sync waiting without delivering, since when (handed to the next scheduler;
+    /// at most one entry per connected peer).
+    kept_waiting: BTreeMap<P, Timestamp>,
     seeder: Seeder<P>,
     /// Origin: a few peers that announced each chunk of the current snapshot (for redirects).
     holders: BTreeMap<ChunkId, Vec<P>>,
+    /// (chunk, peer) pairs in `holders`.
+    holder_entries: usize,
+    /// Origin: the chunks of the current snapshot (`None` until the caller says, after a restart).
+    snapshot_chunks: Option<ChunkSet>,
+    announce_counts: AnnounceCounts,
     next_req: u64,
     out: VecDeque<Output<P>>,
     have_outbox: Vec<ChunkId>,
@@ -255,6 +363,9 @@ pub struct Engine<P: PeerKey> {
     waiting_for_origin: bool,
     /// No chunk requests before this instant (after a local failure).
     paused_until: Timestamp,
+    /// Applies that failed in a row, and why the last one did.
+    apply_failures: u32,
+    last_apply_failure: Option<ApplyFailure>,
 }
 
 impl<P: PeerKey> Engine<P> {
@@ -273,14 +384,21 @@ impl<P: PeerKey> Engine<P> {
             phase: Phase::Idle,
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
+            suspects: BTreeSet::new(),
+            kept_waiting: BTreeMap::new(),
             seeder,
             holders: BTreeMap::new(),
+            holder_entries: 0,
+            snapshot_chunks: None,
+            announce_counts: AnnounceCounts::default(),
             next_req: 0,
             out: VecDeque::new(),
             have_outbox: Vec::new(),
             last_have_flush: Timestamp(0),
             waiting_for_origin: false,
             paused_until: Timestamp(0),
+            apply_failures: 0,
+            last_apply_failure: None,
         };
         if let Some(latest) = latest
             && engine.is_newer(&latest)
@@ -334,6 +452,7 @@ impl<P: PeerKey> Engine<P> {
                 ("transferring", Some(target), sched.bytes_missing(), sched.chunks_missing())
             }
             Phase::Applying { target } => ("applying", Some(target), 0, 0),
+            Phase::ApplyWait { target, .. } => ("apply-retrying", Some(target), 0, 0),
         };
         EngineStatus {
             repo: self.cfg.repo.clone(),
@@ -344,6 +463,12 @@ impl<P: PeerKey> Engine<P> {
             chunks_missing,
             waiting_for_origin: self.waiting_for_origin,
             peers: self.peers.values().filter(|p| p.greeted).count(),
+            apply_failures: self.apply_failures,
+            apply_retry_at: match &self.phase {
+                Phase::ApplyWait { retry_at, .. } => Some(*retry_at),
+                _ => None,
+            },
+            last_apply_failure: self.last_apply_failure,
         }
     }
 
@@ -354,6 +479,16 @@ impl<P: PeerKey> Engine<P> {
 
     pub fn is_banned(&self, peer: &P) -> bool {
         self.banned.contains(peer)
+    }
+
+    /// Whether `peer`'s claims are not trusted until it delivers a chunk: it was banned or stalled in this or the
+    /// previous snapshot (see [`Scheduler::suspect`]).
+    pub fn is_suspect(&self, peer: &P) -> bool {
+        let now = match &self.phase {
+            Phase::Transfer { sched, .. } => sched.suspicion(peer),
+            _ => None,
+        };
+        now.unwrap_or_else(|| self.suspects.contains(peer))
     }
 
     // ---- events -------------------------------------------------------------------------------------------
@@ -368,6 +503,8 @@ impl<P: PeerKey> Engine<P> {
             holdings: BTreeSet::new(),
             pushed: None,
             manifest_seq: None,
+            unknown_requests: 0,
+            false_claim: false,
         });
         self.out.push_back(Output::SendHello(peer, self.hello()));
     }
@@ -376,7 +513,7 @@ impl<P: PeerKey> Engine<P> {
         self.peers.remove(peer);
         match &mut self.phase {
             Phase::Manifest { fetch, .. } => fetch.on_peer_gone(peer),
-            Phase::Transfer { sched, .. } => {
+            Phase::Transfer { sched, .. } | Phase::Staging { sched, .. } => {
                 let outs = sched.remove_peer(peer);
                 self.sched_outputs(outs);
             }
@@ -405,6 +542,8 @@ impl<P: PeerKey> Engine<P> {
             holdings: BTreeSet::new(),
             pushed: None,
             manifest_seq: None,
+            unknown_requests: 0,
+            false_claim: false,
         });
         let first = !info.greeted;
         info.greeted = true;
@@ -412,10 +551,14 @@ impl<P: PeerKey> Engine<P> {
         if let Some(root) = hello.root {
             self.handle_root(now, RootVia::Hello(peer.clone()), root, source)?;
         }
-        if let Phase::Transfer { target, sched } = &mut self.phase {
+        if let Phase::Transfer { target, sched } | Phase::Staging { target, sched } = &mut self.phase {
             let seq = target.body.seq;
             let holds_all = hello.complete_seq == Some(seq);
+            let known = sched.peer_keys().any(|p| *p == peer);
             sched.set_peer(&peer, is_origin, holds_all);
+            if !known && self.suspects.contains(&peer) {
+                sched.suspect(&peer);
+            }
             if first {
                 // Tell the newcomer what we already hold of this snapshot.
                 let complete_seq = self.current.as_ref().map(|c| c.body.seq);
@@ -489,7 +632,8 @@ impl<P: PeerKey> Engine<P> {
         info.manifest_seq = info.manifest_seq.max(Some(have.seq));
         let (is_origin, complete_seq) = (info.is_origin, info.complete_seq);
         match &mut self.phase {
-            Phase::Transfer { target, sched } => {
+            Phase::Transfer { target, sched } | Phase::Staging { target, sched } => {
+                // The scheduler keeps only chunks this sync needs, in bitsets.
                 sched.set_peer(&peer, is_origin, complete_seq == Some(target.body.seq));
                 for id in &have.chunks {
                     sched.add_holding(now, &peer, id);
@@ -498,23 +642,45 @@ impl<P: PeerKey> Engine<P> {
                 self.pump_after(now, &peer);
                 return;
             }
-            Phase::Manifest { .. } | Phase::Planned { .. } | Phase::Staging { .. } => {
+            Phase::Manifest { .. } | Phase::Planned { .. } => {
+                // Which chunks this sync needs is not known yet: keep what fits under both caps.
+                let pending: usize = self.peers.values().map(|i| i.holdings.len()).sum();
+                let room = HOLDINGS_PENDING_MAX.saturating_sub(pending);
+                let Some(info) = self.peers.get_mut(&peer) else { return };
+                let before = info.holdings.len();
+                let limit = HOLDINGS_PER_PEER_MAX.min(before + room);
                 for id in &have.chunks {
-                    if info.holdings.len() >= HOLDINGS_PER_PEER_MAX {
-                        break;
+                    if info.holdings.len() >= limit && !info.holdings.contains(id) {
+                        self.announce_counts.over_cap += 1;
+                        continue;
                     }
                     info.holdings.insert(*id);
                 }
             }
-            Phase::Idle | Phase::Applying { .. } if self.cfg.role == Role::Origin => {
+            Phase::Idle | Phase::Applying { .. } | Phase::ApplyWait { .. } if self.cfg.role == Role::Origin => {
                 for id in &have.chunks {
-                    let holders = self.holders.entry(*id).or_default();
-                    if holders.len() < crate::transfer::REDIRECT_PEERS_MAX && !holders.contains(&peer) {
-                        holders.push(peer.clone());
+                    // Only chunks of the current snapshot can be redirected to (before the caller gave the set,
+                    // only the cap bounds them).
+                    if self.snapshot_chunks.as_ref().is_some_and(|set| !set.contains(id)) {
+                        self.announce_counts.outside_snapshot += 1;
+                        continue;
+                    }
+                    let full = self.holder_entries >= HOLDER_ENTRIES_MAX;
+                    match self.holders.get_mut(id) {
+                        Some(holders) if holders.contains(&peer) => {}
+                        Some(holders) if holders.len() < crate::transfer::REDIRECT_PEERS_MAX && !full => {
+                            holders.push(peer.clone());
+                            self.holder_entries += 1;
+                        }
+                        None if !full => {
+                            self.holders.insert(*id, vec![peer.clone()]);
+                            self.holder_entries += 1;
+                        }
+                        _ => self.announce_counts.over_cap += 1,
                     }
                 }
             }
-            Phase::Idle | Phase::Applying { .. } => {}
+            Phase::Idle | Phase::Applying { .. } | Phase::ApplyWait { .. } => {}
         }
         self.pump(now);
     }
@@ -561,31 +727,16 @@ impl<P: PeerKey> Engine<P> {
     /// run).
     pub fn handle_staged(&mut self, now: Timestamp, seq: u64, held: Vec<ChunkId>) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let Phase::Staging { target, files } = phase else {
+        let Phase::Staging { target, mut sched } = phase else {
             self.phase = phase;
             return;
         };
         if target.body.seq != seq {
-            self.phase = Phase::Staging { target, files };
+            self.phase = Phase::Staging { target, sched };
             return;
         }
-        let chunks = files.iter().flat_map(|f| {
-            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| Some((*id, chunk_range(f.meta.size, i as u64)?.1)))
-        });
-        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, chunks);
-        drop(files);
         for id in &held {
             sched.mark_held(id);
-        }
-        for (peer, info) in &mut self.peers {
-            let holdings = std::mem::take(&mut info.holdings);
-            if !info.greeted || self.banned.contains(peer) {
-                continue;
-            }
-            sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
-            for id in &holdings {
-                sched.add_holding(now, peer, id);
-            }
         }
         self.have_outbox.extend(held);
         self.phase = Phase::Transfer { target, sched };
@@ -644,24 +795,49 @@ impl<P: PeerKey> Engine<P> {
         self.pump_after(now, &peer);
     }
 
+    /// A chunk request failed as a whole (no data-plane address, connection error, reset): its chunks are not
+    /// asked of that peer again in this snapshot, and the failure counts against it.
     pub fn handle_chunks_failed(&mut self, now: Timestamp, _peer: P, req: ReqId) {
         if let Phase::Transfer { sched, .. } = &mut self.phase {
-            sched.on_request_failed(req);
+            let outs = sched.on_request_failed(req);
+            self.sched_outputs(outs);
         }
         self.pump(now);
+    }
+
+    /// Applying snapshot `seq` (an `Output::Apply`) failed: it is tried again after a back-off
+    /// (`APPLY_RETRY_FIRST_MS`, doubling per failure in a row up to `APPLY_RETRY_MAX_MS`), or, if a newer root was
+    /// accepted by then, the newer one is synced instead (from the applied snapshot; staged chunks are found again).
+    pub fn handle_apply_failed(&mut self, now: Timestamp, seq: u64, kind: ApplyFailure) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let Phase::Applying { target } = phase else {
+            self.phase = phase;
+            return;
+        };
+        if target.body.seq != seq {
+            self.phase = Phase::Applying { target };
+            return;
+        }
+        self.apply_failures = self.apply_failures.saturating_add(1);
+        self.last_apply_failure = Some(kind);
+        let doublings = (self.apply_failures - 1).min(u64::BITS - 1);
+        let wait = APPLY_RETRY_FIRST_MS.saturating_mul(1 << doublings).min(APPLY_RETRY_MAX_MS);
+        self.phase = Phase::ApplyWait { target, retry_at: now.plus_ms(wait) };
     }
 
     /// The caller applied snapshot `seq` to the served tree.
     pub fn handle_applied(&mut self, now: Timestamp, seq: u64, source: &impl NodeSource) -> Result<(), EngineError> {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let Phase::Applying { target } = phase else {
-            self.phase = phase;
-            return Ok(());
+        let target = match phase {
+            // (Late news of an apply that was reported failed counts too: the tree holds the snapshot.)
+            Phase::Applying { target } | Phase::ApplyWait { target, .. } if target.body.seq == seq => target,
+            phase => {
+                self.phase = phase;
+                return Ok(());
+            }
         };
-        if target.body.seq != seq {
-            self.phase = Phase::Applying { target };
-            return Ok(());
-        }
+        self.apply_failures = 0;
+        self.last_apply_failure = None;
         self.current = Some(target);
         self.banned.clear();
         self.waiting_for_origin = false;
@@ -678,17 +854,54 @@ impl<P: PeerKey> Engine<P> {
         Ok(())
     }
 
-    /// Origin role: a snapshot was published locally (its nodes are in the store).
-    pub fn handle_published(&mut self, now: Timestamp, root: SignedRoot) -> Result<(), RootError> {
+    /// Origin role: a snapshot was published locally (its nodes are in the store); `chunks` are its chunk ids
+    /// (announcements of other ids are dropped, requests for them refused).
+    pub fn handle_published(&mut self, now: Timestamp, root: SignedRoot, chunks: ChunkSet) -> Result<(), RootError> {
         let verified = self.roots.accept(now, &root)?;
         let seq = verified.body.seq;
         self.current = Some(verified);
-        self.seeder.reset();
-        self.holders.clear();
+        self.start_serving(chunks);
         self.out.push_back(Output::Gossip(root));
         self.push_root(seq);
         self.announce_complete(seq);
         Ok(())
+    }
+
+    /// Origin role: the chunk ids of the current snapshot `seq`, for an origin restored from persisted state
+    /// ([`Engine::new`] with a current snapshot); until it is given, announcements and requests are bounded only by
+    /// the tables' caps. Ignored unless `seq` is the current snapshot.
+    pub fn handle_snapshot_chunks(&mut self, seq: u64, chunks: ChunkSet) {
+        if self.cfg.role == Role::Origin && self.current.as_ref().is_some_and(|c| c.body.seq == seq) {
+            self.start_serving(chunks);
+        }
+    }
+
+    /// Origin: forgets what it knew of the previous snapshot's distribution and serves `chunks`.
+    fn start_serving(&mut self, chunks: ChunkSet) {
+        self.seeder.reset();
+        self.holders.clear();
+        self.holder_entries = 0;
+        self.banned.clear();
+        for info in self.peers.values_mut() {
+            info.unknown_requests = 0;
+            info.false_claim = false;
+        }
+        self.snapshot_chunks = Some(chunks);
+    }
+
+    /// Sizes of the tables peers can grow (for tests and metrics).
+    pub fn table_sizes(&self) -> TableSizes {
+        TableSizes {
+            holders: self.holder_entries,
+            seeder_recipients: self.seeder.recipients_len(),
+            seeder_redirects: self.seeder.redirects_len(),
+            pending_holdings: self.peers.values().map(|i| i.holdings.len()).sum(),
+        }
+    }
+
+    /// Announced chunk ids dropped since the start.
+    pub fn announce_counts(&self) -> AnnounceCounts {
+        self.announce_counts
     }
 
     /// Sends this node's hello (which carries the newest root) straight to every greeted peer not known to have
@@ -710,19 +923,42 @@ impl<P: PeerKey> Engine<P> {
             return ServeDecision::Serve;
         }
         let seq = self.current.as_ref().map(|c| c.body.seq);
-        if seq.is_some() && self.peers.get(peer).is_some_and(|info| info.complete_seq == seq) {
+        if self.banned.contains(peer) {
+            self.seeder.counts.refused_banned += 1;
+            return ServeDecision::Refuse;
+        }
+        if self.snapshot_chunks.as_ref().is_some_and(|set| !set.contains(id)) {
+            // Not a chunk of this snapshot: nothing to serve, nothing to remember; too many and the asker is
+            // banned for the snapshot.
+            self.seeder.counts.refused_unknown += 1;
+            if let Some(info) = self.peers.get_mut(peer) {
+                info.unknown_requests += 1;
+                if info.unknown_requests > UNKNOWN_CHUNK_REQUESTS_MAX && self.banned.insert(peer.clone()) {
+                    self.out.push_back(Output::Ban { peer: peer.clone(), reason: BanReason::UnknownChunks });
+                }
+            }
+            return ServeDecision::Refuse;
+        }
+        if seq.is_some()
+            && let Some(info) = self.peers.get_mut(peer)
+            && info.complete_seq == seq
+        {
+            info.false_claim = true;
             self.seeder.counts.refused += 1;
             return ServeDecision::Refuse;
         }
         let mut holders: Vec<P> = self
             .peers
             .iter()
-            .filter(|(p, info)| *p != peer && info.greeted && info.complete_seq == seq && seq.is_some())
+            .filter(|(p, info)| {
+                *p != peer && info.greeted && info.complete_seq == seq && seq.is_some() && !info.false_claim
+            })
             .map(|(p, _)| p.clone())
             .take(crate::transfer::REDIRECT_PEERS_MAX)
             .collect();
         for holder in self.holders.get(id).into_iter().flatten() {
-            if holder != peer && self.peers.contains_key(holder) && !holders.contains(holder) {
+            let named = self.peers.get(holder).is_some_and(|info| !info.false_claim);
+            if holder != peer && named && !holders.contains(holder) {
                 holders.push(holder.clone());
             }
         }
@@ -749,6 +985,7 @@ impl<P: PeerKey> Engine<P> {
                 let outs = sched.on_tick(now);
                 self.sched_outputs(outs);
             }
+            Phase::ApplyWait { retry_at, .. } if *retry_at <= now => self.retry_apply(now, source)?,
             _ => {}
         }
         if now.millis_since(self.last_have_flush) >= self.cfg.have_flush_ms {
@@ -773,8 +1010,8 @@ impl<P: PeerKey> Engine<P> {
             return Ok(());
         }
         match &self.phase {
-            // Finish applying first; `handle_applied` picks up the newer root.
-            Phase::Applying { .. } => return Ok(()),
+            // Finish applying first; `handle_applied` picks up the newer root (or the retry does, after a failure).
+            Phase::Applying { .. } | Phase::ApplyWait { .. } => return Ok(()),
             Phase::Manifest { target: t, .. }
             | Phase::Planned { target: t }
             | Phase::Staging { target: t, .. }
@@ -787,6 +1024,10 @@ impl<P: PeerKey> Engine<P> {
         }
         // Abandon a sync to an older snapshot (staged chunks stay staged and are found again).
         if let Phase::Transfer { sched, .. } = &mut self.phase {
+            remember_suspects(&mut self.suspects, sched);
+            // A claimer that kept this sync waiting keeps the next one waiting from the same instant: its stall
+            // allowance does not restart because a newer snapshot came (trickles can come faster than it).
+            self.kept_waiting = sched.peer_keys().filter_map(|p| Some((p.clone(), sched.waiting_since(p)?))).collect();
             let outs = sched.cancel_all();
             self.sched_outputs(outs);
         }
@@ -849,9 +1090,47 @@ impl<P: PeerKey> Engine<P> {
             })
             .collect();
         let seq = target.body.seq;
-        self.out.push_back(Output::Stage { seq, files: files.clone() });
-        self.phase = Phase::Staging { target, files };
-        let _ = now;
+        let chunks = files.iter().flat_map(|f| {
+            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| Some((*id, chunk_range(f.meta.size, i as u64)?.1)))
+        });
+        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, chunks);
+        // What peers announced so far moves into the scheduler, which keeps only chunks this sync needs.
+        for (peer, info) in &mut self.peers {
+            let holdings = std::mem::take(&mut info.holdings);
+            if !info.greeted || self.banned.contains(peer) {
+                continue;
+            }
+            sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
+            if self.suspects.contains(peer) {
+                sched.suspect(peer);
+            }
+            if let Some(since) = self.kept_waiting.get(peer) {
+                sched.keep_waiting(peer, *since);
+            }
+            for id in &holdings {
+                sched.add_holding(now, peer, id);
+            }
+        }
+        self.kept_waiting.clear();
+        self.out.push_back(Output::Stage { seq, files });
+        self.phase = Phase::Staging { target, sched };
+        Ok(())
+    }
+
+    /// The back-off after a failed apply is over: moves on to a newer accepted root if there is one, else applies
+    /// the same target again.
+    fn retry_apply(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
+        let Phase::ApplyWait { target, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return Ok(());
+        };
+        if let Some(latest) = self.latest().cloned()
+            && latest.body.seq > target.body.seq
+        {
+            return self.start_sync(now, latest, source);
+        }
+        let base = self.current.as_ref().map(|c| c.body.root);
+        self.out.push_back(Output::Apply { target: target.clone(), base });
+        self.phase = Phase::Applying { target };
         Ok(())
     }
 
@@ -861,7 +1140,8 @@ impl<P: PeerKey> Engine<P> {
             return;
         }
         self.flush_haves(now);
-        if let Phase::Transfer { target, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
+        if let Phase::Transfer { target, sched } = std::mem::replace(&mut self.phase, Phase::Idle) {
+            remember_suspects(&mut self.suspects, &sched);
             let base = self.current.as_ref().map(|c| c.body.root);
             self.out.push_back(Output::Apply { target: target.clone(), base });
             self.phase = Phase::Applying { target };
@@ -958,7 +1238,9 @@ impl<P: PeerKey> Engine<P> {
             return;
         }
         let seq = match &self.phase {
-            Phase::Transfer { target, .. } | Phase::Applying { target } => target.body.seq,
+            Phase::Transfer { target, .. } | Phase::Applying { target } | Phase::ApplyWait { target, .. } => {
+                target.body.seq
+            }
             _ => {
                 self.have_outbox.clear();
                 return;
@@ -980,6 +1262,24 @@ impl<P: PeerKey> Engine<P> {
         for peer in peers {
             let have = Have { repo: self.cfg.repo.clone(), seq, complete_seq: Some(seq), chunks: Vec::new() };
             self.out.push_back(Output::SendHave(peer, have));
+        }
+    }
+}
+
+/// Carries what a finished or abandoned snapshot's scheduler learnt about its peers into the next one.
+fn remember_suspects<P: PeerKey>(suspects: &mut BTreeSet<P>, sched: &Scheduler<P>) {
+    for peer in sched.peer_keys() {
+        match sched.suspicion(peer) {
+            Some(true) => {
+                if suspects.len() >= SUSPECTS_MAX && !suspects.contains(peer) {
+                    suspects.pop_first();
+                }
+                suspects.insert(peer.clone());
+            }
+            Some(false) => {
+                suspects.remove(peer);
+            }
+            None => {}
         }
     }
 }

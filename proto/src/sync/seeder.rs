@@ -16,6 +16,11 @@
 //!    descends from the origin's first one, so a peer claiming a chunk the origin never handed out is lying or holds
 //!    it from an older snapshot: either way the origin serves);
 //! 3. else serve it and remember that `r` got it.
+//!
+//! The engine asks only about chunks of the current snapshot (others are refused before they reach the seeder), so
+//! what it remembers is bounded by the snapshot; each table also has a global cap ([`SeederLimits`]): a recipient
+//! is remembered once per chunk (a peer asking again moves to the end of the list), and beyond the caps the origin
+//! stops remembering (it serves where it would have redirected).
 
 use std::collections::BTreeMap;
 
@@ -26,6 +31,17 @@ use crate::transfer::REDIRECT_PEERS_MAX;
 
 /// Most times one asker is pointed elsewhere for one chunk by newer recipients (rule 1).
 pub const REDIRECTS_PER_ASKER_MAX: u8 = 2;
+/// (chunk, recipient) pairs remembered per snapshot, by default. A chunk is handed out about once, so this covers a
+/// whole mirror's snapshot (~2 million chunks of 1 MiB) handed out once each. About 180 bytes per pair with libp2p
+/// peer ids (measured, `proto/tests/state_bounds.rs`): ~360 MiB at the cap, which only serving 2 million chunks
+/// (up to 2 TB) fills; chunks outside the snapshot are refused before they get here, and a peer asking again for a
+/// chunk it got is not added twice.
+pub const SEEDER_RECIPIENTS_MAX: usize = 1 << 21;
+/// (asker, chunk) redirects remembered per snapshot, by default: about 237 bytes each with libp2p peer ids
+/// (measured), ~30 MiB at the cap. An answer costs the origin no upload, so this table is the one a peer could
+/// grow cheaply (with real chunk ids only). Beyond it a new asker is served instead of redirected. A 500-package
+/// release to 1,000 mirrors (`simulations/scenarios/release-1000.toml`) runs the same with this cap as without.
+pub const SEEDER_REDIRECTS_MAX: usize = 1 << 17;
 
 #[derive(Clone, Debug)]
 pub struct SeederLimits {
@@ -34,13 +50,20 @@ pub struct SeederLimits {
     /// An asker back sooner than this after a redirect banned every peer named (the scheduler's
     /// [`redirect_defer_ms`](crate::sync::scheduler::SchedulerLimits::redirect_defer_ms)).
     pub rebound_ms: u64,
-    /// Most recipients and most redirects remembered per snapshot (beyond it the origin simply serves).
-    pub entries_max: usize,
+    /// Most (chunk, recipient) pairs remembered per snapshot (beyond it the origin serves without remembering).
+    pub recipients_max: usize,
+    /// Most (asker, chunk) redirects remembered per snapshot (beyond it a new asker is served).
+    pub redirects_max: usize,
 }
 
 impl Default for SeederLimits {
     fn default() -> Self {
-        Self { assign_timeout_ms: 30_000, rebound_ms: 6_000, entries_max: 1 << 22 }
+        Self {
+            assign_timeout_ms: 30_000,
+            rebound_ms: 6_000,
+            recipients_max: SEEDER_RECIPIENTS_MAX,
+            redirects_max: SEEDER_REDIRECTS_MAX,
+        }
     }
 }
 
@@ -49,7 +72,8 @@ pub enum ServeDecision<P> {
     Serve,
     Elsewhere(Vec<P>),
     /// Answer "missing": the asker claims to hold the whole snapshot already, so it is lying (an honest peer
-    /// announces a snapshot complete only after its last chunk arrived) and the origin's bandwidth is not for it.
+    /// announces a snapshot complete only after its last chunk arrived) and the origin's bandwidth is not for it
+    /// (the engine then names it in no redirect), or the chunk is not in the snapshot, or the asker is banned.
     Refuse,
 }
 
@@ -69,7 +93,12 @@ pub struct Seeder<P: PeerKey> {
 pub struct SeederCounts {
     pub served: u64,
     pub redirects: u64,
+    /// Refused to peers claiming to hold the snapshot already.
     pub refused: u64,
+    /// Refused because the chunk is not in the current snapshot (never remembered).
+    pub refused_unknown: u64,
+    /// Refused because the asker is banned for this snapshot (too many requests for unknown chunks).
+    pub refused_banned: u64,
     /// Copies of chunks the origin had already handed out in this snapshot, by why they were served.
     pub again: AgainCounts,
 }
@@ -160,7 +189,7 @@ impl<P: PeerKey> Seeder<P> {
             }
         }
         elsewhere.truncate(REDIRECT_PEERS_MAX);
-        if !elsewhere.is_empty() && self.redirected.len() < self.limits.entries_max {
+        if !elsewhere.is_empty() && self.redirected.len() < self.limits.redirects_max {
             self.redirected.insert(key, (now, 0));
             self.counts.redirects += 1;
             return ServeDecision::Elsewhere(elsewhere);
@@ -174,12 +203,35 @@ impl<P: PeerKey> Seeder<P> {
     }
 
     fn serve(&mut self, now: Timestamp, asker: &P, id: &ChunkId) -> ServeDecision<P> {
-        if self.recipients_count < self.limits.entries_max {
-            self.recipients.entry(*id).or_default().push((asker.clone(), now));
-            self.recipients_count += 1;
+        let got = self.recipients.get_mut(id);
+        match got {
+            Some(got) if got.iter().any(|(p, _)| p == asker) => {
+                // Got it again: it moves to the end of the list, with the new time.
+                got.retain(|(p, _)| p != asker);
+                got.push((asker.clone(), now));
+            }
+            Some(got) if self.recipients_count < self.limits.recipients_max => {
+                got.push((asker.clone(), now));
+                self.recipients_count += 1;
+            }
+            None if self.recipients_count < self.limits.recipients_max => {
+                self.recipients.insert(*id, vec![(asker.clone(), now)]);
+                self.recipients_count += 1;
+            }
+            _ => {}
         }
         self.counts.served += 1;
         ServeDecision::Serve
+    }
+
+    /// (chunk, recipient) pairs remembered.
+    pub fn recipients_len(&self) -> usize {
+        self.recipients_count
+    }
+
+    /// (asker, chunk) redirects remembered.
+    pub fn redirects_len(&self) -> usize {
+        self.redirected.len()
     }
 }
 
