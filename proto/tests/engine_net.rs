@@ -298,7 +298,8 @@ impl Net {
                     let Node { engine, nodes, .. } = node;
                     engine.as_mut().unwrap().handle_applied(now, target.body.seq, nodes).unwrap();
                 }
-                Output::Ban { peer, reason } => node.bans.push((peer, reason)),
+                Output::Ban { peer, reason, .. } => node.bans.push((peer, reason)),
+                Output::Unban { .. } => {}
                 Output::Notice(notice) => node.notices.push(notice),
             }
         }

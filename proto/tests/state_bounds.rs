@@ -209,7 +209,7 @@ fn requests_for_chunks_outside_the_snapshot_leave_no_trace_at_the_origin() {
     // The abuse is scored: every flooder is banned for the snapshot once over the limit.
     let mut bans = Vec::new();
     while let Some(out) = origin.poll_output() {
-        if let Output::Ban { peer, reason } = out {
+        if let Output::Ban { peer, reason, .. } = out {
             bans.push((peer, reason));
         }
     }

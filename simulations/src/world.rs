@@ -822,10 +822,13 @@ impl World {
                 }
                 self.maybe_publish_next();
             }
-            Output::Ban { peer, reason } => {
+            Output::Ban { peer, reason, .. } => {
                 self.trace(&[5, self.now, u64::from(node), u64::from(peer), reason as u64]);
                 self.nodes[node as usize].record.bans.push((peer, reason));
             }
+            // A ban ending changes nothing the simulator models (its byzantine kinds break no protocol rule that
+            // leads to a ban with a time).
+            Output::Unban { .. } => {}
             Output::Notice(notice) => match notice {
                 Notice::RootAccepted { seq } => {
                     self.trace(&[6, self.now, u64::from(node), seq]);

@@ -36,6 +36,7 @@ use mirrormesh_proto::control::{ControlRequest, ControlResponse, roots_topic};
 use mirrormesh_proto::diff::Change;
 use mirrormesh_proto::node_store::NodeSink;
 use mirrormesh_proto::root::Freshness;
+use mirrormesh_proto::sync::bans::Offence;
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{ApplyFailure, ChunkSet, Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
@@ -69,20 +70,10 @@ pub use manifest_answers::{
 /// Bootstrap redial back-off bounds.
 pub const REDIAL_MIN: Duration = Duration::from_secs(1);
 pub const REDIAL_MAX: Duration = Duration::from_secs(30);
-/// Malformed control requests (undecodable, or over the size limit) a peer may send before it is banned.
-pub const CONTROL_MALFORMED_MAX: u32 = 3;
-/// Refused data-plane requests (malformed, oversized, stalled, slow reader, wrong repository) a peer may make
-/// before it is banned.
-pub const DATA_REFUSALS_MAX: u64 = 16;
-/// How long a peer banned for breaking the protocol stays banned (it is disconnected, its connections refused,
-/// and its data plane neither served nor asked).
-pub const PROTOCOL_BAN: Duration = Duration::from_secs(3600);
 /// How long a shutting-down daemon waits for its connections to close.
 pub const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// How long it then lets the connections' drivers send their close frames (a few loopback or LAN round trips).
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_millis(100);
-/// Peers remembered as banned for breaking the protocol; the longest-banned are forgotten beyond this.
-pub const PROTOCOL_BANS_MAX: usize = 4096;
 
 /// Things tasks and the admin API tell the loop.
 pub enum LoopEvent {
@@ -146,13 +137,10 @@ struct PeerState {
     address: Option<Multiaddr>,
     data_addrs: Vec<SocketAddr>,
     connected_since_ms: u64,
-    banned: bool,
     /// Control-plane round trip, milliseconds, smoothed.
     rtt_ms: Option<f64>,
     /// Chunk delivery rate to this node, bytes per second, smoothed over requests.
     rate: Option<f64>,
-    /// Malformed control requests received from the peer.
-    malformed: u32,
 }
 
 /// Weight of a new sample in the smoothed RTT and delivery rate.
@@ -207,8 +195,8 @@ pub struct Daemon {
     answer_budgets: manifest_answers::AnswerBudgets,
     /// When each connection last brought an answer to one of this node's control requests.
     control_answered: HashMap<ConnectionId, Instant>,
-    /// Peers banned for breaking the protocol, until when.
-    protocol_bans: HashMap<PeerId, Instant>,
+    /// Data-plane refusals of each peer already reported to the engine as offences.
+    refusals_reported: BTreeMap<PeerId, u64>,
     /// Peers whose data plane this node floods (fault injection).
     flooding: std::collections::BTreeSet<PeerId>,
     events_tx: mpsc::Sender<LoopEvent>,
@@ -404,7 +392,7 @@ impl Daemon {
             duplicate_keys: Default::default(),
             answer_budgets: Default::default(),
             control_answered: HashMap::new(),
-            protocol_bans: HashMap::new(),
+            refusals_reported: BTreeMap::new(),
             flooding: Default::default(),
             events_tx,
             events_rx,
@@ -452,8 +440,8 @@ impl Daemon {
                 self.error(format!("{e:#}"));
             }
         }
+        self.data.shut_down(SHUTDOWN_CLOSE_WAIT).await;
         self.close_connections().await;
-        self.data.close();
         Ok(())
     }
 
@@ -666,10 +654,20 @@ impl Daemon {
                 tracing::info!(seq = target.body.seq, "applying snapshot");
                 self.tree_writer.submit(tree_writer::TreeJob::Apply { target: Box::new(target), base })?;
             }
-            Output::Ban { peer, reason } => {
-                tracing::warn!(%peer, reason = format!("{reason:?}").to_lowercase(), "peer banned for this snapshot");
-                self.peers.entry(peer).or_default().banned = true;
-                self.count(format!("peers_banned_{reason:?}").to_lowercase());
+            Output::Ban { peer, reason, until: None } => {
+                tracing::warn!(%peer, reason = reason.name(), "peer banned for this snapshot");
+                self.count(format!("peers_banned_{}", reason.name()));
+            }
+            Output::Ban { peer, reason, until: Some(until) } => {
+                let minutes = until.millis_since(now()) / 60_000;
+                tracing::warn!(%peer, reason = reason.name(), minutes, "peer banned for breaking the protocol");
+                self.count(format!("peers_banned_{}", reason.name()));
+                self.data.deny(peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Output::Unban { peer } => {
+                tracing::info!(%peer, "ban lifted");
+                self.data.undeny(&peer);
             }
             Output::Notice(notice) => self.notice(notice)?,
         }
@@ -737,6 +735,7 @@ impl Daemon {
     }
 
     fn fetch_chunks(&mut self, peer: PeerId, req: ReqId, chunks: Vec<ChunkId>) {
+        tracing::debug!(%peer, req = req.0, chunks = chunks.len(), "fetching chunks");
         let addrs = self.peers.get(&peer).map(|p| p.data_addrs.clone()).unwrap_or_default();
         let data = self.data.clone();
         let staging = self.staging.clone();
@@ -1206,7 +1205,7 @@ impl Daemon {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return Ok(());
                 }
-                if self.protocol_bans.get(&peer_id).is_some_and(|until| Instant::now() < *until) {
+                if self.engine.is_protocol_banned(&peer_id) {
                     tracing::debug!(peer = %peer_id, "refusing a connection from a banned peer");
                     self.count("connections_refused_banned");
                     let _ = self.swarm.close_connection(connection_id);
@@ -1255,6 +1254,9 @@ impl Daemon {
                 let state = self.peers.entry(peer_id).or_default();
                 state.address = Some(endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
+                    // A peer connecting afresh may be a restarted process: a cached data-plane connection to its
+                    // old one would swallow requests until its idle timeout.
+                    self.data.forget(&peer_id);
                     state.connected_since_ms = t.0;
                     tracing::info!(addr = %endpoint.get_remote_address(), "connected");
                     for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
@@ -1350,13 +1352,7 @@ impl Daemon {
                     // Not answered: dropping the channel resets the stream.
                     tracing::debug!(%peer, "malformed control request: {why}");
                     self.count("control_malformed");
-                    let state = self.peers.entry(peer).or_default();
-                    state.malformed += 1;
-                    let malformed = state.malformed;
-                    if malformed >= CONTROL_MALFORMED_MAX {
-                        let why = format!("{malformed} malformed control requests, the last: {why}");
-                        self.ban_for_protocol(peer, "malformedcontrol", &why);
-                    }
+                    self.engine.handle_offence(t, peer, Offence::MalformedControl);
                 }
                 request_response::Message::Response { request_id, response } => {
                     self.control_answered.insert(connection_id, Instant::now());
@@ -1504,25 +1500,18 @@ impl Daemon {
         }
     }
 
-    /// Bans `peer` for breaking the protocol: counted as `peers_banned_{reason}`, disconnected, its connections
-    /// refused and its data plane neither served nor asked for [`PROTOCOL_BAN`].
-    fn ban_for_protocol(&mut self, peer: PeerId, reason: &str, why: &str) {
-        if self.protocol_bans.get(&peer).is_some_and(|until| Instant::now() < *until) {
-            return;
+    /// Reports each data-plane request refused since the last call to the engine as an offence of its peer (the
+    /// engine bans repeat offenders: `bans.rs`). Keys come from the data plane's traffic table, which is capped.
+    fn report_data_refusals(&mut self, t: Timestamp) {
+        for (peer, traffic) in self.data.traffic() {
+            let seen = self.refusals_reported.entry(peer).or_default();
+            let new = traffic.refused.saturating_sub(*seen);
+            *seen = traffic.refused;
+            // More than the limit at once bans anyway: the rest need not be reported one by one.
+            for _ in 0..new.min(Offence::RefusedDataRequest.limit()) {
+                self.engine.handle_offence(t, peer, Offence::RefusedDataRequest);
+            }
         }
-        tracing::warn!(%peer, reason, "peer banned for breaking the protocol: {why}");
-        self.count(format!("peers_banned_{reason}"));
-        if self.protocol_bans.len() >= PROTOCOL_BANS_MAX
-            && let Some(oldest) = self.protocol_bans.iter().min_by_key(|(_, until)| **until).map(|(p, _)| *p)
-        {
-            self.protocol_bans.remove(&oldest);
-        }
-        self.protocol_bans.insert(peer, Instant::now() + PROTOCOL_BAN);
-        self.data.deny(peer);
-        if let Some(state) = self.peers.get_mut(&peer) {
-            state.banned = true;
-        }
-        let _ = self.swarm.disconnect_peer_id(peer);
     }
 
     /// Records where a peer's data plane listens; an unspecified ip means the address its connection comes from.
@@ -1575,16 +1564,7 @@ impl Daemon {
                 self.start_publish(false, None);
             }
             self.next_deletion_check = Instant::now() + Duration::from_secs(1);
-            let abusers: Vec<(PeerId, u64)> = self
-                .data
-                .traffic()
-                .into_iter()
-                .filter(|(peer, t)| t.refused >= DATA_REFUSALS_MAX && !self.protocol_bans.contains_key(peer))
-                .map(|(peer, t)| (peer, t.refused))
-                .collect();
-            for (peer, refused) in abusers {
-                self.ban_for_protocol(peer, "baddatarequests", &format!("{refused} data-plane requests refused"));
-            }
+            self.report_data_refusals(t);
             if !self.removing {
                 match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
                     Ok(()) => self.removing = true,
@@ -1658,7 +1638,7 @@ impl Daemon {
         let mut peers = Vec::new();
         for (id, state) in &self.peers {
             let t = traffic.get(id);
-            let banned = state.banned || self.engine.is_banned(id);
+            let banned = self.engine.is_banned(id);
             peers.push(PeerStatus {
                 id: id.to_string(),
                 address: state.address.as_ref().map(ToString::to_string).unwrap_or_default(),

@@ -474,6 +474,11 @@ impl DataPlane {
         }
     }
 
+    /// Serves and asks `peer` again (its ban ended).
+    pub fn undeny(&self, peer: &PeerId) {
+        self.inner.shared.denied.lock().unwrap_or_else(PoisonError::into_inner).remove(peer);
+    }
+
     /// Replaces the allow list (a reloaded configuration): peers no longer allowed are refused from now on, and
     /// their connections closed at their next request.
     pub fn set_allow(&self, allow: Option<BTreeSet<PeerId>>) {
@@ -498,5 +503,23 @@ impl DataPlane {
     pub fn close(&self) {
         self.inner.endpoint.close(code::SHUTDOWN, b"shutting down");
         self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// [`DataPlane::close`], then waits (at most `wait`) until the peers were told: a restarted node's new process
+    /// cannot answer for the old one's connections, so a peer that missed the close would send requests into a
+    /// dead connection until its idle timeout.
+    pub async fn shut_down(&self, wait: std::time::Duration) {
+        self.close();
+        let _ = tokio::time::timeout(wait, self.inner.endpoint.wait_idle()).await;
+    }
+
+    /// Forgets the connection to `peer` (closing it): the peer reconnected on the control plane, so it may be a new
+    /// process whose data plane knows nothing of the old connection. The next fetch dials afresh.
+    pub fn forget(&self, peer: &PeerId) {
+        if let Some(slot) = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(peer)
+            && let Some(conn) = slot.live()
+        {
+            conn.close(code::SHUTDOWN, b"reconnected");
+        }
     }
 }

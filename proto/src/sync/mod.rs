@@ -39,6 +39,7 @@
 //! counted ([`Engine::announce_counts`]); [`Engine::table_sizes`] shows the tables' sizes.
 
 pub mod availability;
+pub mod bans;
 pub mod chunk_set;
 pub mod manifest_fetch;
 pub mod scheduler;
@@ -187,10 +188,16 @@ pub enum Output<P> {
         target: VerifiedRoot,
         base: Option<NodeHash>,
     },
-    /// Stop using this peer for the current snapshot.
+    /// `peer` is banned (see [`bans`]): stop using it; with `until`, it broke the protocol: disconnect it, refuse its
+    /// connections and neither serve nor ask its data plane until then.
     Ban {
         peer: P,
         reason: BanReason,
+        until: Option<Timestamp>,
+    },
+    /// A ban ended (the snapshot changed, or a protocol ban's time is over): `peer` may connect and be used again.
+    Unban {
+        peer: P,
     },
     Notice(Notice<P>),
 }
@@ -340,8 +347,8 @@ pub struct Engine<P: PeerKey> {
     current: Option<VerifiedRoot>,
     phase: Phase<P>,
     peers: BTreeMap<P, PeerInfo>,
-    /// Peers banned for the snapshot being synced.
-    banned: BTreeSet<P>,
+    /// Who is banned, why and until when (the one owner of ban state).
+    bans: bans::Bans<P>,
     /// Peers banned or stalled in an earlier snapshot that have not delivered a chunk since (kept across
     /// reconnections): the next scheduler starts them stalled (see [`Scheduler::suspect`]).
     suspects: BTreeSet<P>,
@@ -383,7 +390,7 @@ impl<P: PeerKey> Engine<P> {
             current,
             phase: Phase::Idle,
             peers: BTreeMap::new(),
-            banned: BTreeSet::new(),
+            bans: bans::Bans::default(),
             suspects: BTreeSet::new(),
             kept_waiting: BTreeMap::new(),
             seeder,
@@ -478,7 +485,46 @@ impl<P: PeerKey> Engine<P> {
     }
 
     pub fn is_banned(&self, peer: &P) -> bool {
-        self.banned.contains(peer)
+        self.bans.is_banned(peer)
+    }
+
+    /// Whether `peer` is banned for breaking the protocol (its connections are refused).
+    pub fn is_protocol_banned(&self, peer: &P) -> bool {
+        self.bans.is_protocol_banned(peer)
+    }
+
+    /// Every ban in force.
+    pub fn bans(&self) -> impl Iterator<Item = (&P, &bans::Ban)> {
+        self.bans.iter()
+    }
+
+    /// `peer` committed a protocol offence (the shell noticed a malformed control request, or its data plane refused
+    /// one of the peer's requests): counted, and repeated ones ban it ([`bans`]).
+    pub fn handle_offence(&mut self, now: Timestamp, peer: P, offence: bans::Offence) {
+        if let Some(ban) = self.bans.offence(now, &peer, offence) {
+            self.out.push_back(Output::Ban { peer: peer.clone(), reason: ban.reason, until: ban.until });
+            self.drop_banned_peer(now, &peer);
+        }
+    }
+
+    /// Stops using a peer just banned for the protocol: its requests are cancelled and it is asked for nothing more.
+    fn drop_banned_peer(&mut self, now: Timestamp, peer: &P) {
+        match &mut self.phase {
+            Phase::Manifest { fetch, .. } => fetch.on_peer_gone(peer),
+            Phase::Transfer { sched, .. } => {
+                let outs = sched.remove_peer(peer);
+                self.sched_outputs(outs);
+            }
+            _ => {}
+        }
+        self.pump(now);
+    }
+
+    /// Lifts the snapshot bans (the node moved on to another snapshot).
+    fn lift_snapshot_bans(&mut self) {
+        for peer in self.bans.new_snapshot() {
+            self.out.push_back(Output::Unban { peer });
+        }
     }
 
     /// Whether `peer`'s claims are not trusted until it delivers a chunk: it was banned or stalled in this or the
@@ -839,7 +885,7 @@ impl<P: PeerKey> Engine<P> {
         self.apply_failures = 0;
         self.last_apply_failure = None;
         self.current = Some(target);
-        self.banned.clear();
+        self.lift_snapshot_bans();
         self.waiting_for_origin = false;
         for info in self.peers.values_mut() {
             info.holdings.clear();
@@ -881,7 +927,7 @@ impl<P: PeerKey> Engine<P> {
         self.seeder.reset();
         self.holders.clear();
         self.holder_entries = 0;
-        self.banned.clear();
+        self.lift_snapshot_bans();
         for info in self.peers.values_mut() {
             info.unknown_requests = 0;
             info.false_claim = false;
@@ -923,7 +969,7 @@ impl<P: PeerKey> Engine<P> {
             return ServeDecision::Serve;
         }
         let seq = self.current.as_ref().map(|c| c.body.seq);
-        if self.banned.contains(peer) {
+        if self.bans.is_banned(peer) {
             self.seeder.counts.refused_banned += 1;
             return ServeDecision::Refuse;
         }
@@ -933,8 +979,14 @@ impl<P: PeerKey> Engine<P> {
             self.seeder.counts.refused_unknown += 1;
             if let Some(info) = self.peers.get_mut(peer) {
                 info.unknown_requests += 1;
-                if info.unknown_requests > UNKNOWN_CHUNK_REQUESTS_MAX && self.banned.insert(peer.clone()) {
-                    self.out.push_back(Output::Ban { peer: peer.clone(), reason: BanReason::UnknownChunks });
+                if info.unknown_requests > UNKNOWN_CHUNK_REQUESTS_MAX
+                    && self.bans.ban_for_snapshot(peer, BanReason::UnknownChunks)
+                {
+                    self.out.push_back(Output::Ban {
+                        peer: peer.clone(),
+                        reason: BanReason::UnknownChunks,
+                        until: None,
+                    });
                 }
             }
             return ServeDecision::Refuse;
@@ -974,6 +1026,9 @@ impl<P: PeerKey> Engine<P> {
     }
 
     pub fn handle_tick(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
+        for peer in self.bans.expire(now) {
+            self.out.push_back(Output::Unban { peer });
+        }
         match &mut self.phase {
             Phase::Manifest { fetch, .. } => {
                 for (_, req) in fetch.overdue(now) {
@@ -1031,7 +1086,7 @@ impl<P: PeerKey> Engine<P> {
             let outs = sched.cancel_all();
             self.sched_outputs(outs);
         }
-        self.banned.clear();
+        self.lift_snapshot_bans();
         let base = self.current.as_ref().map(|c| c.body.root);
         let delta = target.body.delta.as_ref().filter(|d| Some(d.base_root) == base).map(|d| (d.hash, d.base_root));
         let fetch = ManifestFetch::new(target.body.root, delta, source)?;
@@ -1097,7 +1152,7 @@ impl<P: PeerKey> Engine<P> {
         // What peers announced so far moves into the scheduler, which keeps only chunks this sync needs.
         for (peer, info) in &mut self.peers {
             let holdings = std::mem::take(&mut info.holdings);
-            if !info.greeted || self.banned.contains(peer) {
+            if !info.greeted || self.bans.is_banned(peer) {
                 continue;
             }
             sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
@@ -1164,7 +1219,7 @@ impl<P: PeerKey> Engine<P> {
                     .iter()
                     .filter(|(p, info)| {
                         info.greeted
-                            && !self.banned.contains(*p)
+                            && !self.bans.is_banned(p)
                             && (info.advertised >= Some(seq) || info.complete_seq >= Some(seq))
                     })
                     .map(|(p, info)| {
@@ -1208,8 +1263,8 @@ impl<P: PeerKey> Engine<P> {
                 FetchOut::Store(nodes) => self.out.push_back(Output::StoreNodes(nodes)),
                 FetchOut::StoreDelta(hash, bytes) => self.out.push_back(Output::StoreDelta(hash, bytes)),
                 FetchOut::Corrupt { peer } => {
-                    if self.banned.insert(peer.clone()) {
-                        self.out.push_back(Output::Ban { peer, reason: BanReason::CorruptMetadata });
+                    if self.bans.ban_for_snapshot(&peer, BanReason::CorruptMetadata) {
+                        self.out.push_back(Output::Ban { peer, reason: BanReason::CorruptMetadata, until: None });
                     }
                 }
                 FetchOut::DeltaRejected => self.out.push_back(Output::Notice(Notice::DeltaRejected)),
@@ -1225,8 +1280,9 @@ impl<P: PeerKey> Engine<P> {
                 }
                 SchedOut::Cancel { peer, req } => self.out.push_back(Output::Cancel { peer, req }),
                 SchedOut::Ban { peer, reason } => {
-                    self.banned.insert(peer.clone());
-                    self.out.push_back(Output::Ban { peer, reason });
+                    if self.bans.ban_for_snapshot(&peer, reason) {
+                        self.out.push_back(Output::Ban { peer, reason, until: None });
+                    }
                 }
             }
         }

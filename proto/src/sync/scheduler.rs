@@ -122,6 +122,25 @@ pub enum BanReason {
     UnknownChunks,
     /// It sent a manifest node or delta that does not hash to its name.
     CorruptMetadata,
+    /// Protocol: it sent malformed control requests again and again (`bans::Offence::MalformedControl`).
+    MalformedControl,
+    /// Protocol: its data-plane requests were refused again and again (`bans::Offence::RefusedDataRequest`).
+    BadDataRequests,
+}
+
+impl BanReason {
+    /// A stable short name for counters and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            BanReason::CorruptChunk => "corruptchunk",
+            BanReason::FalseHave => "falsehave",
+            BanReason::Unresponsive => "unresponsive",
+            BanReason::UnknownChunks => "unknownchunks",
+            BanReason::CorruptMetadata => "corruptmetadata",
+            BanReason::MalformedControl => "malformedcontrol",
+            BanReason::BadDataRequests => "baddatarequests",
+        }
+    }
 }
 
 /// A request the scheduler wants sent.
