@@ -138,11 +138,18 @@ pub struct Faults {
     /// Flood every peer's data plane with stalled, oversized and malformed requests.
     #[serde(default)]
     pub flood_data_plane: bool,
+    /// Announce made-up chunk ids to every peer, a have message of `HAVE_CHUNKS_MAX` ids per peer and tick.
+    #[serde(default)]
+    pub announce_fake_chunks: bool,
 }
 
 impl Faults {
     pub fn any(&self) -> bool {
-        self.corrupt_served_chunks || self.lie_about_holdings || self.malformed_control || self.flood_data_plane
+        self.corrupt_served_chunks
+            || self.lie_about_holdings
+            || self.malformed_control
+            || self.flood_data_plane
+            || self.announce_fake_chunks
     }
 }
 

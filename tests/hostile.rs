@@ -170,3 +170,67 @@ fn a_peer_asking_for_a_large_delta_over_and_over_is_held_to_its_budget() {
     assert!(held_bytes as f64 <= allowed + in_flight, "{held_bytes} bytes, budget {allowed:.0} + {in_flight}");
     assert!(fabric.status(0).unwrap().counters.get("manifest_answers_throttled").copied().unwrap_or(0) > 0);
 }
+
+fn rss(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// Eight peers announce made-up chunk ids to an origin and a mirror as fast as the control plane carries them, while
+/// the mirror syncs an update: neither node's peak memory grows by more than 64 MiB over what it used with the eight
+/// peers connected and synced.
+#[test]
+fn a_flood_of_fake_announcements_from_eight_peers_costs_bounded_memory() {
+    const FLOODERS: usize = 8;
+    const BOUND: u64 = 64 << 20;
+    // Made-up ids announced to the origin while memory is watched: about 225 MiB at the 113 bytes per id the origin
+    // used to keep for each.
+    const FAKES: u64 = 2_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let flooder =
+        NodeOptions { extra_config: "\n[faults]\nannounce_fake_chunks = true\n".into(), ..NodeOptions::default() };
+    let mut opts = vec![NodeOptions::default(); 2];
+    opts.extend(std::iter::repeat_n(flooder, FLOODERS));
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 1 + FLOODERS, &opts).unwrap();
+    let tree = fabric.nodes[0].tree.join("alpine/edge/main/x86_64");
+    for i in 0..200 {
+        write(&tree.join(format!("p{i:03}-1.0-r0.apk")), &vec![i as u8; 50_000]);
+    }
+    fabric.start_all().unwrap();
+    let first = fabric.publish().unwrap();
+    fabric.wait_all_settled(first.seq, WAIT).unwrap();
+    let flooding = fabric.client(0, WAIT).wait_counter("announced_outside_snapshot", 1, WAIT_MS).unwrap();
+    let (origin, mirror) = (fabric.pid(0).unwrap(), fabric.pid(1).unwrap());
+    let before = [rss(origin, "VmRSS:"), rss(mirror, "VmRSS:")];
+    for pid in [origin, mirror] {
+        // Resets the peak (VmHWM) to the current resident size.
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    }
+
+    // An update the mirror syncs under the flood, and the flood goes on until the origin heard FAKES more ids.
+    for i in 0..50 {
+        write(&tree.join(format!("q{i:03}-1.0-r0.apk")), &vec![i as u8 ^ 0x55; 60_000]);
+    }
+    let second = fabric.publish().unwrap();
+    fabric.client(1, WAIT).wait_settled(second.seq, WAIT_MS).unwrap();
+    let already = flooding.counters["announced_outside_snapshot"];
+    let status = fabric.client(0, WAIT).wait_counter("announced_outside_snapshot", already + FAKES, WAIT_MS).unwrap();
+    let peak = [rss(origin, "VmHWM:"), rss(mirror, "VmHWM:")];
+    let heard = |i: usize| -> u64 {
+        ["announced_outside_snapshot", "announced_over_cap"].iter().map(|c| counter(&fabric, i, c)).sum()
+    };
+    println!(
+        "origin: {} MiB before, peak {} MiB while {} more made-up ids arrived; mirror: {} MiB before, peak {} MiB \
+         through an update under the flood ({} made-up ids dropped in all)",
+        before[0] >> 20,
+        peak[0] >> 20,
+        status.counters["announced_outside_snapshot"] - already,
+        before[1] >> 20,
+        peak[1] >> 20,
+        heard(1),
+    );
+    for (name, (b, p)) in ["origin", "mirror"].iter().zip(before.iter().zip(peak)) {
+        assert!(p <= b + BOUND, "{name}: {} MiB before, peak {} MiB", b >> 20, p >> 20);
+    }
+}

@@ -195,6 +195,8 @@ pub struct Daemon {
     answer_budgets: manifest_answers::AnswerBudgets,
     /// When each connection last brought an answer to one of this node's control requests.
     control_answered: HashMap<ConnectionId, Instant>,
+    /// Fault injection: made-up chunk ids announced so far (each id is the hash of this count).
+    fake_chunks_announced: u64,
     /// Data-plane refusals of each peer already reported to the engine as offences.
     refusals_reported: BTreeMap<PeerId, u64>,
     /// Peers whose data plane this node floods (fault injection).
@@ -393,6 +395,7 @@ impl Daemon {
             answer_budgets: Default::default(),
             control_answered: HashMap::new(),
             refusals_reported: BTreeMap::new(),
+            fake_chunks_announced: 0,
             flooding: Default::default(),
             events_tx,
             events_rx,
@@ -1490,6 +1493,23 @@ impl Daemon {
         });
     }
 
+    /// Fault injection (`faults.announce_fake_chunks`): announces `HAVE_CHUNKS_MAX` made-up chunk ids (of the
+    /// newest snapshot's sequence number) to every connected peer.
+    fn fault_announce_fake_chunks(&mut self) {
+        let Some(seq) = self.engine.latest().map(|r| r.body.seq) else { return };
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let chunks = (0..mirrormesh_proto::control::HAVE_CHUNKS_MAX)
+                .map(|_| {
+                    self.fake_chunks_announced += 1;
+                    ChunkId(*blake3::hash(&self.fake_chunks_announced.to_le_bytes()).as_bytes())
+                })
+                .collect();
+            let have = mirrormesh_proto::control::Have { repo: self.cfg.repo.clone(), seq, complete_seq: None, chunks };
+            let _ = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Have(have).into());
+        }
+    }
+
     /// Fault injection (`faults.lie_about_holdings`): claim to hold the newest snapshot completely (in hellos and
     /// have messages).
     fn fault_lie(&self, complete_seq: &mut Option<u64>) {
@@ -1550,6 +1570,9 @@ impl Daemon {
             self.error(format!("{e:#}"));
         }
         self.dial_bootstrap();
+        if self.cfg.faults.announce_fake_chunks {
+            self.fault_announce_fake_chunks();
+        }
         if self.publisher.watch_due(Instant::now()) {
             self.start_publish(false, None);
         }
