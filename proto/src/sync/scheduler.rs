@@ -65,6 +65,12 @@ pub struct SchedulerLimits {
     /// A request times out after this long plus the time its bytes take at `timeout_rate_min` bytes per second.
     pub request_timeout_base_ms: u64,
     pub timeout_rate_min: u64,
+    /// The same for a request to an origin, which sends a few replies at once and queues the rest, fairly between
+    /// askers: at the start of an update most mirrors wait there for their first chunk (64 mirrors on 2 cores:
+    /// over 14 s). The origin is trusted and a dead connection fails its requests anyway; timing a queued request
+    /// out only re-asks it, and a copy already leaving it is sent twice. Equal to the data plane's reply stall
+    /// allowance (30 s), the backstop for a request the origin never answers.
+    pub origin_request_timeout_base_ms: u64,
     /// After an origin redirect, the chunk is not asked of the origin again for this long.
     pub redirect_defer_ms: u64,
     /// Copies of one chunk in flight at once during the endgame.
@@ -92,6 +98,7 @@ impl Default for SchedulerLimits {
             origin_window_max: 1 << 20,
             request_timeout_base_ms: 10_000,
             timeout_rate_min: 256 << 10,
+            origin_request_timeout_base_ms: 30_000,
             redirect_defer_ms: 6_000,
             endgame_copies_max: 2,
             lies_max: 16,
@@ -713,9 +720,13 @@ impl<P: PeerKey> Scheduler<P> {
             .requests
             .iter()
             .filter(|(_, r)| {
-                let allowed =
-                    self.limits.request_timeout_base_ms + r.bytes * 1000 / self.limits.timeout_rate_min.max(1);
-                now.millis_since(r.sent_at) > allowed
+                let to_origin = self.peers.get(&r.peer).is_some_and(|p| p.is_origin);
+                let base = if to_origin {
+                    self.limits.origin_request_timeout_base_ms
+                } else {
+                    self.limits.request_timeout_base_ms
+                };
+                now.millis_since(r.sent_at) > base + r.bytes * 1000 / self.limits.timeout_rate_min.max(1)
             })
             .map(|(id, r)| (*id, r.peer.clone()))
             .collect();
@@ -1258,6 +1269,28 @@ mod tests {
         let outs = s.on_tick(Timestamp(limits.request_timeout_base_ms + 10));
         assert!(outs.contains(&SchedOut::Cancel { peer: 5, req: ReqId(1) }), "{outs:?}");
         assert!(outs.contains(&SchedOut::Ban { peer: 5, reason: BanReason::Unresponsive }), "{outs:?}");
+    }
+
+    #[test]
+    fn a_request_waiting_in_the_origins_sending_queue_is_not_timed_out_like_a_peers() {
+        // The origin sends a few replies at once and queues the rest, fairly: with many mirrors asking at the start
+        // of an update, a mirror's reply may wait there longer than a peer may stay silent. Timing it out re-asks
+        // the origin, and a copy already on its way is sent twice (CI: 64 mirrors, origin 1.27 x, all of the
+        // excess "asked again by the same mirror").
+        let limits = SchedulerLimits::default();
+        let mut s = Scheduler::new(limits.clone(), 1, [(id(1), 1 << 20)]);
+        let mut next = counter();
+        s.set_peer(&0, true, true);
+        assert_eq!(sent(&s.pump(Timestamp(0), &mut next)).len(), 1);
+        let peer_allowance = limits.request_timeout_base_ms + (1 << 20) * 1000 / limits.timeout_rate_min;
+        assert!(s.on_tick(Timestamp(peer_allowance + 1_000)).is_empty(), "timed out like a peer's request");
+        let origin_allowance = limits.origin_request_timeout_base_ms + (1 << 20) * 1000 / limits.timeout_rate_min;
+        assert!(origin_allowance > peer_allowance);
+        let outs = s.on_tick(Timestamp(origin_allowance + 10));
+        assert!(
+            outs.contains(&SchedOut::Cancel { peer: 0, req: ReqId(1) }),
+            "a lost request is still retried: {outs:?}"
+        );
     }
 
     #[test]
