@@ -13,14 +13,15 @@ use mirrormesh_proto::diff::diff;
 use mirrormesh_proto::entry::EntryKind;
 use mirrormesh_proto::node::NodeHash;
 use mirrormesh_proto::root::{DeltaRef, RootBody, RootError, SignedRoot, publisher_key};
+use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
-    APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, Notice, Output, ReqId,
-    Role, RootVia,
+    APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, Input, Notice, Output,
+    ReqId, Role, RootVia, SyncPhase,
 };
 use mirrormesh_proto::tree::TreeDir;
-use mirrormesh_proto::{RepoId, Timestamp};
+use mirrormesh_proto::{Mono, Now, RepoId, Timestamp};
 use support::*;
 
 const SECRET: [u8; 32] = [5; 32];
@@ -126,6 +127,9 @@ struct Net {
     lies_max: u32,
     /// When the newest snapshot was published.
     published_at: Timestamp,
+    /// How far the nodes' wall clock is off the network's time (a step of the system clock); their monotonic clock
+    /// never steps.
+    wall_step_ms: i64,
 }
 
 fn repo() -> RepoId {
@@ -147,6 +151,7 @@ impl Net {
             trace: blake3::Hasher::new(),
             lies_max: 16,
             published_at: Timestamp(0),
+            wall_step_ms: 0,
         };
         for id in 0..=mirrors {
             net.add_node(id);
@@ -179,9 +184,9 @@ impl Net {
     fn connect(&mut self, a: u32, b: u32) {
         self.links.insert((a.min(b), a.max(b)));
         let now = self.now;
+        let _ = now;
         for (x, y) in [(a, b), (b, a)] {
-            self.node(x).engine.as_mut().unwrap().handle_peer_connected(now, y);
-            self.drain(x);
+            self.call(x, Input::PeerConnected(y));
             if self.node(x).liar {
                 // Claims every chunk right away (the Have handler swaps in the full list).
                 let have = Have { repo: repo(), seq: self.seq, complete_seq: None, chunks: Vec::new() };
@@ -231,78 +236,85 @@ impl Net {
         };
         let signed = SignedRoot::sign(&SECRET, &body);
         origin.applied = Some(root);
-        origin.engine.as_mut().unwrap().handle_published(now, signed.clone(), ChunkSet::new(snapshot)).unwrap();
         self.root = Some(root);
         self.published_at = now;
-        self.drain(ORIGIN);
+        self.call(ORIGIN, Input::Published { root: signed.clone(), chunks: ChunkSet::new(snapshot) });
         signed
     }
 
-    /// Executes every output of node `id`.
-    fn drain(&mut self, id: u32) {
-        loop {
-            let now = self.now;
-            let node = self.nodes.get_mut(&id).unwrap();
-            let Some(out) = node.engine.as_mut().unwrap().poll_output() else { break };
-            self.trace.update(format!("{id} {out:?}").as_bytes());
-            match out {
-                Output::Gossip(root) => {
-                    let peers: Vec<u32> =
-                        self.nodes.keys().copied().filter(|&p| p != id && self.connected(id, p)).collect();
-                    for to in peers {
-                        self.queue.push_back(Msg::Root { from: id, to, root: root.clone() });
-                    }
+    /// The nodes' two clocks: the monotonic one counts the network's milliseconds, the wall clock too unless it
+    /// was stepped (`wall_step_ms`).
+    fn clock(&self) -> Now {
+        Now { mono: Mono(self.now.0), wall: Timestamp(self.now.0.saturating_add_signed(self.wall_step_ms)) }
+    }
+
+    /// Hands `input` to node `id`'s engine through the one driver, this network as its host.
+    fn call(&mut self, id: u32, input: Input<u32>) {
+        let now = self.clock();
+        step(&mut NetHost { net: self, id }, now, input).unwrap();
+    }
+
+    /// Carries out one output of node `id`; stages and applies at once, answering with the inputs.
+    fn execute(&mut self, id: u32, now: Now, out: Output<u32>) -> Vec<Input<u32>> {
+        self.trace.update(format!("{id} {out:?}").as_bytes());
+        let connected: Vec<u32> = self.nodes.keys().copied().filter(|&p| p != id && self.connected(id, p)).collect();
+        let node = self.nodes.get_mut(&id).unwrap();
+        match out {
+            Output::Gossip(root) => {
+                for to in connected {
+                    self.queue.push_back(Msg::Root { from: id, to, root: root.clone() });
                 }
-                Output::SendHello(to, hello) => self.queue.push_back(Msg::Hello { from: id, to, hello, reply: false }),
-                Output::SendHave(to, have) => self.queue.push_back(Msg::Have { from: id, to, have }),
-                Output::FetchNodes { peer, req, hashes } => {
-                    self.queue.push_back(Msg::GetNodes { from: id, to: peer, req, hashes })
-                }
-                Output::FetchDelta { peer, req, hash } => {
-                    self.queue.push_back(Msg::GetDelta { from: id, to: peer, req, hash })
-                }
-                Output::StoreNodes(nodes) => node.nodes.extend(nodes),
-                Output::StoreDelta(hash, bytes) => {
-                    node.deltas.insert(hash, bytes);
-                }
-                Output::Stage { seq, files } => {
-                    let held: Vec<ChunkId> = files
-                        .iter()
-                        .flat_map(|f| f.meta.chunks.iter())
-                        .filter(|c| node.chunks.contains(c))
-                        .copied()
-                        .collect();
-                    node.engine.as_mut().unwrap().handle_staged(now, seq, held);
-                }
-                Output::FetchChunks { peer, req, chunks } => {
-                    if peer == ORIGIN {
-                        node.asked_of_origin += chunks.len() as u64;
-                    } else {
-                        node.asked_of_peers += chunks.len() as u64;
-                    }
-                    self.queue.push_back(Msg::GetChunks { from: id, to: peer, req, chunks })
-                }
-                Output::Cancel { .. } => {}
-                Output::Apply { target, .. } => {
-                    let seq = target.body.seq;
-                    node.apply_attempts.push((now, seq));
-                    if let Some(left) = node.apply_fails.get_mut(&seq)
-                        && *left > 0
-                    {
-                        *left -= 1;
-                        node.engine.as_mut().unwrap().handle_apply_failed(now, seq, ApplyFailure::NoSpace);
-                        continue;
-                    }
-                    node.applied = Some(target.body.root);
-                    node.applied_at = Some(now);
-                    let Node { engine, nodes, .. } = node;
-                    engine.as_mut().unwrap().handle_applied(now, target.body.seq, nodes).unwrap();
-                }
-                Output::Ban { peer, reason, .. } => node.bans.push((peer, reason)),
-                Output::Unban { .. } => {}
-                Output::Notice(notice) => node.notices.push(notice),
             }
+            Output::SendHello(to, hello) => self.queue.push_back(Msg::Hello { from: id, to, hello, reply: false }),
+            Output::SendHave(to, have) => self.queue.push_back(Msg::Have { from: id, to, have }),
+            Output::FetchNodes { peer, req, hashes } => {
+                self.queue.push_back(Msg::GetNodes { from: id, to: peer, req, hashes })
+            }
+            Output::FetchDelta { peer, req, hash } => {
+                self.queue.push_back(Msg::GetDelta { from: id, to: peer, req, hash })
+            }
+            Output::StoreNodes(nodes) => node.nodes.extend(nodes),
+            Output::StoreDelta(hash, bytes) => {
+                node.deltas.insert(hash, bytes);
+            }
+            Output::PersistRoot(_) => {}
+            Output::Stage { seq, files } => {
+                let held: Vec<ChunkId> = files
+                    .iter()
+                    .flat_map(|f| f.meta.chunks.iter())
+                    .filter(|c| node.chunks.contains(c))
+                    .copied()
+                    .collect();
+                return vec![Input::Staged { seq, held }];
+            }
+            Output::FetchChunks { peer, req, chunks } => {
+                if peer == ORIGIN {
+                    node.asked_of_origin += chunks.len() as u64;
+                } else {
+                    node.asked_of_peers += chunks.len() as u64;
+                }
+                self.queue.push_back(Msg::GetChunks { from: id, to: peer, req, chunks })
+            }
+            Output::Cancel { .. } => {}
+            Output::Apply { target, .. } => {
+                let seq = target.body.seq;
+                // The network's time (the wall clock may have been stepped).
+                node.apply_attempts.push((Timestamp(now.mono.0), seq));
+                if let Some(left) = node.apply_fails.get_mut(&seq)
+                    && *left > 0
+                {
+                    *left -= 1;
+                    return vec![Input::ApplyFailed { seq, failure: ApplyFailure::NoSpace }];
+                }
+                node.applied = Some(target.body.root);
+                node.applied_at = Some(Timestamp(now.mono.0));
+                return vec![Input::Applied { seq }];
+            }
+            Output::Ban { peer, reason, .. } => node.bans.push((peer, reason)),
+            Output::Unban { .. } => {}
+            Output::Notice(notice) => node.notices.push(notice),
         }
+        Vec::new()
     }
 
     fn deliver(&mut self, msg: Msg) {
@@ -324,12 +336,9 @@ impl Net {
                 if self.node(from).claims_complete {
                     hello.complete_seq = Some(self.seq);
                 }
-                let node = self.node(to);
-                let Node { engine, nodes, .. } = node;
-                let engine = engine.as_mut().unwrap();
-                engine.handle_hello(now, from, hello, nodes).unwrap();
+                self.call(to, Input::Hello { from, hello });
                 if !reply {
-                    let answer = engine.hello();
+                    let answer = self.node(to).engine.as_ref().unwrap().hello();
                     self.queue.push_back(Msg::Hello { from: to, to: from, hello: answer, reply: true });
                 }
             }
@@ -338,21 +347,18 @@ impl Net {
                     have.chunks = self.sizes.keys().copied().collect();
                     have.chunks.sort();
                 }
-                self.node(to).engine.as_mut().unwrap().handle_have(now, from, have);
+                self.call(to, Input::Have { from, have });
             }
             Msg::Root { root, .. } => {
-                let Node { engine, nodes, .. } = self.node(to);
-                engine.as_mut().unwrap().handle_root(now, RootVia::Gossip(from), root, nodes).unwrap();
+                self.call(to, Input::Root { via: RootVia::Gossip(from), root });
             }
             Msg::GetNodes { req, hashes, .. } => {
                 let answer: Vec<Option<Vec<u8>>> = hashes.iter().map(|h| self.node(to).nodes.get(h).cloned()).collect();
-                let Node { engine, nodes, .. } = self.node(from);
-                engine.as_mut().unwrap().handle_nodes(now, to, req, answer, nodes).unwrap();
+                self.call(from, Input::Nodes { from: to, req, nodes: answer });
             }
             Msg::GetDelta { req, hash, .. } => {
                 let answer = self.node(to).deltas.get(&hash).cloned();
-                let Node { engine, nodes, .. } = self.node(from);
-                engine.as_mut().unwrap().handle_delta(now, to, req, answer, nodes).unwrap();
+                self.call(from, Input::Delta { from: to, req, delta: answer });
             }
             Msg::GetChunks { req, chunks, .. } => {
                 if let Some(lie) = self.node(to).chunk_lie {
@@ -365,7 +371,7 @@ impl Net {
                 for id in chunks {
                     let size = self.sizes[&id];
                     let server = self.node(to);
-                    let decision = server.engine.as_mut().unwrap().serve_decision(now, &from, &id);
+                    let decision = server.engine.as_mut().unwrap().serve_decision(Mono(now.0), &from, &id);
                     let outcome = match decision {
                         ServeDecision::Elsewhere(peers) => ChunkOutcome::Elsewhere(peers),
                         ServeDecision::Refuse => ChunkOutcome::Missing,
@@ -383,29 +389,26 @@ impl Net {
                             ChunkOutcome::Verified
                         }
                     };
-                    self.node(from).engine.as_mut().unwrap().handle_chunk(now, to, req, id, outcome);
-                    self.drain(from);
+                    self.call(from, Input::Chunk { from: to, req, id, outcome });
                 }
-                self.node(from).engine.as_mut().unwrap().handle_chunks_done(now, to, req, bytes);
+                self.call(from, Input::ChunksDone { from: to, req, bytes });
             }
             Msg::Lie { req, chunks, lie, .. } => {
                 // `from` is the liar, `to` the asker.
-                let engine = self.node(to).engine.as_mut().unwrap();
                 match lie {
                     ChunkLie::Stall => {}
                     // What the shell does when it knows no address: the request fails before anything is sent.
-                    ChunkLie::NoDataAddr => engine.handle_chunks_failed(now, from, req),
+                    ChunkLie::NoDataAddr => self.call(to, Input::ChunksFailed { from, req }),
                     ChunkLie::Elsewhere => {
                         for id in chunks {
-                            engine.handle_chunk(now, from, req, id, ChunkOutcome::Elsewhere(vec![ORIGIN]));
+                            let outcome = ChunkOutcome::Elsewhere(vec![ORIGIN]);
+                            self.call(to, Input::Chunk { from, req, id, outcome });
                         }
-                        engine.handle_chunks_done(now, from, req, 0);
+                        self.call(to, Input::ChunksDone { from, req, bytes: 0 });
                     }
                 }
             }
         }
-        self.drain(from);
-        self.drain(to);
     }
 
     /// Runs until nothing is queued and no engine wants more, or `rounds` idle rounds pass.
@@ -416,12 +419,16 @@ impl Net {
                 self.deliver(msg);
             }
             self.now = self.now.plus_ms(50);
-            let ids: Vec<u32> = self.nodes.keys().copied().collect();
-            for id in ids {
-                let now = self.now;
-                let Node { engine, nodes, .. } = self.node(id);
-                engine.as_mut().unwrap().handle_tick(now, nodes).unwrap();
-                self.drain(id);
+            // Each engine runs when it asked to, and only then.
+            let mono = self.clock().mono;
+            let due: Vec<u32> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.engine.as_ref().and_then(Engine::poll_timeout).is_some_and(|at| at <= mono))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in due {
+                self.call(id, Input::Timeout);
             }
             if self.queue.is_empty() && self.later.is_empty() && self.converged() {
                 return;
@@ -576,7 +583,9 @@ fn a_peer_claiming_a_snapshot_it_still_downloads_gets_nothing_from_the_origin() 
 
 /// Two honest mirrors sync beside mirror 3, which claims in its hellos to hold the snapshot completely and answers
 /// every chunk request with `lie`; runs for up to 600 virtual seconds and prints what each honest mirror did.
-fn sync_beside_a_claimed_holder(lie: ChunkLie) -> Net {
+/// An origin, two honest mirrors and mirror 3, which claims the snapshot and lies about chunks by `lie`, in a full
+/// mesh, with a snapshot of 60 packages just published.
+fn beside_a_claimed_holder(lie: ChunkLie) -> Net {
     let mut net = Net::new(3);
     packages(&mut net.tree, 60, 0);
     net.publish();
@@ -584,6 +593,11 @@ fn sync_beside_a_claimed_holder(lie: ChunkLie) -> Net {
     liar.claims_complete = true;
     liar.chunk_lie = Some(lie);
     full_mesh(&mut net);
+    net
+}
+
+fn sync_beside_a_claimed_holder(lie: ChunkLie) -> Net {
+    let mut net = beside_a_claimed_holder(lie);
     net.run(12_000);
     let published = net.published_at;
     for id in 1..=2 {
@@ -637,6 +651,41 @@ fn a_peer_claiming_the_snapshot_that_never_answers_does_not_stop_the_sync() {
         let stall = SchedulerLimits::default().holds_all_stall_ms;
         assert!(took < SchedulerLimits::default().request_timeout_base_ms, "mirror {id} applied after {took} ms");
         assert!(took >= stall, "mirror {id} applied after {took} ms, before the stall allowance of {stall} ms");
+    }
+}
+
+#[test]
+fn a_wall_clock_step_moves_no_timer() {
+    // The system clock steps an hour back, or an hour forward, while the mirrors wait on a silent claimer: they
+    // still wait its stall allowance, no less and no more (with one clock for both, a step back stopped every
+    // timer for an hour and a step forward timed out every request at once).
+    let stall = SchedulerLimits::default().holds_all_stall_ms;
+    for step_ms in [-3_600_000, 3_600_000] {
+        let mut net = beside_a_claimed_holder(ChunkLie::Stall);
+        // The root is accepted and the claimer asked (roots are checked against the wall clock, so before the step).
+        net.run(4);
+        assert!(net.nodes[&1].asked_of_peers > 0, "the claimer was asked");
+        net.wall_step_ms = step_ms;
+        net.run(12_000);
+        for id in 1..=2 {
+            let n = &net.nodes[&id];
+            assert_eq!(n.applied, net.root, "mirror {id} applied (clock stepped by {step_ms} ms)");
+            let took = n.applied_at.map_or(u64::MAX, |t| t.millis_since(net.published_at));
+            println!("clock stepped by {step_ms} ms: mirror {id} applied after {took} ms (stall allowance {stall} ms)");
+            assert!(took >= stall && took < 2 * stall, "mirror {id} applied after {took} ms");
+        }
+        // Roots still expire by the wall clock: a day later (the harness signs for a day), a new mirror refuses it.
+        net.wall_step_ms = 86_400_000 + 60_000;
+        net.add_node(9);
+        net.connect(9, ORIGIN);
+        net.run(20);
+        let n = &net.nodes[&9];
+        assert!(
+            n.notices.iter().any(|x| matches!(x, Notice::RootRejected { error: RootError::Expired { .. }, .. })),
+            "{:?}",
+            n.notices
+        );
+        assert_eq!(n.applied, None);
     }
 }
 
@@ -707,7 +756,7 @@ fn a_failed_apply_is_retried_after_a_back_off_until_it_succeeds() {
     for _ in 0..400 {
         net.run(1);
         let status = net.node(1).engine.as_ref().unwrap().status();
-        if status.phase == "apply-retrying" {
+        if status.phase == SyncPhase::ApplyRetrying {
             saw_retrying = true;
             assert!(status.apply_failures >= 1 && status.apply_retry_at.is_some(), "{status:?}");
             assert_eq!(status.last_apply_failure, Some(ApplyFailure::NoSpace));
@@ -727,7 +776,7 @@ fn a_failed_apply_is_retried_after_a_back_off_until_it_succeeds() {
     assert!((APPLY_RETRY_FIRST_MS..APPLY_RETRY_FIRST_MS + 50).contains(&first), "{first} ms");
     assert!((2 * APPLY_RETRY_FIRST_MS..2 * APPLY_RETRY_FIRST_MS + 50).contains(&second), "{second} ms");
     let status = net.nodes[&1].engine.as_ref().unwrap().status();
-    assert_eq!((status.phase, status.apply_failures, status.apply_retry_at), ("idle", 0, None));
+    assert_eq!((status.phase, status.apply_failures, status.apply_retry_at), (SyncPhase::Idle, 0, None));
 }
 
 #[test]
@@ -833,17 +882,57 @@ fn the_origin_names_no_peer_in_redirects_whose_complete_claim_it_caught() {
     let seq = net.seq;
     let chunk = *net.sizes.keys().min().unwrap();
     let other = *net.sizes.keys().max().unwrap();
-    let Node { engine, nodes, .. } = net.node(ORIGIN);
-    let origin = engine.as_mut().unwrap();
     for (peer, complete_seq) in [(1, Some(seq)), (2, None), (3, None), (4, None)] {
-        origin.handle_peer_connected(now, peer);
+        net.call(ORIGIN, Input::PeerConnected(peer));
         let hello = Hello { repo: repo(), root: None, complete_seq, data_addrs: Vec::new() };
-        origin.handle_hello(now, peer, hello, nodes).unwrap();
+        net.call(ORIGIN, Input::Hello { from: peer, hello });
     }
+    let origin = net.node(ORIGIN).engine.as_mut().unwrap();
+    let now = Mono(now.0);
     assert_eq!(origin.serve_decision(now, &2, &chunk), ServeDecision::Serve);
     // Peer 1 claims the snapshot: named after the first recipient.
     assert_eq!(origin.serve_decision(now, &3, &chunk), ServeDecision::Elsewhere(vec![2, 1]));
     // Then it asks for a chunk of the snapshot it claims: refused, and its claim is no longer believed.
     assert_eq!(origin.serve_decision(now, &1, &other), ServeDecision::Refuse);
     assert_eq!(origin.serve_decision(now, &4, &chunk), ServeDecision::Elsewhere(vec![2]));
+}
+
+#[test]
+fn a_peer_greeted_after_a_publish_hears_of_the_new_root() {
+    let mut net = Net::new(0);
+    packages(&mut net.tree, 5, 0);
+    // Peer 9 connects; the origin's hello goes out before it has a root, and 9's answer comes after the publish.
+    net.call(ORIGIN, Input::PeerConnected(9));
+    net.publish();
+    let to_9 = |net: &Net| {
+        net.queue.iter().filter(|m| matches!(m, Msg::Hello { to: 9, hello, .. } if hello.root.is_some())).count()
+    };
+    assert_eq!(to_9(&net), 0, "not greeted yet: nothing pushed");
+    let answer = Hello { repo: repo(), root: None, complete_seq: None, data_addrs: Vec::new() };
+    net.call(ORIGIN, Input::Hello { from: 9, hello: answer.clone() });
+    assert_eq!(to_9(&net), 1, "its hello shows no root: the origin's goes to it");
+    net.call(ORIGIN, Input::Hello { from: 9, hello: answer });
+    assert_eq!(to_9(&net), 1, "once per root");
+}
+
+/// This network as the host of one node's engine.
+struct NetHost<'a> {
+    net: &'a mut Net,
+    id: u32,
+}
+
+impl Host<u32> for NetHost<'_> {
+    type Source<'s>
+        = Nodes
+    where
+        Self: 's;
+
+    fn with_engine<R>(&mut self, f: impl FnOnce(&mut Engine<u32>, &Nodes) -> R) -> Option<R> {
+        let node = self.net.nodes.get_mut(&self.id)?;
+        Some(f(node.engine.as_mut()?, &node.nodes))
+    }
+
+    fn execute(&mut self, now: Now, output: Output<u32>) -> Vec<Input<u32>> {
+        self.net.execute(self.id, now, output)
+    }
 }

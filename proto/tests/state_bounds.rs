@@ -9,17 +9,26 @@ use std::cell::Cell;
 
 use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{HAVE_CHUNKS_MAX, Have, Hello};
+use mirrormesh_proto::node_store::NodeSource;
 use mirrormesh_proto::root::{RootBody, SignedRoot, publisher_key};
 use mirrormesh_proto::sync::scheduler::BanReason;
 use mirrormesh_proto::sync::scheduler::SchedulerLimits;
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
-    ChunkSet, Engine, EngineConfig, HOLDER_ENTRIES_MAX, HOLDINGS_PENDING_MAX, HOLDINGS_PER_PEER_MAX, Output, PeerKey,
-    Role, RootVia, UNKNOWN_CHUNK_REQUESTS_MAX,
+    ChunkSet, Engine, EngineConfig, HOLDER_ENTRIES_MAX, HOLDINGS_PENDING_MAX, HOLDINGS_PER_PEER_MAX, Input, Output,
+    PeerKey, Role, RootVia, SyncPhase, UNKNOWN_CHUNK_REQUESTS_MAX,
 };
 use mirrormesh_proto::tree::TreeDir;
-use mirrormesh_proto::{RepoId, Timestamp};
+use mirrormesh_proto::{Mono, Now, RepoId, Timestamp};
 use support::*;
+
+/// The time every test here runs at (nothing in them waits).
+const NOW: Now = Now { mono: Mono(1_000_000), wall: Timestamp(1_800_000_000_000) };
+
+/// Hands `input` to `engine`; the outputs stay queued (these tests look at tables, not at what the engine says).
+fn call<P: PeerKey>(engine: &mut Engine<P>, now: Now, input: Input<P>, source: &impl NodeSource) {
+    engine.handle(now, input, source).unwrap();
+}
 
 struct Counting;
 
@@ -108,7 +117,7 @@ fn fake(peer: u32, n: u64) -> ChunkId {
 }
 
 /// A small snapshot: its signed root, manifest nodes and chunks.
-fn snapshot(now: Timestamp) -> (SignedRoot, Nodes, ChunkSet) {
+fn snapshot(now: Now) -> (SignedRoot, Nodes, ChunkSet) {
     let mut tree = TreeDir::default();
     for i in 0..20u64 {
         tree.insert_file(&format!("alpine/edge/main/x86_64/pkg{i}-1.0-r0.apk"), file(300_000 + i, i)).unwrap();
@@ -117,8 +126,8 @@ fn snapshot(now: Timestamp) -> (SignedRoot, Nodes, ChunkSet) {
     let body = RootBody {
         repo: repo(),
         seq: 1,
-        created: now,
-        expires: now.plus_ms(86_400_000),
+        created: now.wall,
+        expires: now.wall.plus_ms(86_400_000),
         root,
         files: 20,
         bytes: 0,
@@ -134,14 +143,19 @@ fn drain<P: PeerKey>(engine: &mut Engine<P>) {
 
 /// Sends every flooder's fake ids to `engine` in `Have`s, a batch from each in turn; fails as soon as the engine
 /// keeps more than `allowed` bytes.
-fn flood_haves(engine: &mut Engine<u32>, now: Timestamp, seq: u64, per_peer: u64, allowed: f64, what: &str) -> f64 {
+fn flood_haves(engine: &mut Engine<u32>, now: Now, seq: u64, per_peer: u64, allowed: f64, what: &str) -> f64 {
     let before = net_bytes();
     let mut sent = 0u64;
     let batch = HAVE_CHUNKS_MAX as u64;
     for start in (0..per_peer).step_by(HAVE_CHUNKS_MAX) {
         for peer in 1..=FLOODERS {
             let chunks = (start..(start + batch).min(per_peer)).map(|n| fake(peer, n)).collect();
-            engine.handle_have(now, peer, Have { repo: repo(), seq, complete_seq: None, chunks });
+            call(
+                engine,
+                now,
+                Input::Have { from: peer, have: Have { repo: repo(), seq, complete_seq: None, chunks } },
+                &Nodes::new(),
+            );
             drain(engine);
             sent += batch;
         }
@@ -157,12 +171,12 @@ fn flood_haves(engine: &mut Engine<u32>, now: Timestamp, seq: u64, per_peer: u64
 
 #[test]
 fn fake_announcements_to_the_origin_are_not_kept() {
-    let now = Timestamp(1_800_000_000_000);
+    let now = NOW;
     let (signed, _nodes, chunks) = snapshot(now);
     let mut origin = Engine::new(config(Role::Origin, 0), None, None);
-    origin.handle_published(now, signed, chunks).unwrap();
+    call(&mut origin, now, Input::Published { root: signed, chunks }, &Nodes::new());
     for peer in 1..=FLOODERS {
-        origin.handle_peer_connected(now, peer);
+        call(&mut origin, now, Input::PeerConnected(peer), &Nodes::new());
     }
     drain(&mut origin);
     let grown = flood_haves(&mut origin, now, 1, FAKE_IDS_PER_PEER, MIB, "the origin");
@@ -173,12 +187,12 @@ fn fake_announcements_to_the_origin_are_not_kept() {
 
 #[test]
 fn requests_for_chunks_outside_the_snapshot_leave_no_trace_at_the_origin() {
-    let now = Timestamp(1_800_000_000_000);
+    let now = NOW;
     let (signed, _nodes, chunks) = snapshot(now);
     let mut origin = Engine::new(config(Role::Origin, 0), None, None);
-    origin.handle_published(now, signed, chunks).unwrap();
+    call(&mut origin, now, Input::Published { root: signed, chunks }, &Nodes::new());
     for peer in 1..=FLOODERS {
-        origin.handle_peer_connected(now, peer);
+        call(&mut origin, now, Input::PeerConnected(peer), &Nodes::new());
     }
     drain(&mut origin);
     let before = net_bytes();
@@ -186,7 +200,7 @@ fn requests_for_chunks_outside_the_snapshot_leave_no_trace_at_the_origin() {
     let mut refused = 0u64;
     for n in 0..FAKE_IDS_PER_PEER {
         for peer in 1..=FLOODERS {
-            if origin.serve_decision(now, &peer, &fake(peer, n)) == ServeDecision::Refuse {
+            if origin.serve_decision(now.mono, &peer, &fake(peer, n)) == ServeDecision::Refuse {
                 refused += 1;
             }
             asked += 1;
@@ -219,18 +233,18 @@ fn requests_for_chunks_outside_the_snapshot_leave_no_trace_at_the_origin() {
 
 #[test]
 fn announcements_before_the_transfer_are_capped_over_all_peers() {
-    let now = Timestamp(1_800_000_000_000);
+    let now = NOW;
     let (signed, _nodes, _) = snapshot(now);
     let mut mirror = Engine::new(config(Role::Mirror, 0), None, None);
     let empty = Nodes::new();
     for peer in 0..=FLOODERS {
-        mirror.handle_peer_connected(now, peer);
+        call(&mut mirror, now, Input::PeerConnected(peer), &Nodes::new());
         let hello = Hello { repo: repo(), root: None, complete_seq: None, data_addrs: Vec::new() };
-        mirror.handle_hello(now, peer, hello, &empty).unwrap();
+        call(&mut mirror, now, Input::Hello { from: peer, hello }, &empty);
     }
     // The root is accepted; its manifest is not here yet, so the mirror is fetching it.
-    mirror.handle_root(now, RootVia::Gossip(0), signed, &empty).unwrap();
-    assert_eq!(mirror.status().phase, "fetching-manifest");
+    call(&mut mirror, now, Input::Root { via: RootVia::Gossip(0), root: signed }, &empty);
+    assert_eq!(mirror.status().phase, SyncPhase::FetchingManifest);
     drain(&mut mirror);
     // What the cap allows: ~48 bytes per id in a B-tree set (measured below).
     let allowed = (HOLDINGS_PENDING_MAX * 64) as f64;
@@ -261,15 +275,20 @@ fn real(n: u64) -> ChunkId {
 /// Prints the numbers behind the caps' memory bounds.
 #[test]
 fn tables_stay_within_their_caps_and_each_entry_costs_what_the_caps_assume() {
-    let now = Timestamp(1_800_000_000_000);
+    let now = NOW;
     let (signed, _nodes, _) = snapshot(now);
     let snapshot_chunks = 1u64 << 20;
     let origin_peer = wide(0);
     let mut origin = Engine::new(config(Role::Origin, wide(u32::MAX)), None, None);
-    origin.handle_published(now, signed.clone(), ChunkSet::new((0..snapshot_chunks).map(real))).unwrap();
+    call(
+        &mut origin,
+        now,
+        Input::Published { root: signed.clone(), chunks: ChunkSet::new((0..snapshot_chunks).map(real)) },
+        &Nodes::new(),
+    );
     let peers: Vec<WidePeer> = (1..=FLOODERS).map(wide).collect();
     for p in &peers {
-        origin.handle_peer_connected(now, *p);
+        call(&mut origin, now, Input::PeerConnected(*p), &Nodes::new());
     }
     let _ = origin_peer;
     drain(&mut origin);
@@ -279,7 +298,12 @@ fn tables_stay_within_their_caps_and_each_entry_costs_what_the_caps_assume() {
     for (i, start) in (0..snapshot_chunks).step_by(HAVE_CHUNKS_MAX).enumerate() {
         let chunks: Vec<ChunkId> = (start..start + HAVE_CHUNKS_MAX as u64).map(real).collect();
         let p = peers[i % peers.len()];
-        origin.handle_have(now, p, Have { repo: repo(), seq: 1, complete_seq: None, chunks });
+        call(
+            &mut origin,
+            now,
+            Input::Have { from: p, have: Have { repo: repo(), seq: 1, complete_seq: None, chunks } },
+            &Nodes::new(),
+        );
     }
     drain(&mut origin);
     let holders = origin.table_sizes().holders;
@@ -293,12 +317,12 @@ fn tables_stay_within_their_caps_and_each_entry_costs_what_the_caps_assume() {
     let before = net_bytes();
     let recipients_wanted = seeder.recipients_max as u64 + 1000;
     for n in 0..recipients_wanted.min(snapshot_chunks) {
-        let _ = origin.serve_decision(now, &first, &real(n));
+        let _ = origin.serve_decision(now.mono, &first, &real(n));
     }
     let recipients = origin.table_sizes().seeder_recipients;
     let per_recipient = (net_bytes() - before) as f64 / recipients as f64;
     for n in 0..1000 {
-        let _ = origin.serve_decision(now, &first, &real(n));
+        let _ = origin.serve_decision(now.mono, &first, &real(n));
     }
     assert_eq!(origin.table_sizes().seeder_recipients, recipients, "a recipient is remembered once per chunk");
     assert!(recipients <= seeder.recipients_max);
@@ -306,7 +330,7 @@ fn tables_stay_within_their_caps_and_each_entry_costs_what_the_caps_assume() {
     // Redirects: a second asker is pointed at the first for every chunk still on its way there.
     let before = net_bytes();
     for n in 0..(seeder.redirects_max as u64 + 1000) {
-        let _ = origin.serve_decision(now, &peers[1], &real(n));
+        let _ = origin.serve_decision(now.mono, &peers[1], &real(n));
     }
     let redirects = origin.table_sizes().seeder_redirects;
     let per_redirect =
@@ -318,13 +342,18 @@ fn tables_stay_within_their_caps_and_each_entry_costs_what_the_caps_assume() {
     // Pending holdings at a mirror (chunk ids only: the peer id is not repeated per entry).
     let mut mirror = Engine::new(config(Role::Mirror, wide(u32::MAX)), None, None);
     let empty = Nodes::new();
-    mirror.handle_peer_connected(now, peers[0]);
-    mirror.handle_root(now, RootVia::Gossip(peers[0]), signed, &empty).unwrap();
+    call(&mut mirror, now, Input::PeerConnected(peers[0]), &Nodes::new());
+    call(&mut mirror, now, Input::Root { via: RootVia::Gossip(peers[0]), root: signed }, &empty);
     drain(&mut mirror);
     let before = net_bytes();
     for start in (0..HOLDINGS_PER_PEER_MAX as u64).step_by(HAVE_CHUNKS_MAX) {
         let chunks: Vec<ChunkId> = (start..start + HAVE_CHUNKS_MAX as u64).map(real).collect();
-        mirror.handle_have(now, peers[0], Have { repo: repo(), seq: 1, complete_seq: None, chunks });
+        call(
+            &mut mirror,
+            now,
+            Input::Have { from: peers[0], have: Have { repo: repo(), seq: 1, complete_seq: None, chunks } },
+            &Nodes::new(),
+        );
         drain(&mut mirror);
     }
     let pending = mirror.table_sizes().pending_holdings;
@@ -354,18 +383,17 @@ fn tables_stay_within_their_caps_and_each_entry_costs_what_the_caps_assume() {
 
 #[test]
 fn once_the_sync_is_planned_only_announcements_of_needed_chunks_are_kept() {
-    let now = Timestamp(1_800_000_000_000);
+    let now = NOW;
     let (signed, nodes, _) = snapshot(now);
     let mut mirror = Engine::new(config(Role::Mirror, 0), None, None);
     for peer in 0..=FLOODERS {
-        mirror.handle_peer_connected(now, peer);
+        call(&mut mirror, now, Input::PeerConnected(peer), &Nodes::new());
         let hello = Hello { repo: repo(), root: None, complete_seq: None, data_addrs: Vec::new() };
-        mirror.handle_hello(now, peer, hello, &nodes).unwrap();
+        call(&mut mirror, now, Input::Hello { from: peer, hello }, &nodes);
     }
     // The manifest is here: the sync is planned and the caller asked to stage (and has not answered yet).
-    mirror.handle_root(now, RootVia::Gossip(0), signed, &nodes).unwrap();
-    mirror.handle_tick(now, &nodes).unwrap();
-    assert_eq!(mirror.status().phase, "staging");
+    call(&mut mirror, now, Input::Root { via: RootVia::Gossip(0), root: signed }, &nodes);
+    assert_eq!(mirror.status().phase, SyncPhase::Staging);
     drain(&mut mirror);
     let grown = flood_haves(&mut mirror, now, 1, 1 << 20, MIB, "the staging mirror");
     println!("the staging mirror keeps {:.3} MiB more after {} fake announcements", grown / MIB, (1u64 << 20) * 8);
@@ -373,12 +401,12 @@ fn once_the_sync_is_planned_only_announcements_of_needed_chunks_are_kept() {
 
 #[test]
 fn a_restarted_origin_filters_announcements_once_it_is_given_its_snapshot_chunks() {
-    let now = Timestamp(1_800_000_000_000);
+    let now = NOW;
     let (signed, _nodes, chunks) = snapshot(now);
     let body = signed.verify_signature().unwrap();
     let current = mirrormesh_proto::VerifiedRoot { signed, body };
     let mut origin = Engine::new(config(Role::Origin, 0), Some(current.clone()), Some(current));
-    origin.handle_peer_connected(now, 1);
+    call(&mut origin, now, Input::PeerConnected(1), &Nodes::new());
     let fakes = |from: u64| Have {
         repo: repo(),
         seq: 1,
@@ -386,12 +414,12 @@ fn a_restarted_origin_filters_announcements_once_it_is_given_its_snapshot_chunks
         chunks: (from..from + 10).map(|n| fake(1, n)).collect(),
     };
     // Not told its chunks yet: only the cap bounds what it keeps.
-    origin.handle_have(now, 1, fakes(0));
+    call(&mut origin, now, Input::Have { from: 1, have: fakes(0) }, &Nodes::new());
     assert_eq!(origin.table_sizes().holders, 10);
     // Told: the old snapshot's holders are forgotten, and fake ids are dropped.
-    origin.handle_snapshot_chunks(1, chunks);
-    origin.handle_have(now, 1, fakes(10));
+    call(&mut origin, now, Input::SnapshotChunks { seq: 1, chunks }, &Nodes::new());
+    call(&mut origin, now, Input::Have { from: 1, have: fakes(10) }, &Nodes::new());
     assert_eq!(origin.table_sizes().holders, 0);
     assert_eq!(origin.announce_counts().outside_snapshot, 10);
-    assert_eq!(origin.serve_decision(now, &1, &fake(1, 0)), ServeDecision::Refuse);
+    assert_eq!(origin.serve_decision(now.mono, &1, &fake(1, 0)), ServeDecision::Refuse);
 }

@@ -35,12 +35,16 @@ use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, roots_topic};
 use mirrormesh_proto::diff::Change;
 use mirrormesh_proto::node_store::NodeSink;
+use mirrormesh_proto::node_store::{NodeSource, SourceError};
 use mirrormesh_proto::root::Freshness;
 use mirrormesh_proto::sync::bans::Offence;
+use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
-use mirrormesh_proto::sync::{ApplyFailure, ChunkSet, Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
-use mirrormesh_proto::{RootError, SignedRoot, Timestamp, VerifiedRoot};
+use mirrormesh_proto::sync::{
+    ApplyFailure, ChunkSet, Engine, EngineConfig, EngineError, Input, Notice, Output, ReqId, Role, RootVia, SyncPhase,
+};
+use mirrormesh_proto::{Mono, Now, RootError, SignedRoot, Timestamp, VerifiedRoot};
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -53,7 +57,7 @@ use crate::metrics::Metrics;
 use crate::publish::{PublishError, PublishGuard, PublishOptions, PublishReport, now, publish};
 use crate::staging::{Prepared, Staging};
 use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
-use crate::store::StateStore;
+use crate::store::{StateStore, StoreReader};
 use crate::swarm::{self, Behaviour, BehaviourEvent, WireRequest};
 
 /// How often the engine is ticked.
@@ -288,10 +292,7 @@ impl Daemon {
             seeder: SeederLimits::default(),
             have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
         };
-        let mut engine = Engine::new(engine_cfg, applied, latest);
-        if let Some((seq, chunks)) = snapshot_chunks {
-            engine.handle_snapshot_chunks(seq, chunks);
-        }
+        let engine = Engine::new(engine_cfg, applied, latest);
 
         let (events_tx, events_rx) = mpsc::channel(LOOP_EVENTS_MAX);
         let index = Arc::new(RwLock::new(index));
@@ -416,6 +417,9 @@ impl Daemon {
             status_published: None,
             sync_span: tracing::Span::none(),
         };
+        if let Some((seq, chunks)) = snapshot_chunks {
+            daemon.feed(Input::SnapshotChunks { seq, chunks })?;
+        }
         // The admin API answers with the state read from disk from its first request on.
         daemon.check_served_root(now());
         let key = daemon.status_key();
@@ -430,18 +434,22 @@ impl Daemon {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         self.dial_bootstrap();
-        self.drive()?;
+        // A sync resumed from the state database starts at once if the engine says so.
+        self.on_engine_timeout();
+        self.after_event();
         loop {
+            // The engine says when it wants to run next; the shell's own chores run on `tick`.
+            let engine_due = self.engine.poll_timeout().map(|at| self.instant_of(at));
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
                 Some(event) = self.events_rx.recv() => self.on_loop_event(event),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = tokio::time::sleep_until(engine_due.unwrap_or_else(tokio::time::Instant::now)),
+                    if engine_due.is_some() => self.on_engine_timeout(),
                 _ = tick.tick() => self.on_tick(),
             }
-            if let Err(e) = self.drive() {
-                self.error(format!("{e:#}"));
-            }
+            self.after_event();
         }
         self.data.shut_down(SHUTDOWN_CLOSE_WAIT).await;
         self.close_connections().await;
@@ -487,7 +495,7 @@ impl Daemon {
     /// What the served snapshot and the roots heard so far say about this node's health: never synced, only
     /// untrusted roots heard, the served root expired or stale.
     fn check_served_root(&mut self, t: Timestamp) {
-        let syncing = self.engine.status().phase != "idle";
+        let syncing = self.engine.status().phase != SyncPhase::Idle;
         match self.engine.current() {
             None if self.cfg.role == RoleName::Mirror && !syncing => {
                 let message = match self.health.is_set(ProblemKind::RootsUntrusted) {
@@ -557,32 +565,45 @@ impl Daemon {
 
     // ---- the engine ---------------------------------------------------------------------------------------
 
-    /// Executes the engine's outputs, ticking it again while it has deferred work.
-    fn drive(&mut self) -> Result<()> {
+    /// Hands `input` to the engine through the core's one driver ([`step`]), which carries out its outputs here.
+    fn feed(&mut self, input: Input<PeerId>) -> Result<(), EngineError> {
         let span = self.sync_span.clone();
         let _sync = span.enter();
-        for _ in 0..16 {
-            while let Some(out) = self.engine.poll_output() {
-                self.execute(out)?;
-            }
-            if !self.engine.wants_tick() {
-                break;
-            }
-            let reader = self.store.reader()?;
-            self.engine.handle_tick(now(), &reader)?;
+        let now = self.clock();
+        step(self, now, input)
+    }
+
+    /// The engine's timer is due.
+    fn on_engine_timeout(&mut self) {
+        if let Err(e) = self.feed(Input::Timeout) {
+            self.error(format!("{e:#}"));
         }
+    }
+
+    /// Both clocks: monotonic milliseconds since the daemon started (timeouts, windows, bans) and the wall clock
+    /// (roots' creation and expiry). A step of the wall clock moves no timer.
+    fn clock(&self) -> Now {
+        Now { mono: Mono(self.started.elapsed().as_millis() as u64), wall: now() }
+    }
+
+    /// The instant a monotonic time of [`Daemon::clock`] names.
+    fn instant_of(&self, at: Mono) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started) + Duration::from_millis(at.0)
+    }
+
+    /// After every event: checks the served root and publishes the status if it changed.
+    fn after_event(&mut self) {
         self.check_served_root(now());
         let key = self.status_key();
         if self.status_published.as_ref().is_none_or(|(at, was)| *was != key || at.elapsed() >= STATUS_INTERVAL) {
             self.publish_status(key);
         }
-        Ok(())
     }
 
     fn status_key(&self) -> StatusKey {
         let engine = self.engine.status();
         StatusKey {
-            phase: engine.phase,
+            phase: engine.phase.name(),
             current: engine.current.map(|c| c.0),
             target: engine.target.map(|t| t.0),
             waiting_for_origin: engine.waiting_for_origin,
@@ -593,7 +614,8 @@ impl Daemon {
         }
     }
 
-    fn execute(&mut self, out: Output<PeerId>) -> Result<()> {
+    /// Carries out one output of the engine (the daemon answers later, through events, never at once).
+    fn carry_out(&mut self, out: Output<PeerId>) -> Result<()> {
         match out {
             Output::Gossip(root) => {
                 if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), root.encode()) {
@@ -661,8 +683,13 @@ impl Daemon {
                 tracing::warn!(%peer, reason = reason.name(), "peer banned for this snapshot");
                 self.count(format!("peers_banned_{}", reason.name()));
             }
+            Output::PersistRoot(root) => {
+                let mut writer = self.store.writer()?;
+                writer.set_root(&root, &self.cfg.repo)?;
+                writer.commit()?;
+            }
             Output::Ban { peer, reason, until: Some(until) } => {
-                let minutes = until.millis_since(now()) / 60_000;
+                let minutes = until.millis_since(self.clock().mono) / 60_000;
                 tracing::warn!(%peer, reason = reason.name(), minutes, "peer banned for breaking the protocol");
                 self.count(format!("peers_banned_{}", reason.name()));
                 self.data.deny(peer);
@@ -688,11 +715,6 @@ impl Daemon {
                     self.sync.started = Some((seq, Instant::now()));
                     self.sync.need_bytes = 0;
                 }
-                if let Some(latest) = self.engine.latest() {
-                    let mut writer = self.store.writer()?;
-                    writer.set_root(&latest.signed, &self.cfg.repo)?;
-                    writer.commit()?;
-                }
             }
             Notice::RootRejected { from, error } => {
                 let why = self.describe_root_error(&error);
@@ -715,6 +737,10 @@ impl Daemon {
                 self.count("messages_wrong_repo");
             }
             Notice::LocalFailure => self.count("local_write_failures"),
+            Notice::PeerStalled { peer } => {
+                tracing::warn!(%peer, "peer claims the snapshot but delivered nothing while asked; asking the origin");
+                self.count("peers_stalled");
+            }
             Notice::SyncComplete { seq } => {
                 tracing::info!(seq, "snapshot applied");
                 self.count("syncs_completed");
@@ -841,7 +867,7 @@ impl Daemon {
                             files.held(id);
                         }
                     }
-                    self.engine.handle_staged(t, seq, prepared.held);
+                    self.feed(Input::Staged { seq, held: prepared.held })?;
                 }
                 Err(e) => {
                     self.set_problem(ProblemKind::StagingFailing, format!("staging snapshot {seq}: {e:#}"), t.0);
@@ -867,7 +893,7 @@ impl Daemon {
                         ChunkOutcome::Corrupt => self.count("chunks_rejected"),
                         _ => {}
                     }
-                    self.engine.handle_chunk(t, peer, req, id, outcome);
+                    self.feed(Input::Chunk { from: peer, req, id, outcome })?;
                 }
                 if dropped {
                     let message = "could not write staged chunks (is the staging filesystem full?)";
@@ -879,7 +905,7 @@ impl Daemon {
                     Some(e) => {
                         tracing::debug!(%peer, "chunk request failed: {e}");
                         self.count("chunk_requests_failed");
-                        self.engine.handle_chunks_failed(t, peer, req);
+                        self.feed(Input::ChunksFailed { from: peer, req })?;
                         if unreachable && self.swarm.is_connected(&peer) {
                             // Its data plane is gone, so the peer is (it died, or the network between us did):
                             // drop it now rather than when the control connection's idle timeout notices, so the
@@ -889,7 +915,7 @@ impl Daemon {
                             let _ = self.swarm.disconnect_peer_id(peer);
                         }
                     }
-                    None => self.engine.handle_chunks_done(t, peer, req, bytes),
+                    None => self.feed(Input::ChunksDone { from: peer, req, bytes })?,
                 }
             }
             LoopEvent::Applied { target, changes, result } => self.on_applied(*target, changes, result)?,
@@ -897,7 +923,7 @@ impl Daemon {
             LoopEvent::Serve { peer, chunks, reply } => {
                 let decisions = chunks
                     .iter()
-                    .map(|id| match self.engine.serve_decision(t, &peer, id) {
+                    .map(|id| match self.engine.serve_decision(self.clock().mono, &peer, id) {
                         ServeDecision::Serve => Decision::Serve,
                         ServeDecision::Elsewhere(peers) => Decision::Elsewhere(peers),
                         ServeDecision::Refuse => Decision::Missing,
@@ -934,7 +960,7 @@ impl Daemon {
                 let seq = target.body.seq;
                 self.set_problem(ProblemKind::ApplyFailing, format!("applying snapshot {seq}: {e:#}"), now().0);
                 self.count("apply_failures");
-                self.engine.handle_apply_failed(now(), seq, kind);
+                self.feed(Input::ApplyFailed { seq, failure: kind })?;
                 return Ok(());
             }
         };
@@ -967,8 +993,7 @@ impl Daemon {
             removals = report.removals.len(),
             "snapshot in place"
         );
-        let reader = self.store.reader()?;
-        self.engine.handle_applied(now(), target.body.seq, &reader)?;
+        self.feed(Input::Applied { seq: target.body.seq })?;
         Ok(())
     }
 
@@ -1141,7 +1166,7 @@ impl Daemon {
         if let Ok(mut current) = self.index.write() {
             *current = index;
         }
-        let accepted = self.engine.handle_published(t, report.signed.clone(), chunks);
+        let accepted = self.feed(Input::Published { root: report.signed.clone(), chunks });
         if let Err(e) = accepted {
             let message = format!("publishing: the engine refused the new root: {e}");
             self.set_problem(ProblemKind::PublishFailed, message.clone(), t.0);
@@ -1245,8 +1270,8 @@ impl Daemon {
                         for id in stale {
                             self.swarm.close_connection(id);
                         }
-                        self.engine.handle_peer_disconnected(t, &peer_id);
-                        self.engine.handle_peer_connected(t, peer_id);
+                        self.feed(Input::PeerDisconnected(peer_id))?;
+                        self.feed(Input::PeerConnected(peer_id))?;
                     }
                 }
                 self.connections.entry(peer_id).or_default().push((
@@ -1266,7 +1291,7 @@ impl Daemon {
                         b.connected = true;
                         b.backoff = REDIAL_MIN;
                     }
-                    self.engine.handle_peer_connected(t, peer_id);
+                    self.feed(Input::PeerConnected(peer_id))?;
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
@@ -1284,7 +1309,7 @@ impl Daemon {
                     b.connected = false;
                     b.next_dial = Instant::now() + b.backoff;
                 }
-                self.engine.handle_peer_disconnected(t, &peer_id);
+                self.feed(Input::PeerDisconnected(peer_id))?;
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
                 tracing::debug!(peer = %peer_id, "dial failed: {error}");
@@ -1303,14 +1328,12 @@ impl Daemon {
                 let acceptance = match SignedRoot::decode(&message.data) {
                     Ok(root) if root.verify_signature().is_err() || !self.trusts(&root.publisher) => {
                         self.count("gossip_invalid_roots");
-                        let reader = self.store.reader()?;
-                        self.engine.handle_root(t, RootVia::Gossip(propagation_source), root, &reader)?;
+                        self.feed(Input::Root { via: RootVia::Gossip(propagation_source), root })?;
                         gossipsub::MessageAcceptance::Reject
                     }
                     Ok(root) => {
                         let before = self.engine.latest().map(|r| r.body.seq);
-                        let reader = self.store.reader()?;
-                        self.engine.handle_root(t, RootVia::Gossip(propagation_source), root, &reader)?;
+                        self.feed(Input::Root { via: RootVia::Gossip(propagation_source), root })?;
                         if self.engine.latest().map(|r| r.body.seq) > before {
                             gossipsub::MessageAcceptance::Accept
                         } else {
@@ -1336,7 +1359,6 @@ impl Daemon {
     }
 
     fn on_control(&mut self, event: request_response::Event<WireRequest, ControlResponse>) -> Result<()> {
-        let t = now();
         let peer = match &event {
             request_response::Event::Message { peer, .. }
             | request_response::Event::OutboundFailure { peer, .. }
@@ -1355,11 +1377,10 @@ impl Daemon {
                     // Not answered: dropping the channel resets the stream.
                     tracing::debug!(%peer, "malformed control request: {why}");
                     self.count("control_malformed");
-                    self.engine.handle_offence(t, peer, Offence::MalformedControl);
+                    self.feed(Input::Offence { peer, offence: Offence::MalformedControl })?;
                 }
                 request_response::Message::Response { request_id, response } => {
                     self.control_answered.insert(connection_id, Instant::now());
-                    let reader = self.store.reader()?;
                     let pending = self.pending.remove(&request_id);
                     if let Some(Pending::Hello { sent } | Pending::Have { sent }) = &pending
                         && let Some(state) = self.peers.get_mut(&peer)
@@ -1369,19 +1390,19 @@ impl Daemon {
                     match (pending, response) {
                         (Some(Pending::Hello { .. }), ControlResponse::Hello(hello)) => {
                             self.learn_data_addrs(peer, &hello.data_addrs);
-                            self.engine.handle_hello(t, peer, hello, &reader)?;
+                            self.feed(Input::Hello { from: peer, hello })?;
                         }
                         (Some(Pending::Nodes { peer, req }), ControlResponse::Nodes { nodes }) => {
                             let nodes = nodes.into_iter().map(|n| n.map(ByteBuf::into_vec)).collect();
-                            self.engine.handle_nodes(t, peer, req, nodes, &reader)?;
+                            self.feed(Input::Nodes { from: peer, req, nodes })?;
                         }
                         (Some(Pending::Delta { peer, req }), ControlResponse::Delta { delta }) => {
-                            self.engine.handle_delta(t, peer, req, delta.map(ByteBuf::into_vec), &reader)?;
+                            self.feed(Input::Delta { from: peer, req, delta: delta.map(ByteBuf::into_vec) })?;
                         }
                         (Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }), other) => {
                             tracing::warn!(%peer, ?other, "unexpected answer to a manifest fetch");
                             self.count("control_unexpected_responses");
-                            self.engine.handle_fetch_failed(t, peer, req);
+                            self.feed(Input::FetchFailed { from: peer, req })?;
                         }
                         _ => {}
                     }
@@ -1407,14 +1428,14 @@ impl Daemon {
                     let others =
                         self.connections.get(&peer).is_some_and(|c| c.iter().any(|(id, _, _)| *id != connection_id));
                     if others {
-                        self.engine.handle_peer_disconnected(t, &peer);
-                        self.engine.handle_peer_connected(t, peer);
+                        self.feed(Input::PeerDisconnected(peer))?;
+                        self.feed(Input::PeerConnected(peer))?;
                     }
                 }
                 if let Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }) =
                     self.pending.remove(&request_id)
                 {
-                    self.engine.handle_fetch_failed(t, peer, req);
+                    self.feed(Input::FetchFailed { from: peer, req })?;
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -1433,19 +1454,17 @@ impl Daemon {
         request: ControlRequest,
         channel: request_response::ResponseChannel<ControlResponse>,
     ) -> Result<()> {
-        let t = now();
         let response = match request {
             ControlRequest::Hello(hello) => {
                 self.learn_data_addrs(peer, &hello.data_addrs);
-                let reader = self.store.reader()?;
-                self.engine.handle_hello(t, peer, hello, &reader)?;
+                self.feed(Input::Hello { from: peer, hello })?;
                 let mut mine = self.engine.hello();
                 mine.data_addrs = vec![self.data_addr_text()];
                 self.fault_lie(&mut mine.complete_seq);
                 ControlResponse::Hello(mine)
             }
             ControlRequest::Have(have) => {
-                self.engine.handle_have(t, peer, have);
+                self.feed(Input::Have { from: peer, have })?;
                 ControlResponse::Ack
             }
             ControlRequest::GetNodes { .. } | ControlRequest::GetDelta { .. } => {
@@ -1522,14 +1541,16 @@ impl Daemon {
 
     /// Reports each data-plane request refused since the last call to the engine as an offence of its peer (the
     /// engine bans repeat offenders: `bans.rs`). Keys come from the data plane's traffic table, which is capped.
-    fn report_data_refusals(&mut self, t: Timestamp) {
+    fn report_data_refusals(&mut self) {
         for (peer, traffic) in self.data.traffic() {
             let seen = self.refusals_reported.entry(peer).or_default();
             let new = traffic.refused.saturating_sub(*seen);
             *seen = traffic.refused;
             // More than the limit at once bans anyway: the rest need not be reported one by one.
             for _ in 0..new.min(Offence::RefusedDataRequest.limit()) {
-                self.engine.handle_offence(t, peer, Offence::RefusedDataRequest);
+                if let Err(e) = self.feed(Input::Offence { peer, offence: Offence::RefusedDataRequest }) {
+                    self.error(format!("{e:#}"));
+                }
             }
         }
     }
@@ -1563,12 +1584,9 @@ impl Daemon {
 
     // ---- time ---------------------------------------------------------------------------------------------
 
+    /// The shell's chores: redials, the tree watch, re-signing, deletions, refusals (the engine has its own timer).
     fn on_tick(&mut self) {
         let t = now();
-        let result = self.store.reader().and_then(|reader| Ok(self.engine.handle_tick(t, &reader)?));
-        if let Err(e) = result {
-            self.error(format!("{e:#}"));
-        }
         self.dial_bootstrap();
         if self.cfg.faults.announce_fake_chunks {
             self.fault_announce_fake_chunks();
@@ -1587,7 +1605,7 @@ impl Daemon {
                 self.start_publish(false, None);
             }
             self.next_deletion_check = Instant::now() + Duration::from_secs(1);
-            self.report_data_refusals(t);
+            self.report_data_refusals();
             if !self.removing {
                 match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
                     Ok(()) => self.removing = true,
@@ -1616,16 +1634,18 @@ impl Daemon {
         self.status_published = Some((Instant::now(), key));
         let engine = self.engine.status();
         let traffic = self.data.traffic();
-        let syncing = engine.phase != "idle";
+        let syncing = engine.phase != SyncPhase::Idle;
         let bytes_missing = engine.bytes_missing;
         if syncing {
             self.sync.need_bytes = self.sync.need_bytes.max(bytes_missing);
         }
         let progress = match engine.phase {
-            "idle" if engine.current.is_none() && self.cfg.role == RoleName::Mirror => 0.0,
-            "idle" => 1.0,
-            "transferring" if self.sync.need_bytes > 0 => 1.0 - bytes_missing as f64 / self.sync.need_bytes as f64,
-            "applying" | "apply-retrying" => 1.0,
+            SyncPhase::Idle if engine.current.is_none() && self.cfg.role == RoleName::Mirror => 0.0,
+            SyncPhase::Idle => 1.0,
+            SyncPhase::Transferring if self.sync.need_bytes > 0 => {
+                1.0 - bytes_missing as f64 / self.sync.need_bytes as f64
+            }
+            SyncPhase::Applying | SyncPhase::ApplyRetrying => 1.0,
             _ => 0.0,
         };
         let target_seq = engine.target.map(|t| t.0);
@@ -1642,7 +1662,7 @@ impl Daemon {
                 (false, None) if self.cfg.role == RoleName::Mirror => "never-synced".into(),
                 (false, _) => "idle".into(),
             },
-            phase: engine.phase.into(),
+            phase: engine.phase.name().into(),
             target_seq,
             staged_seq: self.sync.staged_seq.filter(|_| syncing),
             progress,
@@ -1727,6 +1747,40 @@ impl Daemon {
 }
 
 /// What in the status a client may be waiting on: a change publishes it at once.
+/// The daemon as the host of its engine (see [`step`]).
+impl Host<PeerId> for Daemon {
+    type Source<'s>
+        = Reader
+    where
+        Self: 's;
+
+    fn with_engine<R>(&mut self, f: impl FnOnce(&mut Engine<PeerId>, &Reader) -> R) -> Option<R> {
+        // A fresh read transaction per input: it sees every node stored by the outputs carried out before.
+        let reader = Reader(self.store.reader().map_err(|e| SourceError(format!("opening the state database: {e:#}"))));
+        Some(f(&mut self.engine, &reader))
+    }
+
+    fn execute(&mut self, _now: Now, output: Output<PeerId>) -> Vec<Input<PeerId>> {
+        if let Err(e) = self.carry_out(output) {
+            self.error(format!("{e:#}"));
+        }
+        Vec::new()
+    }
+}
+
+/// The state database as the engine's node store; a database that cannot be opened fails every read.
+pub struct Reader(Result<StoreReader, SourceError>);
+
+impl NodeSource for Reader {
+    fn node_bytes(&self, hash: &mirrormesh_proto::node::NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
+        self.0.as_ref().map_err(Clone::clone)?.node_bytes(hash)
+    }
+
+    fn has_node(&self, hash: &mirrormesh_proto::node::NodeHash) -> Result<bool, SourceError> {
+        self.0.as_ref().map_err(Clone::clone)?.has_node(hash)
+    }
+}
+
 #[derive(PartialEq, Eq)]
 struct StatusKey {
     phase: &'static str,

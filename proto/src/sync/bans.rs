@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use crate::sync::PeerKey;
 use crate::sync::scheduler::BanReason;
-use crate::timestamp::Timestamp;
+use crate::timestamp::Mono;
 
 /// How long a peer banned for breaking the protocol stays banned.
 pub const PROTOCOL_BAN_MS: u64 = 3_600_000;
@@ -75,7 +75,7 @@ impl Offence {
 pub struct Ban {
     pub reason: BanReason,
     /// When a protocol ban ends (`None`: when the node moves to another snapshot).
-    pub until: Option<Timestamp>,
+    pub until: Option<Mono>,
 }
 
 #[derive(Clone, Debug)]
@@ -83,7 +83,7 @@ pub struct Bans<P: PeerKey> {
     bans: BTreeMap<P, Ban>,
     /// Per peer and offence, the bucket's "theoretical arrival time": the bucket holds
     /// `(tat - now) / leak_ms` offences (empty when `tat <= now`).
-    offences: BTreeMap<(P, Offence), Timestamp>,
+    offences: BTreeMap<(P, Offence), Mono>,
 }
 
 impl<P: PeerKey> Default for Bans<P> {
@@ -125,7 +125,7 @@ impl<P: PeerKey> Bans<P> {
     }
 
     /// Counts one offence of `peer`'s; returns the ban it earned, if this one filled its bucket.
-    pub fn offence(&mut self, now: Timestamp, peer: &P, offence: Offence) -> Option<Ban> {
+    pub fn offence(&mut self, now: Mono, peer: &P, offence: Offence) -> Option<Ban> {
         if self.is_protocol_banned(peer) {
             return None;
         }
@@ -149,7 +149,7 @@ impl<P: PeerKey> Bans<P> {
     }
 
     /// Offences of `peer` pending now (what the bucket holds).
-    pub fn pending(&self, now: Timestamp, peer: &P, offence: Offence) -> u64 {
+    pub fn pending(&self, now: Mono, peer: &P, offence: Offence) -> u64 {
         let tat = self.offences.get(&(peer.clone(), offence)).copied().unwrap_or(now);
         tat.millis_since(now).div_ceil(offence.leak_ms())
     }
@@ -164,7 +164,7 @@ impl<P: PeerKey> Bans<P> {
     }
 
     /// Lifts the protocol bans whose time is over and forgets empty offence buckets; returns the peers lifted.
-    pub fn expire(&mut self, now: Timestamp) -> Vec<P> {
+    pub fn expire(&mut self, now: Mono) -> Vec<P> {
         let lifted: Vec<P> =
             self.bans.iter().filter(|(_, b)| b.until.is_some_and(|u| u <= now)).map(|(p, _)| p.clone()).collect();
         for peer in &lifted {
@@ -175,7 +175,7 @@ impl<P: PeerKey> Bans<P> {
     }
 
     /// When the next protocol ban ends.
-    pub fn next_expiry(&self) -> Option<Timestamp> {
+    pub fn next_expiry(&self) -> Option<Mono> {
         self.bans.values().filter_map(|b| b.until).min()
     }
 
@@ -204,7 +204,7 @@ impl<P: PeerKey> Bans<P> {
 mod tests {
     use super::*;
 
-    const T0: Timestamp = Timestamp(1_000_000);
+    const T0: Mono = Mono(1_000_000);
 
     #[test]
     fn repeated_offences_ban_for_an_hour_occasional_ones_never_do() {

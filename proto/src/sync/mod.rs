@@ -1,21 +1,24 @@
 //! The sync engine: one repository's state machine, shared by the daemon and the simulator.
 //!
 //! The engine decides; its caller does. It takes events (a peer connected, a root arrived, nodes or chunks
-//! arrived, a tick) with the current time and returns what to do as [`Output`]s. It never reads a clock, opens a
+//! arrived, its timer came) with the current time and returns what to do as [`Output`]s. It never reads a clock, opens a
 //! socket or touches a disk: manifest nodes are read through a [`NodeSource`] the caller passes in, and everything
 //! else the engine learns from events.
 //!
 //! # Call order
-//! 1. Create with [`Engine::new`] from the persisted state (the applied snapshot and the newest accepted root). An
-//!    origin restored with a current snapshot then gets its chunk ids through [`Engine::handle_snapshot_chunks`].
-//! 2. Feed events through the `handle_*` methods as they happen, each with the current time.
-//! 3. After every call, drain [`Engine::poll_output`] and execute the outputs **in order**. `StoreNodes` must be
-//!    durable and readable through the source before the next call; `Stage` is answered by
-//!    [`Engine::handle_staged`], `Apply` by [`Engine::handle_applied`] or, when applying failed,
-//!    [`Engine::handle_apply_failed`] (the engine tries again after a back-off, or moves on to a newer root), each
-//!    fetch by its answer or failure.
-//! 4. Call [`Engine::handle_tick`] periodically (every few tens of milliseconds) and whenever
-//!    [`Engine::wants_tick`] says deferred work is waiting.
+//! The engine has one input/output contract, as quinn-proto's connection does:
+//! 1. Create it with [`Engine::new`] from the persisted state (the applied snapshot and the newest accepted root).
+//! 2. Feed every event as an [`Input`] through [`Engine::handle`], with the two clocks ([`Now`]: monotonic time for
+//!    every timer, wall-clock time for roots only) and the node store as a [`NodeSource`].
+//! 3. After every call, take the outputs with [`Engine::poll_output`] and carry them out **in order**. Nodes of a
+//!    `StoreNodes` must be readable through the source by the next call; `PersistRoot` must be durable before the
+//!    next call; `Stage` is answered by [`Input::Staged`], `Apply` by [`Input::Applied`] or
+//!    [`Input::ApplyFailed`], every fetch by its answer or failure.
+//! 4. Call `handle` with [`Input::Timeout`] once the time [`Engine::poll_timeout`] names has come (it is `None`
+//!    when the engine waits only for events: an idle node sleeps).
+//!
+//! [`driver::step`] is that loop for one input; the daemon, the simulator and the engine tests all drive the engine
+//! through it, each as a [`driver::Host`].
 //!
 //! # Life of a snapshot (mirror role)
 //! A newer root is accepted ([`RootTracker`]) → its manifest is fetched (the delta when this node holds its base,
@@ -26,7 +29,7 @@
 //! retried after `APPLY_RETRY_FIRST_MS`, doubling per failure in a row up to `APPLY_RETRY_MAX_MS` (phase
 //! `apply-retrying`); if a newer root was accepted by the time of the retry, that one is synced instead.
 //!
-//! The origin role publishes instead of syncing ([`Engine::handle_published`], with the snapshot's [`ChunkSet`])
+//! The origin role publishes instead of syncing ([`Input::Published`], with the snapshot's [`ChunkSet`])
 //! and answers chunk requests through [`Engine::serve_decision`] ([`seeder`]).
 //!
 //! # What peers can make the engine remember
@@ -41,6 +44,7 @@
 pub mod availability;
 pub mod bans;
 pub mod chunk_set;
+pub mod driver;
 pub mod manifest_fetch;
 pub mod scheduler;
 pub mod seeder;
@@ -55,7 +59,7 @@ use crate::entry::{EntryKind, FileMeta};
 use crate::node::NodeHash;
 use crate::node_store::{NodeSource, SourceError};
 use crate::root::{PublisherKey, RepoId, RootError, RootTracker, SignedRoot, VerifiedRoot};
-use crate::timestamp::Timestamp;
+use crate::timestamp::{Mono, Now};
 pub use chunk_set::ChunkSet;
 use manifest_fetch::{FetchOut, ManifestFetch};
 use scheduler::{BanReason, ChunkOutcome, SchedOut, Scheduler, SchedulerLimits};
@@ -167,7 +171,9 @@ pub enum Output<P> {
     StoreNodes(Vec<(NodeHash, Vec<u8>)>),
     /// A verified delta: keep it to serve to peers.
     StoreDelta(DeltaHash, Vec<u8>),
-    /// Prepare staging for these files (copy chunks held locally), then call `handle_staged`.
+    /// The newest accepted root: record it durably (the sync to it resumes after a restart).
+    PersistRoot(SignedRoot),
+    /// Prepare staging for these files (copy chunks held locally), then answer with [`Input::Staged`].
     Stage {
         seq: u64,
         files: Vec<StageFile>,
@@ -183,7 +189,7 @@ pub enum Output<P> {
         req: ReqId,
     },
     /// Every chunk is staged and verified: apply `diff(base, target)` to the served tree, then call
-    /// `handle_applied`. (The engine does not keep the change list: the caller recomputes it from the store.)
+    /// [`Input::Applied`]. (The engine does not keep the change list: the caller recomputes it from the store.)
     Apply {
         target: VerifiedRoot,
         base: Option<NodeHash>,
@@ -193,7 +199,7 @@ pub enum Output<P> {
     Ban {
         peer: P,
         reason: BanReason,
-        until: Option<Timestamp>,
+        until: Option<Mono>,
     },
     /// A ban ended (the snapshot changed, or a protocol ban's time is over): `peer` may connect and be used again.
     Unban {
@@ -218,17 +224,58 @@ pub enum Notice<P> {
     WaitingForOrigin {
         chunks: usize,
     },
-    /// The manifest could not be read or diffed (a damaged store); retried on the next tick.
-    ManifestError(String),
+    /// The manifest could not be read or diffed (a damaged store).
+    ManifestError(ManifestProblem),
     /// A peer spoke about a repository this node does not follow.
     WrongRepo {
         from: P,
     },
     /// Chunks could not be kept locally; fetching pauses for `LOCAL_FAILURE_BACKOFF_MS`.
     LocalFailure,
+    /// A peer claiming the whole snapshot delivered nothing while asked (see `SchedulerLimits::holds_all_stall_ms`):
+    /// its requests failed and the origin is asked instead.
+    PeerStalled {
+        peer: P,
+    },
     SyncComplete {
         seq: u64,
     },
+}
+
+/// What was wrong with a manifest the engine tried to plan from.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestProblem {
+    /// A node the store should hold is gone: its subtree is fetched again.
+    #[error("node {0} missing from the store")]
+    NodeMissing(NodeHash),
+    /// A stored node is damaged or the manifest breaks a rule: nothing is applied until a newer root.
+    #[error(transparent)]
+    Invalid(crate::diff::DiffError),
+}
+
+/// What a sync is doing (the status shows [`SyncPhase::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SyncPhase {
+    Idle,
+    FetchingManifest,
+    Staging,
+    Transferring,
+    Applying,
+    /// An apply failed and waits for `apply_retry_at`.
+    ApplyRetrying,
+}
+
+impl SyncPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncPhase::Idle => "idle",
+            SyncPhase::FetchingManifest => "fetching-manifest",
+            SyncPhase::Staging => "staging",
+            SyncPhase::Transferring => "transferring",
+            SyncPhase::Applying => "applying",
+            SyncPhase::ApplyRetrying => "apply-retrying",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,9 +285,7 @@ pub struct EngineStatus {
     pub current: Option<(u64, NodeHash)>,
     /// The snapshot being synced to.
     pub target: Option<(u64, NodeHash)>,
-    /// `idle`, `fetching-manifest`, `staging`, `transferring`, `applying`, or `apply-retrying` (an apply failed and
-    /// waits for `apply_retry_at`).
-    pub phase: &'static str,
+    pub phase: SyncPhase,
     pub bytes_missing: u64,
     pub chunks_missing: usize,
     pub waiting_for_origin: bool,
@@ -248,7 +293,7 @@ pub struct EngineStatus {
     /// Applies that failed in a row (0 once one succeeds).
     pub apply_failures: u32,
     /// When the failed apply is tried again (phase `apply-retrying`).
-    pub apply_retry_at: Option<Timestamp>,
+    pub apply_retry_at: Option<Mono>,
     /// Why the last apply failed, until one succeeds.
     pub last_apply_failure: Option<ApplyFailure>,
 }
@@ -290,7 +335,102 @@ pub struct AnnounceCounts {
 pub enum EngineError {
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// A published root the engine refused (it is not newer, or not valid).
+    #[error("the published root was refused: {0}")]
+    Published(RootError),
 }
+
+/// What happened, for [`Engine::handle`].
+#[derive(Clone, Debug)]
+pub enum Input<P> {
+    PeerConnected(P),
+    PeerDisconnected(P),
+    /// A peer's hello (its request, or its answer to ours).
+    Hello {
+        from: P,
+        hello: Hello,
+    },
+    Have {
+        from: P,
+        have: Have,
+    },
+    /// A signed root, from gossip, a hello, or the node itself.
+    Root {
+        via: RootVia<P>,
+        root: SignedRoot,
+    },
+    /// The answer to `FetchNodes` `req`: each node's bytes, or `None` where the peer lacks it.
+    Nodes {
+        from: P,
+        req: ReqId,
+        nodes: Vec<Option<Vec<u8>>>,
+    },
+    /// The answer to `FetchDelta` `req`.
+    Delta {
+        from: P,
+        req: ReqId,
+        delta: Option<Vec<u8>>,
+    },
+    /// A `FetchNodes` or `FetchDelta` failed.
+    FetchFailed {
+        from: P,
+        req: ReqId,
+    },
+    /// `Stage` done: these chunks of snapshot `seq` are held (copied locally or verified from an earlier run).
+    Staged {
+        seq: u64,
+        held: Vec<ChunkId>,
+    },
+    /// One chunk of `FetchChunks` `req` turned out as `outcome` (the caller verified the hash).
+    Chunk {
+        from: P,
+        req: ReqId,
+        id: ChunkId,
+        outcome: ChunkOutcome<P>,
+    },
+    /// `FetchChunks` `req` finished: `bytes` of chunk data arrived over it.
+    ChunksDone {
+        from: P,
+        req: ReqId,
+        bytes: u64,
+    },
+    /// `FetchChunks` `req` failed as a whole (no data-plane address, connection error, reset).
+    ChunksFailed {
+        from: P,
+        req: ReqId,
+    },
+    /// `Apply` done: snapshot `seq` is in the served tree.
+    Applied {
+        seq: u64,
+    },
+    /// `Apply` of snapshot `seq` failed.
+    ApplyFailed {
+        seq: u64,
+        failure: ApplyFailure,
+    },
+    /// Origin: a snapshot was published locally (its nodes are in the store), with its chunk ids.
+    Published {
+        root: SignedRoot,
+        chunks: ChunkSet,
+    },
+    /// Origin: the chunk ids of the current snapshot `seq`, after a restart from persisted state.
+    SnapshotChunks {
+        seq: u64,
+        chunks: ChunkSet,
+    },
+    /// `peer` committed a protocol offence (see [`bans`]).
+    Offence {
+        peer: P,
+        offence: bans::Offence,
+    },
+    /// The time [`Engine::poll_timeout`] named has come.
+    Timeout,
+}
+
+/// How often the engine wants to run while a sync or its announcements are in progress: request timeouts, stall
+/// allowances, deferrals and batched announcements are all checked at this granularity (`HAVE_FLUSH_MS` is the
+/// finest of them).
+pub const ACTIVE_TIMEOUT_MS: u64 = HAVE_FLUSH_MS;
 
 struct PeerInfo {
     is_origin: bool,
@@ -318,10 +458,6 @@ enum Phase<P: PeerKey> {
         target: VerifiedRoot,
         fetch: ManifestFetch<P>,
     },
-    /// The manifest is complete; planning waits for the next call so the store holds every node.
-    Planned {
-        target: VerifiedRoot,
-    },
     /// The caller stages the files; the scheduler already collects what peers announce (only chunks it needs).
     Staging {
         target: VerifiedRoot,
@@ -337,7 +473,7 @@ enum Phase<P: PeerKey> {
     /// The apply failed: it is tried again at `retry_at` (or a newer root is synced instead).
     ApplyWait {
         target: VerifiedRoot,
-        retry_at: Timestamp,
+        retry_at: Mono,
     },
 }
 
@@ -354,7 +490,7 @@ pub struct Engine<P: PeerKey> {
     suspects: BTreeSet<P>,
     /// Claimers that kept an abandoned sync waiting without delivering, since when (handed to the next scheduler;
     /// at most one entry per connected peer).
-    kept_waiting: BTreeMap<P, Timestamp>,
+    kept_waiting: BTreeMap<P, Mono>,
     seeder: Seeder<P>,
     /// Origin: a few peers that announced each chunk of the current snapshot (for redirects).
     holders: BTreeMap<ChunkId, Vec<P>>,
@@ -366,10 +502,15 @@ pub struct Engine<P: PeerKey> {
     next_req: u64,
     out: VecDeque<Output<P>>,
     have_outbox: Vec<ChunkId>,
-    last_have_flush: Timestamp,
+    last_have_flush: Mono,
     waiting_for_origin: bool,
     /// No chunk requests before this instant (after a local failure).
-    paused_until: Timestamp,
+    paused_until: Mono,
+    /// Nodes handed to the store by outputs of the call in progress (not yet carried out): read together with the
+    /// source until the call returns, so the engine can plan as soon as a manifest completes.
+    unstored: BTreeMap<NodeHash, Vec<u8>>,
+    /// The clocks at the latest call (what `poll_timeout` counts from).
+    last_now: Now,
     /// Applies that failed in a row, and why the last one did.
     apply_failures: u32,
     last_apply_failure: Option<ApplyFailure>,
@@ -401,9 +542,11 @@ impl<P: PeerKey> Engine<P> {
             next_req: 0,
             out: VecDeque::new(),
             have_outbox: Vec::new(),
-            last_have_flush: Timestamp(0),
+            last_have_flush: Mono(0),
             waiting_for_origin: false,
-            paused_until: Timestamp(0),
+            paused_until: Mono(0),
+            unstored: BTreeMap::new(),
+            last_now: Now::default(),
             apply_failures: 0,
             last_apply_failure: None,
         };
@@ -411,7 +554,7 @@ impl<P: PeerKey> Engine<P> {
             && engine.is_newer(&latest)
             && engine.cfg.role == Role::Mirror
         {
-            // Resumed on the first call with a source (the manifest may be complete already).
+            // Resumed on the first call (the manifest may be complete already): `poll_timeout` asks for it at once.
             engine.phase = Phase::Manifest { fetch: ManifestFetch::resume(latest.body.root), target: latest };
         }
         engine
@@ -421,10 +564,53 @@ impl<P: PeerKey> Engine<P> {
         self.out.pop_front()
     }
 
-    /// Deferred work is waiting for a call with a source (see the call order).
-    pub fn wants_tick(&self) -> bool {
-        matches!(self.phase, Phase::Planned { .. })
-            || matches!(&self.phase, Phase::Manifest { fetch, .. } if fetch.needs_start())
+    /// When the engine wants [`Input::Timeout`] (monotonic time; `None`: only when an event comes). Every
+    /// [`ACTIVE_TIMEOUT_MS`] after the last input while a sync runs (a resumed manifest fetch starts on the first
+    /// input, or then; a store that fails to start it is retried at that pace, never in a tight loop) or
+    /// announcements wait, then the next of: an apply retry, the end of a fetch pause, a ban's end.
+    pub fn poll_timeout(&self) -> Option<Mono> {
+        let now = self.last_now.mono;
+        let active = now.plus_ms(ACTIVE_TIMEOUT_MS);
+        let mut next = match &self.phase {
+            Phase::Manifest { .. } | Phase::Staging { .. } | Phase::Transfer { .. } => Some(active),
+            Phase::ApplyWait { retry_at, .. } => Some(*retry_at),
+            Phase::Idle | Phase::Applying { .. } => None,
+        };
+        if !self.have_outbox.is_empty() {
+            next = next.min(Some(active)).or(Some(active));
+        }
+        if let Some(expiry) = self.bans.next_expiry() {
+            next = Some(next.map_or(expiry, |n| n.min(expiry)));
+        }
+        next
+    }
+
+    /// Takes one input at `now`, reading manifest nodes through `source` (see the call order).
+    pub fn handle(&mut self, now: Now, input: Input<P>, source: &impl NodeSource) -> Result<(), EngineError> {
+        // The outputs of the previous call were carried out: what they stored is in `source` now.
+        self.unstored.clear();
+        self.last_now = now;
+        match input {
+            Input::PeerConnected(peer) => self.on_peer_connected(peer),
+            Input::PeerDisconnected(peer) => self.on_peer_disconnected(now, &peer),
+            Input::Hello { from, hello } => self.on_hello(now, from, hello, source)?,
+            Input::Have { from, have } => self.on_have(now, from, have),
+            Input::Root { via, root } => self.on_root(now, via, root, source)?,
+            Input::Nodes { req, nodes, .. } => self.on_nodes(now, req, nodes, source)?,
+            Input::Delta { req, delta, .. } => self.on_delta(now, req, delta, source)?,
+            Input::FetchFailed { req, .. } => self.on_fetch_failed(now, req),
+            Input::Staged { seq, held } => self.on_staged(now, seq, held),
+            Input::Chunk { from, req, id, outcome } => self.on_chunk(now, from, req, id, outcome),
+            Input::ChunksDone { from, req, bytes } => self.on_chunks_done(now, from, req, bytes),
+            Input::ChunksFailed { req, .. } => self.on_chunks_failed(now, req),
+            Input::Applied { seq } => self.on_applied(now, seq, source)?,
+            Input::ApplyFailed { seq, failure } => self.on_apply_failed(now, seq, failure),
+            Input::Published { root, chunks } => self.on_published(now, root, chunks)?,
+            Input::SnapshotChunks { seq, chunks } => self.on_snapshot_chunks(seq, chunks),
+            Input::Offence { peer, offence } => self.on_offence(now, peer, offence),
+            Input::Timeout => self.on_timeout(now, source)?,
+        }
+        Ok(())
     }
 
     pub fn current(&self) -> Option<&VerifiedRoot> {
@@ -452,14 +638,14 @@ impl<P: PeerKey> Engine<P> {
 
     pub fn status(&self) -> EngineStatus {
         let (phase, target, bytes_missing, chunks_missing) = match &self.phase {
-            Phase::Idle => ("idle", None, 0, 0),
-            Phase::Manifest { target, .. } | Phase::Planned { target } => ("fetching-manifest", Some(target), 0, 0),
-            Phase::Staging { target, .. } => ("staging", Some(target), 0, 0),
+            Phase::Idle => (SyncPhase::Idle, None, 0, 0),
+            Phase::Manifest { target, .. } => (SyncPhase::FetchingManifest, Some(target), 0, 0),
+            Phase::Staging { target, .. } => (SyncPhase::Staging, Some(target), 0, 0),
             Phase::Transfer { target, sched, .. } => {
-                ("transferring", Some(target), sched.bytes_missing(), sched.chunks_missing())
+                (SyncPhase::Transferring, Some(target), sched.bytes_missing(), sched.chunks_missing())
             }
-            Phase::Applying { target } => ("applying", Some(target), 0, 0),
-            Phase::ApplyWait { target, .. } => ("apply-retrying", Some(target), 0, 0),
+            Phase::Applying { target } => (SyncPhase::Applying, Some(target), 0, 0),
+            Phase::ApplyWait { target, .. } => (SyncPhase::ApplyRetrying, Some(target), 0, 0),
         };
         EngineStatus {
             repo: self.cfg.repo.clone(),
@@ -500,15 +686,15 @@ impl<P: PeerKey> Engine<P> {
 
     /// `peer` committed a protocol offence (the shell noticed a malformed control request, or its data plane refused
     /// one of the peer's requests): counted, and repeated ones ban it ([`bans`]).
-    pub fn handle_offence(&mut self, now: Timestamp, peer: P, offence: bans::Offence) {
-        if let Some(ban) = self.bans.offence(now, &peer, offence) {
+    fn on_offence(&mut self, now: Now, peer: P, offence: bans::Offence) {
+        if let Some(ban) = self.bans.offence(now.mono, &peer, offence) {
             self.out.push_back(Output::Ban { peer: peer.clone(), reason: ban.reason, until: ban.until });
             self.drop_banned_peer(now, &peer);
         }
     }
 
     /// Stops using a peer just banned for the protocol: its requests are cancelled and it is asked for nothing more.
-    fn drop_banned_peer(&mut self, now: Timestamp, peer: &P) {
+    fn drop_banned_peer(&mut self, now: Now, peer: &P) {
         match &mut self.phase {
             Phase::Manifest { fetch, .. } => fetch.on_peer_gone(peer),
             Phase::Transfer { sched, .. } => {
@@ -539,7 +725,7 @@ impl<P: PeerKey> Engine<P> {
 
     // ---- events -------------------------------------------------------------------------------------------
 
-    pub fn handle_peer_connected(&mut self, _now: Timestamp, peer: P) {
+    fn on_peer_connected(&mut self, peer: P) {
         let is_origin = self.cfg.origins.contains(&peer);
         self.peers.entry(peer.clone()).or_insert(PeerInfo {
             is_origin,
@@ -555,7 +741,7 @@ impl<P: PeerKey> Engine<P> {
         self.out.push_back(Output::SendHello(peer, self.hello()));
     }
 
-    pub fn handle_peer_disconnected(&mut self, now: Timestamp, peer: &P) {
+    fn on_peer_disconnected(&mut self, now: Now, peer: &P) {
         self.peers.remove(peer);
         match &mut self.phase {
             Phase::Manifest { fetch, .. } => fetch.on_peer_gone(peer),
@@ -568,13 +754,7 @@ impl<P: PeerKey> Engine<P> {
         self.pump(now);
     }
 
-    pub fn handle_hello(
-        &mut self,
-        now: Timestamp,
-        peer: P,
-        hello: Hello,
-        source: &impl NodeSource,
-    ) -> Result<(), EngineError> {
+    fn on_hello(&mut self, now: Now, peer: P, hello: Hello, source: &impl NodeSource) -> Result<(), EngineError> {
         if hello.repo != self.cfg.repo {
             self.out.push_back(Output::Notice(Notice::WrongRepo { from: peer }));
             return Ok(());
@@ -594,8 +774,20 @@ impl<P: PeerKey> Engine<P> {
         let first = !info.greeted;
         info.greeted = true;
         info.complete_seq = hello.complete_seq;
+        let theirs = hello.root.as_ref().and_then(|r| r.verify_signature().ok()).map(|b| b.seq);
         if let Some(root) = hello.root {
-            self.handle_root(now, RootVia::Hello(peer.clone()), root, source)?;
+            self.on_root(now, RootVia::Hello(peer.clone()), root, source)?;
+        }
+        // A peer whose hello shows an older root than ours (it was greeted after we accepted ours, so no push
+        // reached it) hears of ours now, once per root.
+        let latest = self.latest().map(|r| r.body.seq);
+        if let Some(info) = self.peers.get_mut(&peer)
+            && latest > theirs
+            && info.advertised < latest
+            && info.pushed < latest
+        {
+            info.pushed = latest;
+            self.out.push_back(Output::SendHello(peer.clone(), self.hello()));
         }
         if let Phase::Transfer { target, sched } | Phase::Staging { target, sched } = &mut self.phase {
             let seq = target.body.seq;
@@ -618,9 +810,9 @@ impl<P: PeerKey> Engine<P> {
         self.advance(now, source)
     }
 
-    pub fn handle_root(
+    fn on_root(
         &mut self,
-        now: Timestamp,
+        now: Now,
         via: RootVia<P>,
         root: SignedRoot,
         source: &impl NodeSource,
@@ -629,11 +821,13 @@ impl<P: PeerKey> Engine<P> {
             RootVia::Gossip(p) | RootVia::Hello(p) => Some(p.clone()),
             RootVia::Local => None,
         };
-        match self.roots.accept(now, &root) {
+        match self.roots.accept(now.wall, &root) {
             Ok(verified) => {
                 if let Some(info) = from.as_ref().and_then(|p| self.peers.get_mut(p)) {
                     info.advertised = Some(verified.body.seq);
                 }
+                // Durable before the next call: the sync resumes from it after a restart.
+                self.out.push_back(Output::PersistRoot(root.clone()));
                 self.out.push_back(Output::Notice(Notice::RootAccepted { seq: verified.body.seq }));
                 self.push_root(verified.body.seq);
                 if matches!(via, RootVia::Hello(_)) {
@@ -651,7 +845,7 @@ impl<P: PeerKey> Engine<P> {
             }
             Err(error) => {
                 if let (Err(RootError::Rollback { .. }) | Err(RootError::Equivocation { .. }), Some(p)) =
-                    (self.roots.check(now, &root), &from)
+                    (self.roots.check(now.wall, &root), &from)
                     && let Some(info) = self.peers.get_mut(p)
                     && let Ok(body) = root.verify_signature()
                 {
@@ -665,7 +859,7 @@ impl<P: PeerKey> Engine<P> {
         Ok(())
     }
 
-    pub fn handle_have(&mut self, now: Timestamp, peer: P, have: Have) {
+    fn on_have(&mut self, now: Now, peer: P, have: Have) {
         if have.repo != self.cfg.repo {
             self.out.push_back(Output::Notice(Notice::WrongRepo { from: peer }));
             return;
@@ -682,13 +876,13 @@ impl<P: PeerKey> Engine<P> {
                 // The scheduler keeps only chunks this sync needs, in bitsets.
                 sched.set_peer(&peer, is_origin, complete_seq == Some(target.body.seq));
                 for id in &have.chunks {
-                    sched.add_holding(now, &peer, id);
+                    sched.add_holding(now.mono, &peer, id);
                 }
                 // Only this peer has something new to be asked for.
                 self.pump_after(now, &peer);
                 return;
             }
-            Phase::Manifest { .. } | Phase::Planned { .. } => {
+            Phase::Manifest { .. } => {
                 // Which chunks this sync needs is not known yet: keep what fits under both caps.
                 let pending: usize = self.peers.values().map(|i| i.holdings.len()).sum();
                 let room = HOLDINGS_PENDING_MAX.saturating_sub(pending);
@@ -731,10 +925,9 @@ impl<P: PeerKey> Engine<P> {
         self.pump(now);
     }
 
-    pub fn handle_nodes(
+    fn on_nodes(
         &mut self,
-        now: Timestamp,
-        _peer: P,
+        now: Now,
         req: ReqId,
         nodes: Vec<Option<Vec<u8>>>,
         source: &impl NodeSource,
@@ -746,10 +939,9 @@ impl<P: PeerKey> Engine<P> {
         self.advance(now, source)
     }
 
-    pub fn handle_delta(
+    fn on_delta(
         &mut self,
-        now: Timestamp,
-        _peer: P,
+        now: Now,
         req: ReqId,
         delta: Option<Vec<u8>>,
         source: &impl NodeSource,
@@ -762,7 +954,7 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// A node or delta request failed.
-    pub fn handle_fetch_failed(&mut self, now: Timestamp, _peer: P, req: ReqId) {
+    fn on_fetch_failed(&mut self, now: Now, req: ReqId) {
         if let Phase::Manifest { fetch, .. } = &mut self.phase {
             fetch.on_failed(req);
         }
@@ -771,7 +963,7 @@ impl<P: PeerKey> Engine<P> {
 
     /// The caller staged snapshot `seq` and holds these chunks of it (copied locally or verified from an earlier
     /// run).
-    pub fn handle_staged(&mut self, now: Timestamp, seq: u64, held: Vec<ChunkId>) {
+    fn on_staged(&mut self, now: Now, seq: u64, held: Vec<ChunkId>) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         let Phase::Staging { target, mut sched } = phase else {
             self.phase = phase;
@@ -791,15 +983,15 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// One chunk of request `req` turned out as `outcome` (the caller verified the hash).
-    pub fn handle_chunk(&mut self, now: Timestamp, peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
+    fn on_chunk(&mut self, now: Now, peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
         let Phase::Transfer { sched, .. } = &mut self.phase else { return };
         let verified = outcome == ChunkOutcome::Verified;
         if outcome == ChunkOutcome::Dropped {
-            self.paused_until = now.plus_ms(LOCAL_FAILURE_BACKOFF_MS);
+            self.paused_until = now.mono.plus_ms(LOCAL_FAILURE_BACKOFF_MS);
             self.out.push_back(Output::Notice(Notice::LocalFailure));
         }
         let newly = verified && sched.is_needed(&id);
-        let outs = sched.on_chunk(now, req, &id, outcome);
+        let outs = sched.on_chunk(now.mono, req, &id, outcome);
         if newly {
             self.have_outbox.push(id);
         }
@@ -814,14 +1006,14 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// Pumps only `peer` when nothing else can have changed (outside the endgame), else everyone.
-    fn pump_after(&mut self, now: Timestamp, peer: &P) {
+    fn pump_after(&mut self, now: Now, peer: &P) {
         match &mut self.phase {
             Phase::Transfer { sched, .. } if !sched.in_endgame() => {
-                if now < self.paused_until {
+                if now.mono < self.paused_until {
                     return;
                 }
                 let mut next = self.next_req;
-                let outs = sched.pump_peer(now, peer, &mut || {
+                let outs = sched.pump_peer(now.mono, peer, &mut || {
                     next += 1;
                     ReqId(next)
                 });
@@ -833,9 +1025,9 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// A chunk request finished: `bytes` of chunk data arrived over it.
-    pub fn handle_chunks_done(&mut self, now: Timestamp, peer: P, req: ReqId, bytes: u64) {
+    fn on_chunks_done(&mut self, now: Now, peer: P, req: ReqId, bytes: u64) {
         if let Phase::Transfer { sched, .. } = &mut self.phase {
-            sched.on_request_done(now, req, bytes);
+            sched.on_request_done(now.mono, req, bytes);
         }
         // Its window may have grown; chunks it did not deliver were requeued (and pumped) as they were answered.
         self.pump_after(now, &peer);
@@ -843,7 +1035,7 @@ impl<P: PeerKey> Engine<P> {
 
     /// A chunk request failed as a whole (no data-plane address, connection error, reset): its chunks are not
     /// asked of that peer again in this snapshot, and the failure counts against it.
-    pub fn handle_chunks_failed(&mut self, now: Timestamp, _peer: P, req: ReqId) {
+    fn on_chunks_failed(&mut self, now: Now, req: ReqId) {
         if let Phase::Transfer { sched, .. } = &mut self.phase {
             let outs = sched.on_request_failed(req);
             self.sched_outputs(outs);
@@ -854,7 +1046,7 @@ impl<P: PeerKey> Engine<P> {
     /// Applying snapshot `seq` (an `Output::Apply`) failed: it is tried again after a back-off
     /// (`APPLY_RETRY_FIRST_MS`, doubling per failure in a row up to `APPLY_RETRY_MAX_MS`), or, if a newer root was
     /// accepted by then, the newer one is synced instead (from the applied snapshot; staged chunks are found again).
-    pub fn handle_apply_failed(&mut self, now: Timestamp, seq: u64, kind: ApplyFailure) {
+    fn on_apply_failed(&mut self, now: Now, seq: u64, kind: ApplyFailure) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         let Phase::Applying { target } = phase else {
             self.phase = phase;
@@ -868,11 +1060,11 @@ impl<P: PeerKey> Engine<P> {
         self.last_apply_failure = Some(kind);
         let doublings = (self.apply_failures - 1).min(u64::BITS - 1);
         let wait = APPLY_RETRY_FIRST_MS.saturating_mul(1 << doublings).min(APPLY_RETRY_MAX_MS);
-        self.phase = Phase::ApplyWait { target, retry_at: now.plus_ms(wait) };
+        self.phase = Phase::ApplyWait { target, retry_at: now.mono.plus_ms(wait) };
     }
 
     /// The caller applied snapshot `seq` to the served tree.
-    pub fn handle_applied(&mut self, now: Timestamp, seq: u64, source: &impl NodeSource) -> Result<(), EngineError> {
+    fn on_applied(&mut self, now: Now, seq: u64, source: &impl NodeSource) -> Result<(), EngineError> {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         let target = match phase {
             // (Late news of an apply that was reported failed counts too: the tree holds the snapshot.)
@@ -902,8 +1094,8 @@ impl<P: PeerKey> Engine<P> {
 
     /// Origin role: a snapshot was published locally (its nodes are in the store); `chunks` are its chunk ids
     /// (announcements of other ids are dropped, requests for them refused).
-    pub fn handle_published(&mut self, now: Timestamp, root: SignedRoot, chunks: ChunkSet) -> Result<(), RootError> {
-        let verified = self.roots.accept(now, &root)?;
+    fn on_published(&mut self, now: Now, root: SignedRoot, chunks: ChunkSet) -> Result<(), EngineError> {
+        let verified = self.roots.accept(now.wall, &root).map_err(EngineError::Published)?;
         let seq = verified.body.seq;
         self.current = Some(verified);
         self.start_serving(chunks);
@@ -916,7 +1108,7 @@ impl<P: PeerKey> Engine<P> {
     /// Origin role: the chunk ids of the current snapshot `seq`, for an origin restored from persisted state
     /// ([`Engine::new`] with a current snapshot); until it is given, announcements and requests are bounded only by
     /// the tables' caps. Ignored unless `seq` is the current snapshot.
-    pub fn handle_snapshot_chunks(&mut self, seq: u64, chunks: ChunkSet) {
+    fn on_snapshot_chunks(&mut self, seq: u64, chunks: ChunkSet) {
         if self.cfg.role == Role::Origin && self.current.as_ref().is_some_and(|c| c.body.seq == seq) {
             self.start_serving(chunks);
         }
@@ -964,7 +1156,8 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// How to answer `peer`'s request for chunk `id` (only the origin ever redirects).
-    pub fn serve_decision(&mut self, now: Timestamp, peer: &P, id: &ChunkId) -> ServeDecision<P> {
+    /// Asked by the data plane while it answers a request, so answered at once rather than through `handle`.
+    pub fn serve_decision(&mut self, now: Mono, peer: &P, id: &ChunkId) -> ServeDecision<P> {
         if self.cfg.role != Role::Origin {
             return ServeDecision::Serve;
         }
@@ -1025,26 +1218,26 @@ impl<P: PeerKey> Engine<P> {
         self.seeder.counts
     }
 
-    pub fn handle_tick(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
-        for peer in self.bans.expire(now) {
+    fn on_timeout(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
+        for peer in self.bans.expire(now.mono) {
             self.out.push_back(Output::Unban { peer });
         }
         match &mut self.phase {
             Phase::Manifest { fetch, .. } => {
-                for (_, req) in fetch.overdue(now) {
+                for (_, req) in fetch.overdue(now.mono) {
                     fetch.on_failed(req);
                 }
-                fetch.forget_lacks(now);
+                fetch.forget_lacks(now.mono);
             }
             Phase::Transfer { sched, .. } => {
-                let outs = sched.on_tick(now);
+                let outs = sched.on_tick(now.mono);
                 self.sched_outputs(outs);
             }
-            Phase::ApplyWait { retry_at, .. } if *retry_at <= now => self.retry_apply(now, source)?,
+            Phase::ApplyWait { retry_at, .. } if *retry_at <= now.mono => self.retry_apply(now, source)?,
             _ => {}
         }
-        if now.millis_since(self.last_have_flush) >= self.cfg.have_flush_ms {
-            self.flush_haves(now);
+        if now.mono.millis_since(self.last_have_flush) >= self.cfg.have_flush_ms {
+            self.flush_haves(now.mono);
         }
         self.advance(now, source)
     }
@@ -1055,20 +1248,14 @@ impl<P: PeerKey> Engine<P> {
         self.current.as_ref().is_none_or(|c| root.body.seq > c.body.seq)
     }
 
-    fn start_sync(
-        &mut self,
-        now: Timestamp,
-        target: VerifiedRoot,
-        source: &impl NodeSource,
-    ) -> Result<(), EngineError> {
+    fn start_sync(&mut self, now: Now, target: VerifiedRoot, source: &impl NodeSource) -> Result<(), EngineError> {
         if !self.is_newer(&target) {
             return Ok(());
         }
         match &self.phase {
-            // Finish applying first; `handle_applied` picks up the newer root (or the retry does, after a failure).
+            // Finish applying first; `Input::Applied` picks up the newer root (or the retry does, after a failure).
             Phase::Applying { .. } | Phase::ApplyWait { .. } => return Ok(()),
             Phase::Manifest { target: t, .. }
-            | Phase::Planned { target: t }
             | Phase::Staging { target: t, .. }
             | Phase::Transfer { target: t, .. }
                 if t.body.seq >= target.body.seq =>
@@ -1090,12 +1277,21 @@ impl<P: PeerKey> Engine<P> {
         let base = self.current.as_ref().map(|c| c.body.root);
         let delta = target.body.delta.as_ref().filter(|d| Some(d.base_root) == base).map(|d| (d.hash, d.base_root));
         let fetch = ManifestFetch::new(target.body.root, delta, source)?;
-        self.phase = if fetch.is_complete() { Phase::Planned { target } } else { Phase::Manifest { target, fetch } };
+        self.phase = Phase::Manifest { target, fetch };
         self.advance(now, source)
     }
 
-    /// Moves deferred phases forward: a started fetch, a complete manifest to plan.
-    fn advance(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
+    /// Moves the manifest phase forward: a resumed fetch is started, a complete manifest is planned (reading the
+    /// nodes this call stored through [`Unstored`]).
+    fn advance(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
+        let mut unstored = std::mem::take(&mut self.unstored);
+        let result = self.advance_with(now, &Unstored { base: source, nodes: &unstored });
+        unstored.append(&mut self.unstored);
+        self.unstored = unstored;
+        result
+    }
+
+    fn advance_with(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
         if let Phase::Manifest { fetch, .. } = &mut self.phase
             && fetch.needs_start()
         {
@@ -1105,34 +1301,26 @@ impl<P: PeerKey> Engine<P> {
             && fetch.is_complete()
         {
             let target = target.clone();
-            self.phase = Phase::Planned { target };
-            // The nodes just completed are handed to the store by outputs not yet executed: plan on the next call.
-            self.pump(now);
-            return Ok(());
-        }
-        if let Phase::Planned { target } = &self.phase {
-            let target = target.clone();
             self.plan(now, target, source)?;
         }
         self.pump(now);
         Ok(())
     }
 
-    fn plan(&mut self, now: Timestamp, target: VerifiedRoot, source: &impl NodeSource) -> Result<(), EngineError> {
+    fn plan(&mut self, now: Now, target: VerifiedRoot, source: &impl NodeSource) -> Result<(), EngineError> {
         let base = self.current.as_ref().map(|c| c.body.root);
         let changes = match diff(source, base.as_ref(), &target.body.root) {
             Ok((changes, _)) => changes,
             Err(crate::diff::DiffError::Source(e)) => return Err(e.into()),
             Err(crate::diff::DiffError::Missing(hash)) => {
                 // A node the store should hold is gone: fetch that subtree again, then plan again.
-                self.out
-                    .push_back(Output::Notice(Notice::ManifestError(format!("node {hash} missing from the store"))));
+                self.out.push_back(Output::Notice(Notice::ManifestError(ManifestProblem::NodeMissing(hash))));
                 self.phase = Phase::Manifest { fetch: ManifestFetch::resume(hash), target };
                 return Ok(());
             }
             Err(e) => {
                 // A stored node is damaged or the manifest breaks a rule: nothing to apply until a new root.
-                self.out.push_back(Output::Notice(Notice::ManifestError(e.to_string())));
+                self.out.push_back(Output::Notice(Notice::ManifestError(ManifestProblem::Invalid(e))));
                 self.phase = Phase::Idle;
                 return Ok(());
             }
@@ -1163,7 +1351,7 @@ impl<P: PeerKey> Engine<P> {
                 sched.keep_waiting(peer, *since);
             }
             for id in &holdings {
-                sched.add_holding(now, peer, id);
+                sched.add_holding(now.mono, peer, id);
             }
         }
         self.kept_waiting.clear();
@@ -1174,7 +1362,7 @@ impl<P: PeerKey> Engine<P> {
 
     /// The back-off after a failed apply is over: moves on to a newer accepted root if there is one, else applies
     /// the same target again.
-    fn retry_apply(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
+    fn retry_apply(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
         let Phase::ApplyWait { target, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return Ok(());
         };
@@ -1189,12 +1377,12 @@ impl<P: PeerKey> Engine<P> {
         Ok(())
     }
 
-    fn finish_if_done(&mut self, now: Timestamp) {
+    fn finish_if_done(&mut self, now: Now) {
         let done = matches!(&self.phase, Phase::Transfer { sched, .. } if sched.is_done());
         if !done {
             return;
         }
-        self.flush_haves(now);
+        self.flush_haves(now.mono);
         if let Phase::Transfer { target, sched } = std::mem::replace(&mut self.phase, Phase::Idle) {
             remember_suspects(&mut self.suspects, &sched);
             let base = self.current.as_ref().map(|c| c.body.root);
@@ -1203,7 +1391,7 @@ impl<P: PeerKey> Engine<P> {
         }
     }
 
-    fn pump(&mut self, now: Timestamp) {
+    fn pump(&mut self, now: Now) {
         let mut next = self.next_req;
         let mut next_req = || {
             next += 1;
@@ -1234,13 +1422,13 @@ impl<P: PeerKey> Engine<P> {
                     .collect();
                 candidates.sort();
                 let peers: Vec<P> = candidates.into_iter().map(|(_, p)| p).collect();
-                let outs = fetch.pump(now, &peers, &mut next_req);
+                let outs = fetch.pump(now.mono, &peers, &mut next_req);
                 self.next_req = next;
                 self.fetch_outputs(outs);
             }
-            Phase::Transfer { .. } if now < self.paused_until => {}
+            Phase::Transfer { .. } if now.mono < self.paused_until => {}
             Phase::Transfer { sched, .. } => {
-                let outs = sched.pump(now, &mut next_req);
+                let outs = sched.pump(now.mono, &mut next_req);
                 self.next_req = next;
                 let waiting = sched.unavailable();
                 self.sched_outputs(outs);
@@ -1260,7 +1448,12 @@ impl<P: PeerKey> Engine<P> {
             match out {
                 FetchOut::Nodes { peer, req, hashes } => self.out.push_back(Output::FetchNodes { peer, req, hashes }),
                 FetchOut::Delta { peer, req, hash } => self.out.push_back(Output::FetchDelta { peer, req, hash }),
-                FetchOut::Store(nodes) => self.out.push_back(Output::StoreNodes(nodes)),
+                FetchOut::Store(nodes) => {
+                    for (hash, bytes) in &nodes {
+                        self.unstored.insert(*hash, bytes.clone());
+                    }
+                    self.out.push_back(Output::StoreNodes(nodes));
+                }
                 FetchOut::StoreDelta(hash, bytes) => self.out.push_back(Output::StoreDelta(hash, bytes)),
                 FetchOut::Corrupt { peer } => {
                     if self.bans.ban_for_snapshot(&peer, BanReason::CorruptMetadata) {
@@ -1284,11 +1477,12 @@ impl<P: PeerKey> Engine<P> {
                         self.out.push_back(Output::Ban { peer, reason, until: None });
                     }
                 }
+                SchedOut::Stalled { peer } => self.out.push_back(Output::Notice(Notice::PeerStalled { peer })),
             }
         }
     }
 
-    fn flush_haves(&mut self, now: Timestamp) {
+    fn flush_haves(&mut self, now: Mono) {
         self.last_have_flush = now;
         if self.have_outbox.is_empty() {
             return;
@@ -1337,5 +1531,28 @@ fn remember_suspects<P: PeerKey>(suspects: &mut BTreeSet<P>, sched: &Scheduler<P
             }
             None => {}
         }
+    }
+}
+
+/// `base` with the nodes stored by outputs of the call in progress (see [`Engine::handle`]).
+struct Unstored<'a, S> {
+    base: &'a S,
+    nodes: &'a BTreeMap<NodeHash, Vec<u8>>,
+}
+
+impl<S: NodeSource> NodeSource for Unstored<'_, S> {
+    fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
+        match self.nodes.get(hash) {
+            Some(bytes) => Ok(Some(bytes.clone())),
+            None => self.base.node_bytes(hash),
+        }
+    }
+
+    fn has_node(&self, hash: &NodeHash) -> Result<bool, SourceError> {
+        Ok(self.nodes.contains_key(hash) || self.base.has_node(hash)?)
+    }
+
+    fn verified_node(&self, hash: &NodeHash) -> Option<crate::node::Node> {
+        if self.nodes.contains_key(hash) { None } else { self.base.verified_node(hash) }
     }
 }

@@ -38,7 +38,7 @@ use fixedbitset::FixedBitSet;
 use crate::chunk::ChunkId;
 use crate::sync::availability::Availability;
 use crate::sync::{PeerKey, ReqId};
-use crate::timestamp::Timestamp;
+use crate::timestamp::Mono;
 use crate::transfer::{CHUNKS_PER_REQUEST_MAX, REDIRECT_PEERS_MAX};
 
 /// A partial holder's candidate chunks are sorted by rarity when there are at most this many; beyond it the
@@ -162,8 +162,19 @@ pub struct ChunkFetch<P> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SchedOut<P> {
     Fetch(ChunkFetch<P>),
-    Cancel { peer: P, req: ReqId },
-    Ban { peer: P, reason: BanReason },
+    Cancel {
+        peer: P,
+        req: ReqId,
+    },
+    Ban {
+        peer: P,
+        reason: BanReason,
+    },
+    /// A peer claiming the whole snapshot delivered nothing for `holds_all_stall_ms` while asked: its requests
+    /// failed and it no longer keeps the origin from being asked.
+    Stalled {
+        peer: P,
+    },
 }
 
 /// How one requested chunk turned out.
@@ -203,7 +214,7 @@ struct PeerSched {
     /// sent before the last counted failure failed with it).
     failure_round: u32,
     /// Since when it has had requests in flight without delivering a chunk.
-    waiting_since: Option<Timestamp>,
+    waiting_since: Option<Mono>,
     /// It claims the whole snapshot and delivered nothing for `holds_all_stall_ms` while asked: until it delivers
     /// again, it does not keep the origin from being asked.
     stalled: bool,
@@ -216,7 +227,7 @@ struct Request<P> {
     /// Chunks not yet answered.
     pending: Vec<u32>,
     bytes: u64,
-    sent_at: Timestamp,
+    sent_at: Mono,
     /// The peer's failure round when it was sent.
     round: u32,
 }
@@ -235,10 +246,10 @@ pub struct Scheduler<P: PeerKey> {
     avail: Availability,
     /// The origin is not asked for a chunk before this instant (after it redirected), unless every peer it pointed
     /// at is banned.
-    origin_deferred: BTreeMap<u32, (Timestamp, Vec<P>)>,
+    origin_deferred: BTreeMap<u32, (Mono, Vec<P>)>,
     /// When the mesh around this node last moved: a non-origin peer delivered a chunk, or announced one of this
     /// sync's chunks it had not announced before.
-    mesh_moved_at: Option<Timestamp>,
+    mesh_moved_at: Option<Mono>,
     peers: BTreeMap<P, PeerSched>,
     /// Connected, unbanned non-origin peers that hold every chunk.
     holds_all_count: u32,
@@ -471,14 +482,14 @@ impl<P: PeerKey> Scheduler<P> {
 
     /// Since when `peer`, a claimer of the whole snapshot that has not delivered in this sync, has kept requests
     /// waiting.
-    pub fn waiting_since(&self, peer: &P) -> Option<Timestamp> {
+    pub fn waiting_since(&self, peer: &P) -> Option<Mono> {
         let p = self.peers.get(peer)?;
         if p.holds_all && !p.delivered && !p.banned { p.waiting_since } else { None }
     }
 
     /// `peer` kept an abandoned sync waiting since `since` (see [`Scheduler::waiting_since`]): its stall allowance
     /// counts from then, not from this sync's first request to it.
-    pub fn keep_waiting(&mut self, peer: &P, since: Timestamp) {
+    pub fn keep_waiting(&mut self, peer: &P, since: Mono) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.waiting_since = Some(since);
         }
@@ -490,7 +501,7 @@ impl<P: PeerKey> Scheduler<P> {
     }
 
     /// A peer announced that it holds `id`.
-    pub fn add_holding(&mut self, now: Timestamp, peer: &P, id: &ChunkId) {
+    pub fn add_holding(&mut self, now: Mono, peer: &P, id: &ChunkId) {
         let Some(c) = self.index(id) else { return };
         let Some(p) = self.peers.get_mut(peer) else { return };
         // A fresh announcement outweighs an earlier "missing" answer: the peer has it now.
@@ -531,7 +542,7 @@ impl<P: PeerKey> Scheduler<P> {
     }
 
     /// Records the outcome of one chunk of request `req`. Returns follow-up actions (cancels, bans).
-    pub fn on_chunk(&mut self, now: Timestamp, req: ReqId, id: &ChunkId, outcome: ChunkOutcome<P>) -> Vec<SchedOut<P>> {
+    pub fn on_chunk(&mut self, now: Mono, req: ReqId, id: &ChunkId, outcome: ChunkOutcome<P>) -> Vec<SchedOut<P>> {
         let Some(c) = self.index(id) else { return Vec::new() };
         let Some(request) = self.requests.get_mut(&req) else {
             if matches!(outcome, ChunkOutcome::Verified) {
@@ -585,7 +596,7 @@ impl<P: PeerKey> Scheduler<P> {
     }
 
     /// The request finished (stream closed): measures the peer and requeues anything it did not answer.
-    pub fn on_request_done(&mut self, now: Timestamp, req: ReqId, bytes_received: u64) {
+    pub fn on_request_done(&mut self, now: Mono, req: ReqId, bytes_received: u64) {
         let Some(request) = self.requests.get(&req) else { return };
         let elapsed_ms = now.millis_since(request.sent_at).max(1);
         let peer = request.peer.clone();
@@ -687,7 +698,7 @@ impl<P: PeerKey> Scheduler<P> {
     /// Times out overdue requests, and fails the requests of a peer claiming the whole snapshot that delivered
     /// nothing for `holds_all_stall_ms` while asked: it is stalled (counted as one failure; until it delivers again
     /// it does not keep the origin from being asked).
-    pub fn on_tick(&mut self, now: Timestamp) -> Vec<SchedOut<P>> {
+    pub fn on_tick(&mut self, now: Mono) -> Vec<SchedOut<P>> {
         let stall_ms = self.limits.holds_all_stall_ms;
         let stalled: Vec<P> = self
             .peers
@@ -708,6 +719,7 @@ impl<P: PeerKey> Scheduler<P> {
         }
         for peer in stalled {
             let Some(p) = self.peers.get(&peer) else { continue };
+            out.push(SchedOut::Stalled { peer: peer.clone() });
             let requests: Vec<ReqId> = p.requests.iter().copied().collect();
             for req in requests {
                 if self.requests.contains_key(&req) {
@@ -743,7 +755,7 @@ impl<P: PeerKey> Scheduler<P> {
 
     /// Fills every peer's window; `next_req` hands out request ids. Non-origin peers are served first, stalled
     /// claimers last.
-    pub fn pump(&mut self, now: Timestamp, next_req: &mut impl FnMut() -> ReqId) -> Vec<SchedOut<P>> {
+    pub fn pump(&mut self, now: Mono, next_req: &mut impl FnMut() -> ReqId) -> Vec<SchedOut<P>> {
         let mut out = Vec::new();
         // Peers first, then the origin, then stalled claimers (they get what is left).
         let rank = |p: &PeerSched| {
@@ -765,7 +777,7 @@ impl<P: PeerKey> Scheduler<P> {
     }
 
     /// Fills one peer's window (after it announced new chunks: no other peer gains anything to ask for).
-    pub fn pump_peer(&mut self, now: Timestamp, peer: &P, next_req: &mut impl FnMut() -> ReqId) -> Vec<SchedOut<P>> {
+    pub fn pump_peer(&mut self, now: Mono, peer: &P, next_req: &mut impl FnMut() -> ReqId) -> Vec<SchedOut<P>> {
         let mut out = Vec::new();
         while let Some(fetch) = self.next_request(now, peer, next_req) {
             out.push(SchedOut::Fetch(fetch));
@@ -773,12 +785,7 @@ impl<P: PeerKey> Scheduler<P> {
         out
     }
 
-    fn next_request(
-        &mut self,
-        now: Timestamp,
-        peer: &P,
-        next_req: &mut impl FnMut() -> ReqId,
-    ) -> Option<ChunkFetch<P>> {
+    fn next_request(&mut self, now: Mono, peer: &P, next_req: &mut impl FnMut() -> ReqId) -> Option<ChunkFetch<P>> {
         let limits = &self.limits;
         let p = self.peers.get(peer)?;
         // Toward the origin the window stays small whatever the measured rate: every mirror asks it at once, and
@@ -1073,14 +1080,14 @@ mod tests {
             ReqId(n)
         };
         s.set_peer(&7, false, false);
-        s.add_holding(Timestamp(0), &7, &id(1));
-        let outs = s.pump(Timestamp(0), &mut next);
+        s.add_holding(Mono(0), &7, &id(1));
+        let outs = s.pump(Mono(0), &mut next);
         assert_eq!(fetches(&outs), vec![(7, vec![id(1)])]);
-        s.on_chunk(Timestamp(1), ReqId(1), &id(1), ChunkOutcome::Missing);
-        s.on_request_done(Timestamp(1), ReqId(1), 0);
-        assert!(fetches(&s.pump(Timestamp(2), &mut next)).is_empty(), "not asked again right away");
+        s.on_chunk(Mono(1), ReqId(1), &id(1), ChunkOutcome::Missing);
+        s.on_request_done(Mono(1), ReqId(1), 0);
+        assert!(fetches(&s.pump(Mono(2), &mut next)).is_empty(), "not asked again right away");
         s.set_peer(&7, false, true);
-        assert_eq!(fetches(&s.pump(Timestamp(3), &mut next)), vec![(7, vec![id(1)])], "asked again once complete");
+        assert_eq!(fetches(&s.pump(Mono(3), &mut next)), vec![(7, vec![id(1)])], "asked again once complete");
     }
 
     #[test]
@@ -1093,8 +1100,8 @@ mod tests {
         };
         s.set_peer(&0, true, true);
         s.set_peer(&5, false, false);
-        s.add_holding(Timestamp(0), &5, &id(1));
-        let outs = fetches(&s.pump(Timestamp(0), &mut next));
+        s.add_holding(Mono(0), &5, &id(1));
+        let outs = fetches(&s.pump(Mono(0), &mut next));
         assert_eq!(outs, vec![(5, vec![id(1)]), (0, vec![id(2)])]);
     }
 
@@ -1107,7 +1114,7 @@ mod tests {
             ReqId(n)
         };
         let mut sent = |s: &mut Scheduler<u32>, at: u64| -> Vec<ChunkFetch<u32>> {
-            s.pump(Timestamp(at), &mut next)
+            s.pump(Mono(at), &mut next)
                 .into_iter()
                 .filter_map(|o| match o {
                     SchedOut::Fetch(f) => Some(f),
@@ -1122,36 +1129,36 @@ mod tests {
         assert_eq!(first.len(), 1);
         assert_eq!((first[0].peer, first[0].chunks.len()), (0, 3));
         let req = first[0].req;
-        s.on_chunk(Timestamp(5), req, &id(1), ChunkOutcome::Elsewhere(vec![5]));
-        s.on_chunk(Timestamp(5), req, &id(2), ChunkOutcome::Elsewhere(vec![6]));
-        s.on_chunk(Timestamp(5), req, &id(3), ChunkOutcome::Elsewhere(vec![6]));
-        s.on_request_done(Timestamp(5), req, 0);
+        s.on_chunk(Mono(5), req, &id(1), ChunkOutcome::Elsewhere(vec![5]));
+        s.on_chunk(Mono(5), req, &id(2), ChunkOutcome::Elsewhere(vec![6]));
+        s.on_chunk(Mono(5), req, &id(3), ChunkOutcome::Elsewhere(vec![6]));
+        s.on_request_done(Mono(5), req, 0);
         assert!(sent(&mut s, 10).is_empty(), "redirected chunks are not asked of the origin right away");
 
         // Peer 5 announces chunk 1 and sends corrupt bytes: banned, and the origin is asked for chunk 1 at once.
-        s.add_holding(Timestamp(20), &5, &id(1));
+        s.add_holding(Mono(20), &5, &id(1));
         let from_5 = sent(&mut s, 20);
         assert_eq!(from_5.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(5, vec![id(1)])]);
-        let outs = s.on_chunk(Timestamp(30), from_5[0].req, &id(1), ChunkOutcome::Corrupt);
+        let outs = s.on_chunk(Mono(30), from_5[0].req, &id(1), ChunkOutcome::Corrupt);
         assert!(outs.contains(&SchedOut::Ban { peer: 5, reason: BanReason::CorruptChunk }));
         let again = sent(&mut s, 40);
         assert_eq!(again.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(0, vec![id(1)])]);
 
         // Chunk 3 arrives at peer 6, which is busy sending it: chunk 2 waits past its deferral while peer 6 sends,
         // and as long again after.
-        s.add_holding(Timestamp(50), &6, &id(3));
+        s.add_holding(Mono(50), &6, &id(3));
         let from_6 = sent(&mut s, 50);
         assert_eq!(from_6.iter().map(|f| (f.peer, f.chunks.clone())).collect::<Vec<_>>(), vec![(6, vec![id(3)])]);
         let past = SchedulerLimits::default().redirect_defer_ms + 100;
         assert!(sent(&mut s, past).is_empty(), "the origin is not asked while a peer is sending");
-        s.on_chunk(Timestamp(past + 1), from_6[0].req, &id(3), ChunkOutcome::Verified);
-        s.on_request_done(Timestamp(past + 1), from_6[0].req, 100);
+        s.on_chunk(Mono(past + 1), from_6[0].req, &id(3), ChunkOutcome::Verified);
+        s.on_request_done(Mono(past + 1), from_6[0].req, 100);
         assert!(sent(&mut s, past + 2).is_empty(), "nor until peers have been quiet for the deferral");
         // Just before that, peer 7 announces chunk 3 (held here already): its neighbourhood still moves, so chunk 2
         // waits as long again.
         let quiet = past + 1 + SchedulerLimits::default().redirect_defer_ms;
         s.set_peer(&7, false, false);
-        s.add_holding(Timestamp(quiet - 1), &7, &id(3));
+        s.add_holding(Mono(quiet - 1), &7, &id(3));
         assert!(sent(&mut s, quiet).is_empty(), "nor while peers announce chunks of this sync");
         let quiet = quiet - 1 + SchedulerLimits::default().redirect_defer_ms;
         let last = sent(&mut s, quiet);
@@ -1183,18 +1190,18 @@ mod tests {
         let mut next = counter();
         s.set_peer(&0, true, true);
         s.set_peer(&5, false, true);
-        let first = sent(&s.pump(Timestamp(0), &mut next));
+        let first = sent(&s.pump(Mono(0), &mut next));
         assert_eq!(first.len(), 1, "only the claimer is asked: {first:?}");
         assert_eq!((first[0].0, first[0].1.len()), (5, 3));
         let req = first[0].2;
-        assert!(s.on_chunk(Timestamp(1), req, &id(1), ChunkOutcome::Elsewhere(vec![0])).is_empty());
+        assert!(s.on_chunk(Mono(1), req, &id(1), ChunkOutcome::Elsewhere(vec![0])).is_empty());
         // The claimer refused chunk 1: the origin is asked for it, the claimer is not asked again.
-        let again = sent(&s.pump(Timestamp(2), &mut next));
+        let again = sent(&s.pump(Mono(2), &mut next));
         assert_eq!(again.iter().map(|f| (f.0, f.1.clone())).collect::<Vec<_>>(), vec![(0, vec![id(1)])]);
-        let outs = s.on_chunk(Timestamp(3), req, &id(2), ChunkOutcome::Elsewhere(vec![0]));
+        let outs = s.on_chunk(Mono(3), req, &id(2), ChunkOutcome::Elsewhere(vec![0]));
         assert!(outs.contains(&SchedOut::Ban { peer: 5, reason: BanReason::FalseHave }), "{outs:?}");
         // Banned: its last chunk goes to the origin too.
-        let last = sent(&s.pump(Timestamp(4), &mut next));
+        let last = sent(&s.pump(Mono(4), &mut next));
         assert_eq!(last.len(), 1);
         let mut chunks = last[0].1.clone();
         chunks.sort();
@@ -1223,7 +1230,7 @@ mod tests {
             at: u64,
             asked: &mut Vec<ChunkId>,
         ) -> Vec<SchedOut<u32>> {
-            let fetches = sent(&s.pump(Timestamp(at), next));
+            let fetches = sent(&s.pump(Mono(at), next));
             assert!(!fetches.is_empty(), "the peer is asked at {at}");
             let mut outs = Vec::new();
             for (peer, chunks, req) in fetches {
@@ -1240,14 +1247,14 @@ mod tests {
         assert!(round(&mut s, &mut next, 0, &mut asked).is_empty());
         assert!(round(&mut s, &mut next, 1, &mut asked).is_empty());
         // It delivers a chunk: forgiven.
-        let fetch = sent(&s.pump(Timestamp(2), &mut next));
+        let fetch = sent(&s.pump(Mono(2), &mut next));
         let (_, chunks, req) = fetch[0].clone();
-        s.on_chunk(Timestamp(3), req, &chunks[0], ChunkOutcome::Verified);
-        s.on_request_done(Timestamp(3), req, 100);
+        s.on_chunk(Mono(3), req, &chunks[0], ChunkOutcome::Verified);
+        s.on_request_done(Mono(3), req, 100);
         for (_, chunks, req) in &fetch[1..] {
             asked.extend(chunks.iter().copied());
-            s.on_chunk(Timestamp(3), *req, &chunks[0], ChunkOutcome::Verified);
-            s.on_request_done(Timestamp(3), *req, 100);
+            s.on_chunk(Mono(3), *req, &chunks[0], ChunkOutcome::Verified);
+            s.on_request_done(Mono(3), *req, 100);
         }
         assert!(round(&mut s, &mut next, 4, &mut asked).is_empty());
         assert!(round(&mut s, &mut next, 5, &mut asked).is_empty());
@@ -1262,11 +1269,11 @@ mod tests {
         let mut s = Scheduler::new(limits.clone(), 1, [(id(1), 100), (id(2), 100)]);
         let mut next = counter();
         s.set_peer(&5, false, false);
-        s.add_holding(Timestamp(0), &5, &id(1));
-        s.add_holding(Timestamp(0), &5, &id(2));
-        assert_eq!(sent(&s.pump(Timestamp(0), &mut next)).len(), 1);
-        assert!(s.on_tick(Timestamp(limits.request_timeout_base_ms)).is_empty(), "not overdue yet");
-        let outs = s.on_tick(Timestamp(limits.request_timeout_base_ms + 10));
+        s.add_holding(Mono(0), &5, &id(1));
+        s.add_holding(Mono(0), &5, &id(2));
+        assert_eq!(sent(&s.pump(Mono(0), &mut next)).len(), 1);
+        assert!(s.on_tick(Mono(limits.request_timeout_base_ms)).is_empty(), "not overdue yet");
+        let outs = s.on_tick(Mono(limits.request_timeout_base_ms + 10));
         assert!(outs.contains(&SchedOut::Cancel { peer: 5, req: ReqId(1) }), "{outs:?}");
         assert!(outs.contains(&SchedOut::Ban { peer: 5, reason: BanReason::Unresponsive }), "{outs:?}");
     }
@@ -1281,12 +1288,12 @@ mod tests {
         let mut s = Scheduler::new(limits.clone(), 1, [(id(1), 1 << 20)]);
         let mut next = counter();
         s.set_peer(&0, true, true);
-        assert_eq!(sent(&s.pump(Timestamp(0), &mut next)).len(), 1);
+        assert_eq!(sent(&s.pump(Mono(0), &mut next)).len(), 1);
         let peer_allowance = limits.request_timeout_base_ms + (1 << 20) * 1000 / limits.timeout_rate_min;
-        assert!(s.on_tick(Timestamp(peer_allowance + 1_000)).is_empty(), "timed out like a peer's request");
+        assert!(s.on_tick(Mono(peer_allowance + 1_000)).is_empty(), "timed out like a peer's request");
         let origin_allowance = limits.origin_request_timeout_base_ms + (1 << 20) * 1000 / limits.timeout_rate_min;
         assert!(origin_allowance > peer_allowance);
-        let outs = s.on_tick(Timestamp(origin_allowance + 10));
+        let outs = s.on_tick(Mono(origin_allowance + 10));
         assert!(
             outs.contains(&SchedOut::Cancel { peer: 0, req: ReqId(1) }),
             "a lost request is still retried: {outs:?}"
@@ -1302,16 +1309,16 @@ mod tests {
         let mut next = counter();
         s.set_peer(&0, true, true);
         s.set_peer(&5, false, true);
-        let to_claimer = sent(&s.pump(Timestamp(0), &mut next));
+        let to_claimer = sent(&s.pump(Mono(0), &mut next));
         assert!(!to_claimer.is_empty() && to_claimer.iter().all(|f| f.0 == 5), "{to_claimer:?}");
-        assert!(s.on_tick(Timestamp(stall - 1)).is_empty());
-        assert!(sent(&s.pump(Timestamp(stall - 1), &mut next)).is_empty(), "the origin waits for the claimer");
+        assert!(s.on_tick(Mono(stall - 1)).is_empty());
+        assert!(sent(&s.pump(Mono(stall - 1), &mut next)).is_empty(), "the origin waits for the claimer");
         // Silent for the allowance: its requests fail (their chunks go to the origin), and the origin is asked.
-        let outs = s.on_tick(Timestamp(stall));
+        let outs = s.on_tick(Mono(stall));
         for (_, _, req) in &to_claimer {
             assert!(outs.contains(&SchedOut::Cancel { peer: 5, req: *req }), "{outs:?}");
         }
-        let after = sent(&s.pump(Timestamp(stall), &mut next));
+        let after = sent(&s.pump(Mono(stall), &mut next));
         let to_origin: Vec<_> = after.iter().filter(|f| f.0 == 0).cloned().collect();
         assert_eq!(to_origin.len(), 1, "{after:?}");
         // Stalled, the claimer gets only copies of chunks in flight at the origin.
@@ -1329,15 +1336,15 @@ mod tests {
             }
             at += 1;
             for (_, chunks, req) in outstanding.iter().filter(|f| f.0 == 0) {
-                s.on_chunk(Timestamp(at), *req, &chunks[0], ChunkOutcome::Verified);
-                s.on_request_done(Timestamp(at), *req, mb);
+                s.on_chunk(Mono(at), *req, &chunks[0], ChunkOutcome::Verified);
+                s.on_request_done(Mono(at), *req, mb);
             }
-            outstanding = sent(&s.pump(Timestamp(at), &mut next));
+            outstanding = sent(&s.pump(Mono(at), &mut next));
             assert!(!outstanding.is_empty(), "nothing asked at {at}");
         };
-        s.on_chunk(Timestamp(at + 1), copy.2, &copy.1[0], ChunkOutcome::Verified);
-        s.on_request_done(Timestamp(at + 1), copy.2, mb);
-        let later = sent(&s.pump(Timestamp(at + 2), &mut next));
+        s.on_chunk(Mono(at + 1), copy.2, &copy.1[0], ChunkOutcome::Verified);
+        s.on_request_done(Mono(at + 1), copy.2, mb);
+        let later = sent(&s.pump(Mono(at + 2), &mut next));
         let sat_on = |c: &ChunkId| to_claimer.iter().any(|g| g.1.contains(c));
         assert!(later.iter().any(|f| f.0 == 5), "{later:?}");
         for f in &later {
@@ -1354,13 +1361,13 @@ mod tests {
         s.set_peer(&0, true, true);
         s.set_peer(&5, false, true);
         s.suspect(&5);
-        let first = sent(&s.pump(Timestamp(0), &mut next));
+        let first = sent(&s.pump(Mono(0), &mut next));
         let (_, chunks, req) = first.iter().find(|f| f.0 == 0).cloned().expect("the origin is asked");
         assert_eq!(chunks.len(), 2, "{first:?}");
-        s.on_chunk(Timestamp(1), req, &id(1), ChunkOutcome::Elsewhere(vec![5]));
-        s.on_chunk(Timestamp(1), req, &id(2), ChunkOutcome::Verified);
-        s.on_request_done(Timestamp(1), req, 100);
-        let again = sent(&s.pump(Timestamp(2), &mut next));
+        s.on_chunk(Mono(1), req, &id(1), ChunkOutcome::Elsewhere(vec![5]));
+        s.on_chunk(Mono(1), req, &id(2), ChunkOutcome::Verified);
+        s.on_request_done(Mono(1), req, 100);
+        let again = sent(&s.pump(Mono(2), &mut next));
         assert!(again.iter().any(|f| f.0 == 0 && f.1 == vec![id(1)]), "asked of the origin again at once: {again:?}");
     }
 }

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 
 use crate::chunk::ChunkId;
 use crate::sync::PeerKey;
-use crate::timestamp::Timestamp;
+use crate::timestamp::Mono;
 use crate::transfer::REDIRECT_PEERS_MAX;
 
 /// Most times one asker is pointed elsewhere for one chunk by newer recipients (rule 1).
@@ -80,10 +80,10 @@ pub enum ServeDecision<P> {
 pub struct Seeder<P: PeerKey> {
     limits: SeederLimits,
     /// Who got each chunk from the origin in this snapshot, and when, in that order.
-    recipients: BTreeMap<ChunkId, Vec<(P, Timestamp)>>,
+    recipients: BTreeMap<ChunkId, Vec<(P, Mono)>>,
     recipients_count: usize,
     /// (asker, chunk) pairs already pointed elsewhere: when last, and how often by rule 1.
-    redirected: BTreeMap<(P, ChunkId), (Timestamp, u8)>,
+    redirected: BTreeMap<(P, ChunkId), (Mono, u8)>,
     /// What it did since the start.
     pub counts: SeederCounts,
 }
@@ -139,7 +139,7 @@ impl<P: PeerKey> Seeder<P> {
     /// connected.
     pub fn decide(
         &mut self,
-        now: Timestamp,
+        now: Mono,
         asker: &P,
         id: &ChunkId,
         holders: &[P],
@@ -202,7 +202,7 @@ impl<P: PeerKey> Seeder<P> {
         self.serve(now, asker, id)
     }
 
-    fn serve(&mut self, now: Timestamp, asker: &P, id: &ChunkId) -> ServeDecision<P> {
+    fn serve(&mut self, now: Mono, asker: &P, id: &ChunkId) -> ServeDecision<P> {
         let got = self.recipients.get_mut(id);
         match got {
             Some(got) if got.iter().any(|(p, _)| p == asker) => {
@@ -243,7 +243,7 @@ mod tests {
     fn each_chunk_leaves_about_once() {
         let mut s = Seeder::<u32>::new(SeederLimits::default());
         let c = ChunkId([1; 32]);
-        let t = Timestamp(1_000);
+        let t = Mono(1_000);
         assert_eq!(s.decide(t, &1, &c, &[], |_| true), ServeDecision::Serve);
         // Peer 2 asks while it is still on its way to 1: pointed at 1.
         assert_eq!(s.decide(t.plus_ms(10), &2, &c, &[], |_| true), ServeDecision::Elsewhere(vec![1]));
@@ -267,7 +267,7 @@ mod tests {
     fn claims_to_chunks_never_handed_out_are_not_believed() {
         let mut s = Seeder::<u32>::new(SeederLimits::default());
         let c = ChunkId([3; 32]);
-        let t = Timestamp(1_000);
+        let t = Mono(1_000);
         // Peer 9 claims the chunk before the origin sent it to anyone: the first asker is served all the same.
         assert_eq!(s.decide(t, &1, &c, &[9], |_| true), ServeDecision::Serve);
         // Once it left the origin, claims count, behind the first recipient.
@@ -283,7 +283,7 @@ mod tests {
     fn an_asker_that_comes_back_is_pointed_at_newer_recipients() {
         let mut s = Seeder::<u32>::new(SeederLimits::default());
         let c = ChunkId([4; 32]);
-        let t = Timestamp(1_000);
+        let t = Mono(1_000);
         // 9 got the chunk first (and turns out to serve garbage); 1, 2 and 3 are pointed at it.
         assert_eq!(s.decide(t, &9, &c, &[], |_| true), ServeDecision::Serve);
         for asker in [1, 2, 3] {
