@@ -22,6 +22,7 @@ fn mirror() -> Engine<u32> {
         scheduler: SchedulerLimits::default(),
         seeder: SeederLimits::default(),
         have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
+        resign_before_expiry_ms: None,
     };
     Engine::new(cfg, None, None)
 }

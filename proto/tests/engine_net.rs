@@ -18,7 +18,7 @@ use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
     APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, Input, Notice, Output,
-    ReqId, Role, RootVia, SyncPhase,
+    REPUBLISH_RETRY_MS, ReqId, Role, RootVia, SyncPhase,
 };
 use mirrormesh_proto::tree::TreeDir;
 use mirrormesh_proto::{Mono, Now, RepoId, Timestamp};
@@ -30,6 +30,8 @@ const ORIGIN: u32 = 0;
 #[derive(Default)]
 struct Node {
     engine: Option<Engine<u32>>,
+    /// `Output::Republish`es seen.
+    republish_asked: u32,
     nodes: Nodes,
     deltas: HashMap<DeltaHash, Vec<u8>>,
     chunks: BTreeSet<ChunkId>,
@@ -132,6 +134,9 @@ struct Net {
     wall_step_ms: i64,
 }
 
+/// The origin asks for a re-signed root once its root has less than this left (half the day roots are signed for).
+const RESIGN_BEFORE_EXPIRY_MS: u64 = 43_200_000;
+
 fn repo() -> RepoId {
     RepoId::new("alpine").unwrap()
 }
@@ -169,6 +174,7 @@ impl Net {
             scheduler: SchedulerLimits { lies_max: self.lies_max, ..SchedulerLimits::default() },
             seeder: SeederLimits::default(),
             have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
+            resign_before_expiry_ms: (id == ORIGIN).then_some(RESIGN_BEFORE_EXPIRY_MS),
         };
         self.nodes.insert(id, Node { engine: Some(Engine::new(cfg, None, None)), ..Node::default() });
     }
@@ -312,6 +318,7 @@ impl Net {
             }
             Output::Ban { peer, reason, .. } => node.bans.push((peer, reason)),
             Output::Unban { .. } => {}
+            Output::Republish => node.republish_asked += 1,
             Output::Notice(notice) => node.notices.push(notice),
         }
         Vec::new()
@@ -895,6 +902,34 @@ fn the_origin_names_no_peer_in_redirects_whose_complete_claim_it_caught() {
     // Then it asks for a chunk of the snapshot it claims: refused, and its claim is no longer believed.
     assert_eq!(origin.serve_decision(now, &1, &other), ServeDecision::Refuse);
     assert_eq!(origin.serve_decision(now, &4, &chunk), ServeDecision::Elsewhere(vec![2]));
+}
+
+#[test]
+fn the_origin_asks_for_a_re_signed_root_at_half_its_validity_by_the_wall_clock() {
+    let mut net = Net::new(0);
+    packages(&mut net.tree, 5, 0);
+    net.publish();
+    let half = Mono(net.published_at.0 + RESIGN_BEFORE_EXPIRY_MS);
+    let origin = |net: &Net| net.nodes[&ORIGIN].engine.as_ref().unwrap().poll_timeout();
+    assert_eq!(origin(&net), Some(half), "an idle origin sleeps until its root is half through its validity");
+    net.now = Timestamp(half.0 - 1);
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 0);
+    net.now = Timestamp(half.0);
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 1);
+    // Nothing new came: asked again after the retry interval, not before.
+    net.now = Timestamp(half.0 + REPUBLISH_RETRY_MS - 1);
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 1);
+    net.now = Timestamp(half.0 + REPUBLISH_RETRY_MS);
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 2);
+    // A new root starts the count again; a wall clock stepped 13 hours ahead puts it past half at once.
+    net.publish();
+    net.wall_step_ms = 13 * 3_600_000;
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 3);
 }
 
 #[test]

@@ -105,6 +105,7 @@ fn config<P: PeerKey>(role: Role, origin: P) -> EngineConfig<P> {
         scheduler: SchedulerLimits::default(),
         seeder: SeederLimits::default(),
         have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
+        resign_before_expiry_ms: None,
     }
 }
 

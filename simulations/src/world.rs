@@ -474,6 +474,7 @@ impl World {
                     scheduler: SchedulerLimits::default(),
                     seeder: SeederLimits::default(),
                     have_flush_ms: HAVE_FLUSH_MS,
+                    resign_before_expiry_ms: None,
                 };
                 SimNode {
                     kind: kinds[id],
@@ -844,6 +845,8 @@ impl World {
             // A ban ending changes nothing the simulator models (its byzantine kinds break no protocol rule that
             // leads to a ban with a time); the roots a node persists are kept when it goes down (`down`).
             Output::Unban { .. } | Output::PersistRoot(_) => {}
+            // Roots are signed for 30 days here; no run lasts that long.
+            Output::Republish => {}
             Output::Notice(notice) => match notice {
                 Notice::RootAccepted { seq } => {
                     self.trace(&[6, self.now, u64::from(node), seq]);

@@ -42,7 +42,8 @@ use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
-    ApplyFailure, ChunkSet, Engine, EngineConfig, EngineError, Input, Notice, Output, ReqId, Role, RootVia, SyncPhase,
+    ApplyFailure, ChunkSet, Engine, EngineConfig, EngineError, Input, Notice, Output, Plan, ReqId, Role, RootVia,
+    SyncPhase,
 };
 use mirrormesh_proto::{Mono, Now, RootError, SignedRoot, Timestamp, VerifiedRoot};
 use serde_bytes::ByteBuf;
@@ -96,7 +97,7 @@ pub enum LoopEvent {
     },
     Applied {
         target: Box<VerifiedRoot>,
-        changes: Vec<Change>,
+        plan: Plan,
         result: Result<ApplyReport>,
     },
     /// The tree writer carried out (or deferred) the removals that were due.
@@ -291,6 +292,7 @@ impl Daemon {
             scheduler: SchedulerLimits::default(),
             seeder: SeederLimits::default(),
             have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
+            resign_before_expiry_ms: (role == Role::Origin).then_some(cfg.validity.as_millis() as u64 / 2),
         };
         let engine = Engine::new(engine_cfg, applied, latest);
 
@@ -675,13 +677,20 @@ impl Daemon {
                     task.abort();
                 }
             }
-            Output::Apply { target, base } => {
+            Output::Apply { target, plan } => {
                 tracing::info!(seq = target.body.seq, "applying snapshot");
-                self.tree_writer.submit(tree_writer::TreeJob::Apply { target: Box::new(target), base })?;
+                self.tree_writer.submit(tree_writer::TreeJob::Apply { target: Box::new(target), plan })?;
             }
             Output::Ban { peer, reason, until: None } => {
                 tracing::warn!(%peer, reason = reason.name(), "peer banned for this snapshot");
                 self.count(format!("peers_banned_{}", reason.name()));
+            }
+            Output::Republish => {
+                if !self.publisher.is_running() {
+                    let seq = self.engine.current().map(|c| c.body.seq);
+                    tracing::info!(seq, "root past half its validity: re-signing");
+                    self.start_publish(false, None);
+                }
             }
             Output::PersistRoot(root) => {
                 let mut writer = self.store.writer()?;
@@ -918,7 +927,7 @@ impl Daemon {
                     None => self.feed(Input::ChunksDone { from: peer, req, bytes })?,
                 }
             }
-            LoopEvent::Applied { target, changes, result } => self.on_applied(*target, changes, result)?,
+            LoopEvent::Applied { target, plan, result } => self.on_applied(*target, &plan, result)?,
             LoopEvent::Removed(run) => self.on_removed(*run),
             LoopEvent::Serve { peer, chunks, reply } => {
                 let decisions = chunks
@@ -950,7 +959,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn on_applied(&mut self, target: VerifiedRoot, changes: Vec<Change>, result: Result<ApplyReport>) -> Result<()> {
+    fn on_applied(&mut self, target: VerifiedRoot, changes: &[Change], result: Result<ApplyReport>) -> Result<()> {
         let report = match result {
             Ok(report) => report,
             Err(e) => {
@@ -976,7 +985,7 @@ impl Daemon {
         writer.commit()?;
         self.pending_deletions = self.store.reader()?.pending_deletion_count()?;
         if let Ok(mut index) = self.index.write() {
-            index.apply(&changes);
+            index.apply(changes);
         }
         if let Err(e) = self.staging.finish() {
             tracing::warn!("cleaning staging: {e:#}");
@@ -1595,15 +1604,6 @@ impl Daemon {
             self.start_publish(false, None);
         }
         if Instant::now() >= self.next_deletion_check {
-            // An origin re-signs before half the validity of its root is left, so mirrors never hold an expired one.
-            if self.cfg.role == RoleName::Origin
-                && !self.publisher.is_running()
-                && let Some(current) = self.engine.current()
-                && current.body.expires.millis_since(t) < self.cfg.validity.as_millis() as u64 / 2
-            {
-                tracing::info!(seq = current.body.seq, "root past half its validity: re-signing");
-                self.start_publish(false, None);
-            }
             self.next_deletion_check = Instant::now() + Duration::from_secs(1);
             self.report_data_refusals();
             if !self.removing {

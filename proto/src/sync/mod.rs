@@ -65,6 +65,10 @@ use manifest_fetch::{FetchOut, ManifestFetch};
 use scheduler::{BanReason, ChunkOutcome, SchedOut, Scheduler, SchedulerLimits};
 use seeder::{Seeder, SeederLimits, ServeDecision};
 
+/// The changes from the applied snapshot to a sync's target, in path order: computed once when the sync is
+/// planned (its files are staged), carried to the apply and back to the caller with it.
+pub type Plan = std::sync::Arc<[crate::diff::Change]>;
+
 /// What the engine needs of a peer identity: the daemon uses libp2p `PeerId`s, the simulator integers.
 pub trait PeerKey: Clone + Ord + Eq + std::hash::Hash + std::fmt::Debug {}
 impl<T: Clone + Ord + Eq + std::hash::Hash + std::fmt::Debug> PeerKey for T {}
@@ -132,7 +136,13 @@ pub struct EngineConfig<P> {
     pub seeder: SeederLimits,
     /// How often newly held chunks are announced (`HAVE_FLUSH_MS` by default).
     pub have_flush_ms: u64,
+    /// Origin: once the current root has less than this left before it expires, ask for a re-signed one
+    /// ([`Output::Republish`]; half the root validity, so mirrors never hold an expired root). `None`: never.
+    pub resign_before_expiry_ms: Option<u64>,
 }
+
+/// Origin: after an [`Output::Republish`] that brought no new root, it is asked for again this much later.
+pub const REPUBLISH_RETRY_MS: u64 = 60_000;
 
 /// A file to stage for a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,11 +198,11 @@ pub enum Output<P> {
         peer: P,
         req: ReqId,
     },
-    /// Every chunk is staged and verified: apply `diff(base, target)` to the served tree, then call
-    /// [`Input::Applied`]. (The engine does not keep the change list: the caller recomputes it from the store.)
+    /// Every chunk is staged and verified: apply `plan` (the diff from the applied snapshot to `target`) to the
+    /// served tree, then answer with [`Input::Applied`] or [`Input::ApplyFailed`].
     Apply {
         target: VerifiedRoot,
-        base: Option<NodeHash>,
+        plan: Plan,
     },
     /// `peer` is banned (see [`bans`]): stop using it; with `until`, it broke the protocol: disconnect it, refuse its
     /// connections and neither serve nor ask its data plane until then.
@@ -205,6 +215,10 @@ pub enum Output<P> {
     Unban {
         peer: P,
     },
+    /// Origin: the current root nears its expiry (`EngineConfig::resign_before_expiry_ms`): publish again, so a
+    /// freshly signed root goes out (answered with [`Input::Published`]; asked again every [`REPUBLISH_RETRY_MS`]
+    /// until one comes).
+    Republish,
     Notice(Notice<P>),
 }
 
@@ -459,20 +473,25 @@ enum Phase<P: PeerKey> {
         fetch: ManifestFetch<P>,
     },
     /// The caller stages the files; the scheduler already collects what peers announce (only chunks it needs).
+    /// `plan` (the diff from the applied snapshot) is computed once, here, and carried to the apply.
     Staging {
         target: VerifiedRoot,
         sched: Scheduler<P>,
+        plan: Plan,
     },
     Transfer {
         target: VerifiedRoot,
         sched: Scheduler<P>,
+        plan: Plan,
     },
     Applying {
         target: VerifiedRoot,
+        plan: Plan,
     },
     /// The apply failed: it is tried again at `retry_at` (or a newer root is synced instead).
     ApplyWait {
         target: VerifiedRoot,
+        plan: Plan,
         retry_at: Mono,
     },
 }
@@ -511,6 +530,8 @@ pub struct Engine<P: PeerKey> {
     unstored: BTreeMap<NodeHash, Vec<u8>>,
     /// The clocks at the latest call (what `poll_timeout` counts from).
     last_now: Now,
+    /// Origin: when a republish was last asked for (monotonic), for the current root.
+    republish_asked: Option<Mono>,
     /// Applies that failed in a row, and why the last one did.
     apply_failures: u32,
     last_apply_failure: Option<ApplyFailure>,
@@ -547,6 +568,7 @@ impl<P: PeerKey> Engine<P> {
             paused_until: Mono(0),
             unstored: BTreeMap::new(),
             last_now: Now::default(),
+            republish_asked: None,
             apply_failures: 0,
             last_apply_failure: None,
         };
@@ -582,7 +604,22 @@ impl<P: PeerKey> Engine<P> {
         if let Some(expiry) = self.bans.next_expiry() {
             next = Some(next.map_or(expiry, |n| n.min(expiry)));
         }
+        if let Some(due) = self.republish_due() {
+            next = Some(next.map_or(due, |n| n.min(due)));
+        }
         next
+    }
+
+    /// Origin: when (monotonic) to ask for a re-signed root: the wall-clock instant the current root enters its
+    /// last `resign_before_expiry_ms`, counted from the last input's two clocks; after an ask, the retry.
+    fn republish_due(&self) -> Option<Mono> {
+        let before = self.cfg.resign_before_expiry_ms?;
+        let current = self.current.as_ref().filter(|_| self.cfg.role == Role::Origin)?;
+        if let Some(asked) = self.republish_asked {
+            return Some(asked.plus_ms(REPUBLISH_RETRY_MS));
+        }
+        let due_wall = current.body.expires.0.saturating_sub(before);
+        Some(self.last_now.mono.plus_ms(due_wall.saturating_sub(self.last_now.wall.0)))
     }
 
     /// Takes one input at `now`, reading manifest nodes through `source` (see the call order).
@@ -644,7 +681,7 @@ impl<P: PeerKey> Engine<P> {
             Phase::Transfer { target, sched, .. } => {
                 (SyncPhase::Transferring, Some(target), sched.bytes_missing(), sched.chunks_missing())
             }
-            Phase::Applying { target } => (SyncPhase::Applying, Some(target), 0, 0),
+            Phase::Applying { target, .. } => (SyncPhase::Applying, Some(target), 0, 0),
             Phase::ApplyWait { target, .. } => (SyncPhase::ApplyRetrying, Some(target), 0, 0),
         };
         EngineStatus {
@@ -789,7 +826,7 @@ impl<P: PeerKey> Engine<P> {
             info.pushed = latest;
             self.out.push_back(Output::SendHello(peer.clone(), self.hello()));
         }
-        if let Phase::Transfer { target, sched } | Phase::Staging { target, sched } = &mut self.phase {
+        if let Phase::Transfer { target, sched, .. } | Phase::Staging { target, sched, .. } = &mut self.phase {
             let seq = target.body.seq;
             let holds_all = hello.complete_seq == Some(seq);
             let known = sched.peer_keys().any(|p| *p == peer);
@@ -872,7 +909,7 @@ impl<P: PeerKey> Engine<P> {
         info.manifest_seq = info.manifest_seq.max(Some(have.seq));
         let (is_origin, complete_seq) = (info.is_origin, info.complete_seq);
         match &mut self.phase {
-            Phase::Transfer { target, sched } | Phase::Staging { target, sched } => {
+            Phase::Transfer { target, sched, .. } | Phase::Staging { target, sched, .. } => {
                 // The scheduler keeps only chunks this sync needs, in bitsets.
                 sched.set_peer(&peer, is_origin, complete_seq == Some(target.body.seq));
                 for id in &have.chunks {
@@ -965,19 +1002,19 @@ impl<P: PeerKey> Engine<P> {
     /// run).
     fn on_staged(&mut self, now: Now, seq: u64, held: Vec<ChunkId>) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let Phase::Staging { target, mut sched } = phase else {
+        let Phase::Staging { target, mut sched, plan } = phase else {
             self.phase = phase;
             return;
         };
         if target.body.seq != seq {
-            self.phase = Phase::Staging { target, sched };
+            self.phase = Phase::Staging { target, sched, plan };
             return;
         }
         for id in &held {
             sched.mark_held(id);
         }
         self.have_outbox.extend(held);
-        self.phase = Phase::Transfer { target, sched };
+        self.phase = Phase::Transfer { target, sched, plan };
         self.finish_if_done(now);
         self.pump(now);
     }
@@ -1048,19 +1085,19 @@ impl<P: PeerKey> Engine<P> {
     /// accepted by then, the newer one is synced instead (from the applied snapshot; staged chunks are found again).
     fn on_apply_failed(&mut self, now: Now, seq: u64, kind: ApplyFailure) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let Phase::Applying { target } = phase else {
+        let Phase::Applying { target, plan } = phase else {
             self.phase = phase;
             return;
         };
         if target.body.seq != seq {
-            self.phase = Phase::Applying { target };
+            self.phase = Phase::Applying { target, plan };
             return;
         }
         self.apply_failures = self.apply_failures.saturating_add(1);
         self.last_apply_failure = Some(kind);
         let doublings = (self.apply_failures - 1).min(u64::BITS - 1);
         let wait = APPLY_RETRY_FIRST_MS.saturating_mul(1 << doublings).min(APPLY_RETRY_MAX_MS);
-        self.phase = Phase::ApplyWait { target, retry_at: now.mono.plus_ms(wait) };
+        self.phase = Phase::ApplyWait { target, plan, retry_at: now.mono.plus_ms(wait) };
     }
 
     /// The caller applied snapshot `seq` to the served tree.
@@ -1068,7 +1105,7 @@ impl<P: PeerKey> Engine<P> {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         let target = match phase {
             // (Late news of an apply that was reported failed counts too: the tree holds the snapshot.)
-            Phase::Applying { target } | Phase::ApplyWait { target, .. } if target.body.seq == seq => target,
+            Phase::Applying { target, .. } | Phase::ApplyWait { target, .. } if target.body.seq == seq => target,
             phase => {
                 self.phase = phase;
                 return Ok(());
@@ -1098,6 +1135,7 @@ impl<P: PeerKey> Engine<P> {
         let verified = self.roots.accept(now.wall, &root).map_err(EngineError::Published)?;
         let seq = verified.body.seq;
         self.current = Some(verified);
+        self.republish_asked = None;
         self.start_serving(chunks);
         self.out.push_back(Output::Gossip(root));
         self.push_root(seq);
@@ -1221,6 +1259,10 @@ impl<P: PeerKey> Engine<P> {
     fn on_timeout(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
         for peer in self.bans.expire(now.mono) {
             self.out.push_back(Output::Unban { peer });
+        }
+        if self.republish_due().is_some_and(|due| due <= now.mono) {
+            self.republish_asked = Some(now.mono);
+            self.out.push_back(Output::Republish);
         }
         match &mut self.phase {
             Phase::Manifest { fetch, .. } => {
@@ -1356,14 +1398,14 @@ impl<P: PeerKey> Engine<P> {
         }
         self.kept_waiting.clear();
         self.out.push_back(Output::Stage { seq, files });
-        self.phase = Phase::Staging { target, sched };
+        self.phase = Phase::Staging { target, sched, plan: changes.into() };
         Ok(())
     }
 
     /// The back-off after a failed apply is over: moves on to a newer accepted root if there is one, else applies
     /// the same target again.
     fn retry_apply(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
-        let Phase::ApplyWait { target, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::ApplyWait { target, plan, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return Ok(());
         };
         if let Some(latest) = self.latest().cloned()
@@ -1371,9 +1413,8 @@ impl<P: PeerKey> Engine<P> {
         {
             return self.start_sync(now, latest, source);
         }
-        let base = self.current.as_ref().map(|c| c.body.root);
-        self.out.push_back(Output::Apply { target: target.clone(), base });
-        self.phase = Phase::Applying { target };
+        self.out.push_back(Output::Apply { target: target.clone(), plan: plan.clone() });
+        self.phase = Phase::Applying { target, plan };
         Ok(())
     }
 
@@ -1383,11 +1424,10 @@ impl<P: PeerKey> Engine<P> {
             return;
         }
         self.flush_haves(now.mono);
-        if let Phase::Transfer { target, sched } = std::mem::replace(&mut self.phase, Phase::Idle) {
+        if let Phase::Transfer { target, sched, plan } = std::mem::replace(&mut self.phase, Phase::Idle) {
             remember_suspects(&mut self.suspects, &sched);
-            let base = self.current.as_ref().map(|c| c.body.root);
-            self.out.push_back(Output::Apply { target: target.clone(), base });
-            self.phase = Phase::Applying { target };
+            self.out.push_back(Output::Apply { target: target.clone(), plan: plan.clone() });
+            self.phase = Phase::Applying { target, plan };
         }
     }
 
@@ -1488,7 +1528,7 @@ impl<P: PeerKey> Engine<P> {
             return;
         }
         let seq = match &self.phase {
-            Phase::Transfer { target, .. } | Phase::Applying { target } | Phase::ApplyWait { target, .. } => {
+            Phase::Transfer { target, .. } | Phase::Applying { target, .. } | Phase::ApplyWait { target, .. } => {
                 target.body.seq
             }
             _ => {
