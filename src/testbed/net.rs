@@ -89,13 +89,36 @@ impl NetHost {
         run(&all)
     }
 
-    /// Sets the TCP congestion control of this host's namespace (sockets created after this use it; an accepted
-    /// connection takes its listener's).
+    /// Sets the TCP congestion control of this host's connections to the other hosts: on its route to the
+    /// testbed's subnet (`congctl`), which every connection on it takes when it opens, an accepted one included.
+    /// (The namespace's default, `net.ipv4.tcp_congestion_control`, can only name what the machine's
+    /// `tcp_allowed_congestion_control` lists outside the initial namespace; the route can name any loaded one.)
     pub fn set_tcp_cc(&self, name: &str) -> Result<()> {
-        self.run(&["sysctl", "-q", "-w", &format!("net.ipv4.tcp_congestion_control={name}")])
+        let [a, b, c, _] = self.ip.octets();
+        let subnet = format!("{a}.{b}.{c}.0/24");
+        let src = self.ip.to_string();
+        run(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "route",
+            "replace",
+            &subnet,
+            "dev",
+            &self.inner,
+            "proto",
+            "kernel",
+            "scope",
+            "link",
+            "src",
+            &src,
+            "congctl",
+            name,
+        ])
     }
 
-    /// The TCP congestion control of this host's namespace.
+    /// The namespace's default TCP congestion control (what connections use unless [`NetHost::set_tcp_cc`] set
+    /// one).
     pub fn tcp_cc(&self) -> Result<String> {
         let out = run_output(&["ip", "netns", "exec", &self.netns, "sysctl", "-n", "net.ipv4.tcp_congestion_control"])?;
         Ok(out.trim().to_owned())

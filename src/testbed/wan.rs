@@ -27,7 +27,6 @@ use clap::{Args, ValueEnum};
 
 use super::net::NetHost;
 use super::world::{RTT_MS_MAX, RttProfile};
-use crate::dataplane::raw::process_cpu;
 
 /// The NFQUEUE number every host's rule and emulator use (each host has its own namespace, so they do not meet).
 const QUEUE_NUM: u16 = 0;
@@ -101,11 +100,68 @@ pub struct Wan {
     emulators: Vec<Emulator>,
 }
 
+/// CPU time of a process: in user space, and in the kernel on its behalf.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu {
+    pub user: Duration,
+    /// Includes the network stack's work on every packet the emulator accepts: the kernel carries a packet on
+    /// (IP, TCP, the receiving socket, the ACK it sends back out) inside the verdict's system call, work that
+    /// softirq context would otherwise do for it.
+    pub system: Duration,
+}
+
+impl Cpu {
+    /// `/proc/PID/stat`'s utime and stime.
+    fn of(pid: u32) -> Result<Cpu> {
+        let path = format!("/proc/{pid}/stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // utime and stime are fields 14 and 15, 12 and 13 after the command name (in parentheses).
+        let rest = stat.rsplit_once(')').with_context(|| format!("unexpected {path}"))?.1;
+        let fields: Vec<u64> = rest.split_whitespace().skip(11).take(2).map(str::parse).collect::<Result<_, _>>()?;
+        // CLK_TCK is 100 on Linux.
+        match fields[..] {
+            [user, system] => {
+                Ok(Cpu { user: Duration::from_millis(user * 10), system: Duration::from_millis(system * 10) })
+            }
+            _ => bail!("short {path}"),
+        }
+    }
+
+    pub fn total(&self) -> Duration {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, other: Cpu) -> Cpu {
+        Cpu { user: self.user - other.user, system: self.system - other.system }
+    }
+}
+
+impl std::iter::Sum for Cpu {
+    fn sum<I: Iterator<Item = Cpu>>(iter: I) -> Cpu {
+        iter.fold(Cpu::default(), |a, b| Cpu { user: a.user + b.user, system: a.system + b.system })
+    }
+}
+
+impl fmt::Display for Cpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:.2} CPU s (user {:.2}, system {:.2})",
+            self.total().as_secs_f64(),
+            self.user.as_secs_f64(),
+            self.system.as_secs_f64()
+        )
+    }
+}
+
 /// What the emulators did, added up over the hosts.
 pub struct WanReport {
     pub emulators: usize,
     pub real_time: bool,
-    pub cpu: Duration,
+    pub cpu: Cpu,
     /// The counters of each emulator's last line, summed (`packets`, `bytes`, `held`, `dropped`, ...).
     pub counters: BTreeMap<String, u64>,
 }
@@ -121,14 +177,15 @@ impl fmt::Display for WanReport {
         let gb = self.counter("bytes") as f64 / 1e9;
         write!(
             f,
-            "WAN emulator: {} processes ({}), {:.2} CPU s for {} packets, {:.3} GB ({:.2} CPU s per GB); held {}, \
+            "WAN emulator: {} processes ({}), {} for {} packets, {:.3} GB ({:.2} CPU s per GB, user {:.2}); held {}, \
              dropped (loss) {}, passed {}, unknown source {}; kernel queue full {}, socket full {}, verdict errors {}",
             self.emulators,
             if self.real_time { "SCHED_FIFO" } else { "normal priority" },
-            self.cpu.as_secs_f64(),
+            self.cpu,
             self.counter("packets"),
             gb,
-            if gb > 0.0 { self.cpu.as_secs_f64() / gb } else { 0.0 },
+            if gb > 0.0 { self.cpu.total().as_secs_f64() / gb } else { 0.0 },
+            if gb > 0.0 { self.cpu.user.as_secs_f64() / gb } else { 0.0 },
             self.counter("held"),
             self.counter("dropped"),
             self.counter("passed"),
@@ -196,8 +253,8 @@ impl Wan {
     }
 
     /// CPU time the emulators used so far.
-    pub fn cpu(&self) -> Result<Duration> {
-        self.emulators.iter().map(|e| Ok(process_cpu(&e.child.id().to_string())?.0)).sum()
+    pub fn cpu(&self) -> Result<Cpu> {
+        self.emulators.iter().map(|e| Cpu::of(e.child.id())).sum()
     }
 
     /// Fails if an emulator is no longer running (its host would receive nothing).

@@ -316,9 +316,9 @@ fn tcp_copies(bed: &Testbed, wan: &Wan, a: &WanCheckArgs) -> Result<()> {
     let cpu = wan.cpu()? - cpu0;
     let gb = moved as f64 / 1e9;
     println!(
-        "emulators' CPU during the copies: {:.2} s for {gb:.3} GB of payload: {:.2} CPU s per GB",
-        cpu.as_secs_f64(),
-        cpu.as_secs_f64() / gb
+        "emulators' CPU during the copies: {cpu} for {gb:.3} GB of payload: {:.2} CPU s per GB (user {:.2})",
+        cpu.total().as_secs_f64() / gb,
+        cpu.user.as_secs_f64() / gb
     );
     Ok(())
 }
