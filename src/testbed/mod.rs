@@ -284,9 +284,15 @@ impl Bed {
     /// Publishes the origin's tree; the time is until every mirror serves the new snapshot (applied). Then waits
     /// until the old files are removed too and checks every tree. With `timeline`, the links are sampled until
     /// every mirror serves it and printed under that title.
+    /// CPU the WAN emulators used so far (`None` without emulation).
+    fn emulator_cpu(&self) -> Result<Option<Duration>> {
+        self.wan.as_ref().map(|w| Ok(w.cpu()?.total())).transpose()
+    }
+
     fn mirrormesh_update(&self, timeline: Option<&str>) -> Result<Measured> {
         let tx0 = self.origin_tx()?;
         let served0 = self.fabric.status(0)?.bytes_served_total;
+        let cpu0 = self.emulator_cpu()?;
         let t0 = Instant::now();
         let recorder = timeline.map(|_| timeline::Recorder::start(&self.net.hosts, t0)).transpose()?;
         let published = self.fabric.publish()?;
@@ -303,6 +309,7 @@ impl Bed {
                 .map(|w| w.join().map_err(|_| anyhow::anyhow!("waiting thread panicked"))?)
                 .try_fold(Duration::ZERO, |max, t| anyhow::Ok(max.max(t?)))
         })?;
+        let emulator_cpu = self.emulator_cpu()?.zip(cpu0).map(|(c, c0)| c - c0);
         if let (Some(recorder), Some(title)) = (recorder, timeline) {
             recorder.finish_and_print(title, &self.rates);
         }
@@ -313,7 +320,13 @@ impl Bed {
             self.fabric.check_identical(i)?;
         }
         let chunks = self.fabric.status(0)?.bytes_served_total - served0;
-        Ok(Measured { bytes: published.changed_bytes, elapsed, origin_tx: tx, origin_chunks: Some(chunks) })
+        Ok(Measured {
+            bytes: published.changed_bytes,
+            elapsed,
+            origin_tx: tx,
+            origin_chunks: Some(chunks),
+            emulator_cpu,
+        })
     }
 
     /// Fails if a WAN emulator stopped (the run would not have been measured as asked).
@@ -342,6 +355,7 @@ impl Bed {
             Some(origin),
         )?;
         let tx0 = self.origin_tx()?;
+        let cpu0 = self.emulator_cpu()?;
         let t0 = Instant::now();
         let mut clients = Vec::new();
         for i in 1..self.fabric.nodes.len() {
@@ -359,13 +373,14 @@ impl Bed {
             }
         }
         let elapsed = t0.elapsed();
+        let emulator_cpu = self.emulator_cpu()?.zip(cpu0).map(|(c, c0)| c - c0);
         let tx = self.origin_tx()? - tx0;
         drop(rsyncd);
         self.check_wan()?;
         for i in 1..self.fabric.nodes.len() {
             compare_trees(&self.fabric.nodes[0].tree, &self.rsync_dir(cc, i), &format!("rsync mirror{i}"))?;
         }
-        Ok(Measured { bytes: changed, elapsed, origin_tx: tx, origin_chunks: None })
+        Ok(Measured { bytes: changed, elapsed, origin_tx: tx, origin_chunks: None, emulator_cpu })
     }
 
     /// Stops the WAN emulators (printing what they did) and keeps the work directory if asked.
@@ -389,6 +404,8 @@ struct Measured {
     origin_tx: u64,
     /// Chunk bytes the origin daemon served.
     origin_chunks: Option<u64>,
+    /// CPU the WAN emulators used from the start of the step until its time was taken.
+    emulator_cpu: Option<Duration>,
 }
 
 /// `command` (an `rsync` to run here or in a namespace) made into the rsync recipe pulling `url` into `dest`, its
@@ -465,6 +482,12 @@ fn ratio(a: f64, b: f64) -> String {
     format!("{:.2}", a / b)
 }
 
+/// "X s (Y cores)": the emulators' CPU in a step and its share of the step's time.
+fn emulator_share(m: &Measured) -> String {
+    let cpu = m.emulator_cpu.unwrap_or_default().as_secs_f64();
+    format!("{cpu:.2} s ({:.2} cores)", cpu / m.elapsed.as_secs_f64())
+}
+
 fn sync(a: &SyncArgs) -> Result<()> {
     let load_before = wan_check::load_average();
     let bed = Bed::start(&a.fabric)?;
@@ -539,6 +562,17 @@ fn sync(a: &SyncArgs) -> Result<()> {
                     ratio(rs.origin_tx as f64, mm.bytes as f64)
                 );
             }
+        }
+    }
+    if bed.wan.is_some() {
+        println!();
+        println!("WAN emulators' CPU during each step (CPU s, and over the step's time: cores busy):");
+        for (name, mm, rs) in steps {
+            let mut line = format!("  {name}: mirrormesh {}", emulator_share(mm));
+            for (cc, rs) in ccs.iter().zip(rs) {
+                line.push_str(&format!(", rsync {cc} {}", emulator_share(rs)));
+            }
+            println!("{line}");
         }
     }
     let finished = bed.finish(a.fabric.keep);

@@ -65,6 +65,10 @@ pub struct WanCheckArgs {
     /// TCP congestion controls to copy with, comma-separated (default: the system's).
     #[arg(long)]
     tcp_cc: Option<String>,
+    /// Raise every host's largest TCP send and receive buffer (`tcp_wmem`, `tcp_rmem`) to this many MiB (default:
+    /// the system's), to tell a window-limited copy from one the emulator slows.
+    #[arg(long)]
+    tcp_buffer_mib: Option<u64>,
 }
 
 /// The load averages (1, 5, 15 minutes) as `/proc/loadavg` gives them.
@@ -108,7 +112,8 @@ fn parse_ping(text: &str) -> Result<PingSummary> {
     let times = text
         .lines()
         .find_map(|l| l.strip_prefix("rtt min/avg/max/mdev = "))
-        .map(|t| t.trim_end_matches(" ms").split('/').map(str::parse::<f64>).collect::<Result<Vec<_>, _>>())
+        // "A/B/C/D ms", with ", pipe N" after it when several pings were out at once.
+        .map(|t| t.split(" ms").next().unwrap_or(t).split('/').map(str::parse::<f64>).collect::<Result<Vec<_>, _>>())
         .transpose()?
         .and_then(|v| (v.len() == 4).then(|| (v[1], v[3])));
     Ok(PingSummary { sent, received, avg_mdev: times })
@@ -294,6 +299,14 @@ fn tcp_copies(bed: &Testbed, wan: &Wan, a: &WanCheckArgs) -> Result<()> {
     println!("TCP copies of {} MiB from the origin, one at a time (time from connect to the last byte):", a.tcp_mib);
     println!("| to | RTT ms | cc | s | Mbit/s | / shaped ({shaped} Mbit/s) |");
     println!("|---|---|---|---|---|---|");
+    if let Some(mib) = a.tcp_buffer_mib {
+        let bytes = mib << 20;
+        for host in &bed.hosts {
+            host.run(&["sysctl", "-q", "-w", &format!("net.ipv4.tcp_wmem=4096 16384 {bytes}")])?;
+            host.run(&["sysctl", "-q", "-w", &format!("net.ipv4.tcp_rmem=4096 131072 {bytes}")])?;
+        }
+        println!("every host's tcp_wmem and tcp_rmem raised to at most {mib} MiB");
+    }
     let cpu0 = wan.cpu()?;
     let mut moved = 0u64;
     for cc in &ccs {
@@ -364,6 +377,9 @@ mod tests {
                     rtt min/avg/max/mdev = 40.089/40.164/40.319/0.056 ms\n";
         let summary = |sent, received, avg_mdev| PingSummary { sent, received, avg_mdev };
         assert_eq!(parse_ping(text).unwrap(), summary(20, 19, Some((40.164, 0.056))));
+        let piped = "20 packets transmitted, 20 received, 0% packet loss, time 3800ms, pipe 2\n\
+                     rtt min/avg/max/mdev = 203.012/203.300/203.500/0.100 ms, pipe 2\n";
+        assert_eq!(parse_ping(piped).unwrap(), summary(20, 20, Some((203.3, 0.1))));
         let none = "--- x ping statistics ---\n20 packets transmitted, 0 received, 100% packet loss, time 1ms\n";
         assert_eq!(parse_ping(none).unwrap(), summary(20, 0, None));
         let errors = "20 packets transmitted, 3 received, +17 errors, 85% packet loss, time 1ms\n";
