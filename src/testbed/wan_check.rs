@@ -296,9 +296,6 @@ fn tcp_copies(bed: &Testbed, wan: &Wan, a: &WanCheckArgs) -> Result<()> {
     let ccs = tcp_ccs(a.tcp_cc.as_deref(), &bed.hosts[0])?;
     let shaped = a.origin_mbit.min(a.mirror_mbit) as f64;
     println!();
-    println!("TCP copies of {} MiB from the origin, one at a time (time from connect to the last byte):", a.tcp_mib);
-    println!("| to | RTT ms | cc | s | Mbit/s | / shaped ({shaped} Mbit/s) |");
-    println!("|---|---|---|---|---|---|");
     if let Some(mib) = a.tcp_buffer_mib {
         let bytes = mib << 20;
         for host in &bed.hosts {
@@ -307,6 +304,9 @@ fn tcp_copies(bed: &Testbed, wan: &Wan, a: &WanCheckArgs) -> Result<()> {
         }
         println!("every host's tcp_wmem and tcp_rmem raised to at most {mib} MiB");
     }
+    println!("TCP copies of {} MiB from the origin, one at a time (time from connect to the last byte):", a.tcp_mib);
+    println!("| to | RTT ms | cc | s | Mbit/s | / shaped ({shaped} Mbit/s) |");
+    println!("|---|---|---|---|---|---|");
     let cpu0 = wan.cpu()?;
     let mut moved = 0u64;
     for cc in &ccs {

@@ -18,7 +18,7 @@
 //! `inflation` = 1.92 and `fixed` = 1.0 ms. Path inflation of this size over the fibre great-circle time is what
 //! measurement studies of the Internet report (Singla et al., "The Internet at the Speed of Light", HotNets 2014:
 //! ping round trips about three times the speed-of-light time, i.e. about twice the time in fibre). The model
-//! overstates some well-cabled routes (NL–US-East comes out at 120 ms, public measurements show about 80–90 ms) and
+//! overstates some well-cabled routes (NL–US-East comes out at 120 ms, public measurements show about 80 ms) and
 //! is close on others; what matters here is the spread, 8 to 327 ms, with the origin close to two mirrors and far
 //! from the rest. BENCHMARKS.md (WAN) prints the whole matrix.
 
