@@ -30,7 +30,7 @@ use mirrormesh_proto::diff::Change;
 use mirrormesh_proto::entry::{EntryKind, FileMeta, served_mode};
 use mirrormesh_proto::tree::split_parent;
 
-use crate::config::glob_match;
+use crate::config::IndexGlobs;
 use crate::staging::{FileKey, Staging};
 
 /// Staged files flushed to disk at once before they are renamed into place.
@@ -51,11 +51,11 @@ pub struct ApplyReport {
 }
 
 /// Applies `changes` to the tree, taking file contents from `staging` (blocking).
-pub fn apply(staging: &Staging, changes: &[Change], index_globs: &[String]) -> Result<ApplyReport> {
+pub fn apply(staging: &Staging, changes: &[Change], index_globs: &IndexGlobs) -> Result<ApplyReport> {
     let tree = staging.tree().to_owned();
     let plan = staging.plan().context("no staged snapshot to apply")?;
     let mut report = ApplyReport::default();
-    let is_index = |path: &str| index_globs.iter().any(|g| glob_match(g, split_parent(path).1));
+    let is_index = |path: &str| index_globs.matches(split_parent(path).1);
 
     let mut files: Vec<(&str, &FileMeta)> = Vec::new();
     let mut indexes: Vec<(&str, &FileMeta)> = Vec::new();
@@ -275,7 +275,7 @@ mod tests {
             .iter()
             .map(|(p, c, m, t)| Change { path: (*p).into(), old: None, new: Some(Entry::file(*p, meta(c, *m, *t))) })
             .collect();
-        let report = apply(&staging, &changes, &["APKINDEX.tar.gz".into()]).unwrap();
+        let report = apply(&staging, &changes, &IndexGlobs::new(&["APKINDEX.tar.gz".into()]).unwrap()).unwrap();
         assert_eq!((report.files, report.index_files), (3, 1));
         for (path, content, mode, mtime) in files {
             let full = tree.join(path);
@@ -303,7 +303,7 @@ mod tests {
             },
             Change { path: "bin/tool".into(), old: None, new: Some(Entry::file("tool", meta(content, 0o6777, 1_000))) },
         ];
-        apply(&staging, &changes, &[]).unwrap();
+        apply(&staging, &changes, &IndexGlobs::new(&[]).unwrap()).unwrap();
         let mode = |p: &str| std::fs::metadata(tree.join(p)).unwrap().mode() & 0o7777;
         assert_eq!((mode("bin"), mode("bin/tool")), (0o755, 0o755));
     }
@@ -338,7 +338,7 @@ mod tests {
             };
             let change =
                 Change { path: path.clone(), old: None, new: Some(Entry::file(&path, meta(&content, 0o644, 1_000))) };
-            apply(&staging, &[change], &[]).unwrap();
+            apply(&staging, &[change], &IndexGlobs::new(&[]).unwrap()).unwrap();
             staging.finish().unwrap();
             finished.store(true, std::sync::atomic::Ordering::SeqCst);
             for copy in copies.join().unwrap() {

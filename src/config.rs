@@ -60,6 +60,7 @@ struct NodeSection {
     key: PathBuf,
     role: RoleName,
     state_dir: PathBuf,
+    log: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,11 +138,18 @@ pub struct Faults {
     /// Flood every peer's data plane with stalled, oversized and malformed requests.
     #[serde(default)]
     pub flood_data_plane: bool,
+    /// Announce made-up chunk ids to every peer, a have message of `HAVE_CHUNKS_MAX` ids per peer and tick.
+    #[serde(default)]
+    pub announce_fake_chunks: bool,
 }
 
 impl Faults {
     pub fn any(&self) -> bool {
-        self.corrupt_served_chunks || self.lie_about_holdings || self.malformed_control || self.flood_data_plane
+        self.corrupt_served_chunks
+            || self.lie_about_holdings
+            || self.malformed_control
+            || self.flood_data_plane
+            || self.announce_fake_chunks
     }
 }
 
@@ -158,14 +166,18 @@ fn default_grace() -> u64 {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was loaded from (re-read on SIGHUP).
+    pub path: Option<PathBuf>,
     pub key: PathBuf,
+    /// Log filter (`node.log`); `RUST_LOG` wins when set.
+    pub log: Option<String>,
     pub role: RoleName,
     pub state_dir: PathBuf,
     pub repo: RepoId,
     pub tree: PathBuf,
     pub staging_dir: PathBuf,
-    /// File-name globs (`*` and `?`) of index files, applied after every other file.
-    pub index_globs: Vec<String>,
+    /// File-name globs of index files, applied after every other file.
+    pub index_globs: IndexGlobs,
     pub delete_grace: Duration,
     /// A served snapshot created longer ago than this is reported stale (`None`: only expiry is checked).
     pub stale_after: Option<Duration>,
@@ -195,8 +207,9 @@ pub struct Config {
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let config = Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+        let mut config = Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
             .with_context(|| format!("config {}", path.display()))?;
+        config.path = Some(path.to_owned());
         // The same check as in `parse`, with symlinks resolved: a staging directory reached through a symlink into
         // the tree would be served.
         let (tree, staging) = (resolve_existing(&config.tree), resolve_existing(&config.staging_dir));
@@ -231,11 +244,7 @@ impl Config {
                 tree.display()
             );
         }
-        for glob in &file.repo.index_globs {
-            if glob.is_empty() || glob.contains('/') {
-                bail!("repo.index_globs: {glob:?} must be a non-empty file-name pattern without '/'");
-            }
-        }
+        let index_globs = IndexGlobs::new(&file.repo.index_globs)?;
 
         let listen_text =
             file.network.listen.unwrap_or_else(|| format!("/ip4/0.0.0.0/udp/{}/quic-v1", DEFAULT_DATA_PORT - 1));
@@ -326,14 +335,19 @@ impl Config {
             bail!("repo.stale_after_secs: must be positive (leave it out to check only the root's expiry)");
         }
 
+        if let Some(log) = &file.node.log {
+            crate::logging::check(log).map_err(|e| anyhow!("node.log: {e}"))?;
+        }
         Ok(Config {
+            path: None,
             key: abs(&file.node.key),
+            log: file.node.log,
             role: file.node.role,
             state_dir: abs(&file.node.state_dir),
             repo,
             tree,
             staging_dir,
-            index_globs: file.repo.index_globs,
+            index_globs,
             delete_grace: Duration::from_secs(file.repo.delete_grace_secs),
             stale_after: file.repo.stale_after_secs.map(Duration::from_secs),
             listen,
@@ -357,6 +371,52 @@ impl Config {
             },
             faults: file.faults,
         })
+    }
+}
+
+impl Config {
+    /// What a reload from `new` would change that only a restart can: one message per key, naming it. The rest
+    /// (`network.bootstrap`, `network.allow`, `network.upload_bytes_per_sec`, `node.log`, `repo.delete_grace_secs`,
+    /// `repo.stale_after_secs`, `origin.quiet_secs` and the publish checks) takes effect on reload.
+    pub fn needs_restart(&self, new: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut same = |key: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{key} changed ({a} -> {b})"));
+            }
+        };
+        same("node.key", self.key.display().to_string(), new.key.display().to_string());
+        same("node.role", format!("{:?}", self.role).to_lowercase(), format!("{:?}", new.role).to_lowercase());
+        same("node.state_dir", self.state_dir.display().to_string(), new.state_dir.display().to_string());
+        same("repo.name", self.repo.to_string(), new.repo.to_string());
+        same("repo.tree", self.tree.display().to_string(), new.tree.display().to_string());
+        same("repo.staging_dir", self.staging_dir.display().to_string(), new.staging_dir.display().to_string());
+        same("repo.index_globs", self.index_globs.patterns.join(","), new.index_globs.patterns.join(","));
+        same("network.listen", self.listen.to_string(), new.listen.to_string());
+        same("network.data_listen", self.data_listen.to_string(), new.data_listen.to_string());
+        let ids = |c: &Config| c.publishers.iter().map(|(_, p)| p.to_string()).collect::<Vec<_>>().join(",");
+        same("trust.publishers", ids(self), ids(new));
+        same("admin.listen", self.admin_listen.to_string(), new.admin_listen.to_string());
+        // Tokens are never shown: only whether they are set.
+        let token = |t: &Option<String>| t.as_ref().map_or("unset", |_| "set").to_owned();
+        if self.admin_token != new.admin_token {
+            same("admin.token", token(&self.admin_token), format!("another, {}", token(&new.admin_token)));
+        }
+        if self.admin_read_token != new.admin_read_token {
+            same(
+                "admin.read_token",
+                token(&self.admin_read_token),
+                format!("another, {}", token(&new.admin_read_token)),
+            );
+        }
+        same("admin.hosts", self.admin_hosts.join(","), new.admin_hosts.join(","));
+        same("origin.watch", self.watch.to_string(), new.watch.to_string());
+        same(
+            "origin.validity_hours",
+            (self.validity.as_secs() / 3600).to_string(),
+            (new.validity.as_secs() / 3600).to_string(),
+        );
+        out
     }
 }
 
@@ -431,18 +491,35 @@ fn default_staging(tree: &Path) -> Result<PathBuf> {
     Ok(parent.join(format!(".{name}.mirrormesh-staging")))
 }
 
-/// Whether a file name matches a glob with `*` (any run) and `?` (any one character).
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
+/// The file-name patterns of index files (`repo.index_globs`: `*`, `?`, `[...]`, `{a,b}` as in shells), matched
+/// against the last component of a path.
+#[derive(Debug, Clone)]
+pub struct IndexGlobs {
+    pub patterns: Vec<String>,
+    set: globset::GlobSet,
+}
+
+impl IndexGlobs {
+    pub fn new(patterns: &[String]) -> Result<Self> {
+        let mut set = globset::GlobSetBuilder::new();
+        for pattern in patterns {
+            if pattern.is_empty() || pattern.contains('/') {
+                bail!("repo.index_globs: {pattern:?} must be a non-empty file-name pattern without '/'");
+            }
+            let glob = globset::GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| anyhow!("repo.index_globs: {pattern:?}: {e}"))?;
+            set.add(glob);
         }
+        let set = set.build().map_err(|e| anyhow!("repo.index_globs: {e}"))?;
+        Ok(Self { patterns: patterns.to_vec(), set })
     }
-    go(pattern.as_bytes(), name.as_bytes())
+
+    /// Whether the file `name` (one path component) is an index file.
+    pub fn matches(&self, name: &str) -> bool {
+        self.set.is_match(name)
+    }
 }
 
 #[cfg(test)]
@@ -564,10 +641,16 @@ mod tests {
 
     #[test]
     fn globs() {
-        assert!(glob_match("APKINDEX.tar.gz", "APKINDEX.tar.gz"));
-        assert!(glob_match("*.db", "core.db"));
-        assert!(glob_match("Release*", "Release.gpg"));
-        assert!(!glob_match("*.db", "core.db.sig"));
-        assert!(glob_match("?x", "ax"));
+        let globs = |p: &str| IndexGlobs::new(&[p.to_owned()]).unwrap();
+        assert!(globs("APKINDEX.tar.gz").matches("APKINDEX.tar.gz"));
+        assert!(globs("*.db").matches("core.db"));
+        assert!(globs("Release*").matches("Release.gpg"));
+        assert!(!globs("*.db").matches("core.db.sig"));
+        assert!(globs("?x").matches("ax"));
+        assert!(globs("{InRelease,Release.gpg}").matches("Release.gpg"));
+        // Linear, not exponential, in the pattern (the hand-written matcher backtracked on runs of `*`).
+        let stars = "*a".repeat(40);
+        assert!(!globs(&stars).matches(&"a".repeat(39)));
+        assert!(IndexGlobs::new(&["x/y".into()]).is_err() && IndexGlobs::new(&["[".into()]).is_err());
     }
 }

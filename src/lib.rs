@@ -18,6 +18,7 @@ pub mod demo;
 pub mod gentree;
 pub mod key;
 pub mod local_fabric;
+pub mod logging;
 pub mod metrics;
 pub mod publish;
 pub mod removals;

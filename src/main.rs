@@ -176,15 +176,7 @@ fn quiet_when_output_closes() {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    mirrormesh::logging::init(matches!(format, LogFormat::Json));
 }
 
 fn run(command: Command) -> Result<()> {
@@ -286,7 +278,20 @@ fn run_daemon(config: &std::path::Path) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let access = Access::from_config(&cfg);
+        if cfg.log.is_some() {
+            mirrormesh::logging::apply(cfg.log.as_deref())?;
+        }
         let (daemon, handle) = mirrormesh::daemon::Daemon::start(cfg).await?;
+        // SIGHUP (`systemctl reload`) re-reads the config; without a handler it would end the process.
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let events = handle.events.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                if events.send(mirrormesh::daemon::LoopEvent::Reload).await.is_err() {
+                    break;
+                }
+            }
+        });
         let admin = mirrormesh::admin::serve(access, handle.clone()).await?;
         tracing::info!(%admin, data = %handle.data_addr, listen = ?handle.listen_addrs, "admin API listening");
         daemon.run(shutdown_signal()).await

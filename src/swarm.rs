@@ -1,13 +1,14 @@
 //! The control plane on libp2p (QUIC): node identity, gossip of signed roots (gossipsub, one topic per repository),
 //! identify, and the request-response protocol `/mirrormesh/control/1` carrying the core's control messages
-//! (hello, have, manifest node and delta fetches) in the project's bounded wire encoding.
+//! (hello, have, manifest node and delta fetches) in the project's bounded wire encoding. libp2p's connection limits
+//! bound connections per peer, handshakes in progress and incoming connections ([`ConnectionCaps`]).
 
 use std::io;
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, gossipsub, identify, request_response};
+use libp2p::{StreamProtocol, Swarm, connection_limits, gossipsub, identify, request_response};
 use mirrormesh_proto::control::{
     CONTROL_REQUEST_BYTES_MAX, CONTROL_RESPONSE_BYTES_MAX, ControlRequest, ControlResponse,
 };
@@ -35,9 +36,81 @@ pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often identify re-sends this node's description to a connected peer (libp2p's default is 5 minutes; the
 /// description does not change while the daemon runs).
 pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(3600);
+/// Most established connections with one peer, both directions together. A node keeps one connection per peer, but
+/// holds two while it reconnects (the old one not yet noticed dead) and two more when both ends dial each other at
+/// once; a fifth is refused.
+pub const CONTROL_CONNECTIONS_PER_PEER_MAX: u32 = 4;
+/// Most incoming connections still in their handshake. libp2p's QUIC transport starts a handshake for every Initial
+/// packet (it has no address validation), and one that never completes is dropped after its handshake timeout
+/// (5 s), so this bounds the memory and CPU a flood of Initials can take; honest dialers complete in a few round
+/// trips, so 128 lets a fabric's 64 mirrors (`tests/reliability.rs`) all dial at once, twice over.
+pub const CONTROL_PENDING_INCOMING_MAX: u32 = 128;
+/// Most established incoming connections in all. A fabric is tens to hundreds of nodes, each dialing a node at most
+/// a few times at once; this leaves room for that and bounds what a crowd of identities can take.
+pub const CONTROL_INCOMING_MAX: u32 = 1024;
+
+/// The control plane's connection limits (the defaults are the named constants; tests use smaller ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionCaps {
+    /// See [`CONTROL_CONNECTIONS_PER_PEER_MAX`].
+    pub per_peer: u32,
+    /// See [`CONTROL_PENDING_INCOMING_MAX`].
+    pub pending_incoming: u32,
+    /// See [`CONTROL_INCOMING_MAX`].
+    pub established_incoming: u32,
+}
+
+impl Default for ConnectionCaps {
+    fn default() -> Self {
+        Self {
+            per_peer: CONTROL_CONNECTIONS_PER_PEER_MAX,
+            pending_incoming: CONTROL_PENDING_INCOMING_MAX,
+            established_incoming: CONTROL_INCOMING_MAX,
+        }
+    }
+}
+
+impl ConnectionCaps {
+    fn limits(self) -> connection_limits::ConnectionLimits {
+        connection_limits::ConnectionLimits::default()
+            .with_max_established_per_peer(Some(self.per_peer))
+            .with_max_pending_incoming(Some(self.pending_incoming))
+            .with_max_established_incoming(Some(self.established_incoming))
+    }
+}
+
+/// Gossipsub's peer scoring for the roots topic. Roots are rare (one per publish), so only what a peer does wrong
+/// counts: an invalid root (undecodable, badly signed, from an untrusted publisher) costs
+/// [`INVALID_ROOT_WEIGHT`] times the square of such roots (decaying), so one puts a peer below the gossip threshold
+/// and two below the graylist, where its gossip is ignored. Peers are not scored for delivering few messages, and
+/// not for sharing an IP address (mirrors behind one NAT, fabrics on one host).
+pub fn root_topic_scoring(
+    topic: &gossipsub::IdentTopic,
+) -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic_params = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 0.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: INVALID_ROOT_WEIGHT,
+        invalid_message_deliveries_decay: INVALID_ROOT_DECAY,
+        ..Default::default()
+    };
+    let mut params = gossipsub::PeerScoreParams { ip_colocation_factor_weight: 0.0, ..Default::default() };
+    params.topics.insert(topic.hash(), topic_params);
+    (params, gossipsub::PeerScoreThresholds::default())
+}
+
+/// Score per invalid root squared (the default thresholds: gossip -10, publish -50, graylist -80).
+pub const INVALID_ROOT_WEIGHT: f64 = -50.0;
+/// Kept of the invalid-root count per decay interval (1 s): about a minute to fall back above the graylist.
+pub const INVALID_ROOT_DECAY: f64 = 0.97;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Refuses connections over [`ConnectionCaps`] (first, so that no other behaviour sets up state for them).
+    pub limits: connection_limits::Behaviour,
     pub gossipsub: gossipsub::Behaviour,
     pub identify: identify::Behaviour,
     pub control: request_response::Behaviour<ControlCodec>,
@@ -153,9 +226,14 @@ impl request_response::Codec for ControlCodec {
     }
 }
 
-/// Builds the swarm for `key` (not yet listening). `malformed_control` is fault injection for tests: every
-/// control request this node sends is malformed.
+/// Builds the swarm for `key` (not yet listening) with the default [`ConnectionCaps`]. `malformed_control` is fault
+/// injection for tests: every control request this node sends is malformed.
 pub fn build(key: &NodeKey, malformed_control: bool) -> anyhow::Result<Swarm<Behaviour>> {
+    build_with(key, malformed_control, ConnectionCaps::default())
+}
+
+/// [`build`] with the given connection limits.
+pub fn build_with(key: &NodeKey, malformed_control: bool, caps: ConnectionCaps) -> anyhow::Result<Swarm<Behaviour>> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key.keypair().clone())
         .with_tokio()
         .with_quic_config(|mut quic| {
@@ -168,6 +246,8 @@ pub fn build(key: &NodeKey, malformed_control: bool) -> anyhow::Result<Swarm<Beh
                 .heartbeat_interval(Duration::from_millis(500))
                 .max_transmit_size(GOSSIP_BYTES_MAX)
                 .validation_mode(gossipsub::ValidationMode::Strict)
+                // A root is forwarded only once the node has checked it (`report_message_validation_result`).
+                .validate_messages()
                 // Identical roots are one message however many peers forward them.
                 .message_id_fn(|m: &gossipsub::Message| {
                     gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
@@ -187,7 +267,7 @@ pub fn build(key: &NodeKey, malformed_control: bool) -> anyhow::Result<Swarm<Beh
                     .with_request_timeout(CONTROL_TIMEOUT)
                     .with_max_concurrent_streams(CONTROL_STREAMS_MAX),
             );
-            Ok(Behaviour { gossipsub, identify, control })
+            Ok(Behaviour { limits: connection_limits::Behaviour::new(caps.limits()), gossipsub, identify, control })
         })
         .map_err(|e| anyhow::anyhow!("building the libp2p behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))

@@ -233,3 +233,36 @@ fn the_dashboard_shows_the_fabric_and_follows_a_publish() {
         eprintln!("screenshot written to {}", path.display());
     }
 }
+
+#[test]
+fn the_dashboard_shows_a_refused_publish_until_it_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = NodeOptions { removal_limit_percent: Some(10), ..NodeOptions::default() };
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 0, &[origin]).unwrap();
+    let package = fabric.nodes[0].tree.join("alpine/edge/main/x86_64/a-1.0-r0.apk");
+    std::fs::create_dir_all(package.parent().unwrap()).unwrap();
+    std::fs::write(&package, b"package").unwrap();
+    fabric.start(0).unwrap();
+    fabric.publish().unwrap();
+
+    let browser = Browser::launch();
+    let mut page = browser.page();
+    page.call("Page.enable", json!({}));
+    page.call("Page.navigate", json!({ "url": format!("http://{}/", fabric.nodes[0].admin) }));
+    page.wait_event("Page.loadEventFired");
+
+    // The tree is emptied: the publish is refused, and the page says so.
+    std::fs::remove_file(&package).unwrap();
+    let refused = fabric.publish().unwrap_err().to_string();
+    assert!(refused.contains("publish refused"), "{refused}");
+    let shown = page.wait_for(
+        "document.querySelector('#last-error li[data-kind=\"publish_refused\"]') !== null",
+        "document.getElementById('last-error').textContent",
+    );
+    assert!(shown.as_str().is_some_and(|t| t.contains("empty")), "{shown}");
+
+    // The tree is back: the next publish clears it.
+    std::fs::write(&package, b"package").unwrap();
+    fabric.publish().unwrap();
+    page.wait_for("document.getElementById('last-error').hidden === true", "true");
+}

@@ -185,7 +185,10 @@ async fn fetches_small_and_full_chunks_byte_for_byte_and_counts_traffic() {
     fetch_all(&client, &server, &ids[..3]).await.unwrap();
     let again: u64 = chunks[..3].iter().map(|c| c.len() as u64).sum();
     assert_eq!(client.plane.traffic()[&server.peer()].bytes_received, total + again);
-    assert!(server.plane.refusals().values().all(|n| *n == 0), "{:?}", server.plane.refusals());
+    // Nothing refused but the first Initial of the one dial, answered with a Retry (address validation).
+    let refusals = server.plane.refusals();
+    assert_eq!(refusals["unvalidated"], 1, "{refusals:?}");
+    assert!(refusals.iter().all(|(kind, n)| *kind == "unvalidated" || *n == 0), "{refusals:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -531,4 +534,58 @@ async fn sending_slots_are_taken_in_turn_and_a_stalled_reader_gives_it_up() {
         }
     }
     assert_eq!(server.plane.refusals()["slow_reader"], 0, "the stalled stream is still open: its slot was given up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_peer_does_not_keep_others_waiting_for_sending_slots() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const GREEDY_REQUESTS: usize = 60;
+    let chunks: Vec<Vec<u8>> = (0..GREEDY_REQUESTS as u64 + 2).map(|i| pattern(i, CHUNK_SIZE as usize)).collect();
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+    let slots = mirrormesh::dataplane::ORIGIN_SENDING_REPLIES_MAX;
+    let server = Arc::new(node_limited(1, &chunks, StreamTimeouts::default(), Some(slots)));
+    let greedy = Arc::new(node(2, &[]));
+    let others = [node(3, &[]), node(4, &[])];
+
+    // The greedy peer asks for one chunk per request, all requests at once, on one connection.
+    let done = Arc::new(AtomicUsize::new(0));
+    let (completed_tx, mut completed) = tokio::sync::mpsc::channel(GREEDY_REQUESTS);
+    let greedy_fetches: Vec<_> = ids[..GREEDY_REQUESTS]
+        .iter()
+        .map(|&id| {
+            let (greedy, server, done, completed_tx) =
+                (greedy.clone(), server.clone(), done.clone(), completed_tx.clone());
+            tokio::spawn(async move {
+                let (summary, _) = fetch_all(&greedy, &server, &[id]).await.unwrap();
+                assert_eq!(summary.chunks, 1);
+                done.fetch_add(1, Ordering::SeqCst);
+                let _ = completed_tx.send(()).await;
+            })
+        })
+        .collect();
+    // Once a few of its requests are through, the rest are long queued at the server; then the others ask.
+    for _ in 0..3 {
+        completed.recv().await.unwrap();
+    }
+    let served_before: Vec<u64> = futures::future::join_all(others.iter().enumerate().map(|(i, other)| {
+        let (server, greedy) = (server.clone(), greedy.clone());
+        let id = ids[GREEDY_REQUESTS + i];
+        async move {
+            let (summary, _) = fetch_all(other, &server, &[id]).await.unwrap();
+            assert_eq!(summary.chunks, 1);
+            server.plane.traffic()[&greedy.peer()].chunks_sent
+        }
+    }))
+    .await;
+    println!("the greedy peer had {served_before:?} of its {GREEDY_REQUESTS} replies when each other peer had its own");
+    for served in &served_before {
+        assert!(
+            *served < GREEDY_REQUESTS as u64 / 3,
+            "the others waited for the greedy peer's queue: it got {served} replies first"
+        );
+    }
+    for fetch in greedy_fetches {
+        fetch.await.unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), GREEDY_REQUESTS);
 }

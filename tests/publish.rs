@@ -69,6 +69,9 @@ fn publish_scans_signs_caches_and_deltas() {
         key.to_str().unwrap(),
         "--state",
         state.to_str().unwrap(),
+        // This tree is four files: removing one is a quarter of it, over the default limit.
+        "--removal-limit-percent",
+        "100",
     ];
     let first = mirrormesh(&args);
     assert!(field(&first, "files").starts_with("4 "), "{first}");

@@ -203,3 +203,129 @@ fn a_mirror_serving_an_old_snapshot_reports_it_and_exports_the_root_times() {
     assert!(created <= now && now - created < 600.0, "created {created}, now {now}");
     assert!((expires - created - 7.0 * 24.0 * 3600.0).abs() < 2.0, "a week's validity: {created} .. {expires}");
 }
+
+#[test]
+fn a_publish_reaches_every_mirror_within_seconds_of_an_origin_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 3, &vec![NodeOptions::default(); 4]).unwrap();
+    write(&fabric.nodes[0].tree.join("alpine/p1.apk"), "package 1");
+    fabric.start_all().unwrap();
+    let first = fabric.publish().unwrap();
+    fabric.wait_all_settled(first.seq, WAIT).unwrap();
+
+    // SIGTERM, as systemd stops it; then the origin starts again and publishes at once.
+    let stopped = std::time::Instant::now();
+    fabric.kill(0, 15).unwrap();
+    let stop = stopped.elapsed();
+    write(&fabric.nodes[0].tree.join("alpine/p2.apk"), "package 2");
+    fabric.start(0).unwrap();
+    let restarted = std::time::Instant::now();
+    let second = fabric.publish().unwrap();
+    fabric.wait_all_settled(second.seq, Duration::from_secs(30)).unwrap();
+    let reached = restarted.elapsed();
+    println!("origin stopped in {stop:?}; publish after the restart served by all 3 mirrors {reached:?} after it");
+    assert!(reached < Duration::from_secs(15), "{reached:?}");
+    for i in 1..=3 {
+        fabric.check_identical(i).unwrap();
+    }
+}
+
+fn signal(fabric: &LocalFabric, i: usize, signal: i32) {
+    let pid = fabric.pid(i).expect("running") as i32;
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill -{signal} {pid}");
+}
+
+#[test]
+fn sighup_reloads_the_allow_list_and_refuses_what_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 2, &vec![NodeOptions::default(); 3]).unwrap();
+    let (origin, first) = (fabric.nodes[0].peer_id.clone(), fabric.nodes[1].peer_id.clone());
+    // Mirror 2 allows only the origin at first.
+    let config = std::fs::read_to_string(&fabric.nodes[2].config).unwrap();
+    let only_origin = config.replace("bootstrap = [", &format!("allow = [\"{origin}\"]\nbootstrap = ["));
+    std::fs::write(&fabric.nodes[2].config, &only_origin).unwrap();
+    write(&fabric.nodes[0].tree.join("alpine/p.apk"), "package");
+    fabric.start_all().unwrap();
+    fabric.client(2, WAIT).wait_counter("peers_refused_not_allowed", 1, WAIT.as_millis() as u64).unwrap();
+
+    // The operator adds mirror 1 to the list and reloads: no restart, mirror 1 is let in.
+    let joined = fabric.watch_log(2, &format!("peer={first}}}: mirrormesh::daemon: connected"));
+    let reloaded = fabric.watch_log(2, "configuration reloaded");
+    let both = config.replace("bootstrap = [", &format!("allow = [\"{origin}\", \"{first}\"]\nbootstrap = ["));
+    std::fs::write(&fabric.nodes[2].config, &both).unwrap();
+    signal(&fabric, 2, libc::SIGHUP);
+    reloaded.recv_timeout(WAIT).expect("the reload is logged");
+    joined.recv_timeout(WAIT).expect("mirror 1 connects once allowed");
+    let published = fabric.publish().unwrap();
+    fabric.wait_all_settled(published.seq, WAIT).unwrap();
+
+    // A change only a restart can make is refused, and the daemon keeps running as it was.
+    let refused = fabric.watch_log(2, "reload refused");
+    std::fs::write(&fabric.nodes[2].config, both.replace("role = \"mirror\"", "role = \"origin\"")).unwrap();
+    signal(&fabric, 2, libc::SIGHUP);
+    let line = refused.recv_timeout(WAIT).expect("the refusal is logged");
+    assert!(line.contains("node.role"), "{line}");
+    let status = fabric.client(2, WAIT).wait_counter("reloads_refused", 1, WAIT.as_millis() as u64).unwrap();
+    assert_eq!((status.counters["reloads"], status.role.as_str()), (1, "mirror"));
+}
+
+#[test]
+fn two_nodes_with_the_same_key_are_noticed_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 2, &vec![NodeOptions::default(); 3]).unwrap();
+    // Mirror 2 was set up by copying mirror 1's key file.
+    std::fs::copy(&fabric.nodes[1].key, &fabric.nodes[2].key).unwrap();
+    write(&fabric.nodes[0].tree.join("alpine/p.apk"), "package");
+    let warned = fabric.watch_log(0, "use the same key");
+    fabric.start_all().unwrap();
+    let line = warned.recv_timeout(WAIT).expect("the origin names the duplicated node id");
+    assert!(line.contains(&fabric.nodes[1].peer_id), "{line}");
+    fabric.client(0, WAIT).wait_counter("peers_duplicate_key", 1, WAIT.as_millis() as u64).unwrap();
+}
+
+/// Makes a directory immutable (`chattr +i`: renames into it fail with EPERM, even for root) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Self {
+        let ok = std::process::Command::new("chattr").arg("+i").arg(dir).status().unwrap().success();
+        assert!(ok, "chattr +i {}", dir.display());
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_failing_apply_is_retried_and_the_mirror_converges_once_the_fault_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 1, &vec![NodeOptions::default(); 2]).unwrap();
+    let repo = "alpine/edge/main/x86_64";
+    write(&fabric.nodes[0].tree.join(repo).join("a-1.0-r0.apk"), "package a");
+    write(&fabric.nodes[0].tree.join(repo).join("APKINDEX.tar.gz"), "index: a");
+    fabric.start_all().unwrap();
+    let first = fabric.publish().unwrap();
+    fabric.wait_all_settled(first.seq, WAIT).unwrap();
+
+    // The mirror's package directory refuses new entries (as a read-only or foreign-owned directory would).
+    let guard = Immutable::set(&fabric.nodes[1].tree.join(repo));
+    write(&fabric.nodes[0].tree.join(repo).join("b-1.0-r0.apk"), "package b");
+    write(&fabric.nodes[0].tree.join(repo).join("APKINDEX.tar.gz"), "index: a b");
+    let second = fabric.publish().unwrap();
+    let failing = fabric.client(1, WAIT).wait_counter("apply_failures", 2, WAIT.as_millis() as u64).unwrap();
+    let repo_status = &failing.repos[0];
+    assert_eq!(repo_status.seq, Some(first.seq), "the old snapshot is still served");
+    assert!(failing.problems.iter().any(|p| p.kind == mirrormesh::daemon::ProblemKind::ApplyFailing));
+    assert_eq!(sample(&metrics(&fabric, 1), "mirrormesh_failing"), 1.0);
+    assert_eq!(std::fs::read_to_string(fabric.nodes[1].tree.join(repo).join("APKINDEX.tar.gz")).unwrap(), "index: a");
+
+    // The operator fixes the directory: the mirror converges by itself, no restart.
+    drop(guard);
+    let done = fabric.client(1, WAIT).wait_settled(second.seq, WAIT.as_millis() as u64).unwrap();
+    assert!(done.problems.is_empty(), "{:?}", done.problems);
+    fabric.check_identical(1).unwrap();
+}

@@ -9,7 +9,7 @@
 //! A delta lists, per changed directory, the entries set or removed. Whole directories that appear or disappear are
 //! one `Dir` entry (their contents are not listed: a receiver fetches a new directory's nodes like any other).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -182,8 +182,8 @@ impl ManifestDelta {
         // keep their entries in memory (they are needed to look their children up); the rest are loaded one at a
         // time below, so memory stays bounded by the largest directory, not the tree.
         let parents: BTreeSet<&str> = order.iter().filter(|p| !p.is_empty()).map(|p| split_parent(p).0).collect();
-        let mut parent_entries: HashMap<&str, Vec<Entry>> = HashMap::new();
-        let mut old_roots: HashMap<&str, NodeHash> = HashMap::new();
+        let mut parent_entries: BTreeMap<&str, Vec<Entry>> = BTreeMap::new();
+        let mut old_roots: BTreeMap<&str, NodeHash> = BTreeMap::new();
         for &path in &order {
             let root = if path.is_empty() {
                 self.base
@@ -201,9 +201,9 @@ impl ManifestDelta {
             }
         }
 
-        let changes_of: HashMap<&str, &[DeltaChange]> =
+        let changes_of: BTreeMap<&str, &[DeltaChange]> =
             self.dirs.iter().map(|d| (d.path.as_str(), d.changes.as_slice())).collect();
-        let mut rebuilt: HashMap<&str, NodeHash> = HashMap::new();
+        let mut rebuilt: BTreeMap<&str, NodeHash> = BTreeMap::new();
         for &path in order.iter().rev() {
             let old = match parent_entries.remove(path) {
                 Some(entries) => entries,

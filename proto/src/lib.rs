@@ -58,5 +58,5 @@ pub use diff::{Change, diff};
 pub use entry::{Entry, EntryKind, FileMeta};
 pub use node::{Node, NodeHash};
 pub use root::{PublisherKey, RepoId, RootBody, RootError, RootTracker, SignedRoot, VerifiedRoot};
-pub use timestamp::Timestamp;
+pub use timestamp::{Mono, Now, Timestamp};
 pub use tree::TreeDir;

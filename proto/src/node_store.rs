@@ -2,6 +2,7 @@
 //! [`NodeSink`]; the daemon backs both with its on-disk store, tests and the simulator with a map.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 
 use crate::node::{Node, NodeHash};
 
@@ -31,7 +32,7 @@ pub trait NodeSink {
     fn put_node(&mut self, hash: NodeHash, bytes: Vec<u8>);
 }
 
-impl NodeSource for HashMap<NodeHash, Vec<u8>> {
+impl<S: BuildHasher> NodeSource for HashMap<NodeHash, Vec<u8>, S> {
     fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
         Ok(self.get(hash).cloned())
     }
@@ -41,7 +42,7 @@ impl NodeSource for HashMap<NodeHash, Vec<u8>> {
     }
 }
 
-impl NodeSink for HashMap<NodeHash, Vec<u8>> {
+impl<S: BuildHasher> NodeSink for HashMap<NodeHash, Vec<u8>, S> {
     fn put_node(&mut self, hash: NodeHash, bytes: Vec<u8>) {
         self.entry(hash).or_insert(bytes);
     }
@@ -67,12 +68,12 @@ impl NodeSink for BTreeMap<NodeHash, Vec<u8>> {
 /// an old one and learn exactly which nodes are new.
 pub struct Overlay<'a, S> {
     pub base: &'a S,
-    pub added: HashMap<NodeHash, Vec<u8>>,
+    pub added: BTreeMap<NodeHash, Vec<u8>>,
 }
 
 impl<'a, S: NodeSource> Overlay<'a, S> {
     pub fn new(base: &'a S) -> Self {
-        Self { base, added: HashMap::new() }
+        Self { base, added: BTreeMap::new() }
     }
 }
 

@@ -13,11 +13,15 @@ use mirrormesh_proto::diff::diff;
 use mirrormesh_proto::entry::EntryKind;
 use mirrormesh_proto::node::NodeHash;
 use mirrormesh_proto::root::{DeltaRef, RootBody, RootError, SignedRoot, publisher_key};
+use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
-use mirrormesh_proto::sync::{Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
+use mirrormesh_proto::sync::{
+    APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, Input, Notice, Output,
+    REPUBLISH_RETRY_MS, ReqId, Role, RootVia, SyncPhase,
+};
 use mirrormesh_proto::tree::TreeDir;
-use mirrormesh_proto::{RepoId, Timestamp};
+use mirrormesh_proto::{Mono, Now, RepoId, Timestamp};
 use support::*;
 
 const SECRET: [u8; 32] = [5; 32];
@@ -26,6 +30,8 @@ const ORIGIN: u32 = 0;
 #[derive(Default)]
 struct Node {
     engine: Option<Engine<u32>>,
+    /// `Output::Republish`es seen.
+    republish_asked: u32,
     nodes: Nodes,
     deltas: HashMap<DeltaHash, Vec<u8>>,
     chunks: BTreeSet<ChunkId>,
@@ -34,25 +40,85 @@ struct Node {
     liar: bool,
     /// Claims in its hellos to hold the newest snapshot completely.
     claims_complete: bool,
+    /// How it answers chunk requests instead of serving them (it syncs honestly for itself).
+    chunk_lie: Option<ChunkLie>,
+    /// Chunks it asked the origin for, and other peers.
+    asked_of_origin: u64,
+    asked_of_peers: u64,
+    /// When it last applied a snapshot.
+    applied_at: Option<Timestamp>,
+    /// Applies of these snapshots fail (with the count of failures still to come before one succeeds).
+    apply_fails: BTreeMap<u64, u32>,
+    /// Every `Apply` it was asked for: (when, snapshot).
+    apply_attempts: Vec<(Timestamp, u64)>,
     bans: Vec<(u32, BanReason)>,
     notices: Vec<Notice<u32>>,
     bytes_from_peers: u64,
     bytes_from_origin: u64,
 }
 
+/// A peer's answer to every chunk request, whatever it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChunkLie {
+    /// `Elsewhere`, naming the origin (only an origin may redirect).
+    Elsewhere,
+    /// Never answers (the request times out).
+    Stall,
+    /// Gives no data-plane address: every request to it fails at once.
+    NoDataAddr,
+}
+
 enum Msg {
-    Hello { from: u32, to: u32, hello: Hello, reply: bool },
-    Have { from: u32, to: u32, have: Have },
-    Root { from: u32, to: u32, root: SignedRoot },
-    GetNodes { from: u32, to: u32, req: ReqId, hashes: Vec<NodeHash> },
-    GetDelta { from: u32, to: u32, req: ReqId, hash: DeltaHash },
-    GetChunks { from: u32, to: u32, req: ReqId, chunks: Vec<ChunkId> },
+    Hello {
+        from: u32,
+        to: u32,
+        hello: Hello,
+        reply: bool,
+    },
+    Have {
+        from: u32,
+        to: u32,
+        have: Have,
+    },
+    Root {
+        from: u32,
+        to: u32,
+        root: SignedRoot,
+    },
+    GetNodes {
+        from: u32,
+        to: u32,
+        req: ReqId,
+        hashes: Vec<NodeHash>,
+    },
+    GetDelta {
+        from: u32,
+        to: u32,
+        req: ReqId,
+        hash: DeltaHash,
+    },
+    GetChunks {
+        from: u32,
+        to: u32,
+        req: ReqId,
+        chunks: Vec<ChunkId>,
+    },
+    /// A lying peer's answer to a chunk request (delivered a round after the request, like a round trip).
+    Lie {
+        from: u32,
+        to: u32,
+        req: ReqId,
+        chunks: Vec<ChunkId>,
+        lie: ChunkLie,
+    },
 }
 
 struct Net {
     nodes: BTreeMap<u32, Node>,
     links: BTreeSet<(u32, u32)>,
     queue: VecDeque<Msg>,
+    /// Delivered in the next round.
+    later: Vec<Msg>,
     now: Timestamp,
     sizes: HashMap<ChunkId, u64>,
     seq: u64,
@@ -61,7 +127,15 @@ struct Net {
     /// Every output, for the determinism check.
     trace: blake3::Hasher,
     lies_max: u32,
+    /// When the newest snapshot was published.
+    published_at: Timestamp,
+    /// How far the nodes' wall clock is off the network's time (a step of the system clock); their monotonic clock
+    /// never steps.
+    wall_step_ms: i64,
 }
+
+/// The origin asks for a re-signed root once its root has less than this left (half the day roots are signed for).
+const RESIGN_BEFORE_EXPIRY_MS: u64 = 43_200_000;
 
 fn repo() -> RepoId {
     RepoId::new("alpine").unwrap()
@@ -73,6 +147,7 @@ impl Net {
             nodes: BTreeMap::new(),
             links: BTreeSet::new(),
             queue: VecDeque::new(),
+            later: Vec::new(),
             now: Timestamp(1_800_000_000_000),
             sizes: HashMap::new(),
             seq: 0,
@@ -80,6 +155,8 @@ impl Net {
             root: None,
             trace: blake3::Hasher::new(),
             lies_max: 16,
+            published_at: Timestamp(0),
+            wall_step_ms: 0,
         };
         for id in 0..=mirrors {
             net.add_node(id);
@@ -97,6 +174,7 @@ impl Net {
             scheduler: SchedulerLimits { lies_max: self.lies_max, ..SchedulerLimits::default() },
             seeder: SeederLimits::default(),
             have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
+            resign_before_expiry_ms: (id == ORIGIN).then_some(RESIGN_BEFORE_EXPIRY_MS),
         };
         self.nodes.insert(id, Node { engine: Some(Engine::new(cfg, None, None)), ..Node::default() });
     }
@@ -112,9 +190,9 @@ impl Net {
     fn connect(&mut self, a: u32, b: u32) {
         self.links.insert((a.min(b), a.max(b)));
         let now = self.now;
+        let _ = now;
         for (x, y) in [(a, b), (b, a)] {
-            self.node(x).engine.as_mut().unwrap().handle_peer_connected(now, y);
-            self.drain(x);
+            self.call(x, Input::PeerConnected(y));
             if self.node(x).liar {
                 // Claims every chunk right away (the Have handler swaps in the full list).
                 let have = Have { repo: repo(), seq: self.seq, complete_seq: None, chunks: Vec::new() };
@@ -134,11 +212,13 @@ impl Net {
         let mut tree = self.tree.clone();
         let root = tree.build(&mut origin.nodes).unwrap();
         let (everything, _) = diff(&origin.nodes, None, &root).unwrap();
+        let mut snapshot = Vec::new();
         for change in &everything {
             if let Some(EntryKind::File(meta)) = change.new.as_ref().map(|e| &e.kind) {
                 for (i, id) in meta.chunks.iter().enumerate() {
                     self.sizes.insert(*id, chunk_range(meta.size, i as u64).unwrap().1);
                     origin.chunks.insert(*id);
+                    snapshot.push(*id);
                 }
             }
         }
@@ -162,61 +242,86 @@ impl Net {
         };
         let signed = SignedRoot::sign(&SECRET, &body);
         origin.applied = Some(root);
-        origin.engine.as_mut().unwrap().handle_published(now, signed.clone()).unwrap();
         self.root = Some(root);
-        self.drain(ORIGIN);
+        self.published_at = now;
+        self.call(ORIGIN, Input::Published { root: signed.clone(), chunks: ChunkSet::new(snapshot) });
         signed
     }
 
-    /// Executes every output of node `id`.
-    fn drain(&mut self, id: u32) {
-        loop {
-            let now = self.now;
-            let node = self.nodes.get_mut(&id).unwrap();
-            let Some(out) = node.engine.as_mut().unwrap().poll_output() else { break };
-            self.trace.update(format!("{id} {out:?}").as_bytes());
-            match out {
-                Output::Gossip(root) => {
-                    let peers: Vec<u32> =
-                        self.nodes.keys().copied().filter(|&p| p != id && self.connected(id, p)).collect();
-                    for to in peers {
-                        self.queue.push_back(Msg::Root { from: id, to, root: root.clone() });
-                    }
+    /// The nodes' two clocks: the monotonic one counts the network's milliseconds, the wall clock too unless it
+    /// was stepped (`wall_step_ms`).
+    fn clock(&self) -> Now {
+        Now { mono: Mono(self.now.0), wall: Timestamp(self.now.0.saturating_add_signed(self.wall_step_ms)) }
+    }
+
+    /// Hands `input` to node `id`'s engine through the one driver, this network as its host.
+    fn call(&mut self, id: u32, input: Input<u32>) {
+        let now = self.clock();
+        step(&mut NetHost { net: self, id }, now, input).unwrap();
+    }
+
+    /// Carries out one output of node `id`; stages and applies at once, answering with the inputs.
+    fn execute(&mut self, id: u32, now: Now, out: Output<u32>) -> Vec<Input<u32>> {
+        self.trace.update(format!("{id} {out:?}").as_bytes());
+        let connected: Vec<u32> = self.nodes.keys().copied().filter(|&p| p != id && self.connected(id, p)).collect();
+        let node = self.nodes.get_mut(&id).unwrap();
+        match out {
+            Output::Gossip(root) => {
+                for to in connected {
+                    self.queue.push_back(Msg::Root { from: id, to, root: root.clone() });
                 }
-                Output::SendHello(to, hello) => self.queue.push_back(Msg::Hello { from: id, to, hello, reply: false }),
-                Output::SendHave(to, have) => self.queue.push_back(Msg::Have { from: id, to, have }),
-                Output::FetchNodes { peer, req, hashes } => {
-                    self.queue.push_back(Msg::GetNodes { from: id, to: peer, req, hashes })
-                }
-                Output::FetchDelta { peer, req, hash } => {
-                    self.queue.push_back(Msg::GetDelta { from: id, to: peer, req, hash })
-                }
-                Output::StoreNodes(nodes) => node.nodes.extend(nodes),
-                Output::StoreDelta(hash, bytes) => {
-                    node.deltas.insert(hash, bytes);
-                }
-                Output::Stage { seq, files } => {
-                    let held: Vec<ChunkId> = files
-                        .iter()
-                        .flat_map(|f| f.meta.chunks.iter())
-                        .filter(|c| node.chunks.contains(c))
-                        .copied()
-                        .collect();
-                    node.engine.as_mut().unwrap().handle_staged(now, seq, held);
-                }
-                Output::FetchChunks { peer, req, chunks } => {
-                    self.queue.push_back(Msg::GetChunks { from: id, to: peer, req, chunks })
-                }
-                Output::Cancel { .. } => {}
-                Output::Apply { target, .. } => {
-                    node.applied = Some(target.body.root);
-                    let Node { engine, nodes, .. } = node;
-                    engine.as_mut().unwrap().handle_applied(now, target.body.seq, nodes).unwrap();
-                }
-                Output::Ban { peer, reason } => node.bans.push((peer, reason)),
-                Output::Notice(notice) => node.notices.push(notice),
             }
+            Output::SendHello(to, hello) => self.queue.push_back(Msg::Hello { from: id, to, hello, reply: false }),
+            Output::SendHave(to, have) => self.queue.push_back(Msg::Have { from: id, to, have }),
+            Output::FetchNodes { peer, req, hashes } => {
+                self.queue.push_back(Msg::GetNodes { from: id, to: peer, req, hashes })
+            }
+            Output::FetchDelta { peer, req, hash } => {
+                self.queue.push_back(Msg::GetDelta { from: id, to: peer, req, hash })
+            }
+            Output::StoreNodes(nodes) => node.nodes.extend(nodes),
+            Output::StoreDelta(hash, bytes) => {
+                node.deltas.insert(hash, bytes);
+            }
+            Output::PersistRoot(_) => {}
+            Output::Stage { seq, files } => {
+                let held: Vec<ChunkId> = files
+                    .iter()
+                    .flat_map(|f| f.meta.chunks.iter())
+                    .filter(|c| node.chunks.contains(c))
+                    .copied()
+                    .collect();
+                return vec![Input::Staged { seq, held }];
+            }
+            Output::FetchChunks { peer, req, chunks } => {
+                if peer == ORIGIN {
+                    node.asked_of_origin += chunks.len() as u64;
+                } else {
+                    node.asked_of_peers += chunks.len() as u64;
+                }
+                self.queue.push_back(Msg::GetChunks { from: id, to: peer, req, chunks })
+            }
+            Output::Cancel { .. } => {}
+            Output::Apply { target, .. } => {
+                let seq = target.body.seq;
+                // The network's time (the wall clock may have been stepped).
+                node.apply_attempts.push((Timestamp(now.mono.0), seq));
+                if let Some(left) = node.apply_fails.get_mut(&seq)
+                    && *left > 0
+                {
+                    *left -= 1;
+                    return vec![Input::ApplyFailed { seq, failure: ApplyFailure::NoSpace }];
+                }
+                node.applied = Some(target.body.root);
+                node.applied_at = Some(Timestamp(now.mono.0));
+                return vec![Input::Applied { seq }];
+            }
+            Output::Ban { peer, reason, .. } => node.bans.push((peer, reason)),
+            Output::Unban { .. } => {}
+            Output::Republish => node.republish_asked += 1,
+            Output::Notice(notice) => node.notices.push(notice),
         }
+        Vec::new()
     }
 
     fn deliver(&mut self, msg: Msg) {
@@ -227,7 +332,8 @@ impl Net {
             | Msg::Root { from, to, .. }
             | Msg::GetNodes { from, to, .. }
             | Msg::GetDelta { from, to, .. }
-            | Msg::GetChunks { from, to, .. } => (*from, *to),
+            | Msg::GetChunks { from, to, .. }
+            | Msg::Lie { from, to, .. } => (*from, *to),
         };
         if !self.connected(from, to) {
             return;
@@ -237,12 +343,9 @@ impl Net {
                 if self.node(from).claims_complete {
                     hello.complete_seq = Some(self.seq);
                 }
-                let node = self.node(to);
-                let Node { engine, nodes, .. } = node;
-                let engine = engine.as_mut().unwrap();
-                engine.handle_hello(now, from, hello, nodes).unwrap();
+                self.call(to, Input::Hello { from, hello });
                 if !reply {
-                    let answer = engine.hello();
+                    let answer = self.node(to).engine.as_ref().unwrap().hello();
                     self.queue.push_back(Msg::Hello { from: to, to: from, hello: answer, reply: true });
                 }
             }
@@ -251,28 +354,31 @@ impl Net {
                     have.chunks = self.sizes.keys().copied().collect();
                     have.chunks.sort();
                 }
-                self.node(to).engine.as_mut().unwrap().handle_have(now, from, have);
+                self.call(to, Input::Have { from, have });
             }
             Msg::Root { root, .. } => {
-                let Node { engine, nodes, .. } = self.node(to);
-                engine.as_mut().unwrap().handle_root(now, RootVia::Gossip(from), root, nodes).unwrap();
+                self.call(to, Input::Root { via: RootVia::Gossip(from), root });
             }
             Msg::GetNodes { req, hashes, .. } => {
                 let answer: Vec<Option<Vec<u8>>> = hashes.iter().map(|h| self.node(to).nodes.get(h).cloned()).collect();
-                let Node { engine, nodes, .. } = self.node(from);
-                engine.as_mut().unwrap().handle_nodes(now, to, req, answer, nodes).unwrap();
+                self.call(from, Input::Nodes { from: to, req, nodes: answer });
             }
             Msg::GetDelta { req, hash, .. } => {
                 let answer = self.node(to).deltas.get(&hash).cloned();
-                let Node { engine, nodes, .. } = self.node(from);
-                engine.as_mut().unwrap().handle_delta(now, to, req, answer, nodes).unwrap();
+                self.call(from, Input::Delta { from: to, req, delta: answer });
             }
             Msg::GetChunks { req, chunks, .. } => {
+                if let Some(lie) = self.node(to).chunk_lie {
+                    if lie != ChunkLie::Stall {
+                        self.later.push(Msg::Lie { from: to, to: from, req, chunks, lie });
+                    }
+                    return;
+                }
                 let mut bytes = 0;
                 for id in chunks {
                     let size = self.sizes[&id];
                     let server = self.node(to);
-                    let decision = server.engine.as_mut().unwrap().serve_decision(now, &from, &id);
+                    let decision = server.engine.as_mut().unwrap().serve_decision(Mono(now.0), &from, &id);
                     let outcome = match decision {
                         ServeDecision::Elsewhere(peers) => ChunkOutcome::Elsewhere(peers),
                         ServeDecision::Refuse => ChunkOutcome::Missing,
@@ -290,38 +396,57 @@ impl Net {
                             ChunkOutcome::Verified
                         }
                     };
-                    self.node(from).engine.as_mut().unwrap().handle_chunk(now, to, req, id, outcome);
-                    self.drain(from);
+                    self.call(from, Input::Chunk { from: to, req, id, outcome });
                 }
-                self.node(from).engine.as_mut().unwrap().handle_chunks_done(now, to, req, bytes);
+                self.call(from, Input::ChunksDone { from: to, req, bytes });
+            }
+            Msg::Lie { req, chunks, lie, .. } => {
+                // `from` is the liar, `to` the asker.
+                match lie {
+                    ChunkLie::Stall => {}
+                    // What the shell does when it knows no address: the request fails before anything is sent.
+                    ChunkLie::NoDataAddr => self.call(to, Input::ChunksFailed { from, req }),
+                    ChunkLie::Elsewhere => {
+                        for id in chunks {
+                            let outcome = ChunkOutcome::Elsewhere(vec![ORIGIN]);
+                            self.call(to, Input::Chunk { from, req, id, outcome });
+                        }
+                        self.call(to, Input::ChunksDone { from, req, bytes: 0 });
+                    }
+                }
             }
         }
-        self.drain(from);
-        self.drain(to);
     }
 
     /// Runs until nothing is queued and no engine wants more, or `rounds` idle rounds pass.
     fn run(&mut self, rounds: usize) {
         for _ in 0..rounds {
+            self.queue.extend(std::mem::take(&mut self.later));
             while let Some(msg) = self.queue.pop_front() {
                 self.deliver(msg);
             }
             self.now = self.now.plus_ms(50);
-            let ids: Vec<u32> = self.nodes.keys().copied().collect();
-            for id in ids {
-                let now = self.now;
-                let Node { engine, nodes, .. } = self.node(id);
-                engine.as_mut().unwrap().handle_tick(now, nodes).unwrap();
-                self.drain(id);
+            // Each engine runs when it asked to, and only then.
+            let mono = self.clock().mono;
+            let due: Vec<u32> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.engine.as_ref().and_then(Engine::poll_timeout).is_some_and(|at| at <= mono))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in due {
+                self.call(id, Input::Timeout);
             }
-            if self.queue.is_empty() && self.converged() {
+            if self.queue.is_empty() && self.later.is_empty() && self.converged() {
                 return;
             }
         }
     }
 
     fn converged(&self) -> bool {
-        self.nodes.iter().all(|(id, n)| *id == ORIGIN || n.corrupt || n.liar || n.applied == self.root)
+        self.nodes
+            .iter()
+            .all(|(id, n)| *id == ORIGIN || n.corrupt || n.liar || n.chunk_lie.is_some() || n.applied == self.root)
     }
 
     fn origin_bytes(&self) -> u64 {
@@ -463,6 +588,239 @@ fn a_peer_claiming_a_snapshot_it_still_downloads_gets_nothing_from_the_origin() 
     assert!(ratio <= 1.05, "origin sent {ratio:.3} x the tree");
 }
 
+/// Two honest mirrors sync beside mirror 3, which claims in its hellos to hold the snapshot completely and answers
+/// every chunk request with `lie`; runs for up to 600 virtual seconds and prints what each honest mirror did.
+/// An origin, two honest mirrors and mirror 3, which claims the snapshot and lies about chunks by `lie`, in a full
+/// mesh, with a snapshot of 60 packages just published.
+fn beside_a_claimed_holder(lie: ChunkLie) -> Net {
+    let mut net = Net::new(3);
+    packages(&mut net.tree, 60, 0);
+    net.publish();
+    let liar = net.node(3);
+    liar.claims_complete = true;
+    liar.chunk_lie = Some(lie);
+    full_mesh(&mut net);
+    net
+}
+
+fn sync_beside_a_claimed_holder(lie: ChunkLie) -> Net {
+    let mut net = beside_a_claimed_holder(lie);
+    net.run(12_000);
+    let published = net.published_at;
+    for id in 1..=2 {
+        let n = &net.nodes[&id];
+        let took = n.applied_at.map(|t| t.millis_since(published) as f64 / 1000.0);
+        println!(
+            "{lie:?}: mirror {id} applied: {}, after {took:?} s; chunks asked of the origin {}, of peers {}; bans {:?}",
+            n.applied.is_some(),
+            n.asked_of_origin,
+            n.asked_of_peers,
+            n.bans
+        );
+    }
+    let ratio = net.origin_bytes() as f64 / net.tree_bytes() as f64;
+    println!("{lie:?}: the origin sent {ratio:.3} x the tree");
+    for id in 1..=2 {
+        let n = &net.nodes[&id];
+        assert!(
+            n.applied == net.root,
+            "mirror {id} not applied after 600 virtual seconds; {} chunks asked of the origin, {} of peers",
+            n.asked_of_origin,
+            n.asked_of_peers
+        );
+        let took = n.applied_at.map_or(u64::MAX, |t| t.millis_since(published));
+        // Within two of the claimers' stall allowances (the silent claimer's case; the others are found out at once).
+        let allowed = 2 * SchedulerLimits::default().holds_all_stall_ms;
+        assert!(took <= allowed, "mirror {id} applied after {took} ms, more than {allowed}");
+        assert!(n.asked_of_origin > 0, "mirror {id} asked the origin for nothing");
+    }
+    // Each chunk left the origin about once (the liar gets nothing from it: it claims the snapshot).
+    assert!(ratio <= 1.10, "the origin sent {ratio:.3} x the tree");
+    assert_eq!(net.nodes[&3].bytes_from_origin, 0);
+    net
+}
+
+#[test]
+fn a_peer_claiming_the_snapshot_that_redirects_every_request_does_not_stop_the_sync() {
+    let net = sync_beside_a_claimed_holder(ChunkLie::Elsewhere);
+    for id in 1..=2 {
+        let bans = &net.nodes[&id].bans;
+        assert!(bans.contains(&(3, BanReason::FalseHave)), "mirror {id} banned the liar: {bans:?}");
+    }
+}
+
+#[test]
+fn a_peer_claiming_the_snapshot_that_never_answers_does_not_stop_the_sync() {
+    let net = sync_beside_a_claimed_holder(ChunkLie::Stall);
+    for id in 1..=2 {
+        // The origin is asked once the claimer stayed silent for the allowance, before any request to it timed out.
+        let took = net.nodes[&id].applied_at.map_or(u64::MAX, |t| t.millis_since(net.published_at));
+        let stall = SchedulerLimits::default().holds_all_stall_ms;
+        assert!(took < SchedulerLimits::default().request_timeout_base_ms, "mirror {id} applied after {took} ms");
+        assert!(took >= stall, "mirror {id} applied after {took} ms, before the stall allowance of {stall} ms");
+    }
+}
+
+#[test]
+fn a_wall_clock_step_moves_no_timer() {
+    // The system clock steps an hour back, or an hour forward, while the mirrors wait on a silent claimer: they
+    // still wait its stall allowance, no less and no more (with one clock for both, a step back stopped every
+    // timer for an hour and a step forward timed out every request at once).
+    let stall = SchedulerLimits::default().holds_all_stall_ms;
+    for step_ms in [-3_600_000, 3_600_000] {
+        let mut net = beside_a_claimed_holder(ChunkLie::Stall);
+        // The root is accepted and the claimer asked (roots are checked against the wall clock, so before the step).
+        net.run(4);
+        assert!(net.nodes[&1].asked_of_peers > 0, "the claimer was asked");
+        net.wall_step_ms = step_ms;
+        net.run(12_000);
+        for id in 1..=2 {
+            let n = &net.nodes[&id];
+            assert_eq!(n.applied, net.root, "mirror {id} applied (clock stepped by {step_ms} ms)");
+            let took = n.applied_at.map_or(u64::MAX, |t| t.millis_since(net.published_at));
+            println!("clock stepped by {step_ms} ms: mirror {id} applied after {took} ms (stall allowance {stall} ms)");
+            assert!(took >= stall && took < 2 * stall, "mirror {id} applied after {took} ms");
+        }
+        // Roots still expire by the wall clock: a day later (the harness signs for a day), a new mirror refuses it.
+        net.wall_step_ms = 86_400_000 + 60_000;
+        net.add_node(9);
+        net.connect(9, ORIGIN);
+        net.run(20);
+        let n = &net.nodes[&9];
+        assert!(
+            n.notices.iter().any(|x| matches!(x, Notice::RootRejected { error: RootError::Expired { .. }, .. })),
+            "{:?}",
+            n.notices
+        );
+        assert_eq!(n.applied, None);
+    }
+}
+
+#[test]
+fn a_claimer_that_stalled_holds_up_the_next_snapshot_no_more() {
+    let mut net = sync_beside_a_claimed_holder(ChunkLie::Stall);
+    for i in (0..60).step_by(10) {
+        net.tree
+            .insert_file(&format!("alpine/edge/main/x86_64/pkg{i:04}-1.1-r0.apk"), file(500_000 + i, 1 << 40 | i))
+            .unwrap();
+    }
+    net.publish();
+    // It claims the new snapshot too.
+    for to in 1..=2 {
+        let hello = net.node(3).engine.as_ref().unwrap().hello();
+        net.queue.push_back(Msg::Hello { from: 3, to, hello, reply: true });
+    }
+    net.run(12_000);
+    for id in 1..=2 {
+        let n = &net.nodes[&id];
+        let took = n.applied_at.map_or(u64::MAX, |t| t.millis_since(net.published_at));
+        println!("update: mirror {id} applied after {took} ms");
+        assert_eq!(n.applied, net.root, "mirror {id} applies the update");
+        let stall = SchedulerLimits::default().holds_all_stall_ms;
+        assert!(took < stall, "mirror {id} waited {took} ms for the claimer again");
+    }
+}
+
+#[test]
+fn a_peer_claiming_the_snapshot_without_a_data_address_does_not_stop_the_sync() {
+    let net = sync_beside_a_claimed_holder(ChunkLie::NoDataAddr);
+    for id in 1..=2 {
+        let bans = &net.nodes[&id].bans;
+        assert!(bans.contains(&(3, BanReason::Unresponsive)), "mirror {id} banned the peer: {bans:?}");
+    }
+}
+
+/// An origin and two mirrors synced to a first snapshot of 30 packages; then a release of 6 packages is published.
+fn release_after_a_first_snapshot() -> Net {
+    let mut net = Net::new(2);
+    packages(&mut net.tree, 30, 0);
+    net.publish();
+    full_mesh(&mut net);
+    net.run(400);
+    assert!(net.converged());
+    release(&mut net, 1);
+    net
+}
+
+/// Publishes `packages` rebuilt as version `version`.
+fn release(net: &mut Net, version: u64) {
+    for i in (0..30).step_by(5) {
+        let meta = file(400_000 + i, version << 40 | i);
+        net.tree.insert_file(&format!("alpine/edge/main/x86_64/pkg{i:04}-1.{version}-r0.apk"), meta).unwrap();
+    }
+    net.publish();
+}
+
+#[test]
+fn a_failed_apply_is_retried_after_a_back_off_until_it_succeeds() {
+    let mut net = Net::new(2);
+    packages(&mut net.tree, 30, 0);
+    net.node(1).apply_fails.insert(1, 2);
+    net.publish();
+    full_mesh(&mut net);
+    // Until the first failure is answered: the status says so.
+    let mut saw_retrying = false;
+    for _ in 0..400 {
+        net.run(1);
+        let status = net.node(1).engine.as_ref().unwrap().status();
+        if status.phase == SyncPhase::ApplyRetrying {
+            saw_retrying = true;
+            assert!(status.apply_failures >= 1 && status.apply_retry_at.is_some(), "{status:?}");
+            assert_eq!(status.last_apply_failure, Some(ApplyFailure::NoSpace));
+        }
+        if net.converged() {
+            break;
+        }
+    }
+    let n = &net.nodes[&1];
+    println!("apply attempts of mirror 1: {:?}", n.apply_attempts);
+    assert!(saw_retrying, "the status showed the retry");
+    assert_eq!(n.applied, net.root, "applied on the third attempt");
+    let times: Vec<u64> = n.apply_attempts.iter().map(|(t, _)| t.0).collect();
+    assert_eq!(times.len(), 3, "{:?}", n.apply_attempts);
+    // Retried after the first back-off, then after twice as long (within a tick of 50 ms).
+    let (first, second) = (times[1] - times[0], times[2] - times[1]);
+    assert!((APPLY_RETRY_FIRST_MS..APPLY_RETRY_FIRST_MS + 50).contains(&first), "{first} ms");
+    assert!((2 * APPLY_RETRY_FIRST_MS..2 * APPLY_RETRY_FIRST_MS + 50).contains(&second), "{second} ms");
+    let status = net.nodes[&1].engine.as_ref().unwrap().status();
+    assert_eq!((status.phase, status.apply_failures, status.apply_retry_at), (SyncPhase::Idle, 0, None));
+}
+
+#[test]
+fn a_snapshot_that_cannot_be_applied_is_overtaken_by_a_newer_one() {
+    let mut net = release_after_a_first_snapshot();
+    // Snapshot 2 never applies at mirror 1; snapshot 3 arrives while it waits to retry.
+    net.node(1).apply_fails.insert(2, u32::MAX);
+    net.run(20);
+    assert_eq!(net.node(1).apply_attempts.last().map(|a| a.1), Some(2), "snapshot 2 was tried");
+    release(&mut net, 2);
+    net.run(2_000);
+    let n = &net.nodes[&1];
+    println!("apply attempts of mirror 1: {:?}", n.apply_attempts);
+    assert_eq!(n.applied, net.root, "mirror 1 applied snapshot 3");
+    assert_eq!(n.apply_attempts.last().map(|a| a.1), Some(3));
+    assert_eq!(net.nodes[&2].applied, net.root);
+}
+
+#[test]
+fn the_apply_back_off_doubles_up_to_its_cap() {
+    let mut net = release_after_a_first_snapshot();
+    net.node(1).apply_fails.insert(2, u32::MAX);
+    // Long enough for the back-off to reach its cap a few times.
+    net.run(8_000);
+    let n = &net.nodes[&1];
+    let times: Vec<u64> = n.apply_attempts.iter().filter(|a| a.1 == 2).map(|(t, _)| t.0).collect();
+    let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    println!("gaps between apply attempts (ms): {gaps:?}");
+    assert!(gaps.len() >= 9, "{gaps:?}");
+    let mut expected = APPLY_RETRY_FIRST_MS;
+    for gap in &gaps {
+        assert!((expected..expected + 50).contains(gap), "gap {gap} ms, expected {expected}: {gaps:?}");
+        expected = (expected * 2).min(APPLY_RETRY_MAX_MS);
+    }
+    assert_eq!(*gaps.last().unwrap() / 1000, APPLY_RETRY_MAX_MS / 1000, "capped");
+}
+
 #[test]
 fn forged_and_rolled_back_roots_are_ignored() {
     let mut net = Net::new(2);
@@ -520,4 +878,96 @@ fn the_same_run_gives_the_same_trace() {
         net.trace.finalize()
     };
     assert_eq!(run(), run());
+}
+
+#[test]
+fn the_origin_names_no_peer_in_redirects_whose_complete_claim_it_caught() {
+    let mut net = Net::new(0);
+    packages(&mut net.tree, 5, 0);
+    net.publish();
+    let now = net.now;
+    let seq = net.seq;
+    let chunk = *net.sizes.keys().min().unwrap();
+    let other = *net.sizes.keys().max().unwrap();
+    for (peer, complete_seq) in [(1, Some(seq)), (2, None), (3, None), (4, None)] {
+        net.call(ORIGIN, Input::PeerConnected(peer));
+        let hello = Hello { repo: repo(), root: None, complete_seq, data_addrs: Vec::new() };
+        net.call(ORIGIN, Input::Hello { from: peer, hello });
+    }
+    let origin = net.node(ORIGIN).engine.as_mut().unwrap();
+    let now = Mono(now.0);
+    assert_eq!(origin.serve_decision(now, &2, &chunk), ServeDecision::Serve);
+    // Peer 1 claims the snapshot: named after the first recipient.
+    assert_eq!(origin.serve_decision(now, &3, &chunk), ServeDecision::Elsewhere(vec![2, 1]));
+    // Then it asks for a chunk of the snapshot it claims: refused, and its claim is no longer believed.
+    assert_eq!(origin.serve_decision(now, &1, &other), ServeDecision::Refuse);
+    assert_eq!(origin.serve_decision(now, &4, &chunk), ServeDecision::Elsewhere(vec![2]));
+}
+
+#[test]
+fn the_origin_asks_for_a_re_signed_root_at_half_its_validity_by_the_wall_clock() {
+    let mut net = Net::new(0);
+    packages(&mut net.tree, 5, 0);
+    net.publish();
+    let half = Mono(net.published_at.0 + RESIGN_BEFORE_EXPIRY_MS);
+    let origin = |net: &Net| net.nodes[&ORIGIN].engine.as_ref().unwrap().poll_timeout();
+    assert_eq!(origin(&net), Some(half), "an idle origin sleeps until its root is half through its validity");
+    net.now = Timestamp(half.0 - 1);
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 0);
+    net.now = Timestamp(half.0);
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 1);
+    // Nothing new came: asked again after the retry interval, not before.
+    net.now = Timestamp(half.0 + REPUBLISH_RETRY_MS - 1);
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 1);
+    net.now = Timestamp(half.0 + REPUBLISH_RETRY_MS);
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 2);
+    // A new root starts the count again; a wall clock stepped 13 hours ahead puts it past half at once.
+    net.publish();
+    net.wall_step_ms = 13 * 3_600_000;
+    net.call(ORIGIN, Input::Timeout);
+    assert_eq!(net.nodes[&ORIGIN].republish_asked, 3);
+}
+
+#[test]
+fn a_peer_greeted_after_a_publish_hears_of_the_new_root() {
+    let mut net = Net::new(0);
+    packages(&mut net.tree, 5, 0);
+    // Peer 9 connects; the origin's hello goes out before it has a root, and 9's answer comes after the publish.
+    net.call(ORIGIN, Input::PeerConnected(9));
+    net.publish();
+    let to_9 = |net: &Net| {
+        net.queue.iter().filter(|m| matches!(m, Msg::Hello { to: 9, hello, .. } if hello.root.is_some())).count()
+    };
+    assert_eq!(to_9(&net), 0, "not greeted yet: nothing pushed");
+    let answer = Hello { repo: repo(), root: None, complete_seq: None, data_addrs: Vec::new() };
+    net.call(ORIGIN, Input::Hello { from: 9, hello: answer.clone() });
+    assert_eq!(to_9(&net), 1, "its hello shows no root: the origin's goes to it");
+    net.call(ORIGIN, Input::Hello { from: 9, hello: answer });
+    assert_eq!(to_9(&net), 1, "once per root");
+}
+
+/// This network as the host of one node's engine.
+struct NetHost<'a> {
+    net: &'a mut Net,
+    id: u32,
+}
+
+impl Host<u32> for NetHost<'_> {
+    type Source<'s>
+        = Nodes
+    where
+        Self: 's;
+
+    fn with_engine<R>(&mut self, f: impl FnOnce(&mut Engine<u32>, &Nodes) -> R) -> Option<R> {
+        let node = self.net.nodes.get_mut(&self.id)?;
+        Some(f(node.engine.as_mut()?, &node.nodes))
+    }
+
+    fn execute(&mut self, now: Now, output: Output<u32>) -> Vec<Input<u32>> {
+        self.net.execute(self.id, now, output)
+    }
 }

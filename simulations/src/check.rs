@@ -1,5 +1,7 @@
 //! Checkers run after every run: cluster-wide invariants and the scenario's expected bounds.
 
+use mirrormesh_proto::sync::scheduler::SchedulerLimits;
+
 use crate::report::UpdateRow;
 use crate::scenario::{Behaviour, Scenario};
 use crate::world::{Kind, ORIGIN, Outcome};
@@ -67,7 +69,33 @@ pub fn run_checks(scenario: &Scenario, outcome: &Outcome, rows: &[UpdateRow]) ->
     for (i, n) in outcome.nodes.iter().enumerate() {
         let Kind::Byzantine(behaviour) = n.kind else { continue };
         let (ok, detail) = match behaviour {
-            Behaviour::Corrupt | Behaviour::Liar => {
+            Behaviour::Stall => {
+                // A silent claimer is found stalled by a mirror that waits on it for the stall allowance, and
+                // banned only after several stalls in one snapshot. In a short update nobody may wait that long
+                // (the chunks come from elsewhere and the requests to it are cancelled): then it must have held
+                // nobody up beyond the longest a request may take.
+                let by = ordinary.iter().filter(|&&m| outcome.nodes[m].bans.iter().any(|b| b.0 as usize == i)).count();
+                let stalled =
+                    ordinary.iter().filter(|&&m| outcome.nodes[m].stalls.iter().any(|&p| p as usize == i)).count();
+                let waited = ordinary
+                    .iter()
+                    .filter_map(|&m| outcome.nodes[m].longest_ask.get(&(i as u32)).copied())
+                    .max()
+                    .unwrap_or(0);
+                let limits = SchedulerLimits::default();
+                let allowance_ms = limits.request_timeout_base_ms
+                    + limits.request_bytes_target * 1000 / limits.timeout_rate_min.max(1);
+                (
+                    by + stalled > 0 || waited <= allowance_ms * 1_000_000,
+                    format!(
+                        "node {i} ({behaviour:?}) banned by {by} mirrors, found stalled by {stalled}; the longest a \
+                         mirror waited on it: {:.1} s (a request may take {:.1} s)",
+                        waited as f64 / 1e9,
+                        allowance_ms as f64 / 1e3
+                    ),
+                )
+            }
+            Behaviour::Corrupt | Behaviour::Liar | Behaviour::Elsewhere | Behaviour::NoDataAddr => {
                 let by = ordinary.iter().filter(|&&m| outcome.nodes[m].bans.iter().any(|b| b.0 as usize == i)).count();
                 (by > 0, format!("node {i} ({behaviour:?}) banned by {by} mirrors"))
             }

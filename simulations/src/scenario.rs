@@ -31,6 +31,9 @@
 //!
 //! [[faults]]
 //! kind = "churn"          # also: partition, origin_crash, byzantine, slow
+//!                         # byzantine behaviours: corrupt, liar, forger, replayer, and three that claim the whole
+//!                         # snapshot in their hellos and then answer chunk requests with elsewhere, stall (never
+//!                         # answer) or no_data_addr (every request to them fails at once)
 //! nodes = 3
 //! update = 1
 //! after_s = 0.5
@@ -156,6 +159,21 @@ pub enum Behaviour {
     Forger,
     /// Gossips older genuine roots (rollbacks).
     Replayer,
+    /// Claims the whole newest snapshot in its hellos and answers every chunk request with "elsewhere" (only an
+    /// origin may redirect).
+    Elsewhere,
+    /// Claims the whole newest snapshot in its hellos and never answers a chunk request.
+    Stall,
+    /// Claims the whole newest snapshot in its hellos but gives no data-plane address: every chunk request to it
+    /// fails at once.
+    NoDataAddr,
+}
+
+impl Behaviour {
+    /// It claims in its hellos to hold the newest snapshot completely, whatever it holds.
+    pub fn claims_complete(self) -> bool {
+        matches!(self, Behaviour::Elsewhere | Behaviour::Stall | Behaviour::NoDataAddr)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -9,14 +9,16 @@
 //!
 //! The world does for each engine what the daemon does: it delivers hellos, haves, gossip and node/delta/chunk
 //! requests; answers requests from the node's own store (the origin through `serve_decision`, i.e. super-seeding);
-//! verifies every chunk against its id before storing it; stages, applies and ticks every 50 ms. Control messages
+//! verifies every chunk against its id before storing it; stages and applies at once; and wakes each engine when
+//! its `poll_timeout` says. Every engine is driven through the core's one driver (`sync::driver::step`). Control messages
 //! arrive after the pair's latency plus their transmission time; bulk answers (chunks, manifest nodes, deltas)
 //! travel through the network model and share capacity with everything else.
 //!
 //! Faults: node restarts (the engine is rebuilt from what the daemon persists: the applied and the newest root;
 //! stored chunks and nodes survive), partitions, an origin crash, slow nodes, and byzantine nodes that run an
-//! honest engine for themselves but corrupt what they serve, lie about what they hold, or gossip forged or old
-//! roots.
+//! honest engine for themselves but corrupt what they serve, lie about what they hold, gossip forged or old
+//! roots, or claim the whole snapshot in their hellos and then redirect every chunk request, never answer it, or
+//! give no data-plane address (the request fails at once, as in the daemon).
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -31,10 +33,13 @@ use mirrormesh_proto::diff::diff;
 use mirrormesh_proto::node::{Node, NodeHash, verify_node};
 use mirrormesh_proto::node_store::{NodeSink, NodeSource, SourceError};
 use mirrormesh_proto::root::{DeltaRef, RepoId, RootBody, RootId, SignedRoot, VerifiedRoot, publisher_key};
+use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
-use mirrormesh_proto::sync::{Engine, EngineConfig, HAVE_FLUSH_MS, Notice, Output, ReqId, Role, RootVia};
-use mirrormesh_proto::timestamp::Timestamp;
+use mirrormesh_proto::sync::{
+    ChunkSet, Engine, EngineConfig, HAVE_FLUSH_MS, Input, Notice, Output, ReqId, Role, RootVia,
+};
+use mirrormesh_proto::timestamp::{Mono, Now, Timestamp};
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -46,8 +51,6 @@ use crate::sizes::Sizes;
 
 /// The origin's node number.
 pub const ORIGIN: u32 = 0;
-/// How often every engine is ticked.
-pub const TICK_MS: u64 = 50;
 /// Virtual time 0 as a wall-clock instant (roots carry creation and expiry times).
 const EPOCH_MS: u64 = 1_800_000_000_000;
 /// The publisher's signing key in every run.
@@ -58,8 +61,6 @@ const FORGER_SECRET: [u8; 32] = [0x66; 32];
 const GOSSIP_DUPLICATE_TTL: Nanos = 60 * 1_000_000_000;
 /// Bucket of the origin egress timeline.
 pub const EGRESS_BUCKET_NS: Nanos = 250_000_000;
-/// Calls to `handle_tick` in a row for an engine that keeps wanting one (it never needs more than two).
-const EAGER_TICKS_MAX: usize = 4;
 
 const MS: Nanos = 1_000_000;
 const SEC: f64 = 1e9;
@@ -107,6 +108,14 @@ pub struct NodeRecord {
     /// Roots rejected, by reason.
     pub rejected: BTreeMap<&'static str, u64>,
     pub bans: Vec<(u32, BanReason)>,
+    /// Peers its engine found stalled (claimed the snapshot, delivered nothing while asked), each time.
+    pub stalls: Vec<u32>,
+    /// The longest a chunk request to each peer stayed open (from asking to its answer's end, its cancellation or
+    /// failure, a disconnection, or the end of the run).
+    pub longest_ask: BTreeMap<u32, Nanos>,
+    /// Neighbours whose claims its engine distrusts at the end of the run (banned or stalled, see
+    /// `Engine::is_suspect`).
+    pub distrusts: Vec<u32>,
     pub applied: Option<(u64, NodeHash)>,
     /// The engine's newest accepted root at the end of the run.
     pub latest: Option<SignedRoot>,
@@ -180,15 +189,46 @@ impl Bulk {
 
 #[derive(Debug)]
 enum Event {
-    Tick { node: u32, generation: u64 },
-    Deliver { from: u32, to: u32, epoch: u64, msg: Msg },
-    Arrive { from: u32, to: u32, epoch: u64, bulk: Bulk },
+    /// The instant `at` that `node`'s engine asked to run at (ignored if the node restarted since, or a newer
+    /// timer replaced it).
+    Timeout {
+        node: u32,
+        generation: u64,
+        at: Nanos,
+    },
+    Deliver {
+        from: u32,
+        to: u32,
+        epoch: u64,
+        msg: Msg,
+    },
+    Arrive {
+        from: u32,
+        to: u32,
+        epoch: u64,
+        bulk: Bulk,
+    },
     Publish(usize),
-    Down { node: u32, up_after: Nanos },
-    Up { node: u32 },
-    PartitionStart { side: BTreeSet<u32> },
+    Down {
+        node: u32,
+        up_after: Nanos,
+    },
+    Up {
+        node: u32,
+    },
+    PartitionStart {
+        side: BTreeSet<u32>,
+    },
     PartitionHeal,
-    Misbehave { node: u32 },
+    Misbehave {
+        node: u32,
+    },
+    /// A chunk request of `node` to `peer` failed before anything was sent (the peer gave no data-plane address).
+    FetchFailed {
+        node: u32,
+        peer: u32,
+        req: ReqId,
+    },
 }
 
 /// A queue entry, earliest first: (instant, insertion number, slab slot). Small, so the heap moves little; the
@@ -206,7 +246,10 @@ struct SimNode {
     held_deltas: HashSet<DeltaHash>,
     /// Stored chunk bytes, by chunk number.
     chunks: Vec<Option<Token>>,
-    tick_generation: u64,
+    /// Restarts so far (a timer of an earlier life is ignored).
+    generation: u64,
+    /// The pending timer's instant, if one is scheduled.
+    timer: Option<Nanos>,
     /// Gossip messages seen (by content, as the daemon's gossipsub ids them) and when.
     gossip_seen: HashMap<RootId, Nanos>,
     record: NodeRecord,
@@ -254,6 +297,30 @@ impl NodeSource for View<'_> {
 
     fn has_node(&self, hash: &NodeHash) -> Result<bool, SourceError> {
         Ok(self.held.contains(hash) && self.store.contains_key(hash))
+    }
+}
+
+/// The world as the host of one node's engine.
+struct NodeHost<'w> {
+    world: &'w mut World,
+    node: u32,
+}
+
+impl Host<u32> for NodeHost<'_> {
+    type Source<'s>
+        = View<'s>
+    where
+        Self: 's;
+
+    fn with_engine<R>(&mut self, f: impl FnOnce(&mut Engine<u32>, &View<'_>) -> R) -> Option<R> {
+        let world = &mut *self.world;
+        let n = &mut world.nodes[self.node as usize];
+        let view = View { store: &world.store, held: &n.held_nodes, decoded: &world.decoded };
+        Some(f(n.engine.as_mut()?, &view))
+    }
+
+    fn execute(&mut self, _now: Now, output: Output<u32>) -> Vec<Input<u32>> {
+        self.world.execute(self.node, output)
     }
 }
 
@@ -309,6 +376,8 @@ pub struct World {
     /// Fault events still queued (the run does not end before they happen).
     faults_pending: usize,
     egress: Vec<f64>,
+    /// Chunk requests open: (asker, request) -> (peer asked, when).
+    asks: BTreeMap<(u32, ReqId), (u32, Nanos)>,
     trace: blake3::Hasher,
     stats: RunStats,
     progress: ProgressBar,
@@ -405,6 +474,7 @@ impl World {
                     scheduler: SchedulerLimits::default(),
                     seeder: SeederLimits::default(),
                     have_flush_ms: HAVE_FLUSH_MS,
+                    resign_before_expiry_ms: None,
                 };
                 SimNode {
                     kind: kinds[id],
@@ -415,7 +485,8 @@ impl World {
                     held_nodes: HashSet::new(),
                     held_deltas: HashSet::new(),
                     chunks: Vec::new(),
-                    tick_generation: 0,
+                    generation: 0,
+                    timer: None,
                     gossip_seen: HashMap::new(),
                     record: NodeRecord {
                         kind: kinds[id],
@@ -425,8 +496,11 @@ impl World {
                         slow: slow[id] < 1.0,
                         completed: vec![None; plan.len()],
                         accepted: Vec::new(),
+                        stalls: Vec::new(),
+                        longest_ask: BTreeMap::new(),
                         rejected: BTreeMap::new(),
                         bans: Vec::new(),
+                        distrusts: Vec::new(),
                         applied: None,
                         latest: None,
                         chunks_stored: 0,
@@ -485,6 +559,7 @@ impl World {
             deferred_publish: Vec::new(),
             faults_pending: 0,
             egress: Vec::new(),
+            asks: BTreeMap::new(),
             trace: blake3::Hasher::new(),
             stats: RunStats::default(),
             progress,
@@ -494,16 +569,10 @@ impl World {
         Ok(world)
     }
 
-    /// Schedules the first publication and every node's ticks; with a preloaded initial tree, connects everyone
-    /// after it is in place.
+    /// Schedules the first publication (engines wake by their own timers, once something happened to them); with
+    /// a preloaded initial tree, connects everyone after it is in place.
     fn start(&mut self) {
         self.schedule(0, Event::Publish(0));
-        let n = self.nodes.len() as u64;
-        for id in 0..self.nodes.len() as u32 {
-            // Spread the ticks over the tick period.
-            let offset = TICK_MS * MS * u64::from(id) / n.max(1);
-            self.schedule(offset, Event::Tick { node: id, generation: 0 });
-        }
     }
 
     fn schedule(&mut self, at: Nanos, event: Event) {
@@ -525,8 +594,9 @@ impl World {
         self.queue.push(Reverse((at, self.order, slot)));
     }
 
-    fn timestamp(&self) -> Timestamp {
-        Timestamp(EPOCH_MS + self.now / MS)
+    /// Both clocks of a node now (they do not drift in the simulator).
+    fn clock(&self) -> Now {
+        Now { mono: Mono(self.now / MS), wall: Timestamp(EPOCH_MS + self.now / MS) }
     }
 
     fn latency(&self, a: u32, b: u32) -> Nanos {
@@ -625,13 +695,13 @@ impl World {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Tick { node, generation } => {
-                let n = &self.nodes[node as usize];
-                if n.engine.is_none() || n.tick_generation != generation {
+            Event::Timeout { node, generation, at } => {
+                let n = &mut self.nodes[node as usize];
+                if n.engine.is_none() || n.generation != generation || n.timer != Some(at) {
                     return;
                 }
-                self.with_engine(node, |e, now, view| e.handle_tick(now, view).map_err(|_| ()));
-                self.schedule(self.now + TICK_MS * MS, Event::Tick { node, generation });
+                n.timer = None;
+                self.call(node, Input::Timeout);
             }
             Event::Deliver { from, to, epoch, msg } => {
                 if self.link_epoch(from, to) == Some(epoch) {
@@ -661,8 +731,10 @@ impl World {
             }
             Event::PartitionStart { side } => {
                 self.faults_pending -= 1;
-                let cut: Vec<(u32, u32)> =
+                let mut cut: Vec<(u32, u32)> =
                     self.links.keys().copied().filter(|(a, b)| side.contains(a) != side.contains(b)).collect();
+                // In a fixed order: the disconnections reach the engines (and the run) in this order.
+                cut.sort_unstable();
                 for (a, b) in cut {
                     self.disconnect(a, b);
                 }
@@ -674,51 +746,40 @@ impl World {
                 self.connect_all();
             }
             Event::Misbehave { node } => self.misbehave(node),
+            Event::FetchFailed { node, peer, req } => {
+                self.trace(&[10, self.now, u64::from(node), u64::from(peer)]);
+                self.end_ask(node, req);
+                self.call(node, Input::ChunksFailed { from: peer, req });
+            }
         }
     }
 
     // ---- engines ----------------------------------------------------------------------------------------------
 
-    /// Calls the engine of `node` (if it is up) with its node store, then carries out its outputs.
-    fn with_engine<R>(
-        &mut self,
-        node: u32,
-        call: impl FnOnce(&mut Engine<u32>, Timestamp, &View<'_>) -> Result<R, ()>,
-    ) -> Option<R> {
-        let now = self.timestamp();
-        let n = &mut self.nodes[node as usize];
-        let engine = n.engine.as_mut()?;
-        let view = View { store: &self.store, held: &n.held_nodes, decoded: &self.decoded };
-        let result = call(engine, now, &view);
-        if result.is_err() {
+    /// Hands `input` to `node`'s engine (if it is up) through the one driver, then sets its timer.
+    fn call(&mut self, node: u32, input: Input<u32>) {
+        let now = self.clock();
+        if step(&mut NodeHost { world: self, node }, now, input).is_err() {
             self.stats.engine_errors += 1;
         }
-        self.drain(node);
-        result.ok()
+        self.rearm(node);
     }
 
-    /// Carries out the outputs of `node`'s engine, in order.
-    fn drain(&mut self, node: u32) {
-        for _ in 0..EAGER_TICKS_MAX {
-            while let Some(out) = self.nodes[node as usize].engine.as_mut().and_then(Engine::poll_output) {
-                self.execute(node, out);
-            }
-            let now = self.timestamp();
-            let n = &mut self.nodes[node as usize];
-            let Some(engine) = n.engine.as_mut() else { return };
-            if !engine.wants_tick() {
-                return;
-            }
-            let view = View { store: &self.store, held: &n.held_nodes, decoded: &self.decoded };
-            if engine.handle_tick(now, &view).is_err() {
-                self.stats.engine_errors += 1;
-            }
+    /// Schedules `node`'s timer for when its engine wants to run next, unless an earlier one is pending.
+    fn rearm(&mut self, node: u32) {
+        let n = &self.nodes[node as usize];
+        let Some(Mono(ms)) = n.engine.as_ref().and_then(Engine::poll_timeout) else { return };
+        let at = (ms * MS).max(self.now);
+        if n.timer.is_some_and(|pending| pending <= at) {
+            return;
         }
+        let generation = n.generation;
+        self.nodes[node as usize].timer = Some(at);
+        self.schedule(at, Event::Timeout { node, generation, at });
     }
 
-    fn execute(&mut self, node: u32, out: Output<u32>) {
-        let now = self.timestamp();
-
+    /// Carries out one output of `node`'s engine; stages and applies at once, answering with the inputs.
+    fn execute(&mut self, node: u32, out: Output<u32>) -> Vec<Input<u32>> {
         match out {
             Output::Gossip(root) => self.gossip(node, root),
             Output::SendHello(to, hello) => self.send(node, to, Msg::Hello { hello, reply: false }),
@@ -744,12 +805,21 @@ impl World {
                     .filter(|id| self.content.numbers.get(*id).is_some_and(|&c| n.holds(c)))
                     .copied()
                     .collect();
-                if let Some(engine) = n.engine.as_mut() {
-                    engine.handle_staged(now, seq, held);
+                return vec![Input::Staged { seq, held }];
+            }
+            Output::FetchChunks { peer, req, chunks } => {
+                self.asks.insert((node, req), (peer, self.now));
+                if self.nodes[peer as usize].kind == Kind::Byzantine(Behaviour::NoDataAddr) {
+                    // As the daemon does without an address: the request fails at once, through its event loop.
+                    self.schedule(self.now, Event::FetchFailed { node, peer, req });
+                } else {
+                    self.send(node, peer, Msg::GetChunks { req, chunks });
                 }
             }
-            Output::FetchChunks { peer, req, chunks } => self.send(node, peer, Msg::GetChunks { req, chunks }),
-            Output::Cancel { peer, req } => self.send(node, peer, Msg::Cancel { req }),
+            Output::Cancel { peer, req } => {
+                self.end_ask(node, req);
+                self.send(node, peer, Msg::Cancel { req });
+            }
             Output::Apply { target, .. } => {
                 let seq = target.body.seq;
                 self.trace(&[4, self.now, u64::from(node), seq]);
@@ -765,18 +835,18 @@ impl World {
                 if n.kind == Kind::Mirror {
                     self.progress.inc(completed);
                 }
-                let view = View { store: &self.store, held: &n.held_nodes, decoded: &self.decoded };
-                if let Some(engine) = n.engine.as_mut()
-                    && engine.handle_applied(now, seq, &view).is_err()
-                {
-                    self.stats.engine_errors += 1;
-                }
                 self.maybe_publish_next();
+                return vec![Input::Applied { seq }];
             }
-            Output::Ban { peer, reason } => {
+            Output::Ban { peer, reason, .. } => {
                 self.trace(&[5, self.now, u64::from(node), u64::from(peer), reason as u64]);
                 self.nodes[node as usize].record.bans.push((peer, reason));
             }
+            // A ban ending changes nothing the simulator models (its byzantine kinds break no protocol rule that
+            // leads to a ban with a time); the roots a node persists are kept when it goes down (`down`).
+            Output::Unban { .. } | Output::PersistRoot(_) => {}
+            // Roots are signed for 30 days here; no run lasts that long.
+            Output::Republish => {}
             Output::Notice(notice) => match notice {
                 Notice::RootAccepted { seq } => {
                     self.trace(&[6, self.now, u64::from(node), seq]);
@@ -786,6 +856,10 @@ impl World {
                         self.schedule(self.now + 200 * MS, Event::Misbehave { node });
                     }
                 }
+                Notice::PeerStalled { peer } => {
+                    self.trace(&[11, self.now, u64::from(node), u64::from(peer)]);
+                    self.nodes[node as usize].record.stalls.push(peer);
+                }
                 Notice::RootRejected { error, .. } => {
                     self.trace(&[7, self.now, u64::from(node)]);
                     *self.nodes[node as usize].record.rejected.entry(error.reason()).or_default() += 1;
@@ -793,6 +867,15 @@ impl World {
                 _ => {}
             },
         }
+        Vec::new()
+    }
+
+    /// Request `req` of `node` ended (answered, cancelled, failed or cut off): note how long it stayed open.
+    fn end_ask(&mut self, node: u32, req: ReqId) {
+        let Some((peer, at)) = self.asks.remove(&(node, req)) else { return };
+        let open = self.now - at;
+        let longest = self.nodes[node as usize].record.longest_ask.entry(peer).or_default();
+        *longest = (*longest).max(open);
     }
 
     /// `node` publishes `root` on the gossip topic.
@@ -825,8 +908,15 @@ impl World {
     /// Sends a control message: it arrives after the pair's latency plus its transmission time at the slower
     /// end (plus a round trip when lost and retransmitted; gossip is not retransmitted, the mesh and the hellos
     /// cover for it).
-    fn send(&mut self, from: u32, to: u32, msg: Msg) {
+    fn send(&mut self, from: u32, to: u32, mut msg: Msg) {
         let Some(epoch) = self.link_epoch(from, to) else { return };
+        if let (Msg::Hello { hello, .. }, Kind::Byzantine(behaviour)) = (&mut msg, self.nodes[from as usize].kind)
+            && behaviour.claims_complete()
+        {
+            // Claims to hold the newest root it knows completely.
+            let latest = self.nodes[from as usize].engine.as_ref().and_then(|e| e.latest()).map(|r| r.body.seq);
+            hello.complete_seq = latest.or(hello.complete_seq);
+        }
         let bytes = match &msg {
             Msg::Hello { hello, .. } => Sizes::hello(hello),
             Msg::Have(have) => self.sizes.have(have.chunks.len()),
@@ -858,19 +948,14 @@ impl World {
     fn deliver(&mut self, from: u32, to: u32, msg: Msg) {
         match msg {
             Msg::Hello { hello, reply } => {
-                let answer = self.with_engine(to, |e, now, view| {
-                    e.handle_hello(now, from, hello, view).map_err(|_| ())?;
-                    Ok(e.hello())
-                });
+                self.call(to, Input::Hello { from, hello });
+                let answer = self.nodes[to as usize].engine.as_ref().map(Engine::hello);
                 if !reply && let Some(answer) = answer {
                     self.send(to, from, Msg::Hello { hello: answer, reply: true });
                 }
             }
             Msg::Have(have) => {
-                self.with_engine(to, |e, now, _| {
-                    e.handle_have(now, from, have);
-                    Ok(())
-                });
+                self.call(to, Input::Have { from, have });
             }
             Msg::Gossip { root } => {
                 if !self.first_sight(to, &root) {
@@ -881,9 +966,7 @@ impl World {
                         self.send(to, next, Msg::Gossip { root: root.clone() });
                     }
                 }
-                self.with_engine(to, |e, now, view| {
-                    e.handle_root(now, RootVia::Gossip(from), root, view).map_err(|_| ())
-                });
+                self.call(to, Input::Root { via: RootVia::Gossip(from), root });
             }
             Msg::GetNodes { req, hashes } => {
                 let n = &self.nodes[to as usize];
@@ -912,7 +995,20 @@ impl World {
 
     /// `server` answers `client`'s chunk request, chunk by chunk, then closes it.
     fn serve_chunks(&mut self, server: u32, client: u32, req: ReqId, chunks: Vec<ChunkId>) {
-        let now = self.timestamp();
+        let now = self.clock().mono;
+        match self.nodes[server as usize].kind {
+            Kind::Byzantine(Behaviour::Stall) => return,
+            Kind::Byzantine(Behaviour::Elsewhere) => {
+                for id in chunks {
+                    let number = self.content.numbers.get(&id).copied().unwrap_or(u32::MAX);
+                    let reply = Reply::Elsewhere(vec![ORIGIN]);
+                    self.send_bulk(server, client, Sizes::chunk_elsewhere(1), Bulk::Chunk { req, number, reply });
+                }
+                self.send_bulk(server, client, 0, Bulk::Done { req, bytes: 0 });
+                return;
+            }
+            _ => {}
+        }
         let corrupt = self.nodes[server as usize].kind == Kind::Byzantine(Behaviour::Corrupt);
         let mut data_bytes = 0;
         for id in chunks {
@@ -952,10 +1048,10 @@ impl World {
     fn arrive(&mut self, from: u32, to: u32, bulk: Bulk) {
         match bulk {
             Bulk::Nodes { req, nodes } => {
-                self.with_engine(to, |e, now, view| e.handle_nodes(now, from, req, nodes, view).map_err(|_| ()));
+                self.call(to, Input::Nodes { from, req, nodes });
             }
             Bulk::Delta { req, delta } => {
-                self.with_engine(to, |e, now, view| e.handle_delta(now, from, req, delta, view).map_err(|_| ()));
+                self.call(to, Input::Delta { from, req, delta });
             }
             Bulk::Chunk { req, number, reply } => {
                 let Some(info) = self.content.chunks.get(number as usize) else { return };
@@ -987,16 +1083,11 @@ impl World {
                     _ => 3,
                 };
                 self.trace(&[1, self.now, u64::from(from), u64::from(to), u64::from(number), code]);
-                self.with_engine(to, |e, now, _| {
-                    e.handle_chunk(now, from, req, id, outcome);
-                    Ok(())
-                });
+                self.call(to, Input::Chunk { from, req, id, outcome });
             }
             Bulk::Done { req, bytes } => {
-                self.with_engine(to, |e, now, _| {
-                    e.handle_chunks_done(now, from, req, bytes);
-                    Ok(())
-                });
+                self.end_ask(to, req);
+                self.call(to, Input::ChunksDone { from, req, bytes });
             }
         }
     }
@@ -1019,10 +1110,7 @@ impl World {
         self.adjacency[a as usize].insert(b);
         self.adjacency[b as usize].insert(a);
         for (x, y) in [(a, b), (b, a)] {
-            self.with_engine(x, |e, now, _| {
-                e.handle_peer_connected(now, y);
-                Ok(())
-            });
+            self.call(x, Input::PeerConnected(y));
         }
     }
 
@@ -1045,11 +1133,17 @@ impl World {
         self.adjacency[b as usize].remove(&a);
         self.net.remove(a, b, |_| true);
         self.net.remove(b, a, |_| true);
+        let cut: Vec<(u32, ReqId)> = self
+            .asks
+            .iter()
+            .filter(|((asker, _), (peer, _))| (*asker, *peer) == (a, b) || (*asker, *peer) == (b, a))
+            .map(|(k, _)| *k)
+            .collect();
+        for (asker, req) in cut {
+            self.end_ask(asker, req);
+        }
         for (x, y) in [(a, b), (b, a)] {
-            self.with_engine(x, |e, now, _| {
-                e.handle_peer_disconnected(now, &y);
-                Ok(())
-            });
+            self.call(x, Input::PeerDisconnected(y));
         }
     }
 
@@ -1066,7 +1160,8 @@ impl World {
         let engine = n.engine.take().expect("checked above");
         n.saved_current = engine.current().cloned();
         n.saved_latest = engine.latest().cloned();
-        n.tick_generation += 1;
+        n.generation += 1;
+        n.timer = None;
         n.record.online = false;
     }
 
@@ -1079,8 +1174,8 @@ impl World {
         let n = &mut self.nodes[node as usize];
         n.engine = Some(Engine::new(n.cfg.clone(), n.saved_current.clone(), n.saved_latest.clone()));
         n.record.online = true;
-        let generation = n.tick_generation;
-        self.schedule(self.now, Event::Tick { node, generation });
+        // A restarted engine resumes a sync it had started at once (`poll_timeout`).
+        self.rearm(node);
         for peer in self.topology[node as usize].clone() {
             self.connect(node, peer);
         }
@@ -1100,6 +1195,18 @@ impl World {
         let Some(last) = self.published.last().cloned() else { return };
         match behaviour {
             Behaviour::Corrupt => {}
+            Behaviour::Elsewhere | Behaviour::Stall | Behaviour::NoDataAddr => {
+                // Claims the newest snapshot to every neighbour (its hellos are rewritten in `send`).
+                let hello = Hello {
+                    repo: self.repo.clone(),
+                    root: Some(last.signed.clone()),
+                    complete_seq: Some(last.seq),
+                    data_addrs: Vec::new(),
+                };
+                for to in self.adjacency[node as usize].clone() {
+                    self.send(node, to, Msg::Hello { hello: hello.clone(), reply: true });
+                }
+            }
             Behaviour::Liar => {
                 // Claims every chunk of the newest snapshot.
                 let all: Vec<ChunkId> =
@@ -1118,8 +1225,8 @@ impl World {
                     let body = RootBody {
                         repo: self.repo.clone(),
                         seq: last.seq + 1000,
-                        created: self.timestamp(),
-                        expires: self.timestamp().plus_ms(86_400_000),
+                        created: self.clock().wall,
+                        expires: self.clock().wall.plus_ms(86_400_000),
                         root: NodeHash([0xee; 32]),
                         files: 0,
                         bytes: 0,
@@ -1158,6 +1265,7 @@ impl World {
     /// The origin publishes update `k`.
     fn publish(&mut self, k: usize) {
         let plan = self.plan[k].clone();
+        let now = self.clock().wall;
         if k > 0 {
             self.content.rebuild(plan.packages, &mut self.rng);
         }
@@ -1186,7 +1294,6 @@ impl World {
             origin.store_chunk(c, token);
         }
         let seq = k as u64 + 1;
-        let now = Timestamp(EPOCH_MS + self.now / MS);
         let totals = tree.totals();
         let body = RootBody {
             repo: self.repo.clone(),
@@ -1205,16 +1312,11 @@ impl World {
         self.published.push(Published { seq, at: self.now, size, plan: plan.clone(), signed: signed.clone(), root });
         origin.record.applied = Some((seq, root));
         origin.record.completed[k] = Some(self.now);
-        if let Some(engine) = origin.engine.as_mut()
-            && engine.handle_published(now, signed.clone()).is_err()
-        {
-            self.stats.engine_errors += 1;
-        }
-
+        let chunks = ChunkSet::new(self.content.current.iter().map(|&c| self.content.chunks[c as usize].id));
         if plan.preloaded {
             self.preload(&signed);
         }
-        self.drain(ORIGIN);
+        self.call(ORIGIN, Input::Published { root: signed.clone(), chunks });
         if k == 0 {
             self.connect_all();
         }
@@ -1285,6 +1387,15 @@ impl World {
         self.stats.virtual_ns = self.now;
         self.stats.rate_recomputations = self.net.recomputations;
         let origin_latency = (0..self.nodes.len() as u32).map(|id| self.latency(ORIGIN, id)).collect();
+        let open: Vec<(u32, ReqId)> = self.asks.keys().copied().collect();
+        for (node, req) in open {
+            self.end_ask(node, req);
+        }
+        for (n, neighbours) in self.nodes.iter_mut().zip(&self.adjacency) {
+            if let Some(engine) = n.engine.as_ref() {
+                n.record.distrusts = neighbours.iter().copied().filter(|p| engine.is_suspect(p)).collect();
+            }
+        }
         let chunks = &self.content.chunks;
         let nodes = self
             .nodes

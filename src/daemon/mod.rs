@@ -8,7 +8,9 @@
 //! State survives restarts: the applied snapshot, the newest accepted root, manifest nodes and deltas, pending
 //! deletions (the state database), and staged chunks (re-verified when staging is prepared again).
 
+mod duplicate_key;
 mod health;
+mod manifest_answers;
 mod progress;
 mod publisher;
 mod serving;
@@ -33,11 +35,17 @@ use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, roots_topic};
 use mirrormesh_proto::diff::Change;
 use mirrormesh_proto::node_store::NodeSink;
+use mirrormesh_proto::node_store::{NodeSource, SourceError};
 use mirrormesh_proto::root::Freshness;
+use mirrormesh_proto::sync::bans::Offence;
+use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
-use mirrormesh_proto::sync::{Engine, EngineConfig, Notice, Output, ReqId, Role, RootVia};
-use mirrormesh_proto::{RootError, SignedRoot, Timestamp, VerifiedRoot};
+use mirrormesh_proto::sync::{
+    ApplyFailure, ChunkSet, Engine, EngineConfig, EngineError, Input, Notice, Output, Plan, ReqId, Role, RootVia,
+    SyncPhase,
+};
+use mirrormesh_proto::{Mono, Now, RootError, SignedRoot, Timestamp, VerifiedRoot};
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -50,7 +58,7 @@ use crate::metrics::Metrics;
 use crate::publish::{PublishError, PublishGuard, PublishOptions, PublishReport, now, publish};
 use crate::staging::{Prepared, Staging};
 use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
-use crate::store::StateStore;
+use crate::store::{StateStore, StoreReader};
 use crate::swarm::{self, Behaviour, BehaviourEvent, WireRequest};
 
 /// How often the engine is ticked.
@@ -61,21 +69,16 @@ pub const TICK: Duration = Duration::from_millis(50);
 pub const STATUS_INTERVAL: Duration = TICK;
 /// Events queued from tasks to the loop.
 pub const LOOP_EVENTS_MAX: usize = 4096;
-/// Bytes of manifest nodes in one control response.
-pub const NODES_RESPONSE_BYTES_MAX: usize = 16 << 20;
+pub use manifest_answers::{
+    ANSWER_BURST_BYTES, ANSWER_BYTES_PER_PEER_PER_SEC, ANSWERS_IN_FLIGHT_PER_PEER_MAX, NODES_RESPONSE_BYTES_MAX,
+};
 /// Bootstrap redial back-off bounds.
 pub const REDIAL_MIN: Duration = Duration::from_secs(1);
 pub const REDIAL_MAX: Duration = Duration::from_secs(30);
-/// Malformed control requests (undecodable, or over the size limit) a peer may send before it is banned.
-pub const CONTROL_MALFORMED_MAX: u32 = 3;
-/// Refused data-plane requests (malformed, oversized, stalled, slow reader, wrong repository) a peer may make
-/// before it is banned.
-pub const DATA_REFUSALS_MAX: u64 = 16;
-/// How long a peer banned for breaking the protocol stays banned (it is disconnected, its connections refused,
-/// and its data plane neither served nor asked).
-pub const PROTOCOL_BAN: Duration = Duration::from_secs(3600);
-/// Peers remembered as banned for breaking the protocol; the longest-banned are forgotten beyond this.
-pub const PROTOCOL_BANS_MAX: usize = 4096;
+/// How long a shutting-down daemon waits for its connections to close.
+pub const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long it then lets the connections' drivers send their close frames (a few loopback or LAN round trips).
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_millis(100);
 
 /// Things tasks and the admin API tell the loop.
 pub enum LoopEvent {
@@ -94,7 +97,7 @@ pub enum LoopEvent {
     },
     Applied {
         target: Box<VerifiedRoot>,
-        changes: Vec<Change>,
+        plan: Plan,
         result: Result<ApplyReport>,
     },
     /// The tree writer carried out (or deferred) the removals that were due.
@@ -112,6 +115,15 @@ pub enum LoopEvent {
     },
     /// Something changed in the served tree (origin watch mode).
     TreeChanged,
+    /// SIGHUP: re-read the configuration file.
+    Reload,
+    /// A manifest fetch of a peer's, answered off the loop: send it (`bytes` of nodes or delta, paid from the
+    /// peer's budget).
+    Answer {
+        peer: PeerId,
+        channel: request_response::ResponseChannel<ControlResponse>,
+        answer: Result<(ControlResponse, usize)>,
+    },
     Published {
         result: Box<Result<PublishReport, PublishError>>,
         reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
@@ -130,13 +142,10 @@ struct PeerState {
     address: Option<Multiaddr>,
     data_addrs: Vec<SocketAddr>,
     connected_since_ms: u64,
-    banned: bool,
     /// Control-plane round trip, milliseconds, smoothed.
     rtt_ms: Option<f64>,
     /// Chunk delivery rate to this node, bytes per second, smoothed over requests.
     rate: Option<f64>,
-    /// Malformed control requests received from the peer.
-    malformed: u32,
 }
 
 /// Weight of a new sample in the smoothed RTT and delivery rate.
@@ -183,12 +192,18 @@ pub struct Daemon {
     /// Chunk requests running, and when each was sent.
     fetches: HashMap<ReqId, (tokio::task::AbortHandle, Instant)>,
     bootstrap: Vec<Bootstrap>,
-    /// Open control-plane connections per peer, and whether the peer dialed them.
-    connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+    /// Open control-plane connections per peer, whether the peer dialed them, and its address on each.
+    connections: HashMap<PeerId, Vec<(ConnectionId, bool, Multiaddr)>>,
+    /// Peers whose connections keep replacing each other from different addresses (two nodes, one key).
+    duplicate_keys: duplicate_key::DuplicateKeys,
+    /// What each peer may still take in manifest answers.
+    answer_budgets: manifest_answers::AnswerBudgets,
     /// When each connection last brought an answer to one of this node's control requests.
     control_answered: HashMap<ConnectionId, Instant>,
-    /// Peers banned for breaking the protocol, until when.
-    protocol_bans: HashMap<PeerId, Instant>,
+    /// Fault injection: made-up chunk ids announced so far (each id is the hash of this count).
+    fake_chunks_announced: u64,
+    /// Data-plane refusals of each peer already reported to the engine as offences.
+    refusals_reported: BTreeMap<PeerId, u64>,
     /// Peers whose data plane this node floods (fault injection).
     flooding: std::collections::BTreeSet<PeerId>,
     events_tx: mpsc::Sender<LoopEvent>,
@@ -248,6 +263,11 @@ impl Daemon {
             Some(root) => ChunkIndex::build(&reader, &root.body.root)?,
             None => ChunkIndex::default(),
         };
+        // An origin restarted on a published snapshot keeps only that snapshot's chunks in its tables.
+        let snapshot_chunks = match (&applied, cfg.role) {
+            (Some(root), RoleName::Origin) => Some((root.body.seq, ChunkSet::of_snapshot(&reader, &root.body.root)?)),
+            _ => None,
+        };
         let totals = applied.as_ref().map_or((0, 0), |a| (a.body.files, a.body.bytes));
         drop(reader);
 
@@ -272,6 +292,7 @@ impl Daemon {
             scheduler: SchedulerLimits::default(),
             seeder: SeederLimits::default(),
             have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
+            resign_before_expiry_ms: (role == Role::Origin).then_some(cfg.validity.as_millis() as u64 / 2),
         };
         let engine = Engine::new(engine_cfg, applied, latest);
 
@@ -307,6 +328,12 @@ impl Daemon {
         }
         let topic = gossipsub::IdentTopic::new(roots_topic(&cfg.repo));
         swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| anyhow!("subscribing to {topic}: {e}"))?;
+        let (score, thresholds) = swarm::root_topic_scoring(&topic);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .with_peer_score(score, thresholds)
+            .map_err(|e| anyhow!("gossip scoring: {e}"))?;
         swarm.listen_on(cfg.listen.clone()).with_context(|| format!("network.listen {}", cfg.listen))?;
         // Wait for the listener so the handle can say where the node listens.
         let mut listen_addrs = Vec::new();
@@ -367,8 +394,11 @@ impl Daemon {
             fetches: HashMap::new(),
             bootstrap,
             connections: HashMap::new(),
+            duplicate_keys: Default::default(),
+            answer_budgets: Default::default(),
             control_answered: HashMap::new(),
-            protocol_bans: HashMap::new(),
+            refusals_reported: BTreeMap::new(),
+            fake_chunks_announced: 0,
             flooding: Default::default(),
             events_tx,
             events_rx,
@@ -389,6 +419,9 @@ impl Daemon {
             status_published: None,
             sync_span: tracing::Span::none(),
         };
+        if let Some((seq, chunks)) = snapshot_chunks {
+            daemon.feed(Input::SnapshotChunks { seq, chunks })?;
+        }
         // The admin API answers with the state read from disk from its first request on.
         daemon.check_served_root(now());
         let key = daemon.status_key();
@@ -403,21 +436,50 @@ impl Daemon {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         self.dial_bootstrap();
-        self.drive()?;
+        // A sync resumed from the state database starts at once if the engine says so.
+        self.on_engine_timeout();
+        self.after_event();
         loop {
+            // The engine says when it wants to run next; the shell's own chores run on `tick`.
+            let engine_due = self.engine.poll_timeout().map(|at| self.instant_of(at));
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
                 Some(event) = self.events_rx.recv() => self.on_loop_event(event),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = tokio::time::sleep_until(engine_due.unwrap_or_else(tokio::time::Instant::now)),
+                    if engine_due.is_some() => self.on_engine_timeout(),
                 _ = tick.tick() => self.on_tick(),
             }
-            if let Err(e) = self.drive() {
-                self.error(format!("{e:#}"));
+            self.after_event();
+        }
+        self.data.shut_down(SHUTDOWN_CLOSE_WAIT).await;
+        self.close_connections().await;
+        Ok(())
+    }
+
+    /// Closes every control connection and waits (at most [`SHUTDOWN_CLOSE_WAIT`]) until they are closed, so peers
+    /// notice at once and redial, instead of holding a dead connection until its idle timeout: an origin restarted
+    /// on the same address would never hear from them again (it has no bootstrap list, and a new process cannot
+    /// answer for the old one's connections).
+    async fn close_connections(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        tracing::info!(peers = peers.len(), "closing every connection");
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_CLOSE_WAIT;
+        while self.swarm.connected_peers().next().is_some() {
+            if tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await.is_err() {
+                tracing::warn!("some connections did not close within {SHUTDOWN_CLOSE_WAIT:?}");
+                return;
             }
         }
-        self.data.close();
-        Ok(())
+        // The close frames are sent by the connections' drivers: let them run before the runtime stops.
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, std::future::pending::<()>()).await;
     }
 
     /// A problem of no more specific kind (cleared once the next snapshot is in place).
@@ -435,7 +497,7 @@ impl Daemon {
     /// What the served snapshot and the roots heard so far say about this node's health: never synced, only
     /// untrusted roots heard, the served root expired or stale.
     fn check_served_root(&mut self, t: Timestamp) {
-        let syncing = self.engine.status().phase != "idle";
+        let syncing = self.engine.status().phase != SyncPhase::Idle;
         match self.engine.current() {
             None if self.cfg.role == RoleName::Mirror && !syncing => {
                 let message = match self.health.is_set(ProblemKind::RootsUntrusted) {
@@ -476,6 +538,14 @@ impl Daemon {
         }
     }
 
+    /// Whether roots signed by `key` are accepted here (an origin trusts its own key only).
+    fn trusts(&self, key: &mirrormesh_proto::PublisherKey) -> bool {
+        match self.cfg.role {
+            RoleName::Origin => *key == self.key.publisher_key(),
+            RoleName::Mirror => self.cfg.publishers.iter().any(|(k, _)| k == key),
+        }
+    }
+
     /// A root error as operators read it: publishers named by node id, as `trust.publishers` names them.
     fn describe_root_error(&self, error: &RootError) -> String {
         match error {
@@ -497,32 +567,45 @@ impl Daemon {
 
     // ---- the engine ---------------------------------------------------------------------------------------
 
-    /// Executes the engine's outputs, ticking it again while it has deferred work.
-    fn drive(&mut self) -> Result<()> {
+    /// Hands `input` to the engine through the core's one driver ([`step`]), which carries out its outputs here.
+    fn feed(&mut self, input: Input<PeerId>) -> Result<(), EngineError> {
         let span = self.sync_span.clone();
         let _sync = span.enter();
-        for _ in 0..16 {
-            while let Some(out) = self.engine.poll_output() {
-                self.execute(out)?;
-            }
-            if !self.engine.wants_tick() {
-                break;
-            }
-            let reader = self.store.reader()?;
-            self.engine.handle_tick(now(), &reader)?;
+        let now = self.clock();
+        step(self, now, input)
+    }
+
+    /// The engine's timer is due.
+    fn on_engine_timeout(&mut self) {
+        if let Err(e) = self.feed(Input::Timeout) {
+            self.error(format!("{e:#}"));
         }
+    }
+
+    /// Both clocks: monotonic milliseconds since the daemon started (timeouts, windows, bans) and the wall clock
+    /// (roots' creation and expiry). A step of the wall clock moves no timer.
+    fn clock(&self) -> Now {
+        Now { mono: Mono(self.started.elapsed().as_millis() as u64), wall: now() }
+    }
+
+    /// The instant a monotonic time of [`Daemon::clock`] names.
+    fn instant_of(&self, at: Mono) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started) + Duration::from_millis(at.0)
+    }
+
+    /// After every event: checks the served root and publishes the status if it changed.
+    fn after_event(&mut self) {
         self.check_served_root(now());
         let key = self.status_key();
         if self.status_published.as_ref().is_none_or(|(at, was)| *was != key || at.elapsed() >= STATUS_INTERVAL) {
             self.publish_status(key);
         }
-        Ok(())
     }
 
     fn status_key(&self) -> StatusKey {
         let engine = self.engine.status();
         StatusKey {
-            phase: engine.phase,
+            phase: engine.phase.name(),
             current: engine.current.map(|c| c.0),
             target: engine.target.map(|t| t.0),
             waiting_for_origin: engine.waiting_for_origin,
@@ -533,7 +616,8 @@ impl Daemon {
         }
     }
 
-    fn execute(&mut self, out: Output<PeerId>) -> Result<()> {
+    /// Carries out one output of the engine (the daemon answers later, through events, never at once).
+    fn carry_out(&mut self, out: Output<PeerId>) -> Result<()> {
         match out {
             Output::Gossip(root) => {
                 if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), root.encode()) {
@@ -593,14 +677,36 @@ impl Daemon {
                     task.abort();
                 }
             }
-            Output::Apply { target, base } => {
+            Output::Apply { target, plan } => {
                 tracing::info!(seq = target.body.seq, "applying snapshot");
-                self.tree_writer.submit(tree_writer::TreeJob::Apply { target: Box::new(target), base })?;
+                self.tree_writer.submit(tree_writer::TreeJob::Apply { target: Box::new(target), plan })?;
             }
-            Output::Ban { peer, reason } => {
-                tracing::warn!(%peer, reason = format!("{reason:?}").to_lowercase(), "peer banned for this snapshot");
-                self.peers.entry(peer).or_default().banned = true;
-                self.count(format!("peers_banned_{reason:?}").to_lowercase());
+            Output::Ban { peer, reason, until: None } => {
+                tracing::warn!(%peer, reason = reason.name(), "peer banned for this snapshot");
+                self.count(format!("peers_banned_{}", reason.name()));
+            }
+            Output::Republish => {
+                if !self.publisher.is_running() {
+                    let seq = self.engine.current().map(|c| c.body.seq);
+                    tracing::info!(seq, "root past half its validity: re-signing");
+                    self.start_publish(false, None);
+                }
+            }
+            Output::PersistRoot(root) => {
+                let mut writer = self.store.writer()?;
+                writer.set_root(&root, &self.cfg.repo)?;
+                writer.commit()?;
+            }
+            Output::Ban { peer, reason, until: Some(until) } => {
+                let minutes = until.millis_since(self.clock().mono) / 60_000;
+                tracing::warn!(%peer, reason = reason.name(), minutes, "peer banned for breaking the protocol");
+                self.count(format!("peers_banned_{}", reason.name()));
+                self.data.deny(peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Output::Unban { peer } => {
+                tracing::info!(%peer, "ban lifted");
+                self.data.undeny(&peer);
             }
             Output::Notice(notice) => self.notice(notice)?,
         }
@@ -617,11 +723,6 @@ impl Daemon {
                     self.sync_span = tracing::info_span!("sync", seq);
                     self.sync.started = Some((seq, Instant::now()));
                     self.sync.need_bytes = 0;
-                }
-                if let Some(latest) = self.engine.latest() {
-                    let mut writer = self.store.writer()?;
-                    writer.set_root(&latest.signed, &self.cfg.repo)?;
-                    writer.commit()?;
                 }
             }
             Notice::RootRejected { from, error } => {
@@ -645,6 +746,10 @@ impl Daemon {
                 self.count("messages_wrong_repo");
             }
             Notice::LocalFailure => self.count("local_write_failures"),
+            Notice::PeerStalled { peer } => {
+                tracing::warn!(%peer, "peer claims the snapshot but delivered nothing while asked; asking the origin");
+                self.count("peers_stalled");
+            }
             Notice::SyncComplete { seq } => {
                 tracing::info!(seq, "snapshot applied");
                 self.count("syncs_completed");
@@ -668,6 +773,7 @@ impl Daemon {
     }
 
     fn fetch_chunks(&mut self, peer: PeerId, req: ReqId, chunks: Vec<ChunkId>) {
+        tracing::debug!(%peer, req = req.0, chunks = chunks.len(), "fetching chunks");
         let addrs = self.peers.get(&peer).map(|p| p.data_addrs.clone()).unwrap_or_default();
         let data = self.data.clone();
         let staging = self.staging.clone();
@@ -770,7 +876,7 @@ impl Daemon {
                             files.held(id);
                         }
                     }
-                    self.engine.handle_staged(t, seq, prepared.held);
+                    self.feed(Input::Staged { seq, held: prepared.held })?;
                 }
                 Err(e) => {
                     self.set_problem(ProblemKind::StagingFailing, format!("staging snapshot {seq}: {e:#}"), t.0);
@@ -796,7 +902,7 @@ impl Daemon {
                         ChunkOutcome::Corrupt => self.count("chunks_rejected"),
                         _ => {}
                     }
-                    self.engine.handle_chunk(t, peer, req, id, outcome);
+                    self.feed(Input::Chunk { from: peer, req, id, outcome })?;
                 }
                 if dropped {
                     let message = "could not write staged chunks (is the staging filesystem full?)";
@@ -808,7 +914,7 @@ impl Daemon {
                     Some(e) => {
                         tracing::debug!(%peer, "chunk request failed: {e}");
                         self.count("chunk_requests_failed");
-                        self.engine.handle_chunks_failed(t, peer, req);
+                        self.feed(Input::ChunksFailed { from: peer, req })?;
                         if unreachable && self.swarm.is_connected(&peer) {
                             // Its data plane is gone, so the peer is (it died, or the network between us did):
                             // drop it now rather than when the control connection's idle timeout notices, so the
@@ -818,15 +924,15 @@ impl Daemon {
                             let _ = self.swarm.disconnect_peer_id(peer);
                         }
                     }
-                    None => self.engine.handle_chunks_done(t, peer, req, bytes),
+                    None => self.feed(Input::ChunksDone { from: peer, req, bytes })?,
                 }
             }
-            LoopEvent::Applied { target, changes, result } => self.on_applied(*target, changes, result)?,
+            LoopEvent::Applied { target, plan, result } => self.on_applied(*target, &plan, result)?,
             LoopEvent::Removed(run) => self.on_removed(*run),
             LoopEvent::Serve { peer, chunks, reply } => {
                 let decisions = chunks
                     .iter()
-                    .map(|id| match self.engine.serve_decision(t, &peer, id) {
+                    .map(|id| match self.engine.serve_decision(self.clock().mono, &peer, id) {
                         ServeDecision::Serve => Decision::Serve,
                         ServeDecision::Elsewhere(peers) => Decision::Elsewhere(peers),
                         ServeDecision::Refuse => Decision::Missing,
@@ -836,18 +942,34 @@ impl Daemon {
             }
             LoopEvent::Publish { force, reply } => self.start_publish(force, Some(reply)),
             LoopEvent::TreeChanged => self.publisher.tree_changed(Instant::now()),
+            LoopEvent::Reload => self.reload(),
+            LoopEvent::Answer { peer, channel, answer } => match answer {
+                Ok((response, bytes)) => {
+                    self.answer_budgets.spend(Instant::now(), peer, bytes);
+                    let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
+                }
+                // Not answered: the peer's request fails and it asks elsewhere.
+                Err(e) => {
+                    self.answer_budgets.spend(Instant::now(), peer, 0);
+                    self.error(format!("answering a manifest fetch: {e:#}"));
+                }
+            },
             LoopEvent::Published { result, reply } => self.on_published(*result, reply)?,
         }
         Ok(())
     }
 
-    fn on_applied(&mut self, target: VerifiedRoot, changes: Vec<Change>, result: Result<ApplyReport>) -> Result<()> {
+    fn on_applied(&mut self, target: VerifiedRoot, changes: &[Change], result: Result<ApplyReport>) -> Result<()> {
         let report = match result {
             Ok(report) => report,
             Err(e) => {
-                // The tree is consistent (see apply.rs); the engine retries the sync from its current state.
-                self.error(format!("applying snapshot {}: {e:#}", target.body.seq));
+                // The tree is consistent (see apply.rs); the engine tries again with back-off, or moves on to a
+                // newer root.
+                let kind = apply_failure(&e);
+                let seq = target.body.seq;
+                self.set_problem(ProblemKind::ApplyFailing, format!("applying snapshot {seq}: {e:#}"), now().0);
                 self.count("apply_failures");
+                self.feed(Input::ApplyFailed { seq, failure: kind })?;
                 return Ok(());
             }
         };
@@ -863,7 +985,7 @@ impl Daemon {
         writer.commit()?;
         self.pending_deletions = self.store.reader()?.pending_deletion_count()?;
         if let Ok(mut index) = self.index.write() {
-            index.apply(&changes);
+            index.apply(changes);
         }
         if let Err(e) = self.staging.finish() {
             tracing::warn!("cleaning staging: {e:#}");
@@ -880,8 +1002,7 @@ impl Daemon {
             removals = report.removals.len(),
             "snapshot in place"
         );
-        let reader = self.store.reader()?;
-        self.engine.handle_applied(now(), target.body.seq, &reader)?;
+        self.feed(Input::Applied { seq: target.body.seq })?;
         Ok(())
     }
 
@@ -905,6 +1026,87 @@ impl Daemon {
         if r.removed > 0 {
             tracing::info!(count = r.removed, "removed files after the grace period");
         }
+    }
+
+    /// Re-reads the configuration file (SIGHUP) and applies what may change while running (see
+    /// [`Config::needs_restart`]); refuses the whole reload, keeping the running configuration, if anything else
+    /// changed or the file does not load.
+    fn reload(&mut self) {
+        let Some(path) = self.cfg.path.clone() else {
+            tracing::warn!("SIGHUP: this daemon was not started from a config file; nothing to re-read");
+            return;
+        };
+        tracing::info!(config = %path.display(), "SIGHUP: re-reading the configuration");
+        let new = match Config::load(&path) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!("reload refused, the running configuration stays: {e:#}");
+                self.count("reloads_refused");
+                return;
+            }
+        };
+        let restart = self.cfg.needs_restart(&new);
+        if !restart.is_empty() {
+            tracing::error!(
+                "reload refused, the running configuration stays: {} (these take a restart)",
+                restart.join("; ")
+            );
+            self.count("reloads_refused");
+            return;
+        }
+        let log = match crate::logging::apply(new.log.as_deref()) {
+            Ok(filter) => filter,
+            Err(e) => format!("unchanged ({e:#})"),
+        };
+        self.set_bootstrap(&new.bootstrap);
+        if new.allow != self.cfg.allow {
+            self.data.set_allow(new.allow.clone());
+            let refused: Vec<PeerId> = self
+                .swarm
+                .connected_peers()
+                .filter(|p| new.allow.as_ref().is_some_and(|allow| !allow.contains(p)))
+                .copied()
+                .collect();
+            for peer in refused {
+                tracing::warn!(%peer, "peer no longer in network.allow; disconnecting");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+        self.publisher.set_quiet(new.watch_quiet);
+        let allow = new.allow.as_ref().map_or("any peer".to_owned(), |a| format!("{} peers", a.len()));
+        tracing::info!(
+            bootstrap = new.bootstrap.len(),
+            allow,
+            log,
+            delete_grace_secs = new.delete_grace.as_secs(),
+            "configuration reloaded"
+        );
+        self.cfg = new;
+        self.count("reloads");
+    }
+
+    /// Replaces the bootstrap list: peers kept keep their back-off, new ones are dialled at once, peers dropped from
+    /// the list are no longer redialled (their connections stay).
+    fn set_bootstrap(&mut self, list: &[(PeerId, Multiaddr)]) {
+        let me = self.key.peer_id();
+        let mut old: Vec<Bootstrap> = std::mem::take(&mut self.bootstrap);
+        for (peer, addr) in list.iter().filter(|(p, _)| *p != me) {
+            match old.iter().position(|b| b.peer == *peer) {
+                Some(at) => {
+                    let mut kept = old.swap_remove(at);
+                    kept.addr = addr.clone();
+                    self.bootstrap.push(kept);
+                }
+                None => self.bootstrap.push(Bootstrap {
+                    peer: *peer,
+                    addr: addr.clone(),
+                    connected: self.swarm.is_connected(peer),
+                    next_dial: Instant::now(),
+                    backoff: REDIAL_MIN,
+                }),
+            }
+        }
+        self.dial_bootstrap();
     }
 
     fn start_publish(&mut self, force: bool, reply: Option<oneshot::Sender<Result<PublishReply, String>>>) {
@@ -968,11 +1170,12 @@ impl Daemon {
         self.health.clear(ProblemKind::PublishFailed);
         let reader = self.store.reader()?;
         let index = ChunkIndex::build(&reader, &report.body.root)?;
+        let chunks = mirrormesh_proto::sync::ChunkSet::of_snapshot(&reader, &report.body.root)?;
         drop(reader);
         if let Ok(mut current) = self.index.write() {
             *current = index;
         }
-        let accepted = self.engine.handle_published(t, report.signed.clone());
+        let accepted = self.feed(Input::Published { root: report.signed.clone(), chunks });
         if let Err(e) = accepted {
             let message = format!("publishing: the engine refused the new root: {e}");
             self.set_problem(ProblemKind::PublishFailed, message.clone(), t.0);
@@ -1039,7 +1242,7 @@ impl Daemon {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return Ok(());
                 }
-                if self.protocol_bans.get(&peer_id).is_some_and(|until| Instant::now() < *until) {
+                if self.engine.is_protocol_banned(&peer_id) {
                     tracing::debug!(peer = %peer_id, "refusing a connection from a banned peer");
                     self.count("connections_refused_banned");
                     let _ = self.swarm.close_connection(connection_id);
@@ -1051,35 +1254,58 @@ impl Daemon {
                     // The peer dialed again although it had dialed before: it restarted or lost its network, so
                     // its earlier connections are dead (they would swallow requests until their idle timeout).
                     // Close them and greet it afresh.
-                    let stale: Vec<ConnectionId> =
-                        connections.iter().filter(|(_, inbound)| *inbound).map(|(id, _)| *id).collect();
+                    let stale: Vec<(ConnectionId, Multiaddr)> = connections
+                        .iter()
+                        .filter(|(_, inbound, _)| *inbound)
+                        .map(|(id, _, addr)| (*id, addr.clone()))
+                        .collect();
                     if !stale.is_empty() {
-                        connections.retain(|(id, _)| !stale.contains(id));
+                        connections.retain(|(id, _, _)| !stale.iter().any(|(s, _)| s == id));
                         tracing::info!(stale = stale.len(), "peer reconnected; closing its earlier connections");
                         self.count("connections_replaced");
+                        let old: Vec<Multiaddr> = stale.iter().map(|(_, a)| a.clone()).collect();
+                        let new = endpoint.get_remote_address();
+                        if let Some(addrs) = self.duplicate_keys.replaced(Instant::now(), peer_id, &old, new) {
+                            let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                            tracing::warn!(
+                                peer = %peer_id,
+                                "two nodes seem to use the same key: {peer_id} keeps connecting from {} in turn; \
+                                 every node needs its own key (mirrormesh keygen)",
+                                addrs.join(" and ")
+                            );
+                            self.count("peers_duplicate_key");
+                        }
+                        let stale: Vec<ConnectionId> = stale.into_iter().map(|(id, _)| id).collect();
                         for id in stale {
                             self.swarm.close_connection(id);
                         }
-                        self.engine.handle_peer_disconnected(t, &peer_id);
-                        self.engine.handle_peer_connected(t, peer_id);
+                        self.feed(Input::PeerDisconnected(peer_id))?;
+                        self.feed(Input::PeerConnected(peer_id))?;
                     }
                 }
-                self.connections.entry(peer_id).or_default().push((connection_id, inbound));
+                self.connections.entry(peer_id).or_default().push((
+                    connection_id,
+                    inbound,
+                    endpoint.get_remote_address().clone(),
+                ));
                 let state = self.peers.entry(peer_id).or_default();
                 state.address = Some(endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
+                    // A peer connecting afresh may be a restarted process: a cached data-plane connection to its
+                    // old one would swallow requests until its idle timeout.
+                    self.data.forget(&peer_id);
                     state.connected_since_ms = t.0;
                     tracing::info!(addr = %endpoint.get_remote_address(), "connected");
                     for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
                         b.connected = true;
                         b.backoff = REDIAL_MIN;
                     }
-                    self.engine.handle_peer_connected(t, peer_id);
+                    self.feed(Input::PeerConnected(peer_id))?;
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
                 if let Some(connections) = self.connections.get_mut(&peer_id) {
-                    connections.retain(|(id, _)| *id != connection_id);
+                    connections.retain(|(id, _, _)| *id != connection_id);
                 }
                 self.control_answered.remove(&connection_id);
                 if num_established > 0 {
@@ -1092,7 +1318,7 @@ impl Daemon {
                     b.connected = false;
                     b.next_dial = Instant::now() + b.backoff;
                 }
-                self.engine.handle_peer_disconnected(t, &peer_id);
+                self.feed(Input::PeerDisconnected(peer_id))?;
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
                 tracing::debug!(peer = %peer_id, "dial failed: {error}");
@@ -1103,18 +1329,38 @@ impl Daemon {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
+                message_id,
                 message,
-                ..
-            })) => match SignedRoot::decode(&message.data) {
-                Ok(root) => {
-                    let reader = self.store.reader()?;
-                    self.engine.handle_root(t, RootVia::Gossip(propagation_source), root, &reader)?;
-                }
-                Err(e) => {
-                    tracing::warn!(peer = %propagation_source, "undecodable gossip: {e}");
-                    self.count("gossip_malformed");
-                }
-            },
+            })) => {
+                // Forwarded only if it brought this node a newer root; penalised if it is not a root at all, or
+                // not one of a trusted publisher (gossipsub's peer score: `swarm::root_topic_scoring`).
+                let acceptance = match SignedRoot::decode(&message.data) {
+                    Ok(root) if root.verify_signature().is_err() || !self.trusts(&root.publisher) => {
+                        self.count("gossip_invalid_roots");
+                        self.feed(Input::Root { via: RootVia::Gossip(propagation_source), root })?;
+                        gossipsub::MessageAcceptance::Reject
+                    }
+                    Ok(root) => {
+                        let before = self.engine.latest().map(|r| r.body.seq);
+                        self.feed(Input::Root { via: RootVia::Gossip(propagation_source), root })?;
+                        if self.engine.latest().map(|r| r.body.seq) > before {
+                            gossipsub::MessageAcceptance::Accept
+                        } else {
+                            gossipsub::MessageAcceptance::Ignore
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %propagation_source, "undecodable gossip: {e}");
+                        self.count("gossip_malformed");
+                        gossipsub::MessageAcceptance::Reject
+                    }
+                };
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Control(event)) => self.on_control(event)?,
             _ => {}
         }
@@ -1122,7 +1368,6 @@ impl Daemon {
     }
 
     fn on_control(&mut self, event: request_response::Event<WireRequest, ControlResponse>) -> Result<()> {
-        let t = now();
         let peer = match &event {
             request_response::Event::Message { peer, .. }
             | request_response::Event::OutboundFailure { peer, .. }
@@ -1135,24 +1380,16 @@ impl Daemon {
         match event {
             request_response::Event::Message { peer, connection_id, message } => match message {
                 request_response::Message::Request { request: WireRequest::Valid(request), channel, .. } => {
-                    let response = self.answer(peer, request)?;
-                    let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
+                    self.answer(peer, request, channel)?;
                 }
                 request_response::Message::Request { request: WireRequest::Malformed(why), .. } => {
                     // Not answered: dropping the channel resets the stream.
                     tracing::debug!(%peer, "malformed control request: {why}");
                     self.count("control_malformed");
-                    let state = self.peers.entry(peer).or_default();
-                    state.malformed += 1;
-                    let malformed = state.malformed;
-                    if malformed >= CONTROL_MALFORMED_MAX {
-                        let why = format!("{malformed} malformed control requests, the last: {why}");
-                        self.ban_for_protocol(peer, "malformedcontrol", &why);
-                    }
+                    self.feed(Input::Offence { peer, offence: Offence::MalformedControl })?;
                 }
                 request_response::Message::Response { request_id, response } => {
                     self.control_answered.insert(connection_id, Instant::now());
-                    let reader = self.store.reader()?;
                     let pending = self.pending.remove(&request_id);
                     if let Some(Pending::Hello { sent } | Pending::Have { sent }) = &pending
                         && let Some(state) = self.peers.get_mut(&peer)
@@ -1162,19 +1399,19 @@ impl Daemon {
                     match (pending, response) {
                         (Some(Pending::Hello { .. }), ControlResponse::Hello(hello)) => {
                             self.learn_data_addrs(peer, &hello.data_addrs);
-                            self.engine.handle_hello(t, peer, hello, &reader)?;
+                            self.feed(Input::Hello { from: peer, hello })?;
                         }
                         (Some(Pending::Nodes { peer, req }), ControlResponse::Nodes { nodes }) => {
                             let nodes = nodes.into_iter().map(|n| n.map(ByteBuf::into_vec)).collect();
-                            self.engine.handle_nodes(t, peer, req, nodes, &reader)?;
+                            self.feed(Input::Nodes { from: peer, req, nodes })?;
                         }
                         (Some(Pending::Delta { peer, req }), ControlResponse::Delta { delta }) => {
-                            self.engine.handle_delta(t, peer, req, delta.map(ByteBuf::into_vec), &reader)?;
+                            self.feed(Input::Delta { from: peer, req, delta: delta.map(ByteBuf::into_vec) })?;
                         }
                         (Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }), other) => {
                             tracing::warn!(%peer, ?other, "unexpected answer to a manifest fetch");
                             self.count("control_unexpected_responses");
-                            self.engine.handle_fetch_failed(t, peer, req);
+                            self.feed(Input::FetchFailed { from: peer, req })?;
                         }
                         _ => {}
                     }
@@ -1198,16 +1435,16 @@ impl Daemon {
                     tracing::info!(%peer, "control request timed out; closing the connection");
                     self.swarm.close_connection(connection_id);
                     let others =
-                        self.connections.get(&peer).is_some_and(|c| c.iter().any(|(id, _)| *id != connection_id));
+                        self.connections.get(&peer).is_some_and(|c| c.iter().any(|(id, _, _)| *id != connection_id));
                     if others {
-                        self.engine.handle_peer_disconnected(t, &peer);
-                        self.engine.handle_peer_connected(t, peer);
+                        self.feed(Input::PeerDisconnected(peer))?;
+                        self.feed(Input::PeerConnected(peer))?;
                     }
                 }
                 if let Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }) =
                     self.pending.remove(&request_id)
                 {
-                    self.engine.handle_fetch_failed(t, peer, req);
+                    self.feed(Input::FetchFailed { from: peer, req })?;
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -1219,40 +1456,86 @@ impl Daemon {
         Ok(())
     }
 
-    fn answer(&mut self, peer: PeerId, request: ControlRequest) -> Result<ControlResponse> {
-        let t = now();
-        let reader = self.store.reader()?;
-        Ok(match request {
+    /// Answers a control request: hellos and haves here, manifest fetches off the loop.
+    fn answer(
+        &mut self,
+        peer: PeerId,
+        request: ControlRequest,
+        channel: request_response::ResponseChannel<ControlResponse>,
+    ) -> Result<()> {
+        let response = match request {
             ControlRequest::Hello(hello) => {
                 self.learn_data_addrs(peer, &hello.data_addrs);
-                self.engine.handle_hello(t, peer, hello, &reader)?;
+                self.feed(Input::Hello { from: peer, hello })?;
                 let mut mine = self.engine.hello();
                 mine.data_addrs = vec![self.data_addr_text()];
                 self.fault_lie(&mut mine.complete_seq);
                 ControlResponse::Hello(mine)
             }
             ControlRequest::Have(have) => {
-                self.engine.handle_have(t, peer, have);
+                self.feed(Input::Have { from: peer, have })?;
                 ControlResponse::Ack
             }
-            ControlRequest::GetNodes { hashes } => {
-                let mut total = 0;
-                let mut nodes = Vec::with_capacity(hashes.len());
-                for hash in &hashes {
-                    let bytes = if total < NODES_RESPONSE_BYTES_MAX {
-                        mirrormesh_proto::node_store::NodeSource::node_bytes(&reader, hash)?
-                    } else {
-                        None
-                    };
-                    total += bytes.as_ref().map_or(0, Vec::len);
-                    nodes.push(bytes.map(ByteBuf::from));
+            ControlRequest::GetNodes { .. } | ControlRequest::GetDelta { .. } => {
+                self.answer_manifest_fetch(peer, request, channel);
+                return Ok(());
+            }
+        };
+        let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
+        Ok(())
+    }
+
+    /// Answers `GetNodes` or `GetDelta` on the blocking pool, within the peer's budget (`manifest_answers.rs`).
+    fn answer_manifest_fetch(
+        &mut self,
+        peer: PeerId,
+        request: ControlRequest,
+        channel: request_response::ResponseChannel<ControlResponse>,
+    ) {
+        let (asked, is_delta) = match &request {
+            ControlRequest::GetNodes { hashes } => (hashes.len(), false),
+            _ => (1, true),
+        };
+        if !self.answer_budgets.start(Instant::now(), peer) {
+            self.count("manifest_answers_throttled");
+            let refusal = manifest_answers::refusal(asked, is_delta);
+            let _ = self.swarm.behaviour_mut().control.send_response(channel, refusal);
+            return;
+        }
+        let store = self.store.clone();
+        let events = self.events_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let answer = match request {
+                ControlRequest::GetNodes { hashes } => {
+                    manifest_answers::nodes(&store, &hashes).map(|(response, bytes, repeats)| {
+                        if repeats > 0 {
+                            tracing::debug!(%peer, repeats, "a node fetch asked for the same hash more than once");
+                        }
+                        (response, bytes)
+                    })
                 }
-                ControlResponse::Nodes { nodes }
-            }
-            ControlRequest::GetDelta { hash } => {
-                ControlResponse::Delta { delta: reader.delta(&hash)?.map(ByteBuf::from) }
-            }
-        })
+                ControlRequest::GetDelta { hash } => manifest_answers::delta(&store, &hash),
+                _ => Err(anyhow!("not a manifest fetch")),
+            };
+            let _ = events.blocking_send(LoopEvent::Answer { peer, channel, answer });
+        });
+    }
+
+    /// Fault injection (`faults.announce_fake_chunks`): announces `HAVE_CHUNKS_MAX` made-up chunk ids (of the
+    /// newest snapshot's sequence number) to every connected peer.
+    fn fault_announce_fake_chunks(&mut self) {
+        let Some(seq) = self.engine.latest().map(|r| r.body.seq) else { return };
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let chunks = (0..mirrormesh_proto::control::HAVE_CHUNKS_MAX)
+                .map(|_| {
+                    self.fake_chunks_announced += 1;
+                    ChunkId(*blake3::hash(&self.fake_chunks_announced.to_le_bytes()).as_bytes())
+                })
+                .collect();
+            let have = mirrormesh_proto::control::Have { repo: self.cfg.repo.clone(), seq, complete_seq: None, chunks };
+            let _ = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Have(have).into());
+        }
     }
 
     /// Fault injection (`faults.lie_about_holdings`): claim to hold the newest snapshot completely (in hellos and
@@ -1265,25 +1548,20 @@ impl Daemon {
         }
     }
 
-    /// Bans `peer` for breaking the protocol: counted as `peers_banned_{reason}`, disconnected, its connections
-    /// refused and its data plane neither served nor asked for [`PROTOCOL_BAN`].
-    fn ban_for_protocol(&mut self, peer: PeerId, reason: &str, why: &str) {
-        if self.protocol_bans.get(&peer).is_some_and(|until| Instant::now() < *until) {
-            return;
+    /// Reports each data-plane request refused since the last call to the engine as an offence of its peer (the
+    /// engine bans repeat offenders: `bans.rs`). Keys come from the data plane's traffic table, which is capped.
+    fn report_data_refusals(&mut self) {
+        for (peer, traffic) in self.data.traffic() {
+            let seen = self.refusals_reported.entry(peer).or_default();
+            let new = traffic.refused.saturating_sub(*seen);
+            *seen = traffic.refused;
+            // More than the limit at once bans anyway: the rest need not be reported one by one.
+            for _ in 0..new.min(Offence::RefusedDataRequest.limit()) {
+                if let Err(e) = self.feed(Input::Offence { peer, offence: Offence::RefusedDataRequest }) {
+                    self.error(format!("{e:#}"));
+                }
+            }
         }
-        tracing::warn!(%peer, reason, "peer banned for breaking the protocol: {why}");
-        self.count(format!("peers_banned_{reason}"));
-        if self.protocol_bans.len() >= PROTOCOL_BANS_MAX
-            && let Some(oldest) = self.protocol_bans.iter().min_by_key(|(_, until)| **until).map(|(p, _)| *p)
-        {
-            self.protocol_bans.remove(&oldest);
-        }
-        self.protocol_bans.insert(peer, Instant::now() + PROTOCOL_BAN);
-        self.data.deny(peer);
-        if let Some(state) = self.peers.get_mut(&peer) {
-            state.banned = true;
-        }
-        let _ = self.swarm.disconnect_peer_id(peer);
     }
 
     /// Records where a peer's data plane listens; an unspecified ip means the address its connection comes from.
@@ -1315,37 +1593,19 @@ impl Daemon {
 
     // ---- time ---------------------------------------------------------------------------------------------
 
+    /// The shell's chores: redials, the tree watch, re-signing, deletions, refusals (the engine has its own timer).
     fn on_tick(&mut self) {
         let t = now();
-        let result = self.store.reader().and_then(|reader| Ok(self.engine.handle_tick(t, &reader)?));
-        if let Err(e) = result {
-            self.error(format!("{e:#}"));
-        }
         self.dial_bootstrap();
+        if self.cfg.faults.announce_fake_chunks {
+            self.fault_announce_fake_chunks();
+        }
         if self.publisher.watch_due(Instant::now()) {
             self.start_publish(false, None);
         }
         if Instant::now() >= self.next_deletion_check {
-            // An origin re-signs before half the validity of its root is left, so mirrors never hold an expired one.
-            if self.cfg.role == RoleName::Origin
-                && !self.publisher.is_running()
-                && let Some(current) = self.engine.current()
-                && current.body.expires.millis_since(t) < self.cfg.validity.as_millis() as u64 / 2
-            {
-                tracing::info!(seq = current.body.seq, "root past half its validity: re-signing");
-                self.start_publish(false, None);
-            }
             self.next_deletion_check = Instant::now() + Duration::from_secs(1);
-            let abusers: Vec<(PeerId, u64)> = self
-                .data
-                .traffic()
-                .into_iter()
-                .filter(|(peer, t)| t.refused >= DATA_REFUSALS_MAX && !self.protocol_bans.contains_key(peer))
-                .map(|(peer, t)| (peer, t.refused))
-                .collect();
-            for (peer, refused) in abusers {
-                self.ban_for_protocol(peer, "baddatarequests", &format!("{refused} data-plane requests refused"));
-            }
+            self.report_data_refusals();
             if !self.removing {
                 match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
                     Ok(()) => self.removing = true,
@@ -1374,16 +1634,18 @@ impl Daemon {
         self.status_published = Some((Instant::now(), key));
         let engine = self.engine.status();
         let traffic = self.data.traffic();
-        let syncing = engine.phase != "idle";
+        let syncing = engine.phase != SyncPhase::Idle;
         let bytes_missing = engine.bytes_missing;
         if syncing {
             self.sync.need_bytes = self.sync.need_bytes.max(bytes_missing);
         }
         let progress = match engine.phase {
-            "idle" if engine.current.is_none() && self.cfg.role == RoleName::Mirror => 0.0,
-            "idle" => 1.0,
-            "transferring" if self.sync.need_bytes > 0 => 1.0 - bytes_missing as f64 / self.sync.need_bytes as f64,
-            "applying" => 1.0,
+            SyncPhase::Idle if engine.current.is_none() && self.cfg.role == RoleName::Mirror => 0.0,
+            SyncPhase::Idle => 1.0,
+            SyncPhase::Transferring if self.sync.need_bytes > 0 => {
+                1.0 - bytes_missing as f64 / self.sync.need_bytes as f64
+            }
+            SyncPhase::Applying | SyncPhase::ApplyRetrying => 1.0,
             _ => 0.0,
         };
         let target_seq = engine.target.map(|t| t.0);
@@ -1400,7 +1662,7 @@ impl Daemon {
                 (false, None) if self.cfg.role == RoleName::Mirror => "never-synced".into(),
                 (false, _) => "idle".into(),
             },
-            phase: engine.phase.into(),
+            phase: engine.phase.name().into(),
             target_seq,
             staged_seq: self.sync.staged_seq.filter(|_| syncing),
             progress,
@@ -1419,7 +1681,7 @@ impl Daemon {
         let mut peers = Vec::new();
         for (id, state) in &self.peers {
             let t = traffic.get(id);
-            let banned = state.banned || self.engine.is_banned(id);
+            let banned = self.engine.is_banned(id);
             peers.push(PeerStatus {
                 id: id.to_string(),
                 address: state.address.as_ref().map(ToString::to_string).unwrap_or_default(),
@@ -1446,6 +1708,9 @@ impl Daemon {
             counters.insert(format!("data_refused_{what}"), n);
         }
         let seeder = self.engine.seeder_counts();
+        let announced = self.engine.announce_counts();
+        counters.insert("announced_outside_snapshot".into(), announced.outside_snapshot);
+        counters.insert("announced_over_cap".into(), announced.over_cap);
         if self.cfg.role == RoleName::Origin {
             counters.insert("origin_chunks_served".into(), seeder.served);
             counters.insert("origin_redirects".into(), seeder.redirects);
@@ -1454,6 +1719,8 @@ impl Daemon {
             counters.insert("origin_served_again_after_bans".into(), seeder.again.after_bans);
             counters.insert("origin_served_again_no_holder".into(), seeder.again.no_holder);
             counters.insert("origin_served_again_same_asker".into(), seeder.again.asked_again);
+            counters.insert("origin_refused_unknown_chunks".into(), seeder.refused_unknown);
+            counters.insert("origin_refused_banned".into(), seeder.refused_banned);
         }
         let status = Status {
             node_id: self.key.peer_id().to_string(),
@@ -1480,6 +1747,40 @@ impl Daemon {
 }
 
 /// What in the status a client may be waiting on: a change publishes it at once.
+/// The daemon as the host of its engine (see [`step`]).
+impl Host<PeerId> for Daemon {
+    type Source<'s>
+        = Reader
+    where
+        Self: 's;
+
+    fn with_engine<R>(&mut self, f: impl FnOnce(&mut Engine<PeerId>, &Reader) -> R) -> Option<R> {
+        // A fresh read transaction per input: it sees every node stored by the outputs carried out before.
+        let reader = Reader(self.store.reader().map_err(|e| SourceError(format!("opening the state database: {e:#}"))));
+        Some(f(&mut self.engine, &reader))
+    }
+
+    fn execute(&mut self, _now: Now, output: Output<PeerId>) -> Vec<Input<PeerId>> {
+        if let Err(e) = self.carry_out(output) {
+            self.error(format!("{e:#}"));
+        }
+        Vec::new()
+    }
+}
+
+/// The state database as the engine's node store; a database that cannot be opened fails every read.
+pub struct Reader(Result<StoreReader, SourceError>);
+
+impl NodeSource for Reader {
+    fn node_bytes(&self, hash: &mirrormesh_proto::node::NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
+        self.0.as_ref().map_err(Clone::clone)?.node_bytes(hash)
+    }
+
+    fn has_node(&self, hash: &mirrormesh_proto::node::NodeHash) -> Result<bool, SourceError> {
+        self.0.as_ref().map_err(Clone::clone)?.has_node(hash)
+    }
+}
+
 #[derive(PartialEq, Eq)]
 struct StatusKey {
     phase: &'static str,
@@ -1490,6 +1791,16 @@ struct StatusKey {
     staged: Option<u64>,
     last_error: Option<String>,
     problems: usize,
+}
+
+/// What kind of failure an apply error is, for the engine's retry (from the first I/O error in its chain).
+fn apply_failure(error: &anyhow::Error) -> ApplyFailure {
+    let errno = error.chain().find_map(|e| e.downcast_ref::<std::io::Error>()).and_then(std::io::Error::raw_os_error);
+    match errno {
+        Some(libc::ENOSPC | libc::EDQUOT) => ApplyFailure::NoSpace,
+        Some(libc::EPERM | libc::EACCES | libc::EROFS) => ApplyFailure::Permission,
+        _ => ApplyFailure::Other,
+    }
 }
 
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {

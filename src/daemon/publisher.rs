@@ -48,6 +48,11 @@ impl Publisher {
         publisher
     }
 
+    /// A reloaded `origin.quiet_secs`.
+    pub fn set_quiet(&mut self, quiet: Duration) {
+        self.quiet = quiet;
+    }
+
     pub fn is_running(&self) -> bool {
         self.running
     }

@@ -10,10 +10,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use mirrormesh_proto::node::NodeHash;
+use mirrormesh_proto::sync::Plan;
 use mirrormesh_proto::{RepoId, VerifiedRoot};
 use tokio::sync::mpsc;
 
 use crate::apply;
+use crate::config::IndexGlobs;
 use crate::removals::{Removal, RemovalReport, remove_due};
 use crate::staging::Staging;
 use crate::store::StateStore;
@@ -26,8 +28,9 @@ pub const TREE_JOBS_MAX: usize = 4;
 pub const REMOVALS_PER_RUN_MAX: usize = 10_000;
 
 pub enum TreeJob {
-    /// Apply `diff(base, target)`; answered with [`LoopEvent::Applied`].
-    Apply { target: Box<VerifiedRoot>, base: Option<NodeHash> },
+    /// Apply `plan` (the engine's diff from the applied snapshot to `target`); answered with
+    /// [`LoopEvent::Applied`].
+    Apply { target: Box<VerifiedRoot>, plan: Plan },
     /// Carry out the removals due by `now_ms`; answered with [`LoopEvent::Removed`].
     RemoveDue { now_ms: u64 },
 }
@@ -50,7 +53,7 @@ struct Worker {
     store: Arc<StateStore>,
     staging: Arc<Staging>,
     tree: PathBuf,
-    index_globs: Vec<String>,
+    index_globs: IndexGlobs,
     events: mpsc::Sender<LoopEvent>,
     /// Manifest root of the snapshot wholly in the tree (none before the first).
     in_tree: Option<NodeHash>,
@@ -63,7 +66,7 @@ impl TreeWriter {
         store: Arc<StateStore>,
         staging: Arc<Staging>,
         repo: RepoId,
-        index_globs: Vec<String>,
+        index_globs: IndexGlobs,
         events: mpsc::Sender<LoopEvent>,
     ) -> Result<Self> {
         let in_tree = store.reader()?.applied(&repo)?.map(|r| r.verify_signature().map(|b| b.root)).transpose()?;
@@ -75,7 +78,7 @@ impl TreeWriter {
             .spawn(move || {
                 while let Some(job) = queue.blocking_recv() {
                     let event = match job {
-                        TreeJob::Apply { target, base } => worker.apply(target, base),
+                        TreeJob::Apply { target, plan } => worker.apply(target, plan),
                         TreeJob::RemoveDue { now_ms } => LoopEvent::Removed(Box::new(worker.remove_due(now_ms))),
                     };
                     if worker.events.blocking_send(event).is_err() {
@@ -94,18 +97,8 @@ impl TreeWriter {
 }
 
 impl Worker {
-    fn apply(&mut self, target: Box<VerifiedRoot>, base: Option<NodeHash>) -> LoopEvent {
-        let diffed = self.store.reader().and_then(|reader| {
-            let (changes, _) = mirrormesh_proto::diff::diff(&reader, base.as_ref(), &target.body.root)?;
-            Ok(changes)
-        });
-        let (changes, result) = match diffed {
-            Ok(changes) => {
-                let result = apply::apply(&self.staging, &changes, &self.index_globs);
-                (changes, result)
-            }
-            Err(e) => (Vec::new(), Err(e.context("diffing the snapshot to apply"))),
-        };
+    fn apply(&mut self, target: Box<VerifiedRoot>, plan: Plan) -> LoopEvent {
+        let result = apply::apply(&self.staging, &plan, &self.index_globs);
         match &result {
             Ok(_) => {
                 self.in_tree = Some(target.body.root);
@@ -113,7 +106,7 @@ impl Worker {
             }
             Err(_) => self.unfinished = true,
         }
-        LoopEvent::Applied { target, changes, result }
+        LoopEvent::Applied { target, plan, result }
     }
 
     fn remove_due(&mut self, now_ms: u64) -> Result<RemovalRun> {

@@ -2,9 +2,9 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use bytes::BytesMut;
 use libp2p::PeerId;
 use mirrormesh_proto::ChunkId;
@@ -14,13 +14,25 @@ use tracing::Instrument;
 
 use super::frame::{self, ReadError};
 use super::stall::Watchdog;
-use super::{DIAL_TIMEOUT, FetchSummary, Fetched, Inner, code, tls};
+use super::{DIAL_BACKOFF_MAX, DIAL_BACKOFF_MIN, FetchSummary, Fetched, Inner, code, tls};
 
-/// The connection to one peer, and a lock that makes concurrent fetches share one dial.
+/// The connection to one peer, a lock that makes concurrent fetches share one dial, and what the last dial left.
 #[derive(Default)]
 pub(super) struct PeerSlot {
     dialing: tokio::sync::Mutex<()>,
     conn: Mutex<Option<quinn::Connection>>,
+    dial: Mutex<DialState>,
+}
+
+/// The back-off after refused or failed handshakes, and the last failure for fetches that waited on that dial.
+#[derive(Default)]
+struct DialState {
+    /// No dial before this.
+    not_before: Option<Instant>,
+    /// The wait after the next refusal (zero: [`DIAL_BACKOFF_MIN`]).
+    backoff: Duration,
+    /// When the last dial failed, and how.
+    failed: Option<(Instant, DialError)>,
 }
 
 impl PeerSlot {
@@ -31,6 +43,8 @@ impl PeerSlot {
 
     fn set(&self, conn: quinn::Connection) {
         *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+        let mut dial = self.dial.lock().unwrap_or_else(PoisonError::into_inner);
+        *dial = DialState::default();
     }
 
     /// Forgets `conn` if it is still the cached one.
@@ -39,6 +53,22 @@ impl PeerSlot {
         if cached.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
             *cached = None;
         }
+    }
+
+    fn dial_state(&self) -> std::sync::MutexGuard<'_, DialState> {
+        self.dial.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a failed dial; a refused or failed handshake also backs the next dial off.
+    fn failed(&self, error: &DialError) {
+        let now = Instant::now();
+        let mut dial = self.dial_state();
+        if matches!(error, DialError::Busy(_) | DialError::Failed(_)) {
+            let wait = dial.backoff.max(DIAL_BACKOFF_MIN);
+            dial.not_before = Some(now + wait);
+            dial.backoff = (wait * 2).min(DIAL_BACKOFF_MAX);
+        }
+        dial.failed = Some((now, error.clone()));
     }
 }
 
@@ -114,11 +144,74 @@ impl Drop for RequestStream {
     }
 }
 
-/// Marks a fetch error meaning the peer could not be reached: no connection could be made, or the connection died
-/// (timed out or reset). Find it with `error.downcast_ref::<Unreachable>()`.
+/// Marks a fetch error meaning the peer could not be reached: nothing answered a dial in time, or the connection
+/// died (timed out or reset). Find it with `error.downcast_ref::<Unreachable>()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("peer unreachable")]
 pub struct Unreachable;
+
+/// Marks a fetch error meaning the peer answered but refused the connection (its handshake or connection limits
+/// were full) or the handshake failed (TLS, or another identity than the one dialed). The peer is reachable, so this
+/// is never [`Unreachable`]; its dials are backed off ([`DIAL_BACKOFF_MIN`] to [`DIAL_BACKOFF_MAX`]). Find it with
+/// `error.downcast_ref::<HandshakeFailed>()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("handshake refused or failed")]
+pub struct HandshakeFailed;
+
+/// Why a dial failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(super) enum DialError {
+    /// Nothing answered in time, or the path failed.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The peer refused the connection for now: its handshake or connection limits are full.
+    #[error("{0}")]
+    Busy(String),
+    /// The handshake failed: TLS, identity, protocol.
+    #[error("{0}")]
+    Failed(String),
+    /// This node could not dial: no address, an unusable one, or its endpoint is closed.
+    #[error("{0}")]
+    Local(String),
+}
+
+impl DialError {
+    /// The same kind of failure, with `what` in front of the message.
+    fn context(&self, what: impl std::fmt::Display) -> Self {
+        match self {
+            DialError::Unreachable(m) => DialError::Unreachable(format!("{what}: {m}")),
+            DialError::Busy(m) => DialError::Busy(format!("{what}: {m}")),
+            DialError::Failed(m) => DialError::Failed(format!("{what}: {m}")),
+            DialError::Local(m) => DialError::Local(format!("{what}: {m}")),
+        }
+    }
+
+    /// As a fetch error: with its marker ([`Unreachable`] or [`HandshakeFailed`]) where it has one.
+    fn into_anyhow(self) -> anyhow::Error {
+        match self {
+            DialError::Unreachable(_) => anyhow!(self).context(Unreachable),
+            DialError::Busy(_) | DialError::Failed(_) => anyhow!(self).context(HandshakeFailed),
+            DialError::Local(_) => anyhow!(self),
+        }
+    }
+}
+
+/// How a handshake that ended in `e` failed.
+fn classify(e: &quinn::ConnectionError) -> DialError {
+    use quinn::ConnectionError as E;
+    let message = format!("handshake failed: {}", describe_connection_error(e));
+    match e {
+        E::ConnectionClosed(close) if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED => {
+            DialError::Busy(message)
+        }
+        E::ApplicationClosed(close) if close.error_code == code::TOO_MANY_CONNECTIONS => DialError::Busy(message),
+        E::TimedOut | E::Reset => DialError::Unreachable(message),
+        E::LocallyClosed | E::CidsExhausted => DialError::Local(message),
+        E::VersionMismatch | E::TransportError(_) | E::ConnectionClosed(_) | E::ApplicationClosed(_) => {
+            DialError::Failed(message)
+        }
+    }
+}
 
 pub(super) async fn fetch(
     inner: &Inner,
@@ -139,8 +232,7 @@ pub(super) async fn fetch(
         let slot = slot(inner, peer);
         let (conn, fresh) = connect(inner, &slot, peer, addrs)
             .await
-            .with_context(|| format!("{what} at {}", list_addrs(addrs)))
-            .context(Unreachable)?;
+            .map_err(|e| e.context(format!("{what} at {}", list_addrs(addrs))).into_anyhow())?;
         let mut delivered = 0;
         let outcome = request(inner, peer, &conn, &chunks, &mut on_chunk, &mut delivered).await;
         let (conn, outcome) = match outcome {
@@ -150,8 +242,7 @@ pub(super) async fn fetch(
                 slot.evict(&conn);
                 let (conn, _) = connect(inner, &slot, peer, addrs)
                     .await
-                    .with_context(|| format!("{what} at {}", list_addrs(addrs)))
-                    .context(Unreachable)?;
+                    .map_err(|e| e.context(format!("{what} at {}", list_addrs(addrs))).into_anyhow())?;
                 let outcome = request(inner, peer, &conn, &chunks, &mut on_chunk, &mut delivered).await;
                 (conn, outcome)
             }
@@ -188,57 +279,125 @@ fn list_addrs(addrs: &[SocketAddr]) -> String {
 }
 
 /// The cached connection to `peer`, or a new one; `true` if it was dialed now.
+///
+/// Concurrent fetches share one dial: the others wait for it, then take its connection or its failure. A dial tries
+/// each address in turn; while the peer refuses for load (busy), it is retried after a back-off until the dial
+/// timeout has passed. After a refused or failed handshake the next dial waits for the back-off as well, so a peer
+/// whose handshakes keep failing is dialed at most once per back-off, however often it is asked.
 async fn connect(
     inner: &Inner,
     slot: &PeerSlot,
     peer: PeerId,
     addrs: &[SocketAddr],
-) -> Result<(quinn::Connection, bool)> {
+) -> Result<(quinn::Connection, bool), DialError> {
     if let Some(conn) = slot.live() {
         return Ok((conn, false));
     }
+    let asked = Instant::now();
     let _dialing = slot.dialing.lock().await;
     if let Some(conn) = slot.live() {
         return Ok((conn, true));
     }
-    if addrs.is_empty() {
-        bail!("cannot connect without an address");
+    // A dial that ended while this fetch waited for it answers this fetch too.
+    if let Some((at, error)) = &slot.dial_state().failed
+        && *at >= asked
+    {
+        return Err(error.clone());
     }
-    let mut failures = Vec::new();
-    for &addr in addrs {
-        match dial(inner, peer, addr).await {
-            Ok(conn) => {
-                slot.set(conn.clone());
-                return Ok((conn, true));
+    if addrs.is_empty() {
+        return Err(DialError::Local("cannot connect without an address".into()));
+    }
+    let deadline = Instant::now() + inner.shared.timeouts.dial;
+    let mut first = true;
+    loop {
+        let not_before = slot.dial_state().not_before;
+        if let Some(at) = not_before.filter(|at| *at > Instant::now()) {
+            if at >= deadline {
+                tokio::time::sleep_until(deadline.into()).await;
+                let error = DialError::Busy(format!(
+                    "backing off after refused handshakes; no dial within {:?}",
+                    inner.shared.timeouts.dial
+                ));
+                slot.failed(&error);
+                return Err(error);
             }
-            Err(e) => {
-                tracing::debug!(%addr, error = format!("{e:#}"), "dial failed");
-                failures.push(if addrs.len() == 1 { format!("{e:#}") } else { format!("{addr}: {e:#}") });
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let mut failures = Vec::new();
+        for &addr in addrs {
+            // The first round gives each address the whole dial timeout; retries fit in what is left of it.
+            let within =
+                if first { inner.shared.timeouts.dial } else { deadline.saturating_duration_since(Instant::now()) };
+            match dial(inner, peer, addr, within).await {
+                Ok(conn) => {
+                    slot.set(conn.clone());
+                    return Ok((conn, true));
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "dial failed");
+                    failures.push(if addrs.len() == 1 { e } else { e.context(addr) });
+                }
             }
         }
+        first = false;
+        let error = combine(failures);
+        slot.failed(&error);
+        let retry = matches!(error, DialError::Busy(_)) && slot.dial_state().not_before.is_some_and(|at| at < deadline);
+        if !retry {
+            return Err(error);
+        }
+        tracing::debug!(error = %error, "the peer refused the connection; retrying after a back-off");
     }
-    bail!("could not connect: {}", failures.join("; "))
 }
 
-pub(super) async fn dial(inner: &Inner, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection> {
-    let (config, presented) = tls::client_config(&inner.identity, peer)?;
-    let connecting = inner.endpoint.connect_with(config, addr, tls::SERVER_NAME).context("starting the handshake")?;
-    let conn = match timeout(DIAL_TIMEOUT, connecting).await {
-        Err(_) => bail!("no handshake within {DIAL_TIMEOUT:?}"),
+/// One failure for a dial that failed at every address: the peer answered somewhere (busy before failed) if any
+/// address answered, unreachable if none did.
+fn combine(failures: Vec<DialError>) -> DialError {
+    let kind = |e: &DialError| match e {
+        DialError::Busy(_) => 0,
+        DialError::Failed(_) => 1,
+        DialError::Unreachable(_) => 2,
+        DialError::Local(_) => 3,
+    };
+    let message =
+        format!("could not connect: {}", failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "));
+    match failures.iter().map(kind).min() {
+        Some(0) => DialError::Busy(message),
+        Some(1) => DialError::Failed(message),
+        Some(2) => DialError::Unreachable(message),
+        _ => DialError::Local(message),
+    }
+}
+
+/// One handshake with `peer` at `addr`, taking at most `within`.
+pub(super) async fn dial(
+    inner: &Inner,
+    peer: PeerId,
+    addr: SocketAddr,
+    within: Duration,
+) -> Result<quinn::Connection, DialError> {
+    let (config, presented) =
+        tls::client_config(&inner.identity, peer).map_err(|e| DialError::Local(format!("{e:#}")))?;
+    let connecting = inner
+        .endpoint
+        .connect_with(config, addr, tls::SERVER_NAME)
+        .map_err(|e| DialError::Local(format!("starting the handshake: {e}")))?;
+    let conn = match timeout(within, connecting).await {
+        Err(_) => return Err(DialError::Unreachable(format!("no handshake within {within:?}"))),
         Ok(Err(e)) => {
             if let Some(actual) = presented.get()
                 && actual != peer
             {
-                bail!("the node at {addr} presented identity {actual}, not {peer}");
+                return Err(DialError::Failed(format!("the node at {addr} presented identity {actual}, not {peer}")));
             }
-            bail!("handshake failed: {}", describe_connection_error(&e));
+            return Err(classify(&e));
         }
         Ok(Ok(conn)) => conn,
     };
-    let actual = tls::remote_peer(&conn)?;
+    let actual = tls::remote_peer(&conn).map_err(|e| DialError::Failed(format!("{e:#}")))?;
     if actual != peer {
         conn.close(code::NOT_ALLOWED, b"unexpected identity");
-        bail!("the node at {addr} presented identity {actual}, not {peer}");
+        return Err(DialError::Failed(format!("the node at {addr} presented identity {actual}, not {peer}")));
     }
     Ok(conn)
 }

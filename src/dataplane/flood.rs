@@ -19,7 +19,7 @@ const REDIAL: Duration = Duration::from_secs(2);
 pub(super) async fn flood(inner: &Inner, peer: PeerId, addrs: &[SocketAddr]) {
     let Some(&addr) = addrs.first() else { return };
     loop {
-        let conn = match client::dial(inner, peer, addr).await {
+        let conn = match client::dial(inner, peer, addr, inner.shared.timeouts.dial).await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::debug!(%peer, error = format!("{e:#}"), "flood: dial failed");

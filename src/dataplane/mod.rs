@@ -30,9 +30,13 @@
 //! - frames: [`FRAME_BYTES_MAX`] (the length prefix is checked before anything is allocated),
 //!   [`CHUNKS_PER_REQUEST_MAX`] chunks per request, `Data` of 1 to [`CHUNK_SIZE`] bytes, [`REDIRECT_PEERS_MAX`]
 //!   peers per redirect;
-//! - connections: [`CONNECTIONS_MAX`] accepted connections, [`CONNECTIONS_PER_PEER_MAX`] from one peer,
-//!   [`HANDSHAKES_MAX`] handshakes in progress, each within [`HANDSHAKE_TIMEOUT`] ([`DIAL_TIMEOUT`] when we dial);
-//!   a connection with no packets for [`IDLE_TIMEOUT`] closes;
+//! - connections: a dialer must first prove its source address (QUIC Retry: an Initial without a valid token is
+//!   answered with a Retry and takes no state), so spoofed Initials take nothing; then [`HANDSHAKES_MAX`] handshakes
+//!   in progress, [`HANDSHAKES_PER_SOURCE_MAX`] from one source address (IPv4 address or IPv6 /64), each within
+//!   [`HANDSHAKE_TIMEOUT`]; [`CONNECTIONS_MAX`] accepted connections, [`CONNECTIONS_PER_PEER_MAX`] from one peer id
+//!   (further ones are closed once the handshake names the peer); a connection with no packets for
+//!   [`IDLE_TIMEOUT`] closes. When we dial: [`DIAL_TIMEOUT`], and after a refused or failed handshake a back-off of
+//!   [`DIAL_BACKOFF_MIN`] doubling to [`DIAL_BACKOFF_MAX`] (a refusal for load is retried within the dial timeout);
 //! - streams: [`STREAMS_PER_CONNECTION_MAX`] concurrent requests per connection (QUIC stream credit); a request
 //!   must arrive completely within [`REQUEST_READ_TIMEOUT`]; a serving stream whose reader takes no data for
 //!   [`WRITE_STALL_TIMEOUT`] is reset, and a fetch whose server sends nothing for [`REPLY_STALL_TIMEOUT`] fails
@@ -46,12 +50,22 @@
 //!   [`RATE_PIECE_BYTES`], saving up at most [`RATE_BURST`] of idle time;
 //! - sending: optionally (the origin: [`ORIGIN_SENDING_REPLIES_MAX`]) only a few replies send chunk data at once,
 //!   across all connections; a reply keeps its slot until its peer acknowledged all of it, at most
-//!   [`SENDING_SLOT_HOLD_MAX`], so a slow or silent peer holds a slot only that long;
+//!   [`SENDING_SLOT_HOLD_MAX`], so a slow or silent peer holds a slot only that long. A slot that comes free goes to
+//!   the waiting peer holding fewest slots (the longest-waiting reply among equals), so a peer with many requests
+//!   queued gets a second slot only when no other peer waits (see `sending.rs`);
 //! - bookkeeping: per-peer traffic for at most [`TRAFFIC_PEERS_MAX`] peers.
 //!
 //! Refused input is counted by kind ([`DataPlane::refusals`]): `malformed`, `oversized`, `stalled` (request not
 //! complete in time), `wrong_repo`, `not_allowed`, `too_many_connections` (per peer, in all, or handshakes),
-//! `handshake_failed` (including bad certificates), `slow_reader` (reset for not reading replies).
+//! `too_many_handshakes_from_source`, `unvalidated` (an Initial without an address-validation token, answered
+//! with a Retry: every first dial counts one, a flood of Initials one each), `handshake_failed` (including bad
+//! certificates), `slow_reader` (reset for not reading replies).
+//!
+//! # Failures as the dialer sees them
+//! A fetch error marked [`Unreachable`] means nothing answered (no handshake within the dial timeout) or the
+//! connection died (timed out, reset): the daemon drops such a peer. One marked [`HandshakeFailed`] means the peer
+//! answered but refused the connection (its limits were full) or the handshake failed (TLS, identity): the peer is
+//! reachable, and its dials are backed off instead.
 //!
 //! [`ChunkRequest::encode`]: mirrormesh_proto::transfer::ChunkRequest::encode
 //! [`ChunkReply`]: mirrormesh_proto::transfer::ChunkReply
@@ -66,8 +80,9 @@ mod flood;
 mod frame;
 mod rate;
 pub mod raw;
+mod sending;
 
-pub use client::Unreachable;
+pub use client::{HandshakeFailed, Unreachable};
 mod server;
 mod stall;
 pub mod tls;
@@ -88,16 +103,31 @@ use crate::key::NodeKey;
 
 /// Most concurrent requests (bidirectional streams) a peer may have open on one connection.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 64;
-/// Most accepted connections from one peer.
+/// Most accepted connections from one peer id (further ones are closed once the handshake names the peer). A node
+/// dials each peer once and reuses the connection; a peer that restarted or changed networks opens a new one while
+/// the old one lingers here until [`IDLE_TIMEOUT`], so two are normal and four leave room for that twice in a row.
 pub const CONNECTIONS_PER_PEER_MAX: usize = 4;
 /// Most accepted connections in all.
 pub const CONNECTIONS_MAX: usize = 256;
-/// Most incoming handshakes in progress.
+/// Most incoming handshakes in progress. Only dialers that proved their address (QUIC Retry) take one, so a flood
+/// of spoofed Initial packets takes none.
 pub const HANDSHAKES_MAX: usize = 64;
+/// Most incoming handshakes in progress from one source address (an IPv4 address, or an IPv6 /64 prefix). A node
+/// dials each peer once at a time, so one address needs one; eight leave room for a few nodes behind one address
+/// (NAT, or the loopback tests' daemons), while a dialer that can receive at only one address fills an eighth of
+/// [`HANDSHAKES_MAX`] at most.
+pub const HANDSHAKES_PER_SOURCE_MAX: usize = 8;
 /// Time an incoming handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a dial (one address) may take.
+/// Time a dial may take: each address, and all retries after refusals together.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Wait before dialing a peer again after it refused a handshake (busy) or the handshake failed; doubled after each
+/// further refusal up to [`DIAL_BACKOFF_MAX`], reset by a successful dial. Long enough that a busy peer is not asked
+/// again before a handshake of its can finish (a few round trips), short enough that a peer refusing because a
+/// burst of dialers arrived at once is redialed within a fraction of a second.
+pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest wait before redialing a peer that keeps refusing handshakes.
+pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A connection with no packet in either direction for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a request frame may take to arrive, from the stream's opening to its end.
@@ -182,7 +212,7 @@ pub struct DataPlaneConfig {
     pub sending_replies_max: Option<usize>,
 }
 
-/// How long a stream may stall before it is given up (the defaults are the named constants).
+/// How long a stream may stall, or a dial take, before it is given up (the defaults are the named constants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamTimeouts {
     /// See [`REQUEST_READ_TIMEOUT`].
@@ -191,11 +221,18 @@ pub struct StreamTimeouts {
     pub write_stall: Duration,
     /// See [`REPLY_STALL_TIMEOUT`].
     pub reply_stall: Duration,
+    /// See [`DIAL_TIMEOUT`].
+    pub dial: Duration,
 }
 
 impl Default for StreamTimeouts {
     fn default() -> Self {
-        Self { request_read: REQUEST_READ_TIMEOUT, write_stall: WRITE_STALL_TIMEOUT, reply_stall: REPLY_STALL_TIMEOUT }
+        Self {
+            request_read: REQUEST_READ_TIMEOUT,
+            write_stall: WRITE_STALL_TIMEOUT,
+            reply_stall: REPLY_STALL_TIMEOUT,
+            dial: DIAL_TIMEOUT,
+        }
     }
 }
 
@@ -258,18 +295,22 @@ enum Refusal {
     WrongRepo,
     NotAllowed,
     TooManyConnections,
+    TooManyHandshakesFromSource,
+    Unvalidated,
     HandshakeFailed,
     SlowReader,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 10] = [
         Refusal::Malformed,
         Refusal::Oversized,
         Refusal::Stalled,
         Refusal::WrongRepo,
         Refusal::NotAllowed,
         Refusal::TooManyConnections,
+        Refusal::TooManyHandshakesFromSource,
+        Refusal::Unvalidated,
         Refusal::HandshakeFailed,
         Refusal::SlowReader,
     ];
@@ -282,6 +323,8 @@ impl Refusal {
             Refusal::WrongRepo => "wrong_repo",
             Refusal::NotAllowed => "not_allowed",
             Refusal::TooManyConnections => "too_many_connections",
+            Refusal::TooManyHandshakesFromSource => "too_many_handshakes_from_source",
+            Refusal::Unvalidated => "unvalidated",
             Refusal::HandshakeFailed => "handshake_failed",
             Refusal::SlowReader => "slow_reader",
         }
@@ -313,12 +356,13 @@ impl Stats {
 struct Shared {
     repo: RepoId,
     timeouts: StreamTimeouts,
-    allow: Option<BTreeSet<PeerId>>,
+    /// Changed when the node's configuration is reloaded.
+    allow: std::sync::RwLock<Option<BTreeSet<PeerId>>>,
     source: Arc<dyn ChunkSource>,
     stats: Stats,
     upload: Option<rate::TokenBucket>,
     /// Sending slots (see [`DataPlaneConfig::sending_replies_max`]).
-    sending: Option<Arc<Semaphore>>,
+    sending: Option<Arc<sending::SendingSlots>>,
     serve_memory: Arc<Semaphore>,
     incoming: Mutex<server::IncomingCounts>,
     /// Peers banned by the node: neither served nor asked.
@@ -327,7 +371,7 @@ struct Shared {
 
 impl Shared {
     fn allowed(&self, peer: &PeerId) -> bool {
-        self.allow.as_ref().is_none_or(|allow| allow.contains(peer))
+        self.allow.read().unwrap_or_else(PoisonError::into_inner).as_ref().is_none_or(|allow| allow.contains(peer))
             && !self.denied.lock().unwrap_or_else(PoisonError::into_inner).contains(peer)
     }
 }
@@ -375,11 +419,11 @@ impl DataPlane {
         let shared = Arc::new(Shared {
             repo: cfg.repo,
             timeouts: cfg.timeouts,
-            allow: cfg.allow,
+            allow: std::sync::RwLock::new(cfg.allow),
             source,
             stats: Stats::default(),
             upload: cfg.upload_rate.map(rate::TokenBucket::new),
-            sending: cfg.sending_replies_max.map(|n| Arc::new(Semaphore::new(n))),
+            sending: cfg.sending_replies_max.map(sending::SendingSlots::new),
             serve_memory: Arc::new(Semaphore::new(SERVE_CHUNKS_IN_MEMORY_MAX)),
             incoming: Mutex::new(server::IncomingCounts::default()),
             denied: Mutex::default(),
@@ -430,6 +474,25 @@ impl DataPlane {
         }
     }
 
+    /// Serves and asks `peer` again (its ban ended).
+    pub fn undeny(&self, peer: &PeerId) {
+        self.inner.shared.denied.lock().unwrap_or_else(PoisonError::into_inner).remove(peer);
+    }
+
+    /// Replaces the allow list (a reloaded configuration): peers no longer allowed are refused from now on, and
+    /// their connections closed at their next request.
+    pub fn set_allow(&self, allow: Option<BTreeSet<PeerId>>) {
+        *self.inner.shared.allow.write().unwrap_or_else(PoisonError::into_inner) = allow;
+        let shared = &self.inner.shared;
+        self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).retain(|peer, slot| {
+            let keep = shared.allowed(peer);
+            if !keep && let Some(conn) = slot.live() {
+                conn.close(code::NOT_ALLOWED, b"peer not allowed");
+            }
+            keep
+        });
+    }
+
     /// Fault injection (`faults.flood_data_plane`), for testing peers' defences: until the returned future is
     /// dropped, keeps `peer`'s data plane busy with requests that stall, announce oversized frames or are garbage.
     pub async fn flood(&self, peer: PeerId, addrs: Vec<SocketAddr>) {
@@ -440,5 +503,23 @@ impl DataPlane {
     pub fn close(&self) {
         self.inner.endpoint.close(code::SHUTDOWN, b"shutting down");
         self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// [`DataPlane::close`], then waits (at most `wait`) until the peers were told: a restarted node's new process
+    /// cannot answer for the old one's connections, so a peer that missed the close would send requests into a
+    /// dead connection until its idle timeout.
+    pub async fn shut_down(&self, wait: std::time::Duration) {
+        self.close();
+        let _ = tokio::time::timeout(wait, self.inner.endpoint.wait_idle()).await;
+    }
+
+    /// Forgets the connection to `peer` (closing it): the peer reconnected on the control plane, so it may be a new
+    /// process whose data plane knows nothing of the old connection. The next fetch dials afresh.
+    pub fn forget(&self, peer: &PeerId) {
+        if let Some(slot) = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(peer)
+            && let Some(conn) = slot.live()
+        {
+            conn.close(code::SHUTDOWN, b"reconnected");
+        }
     }
 }

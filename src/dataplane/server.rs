@@ -1,6 +1,7 @@
 //! The serving side: accepts connections, checks the peer, and answers chunk requests.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, PoisonError};
 
 use bytes::Bytes;
@@ -15,25 +16,79 @@ use tracing::Instrument;
 use super::frame::{self, LenError};
 use super::stall::Watchdog;
 use super::{
-    CONNECTIONS_MAX, CONNECTIONS_PER_PEER_MAX, Decision, HANDSHAKE_TIMEOUT, HANDSHAKES_MAX, RATE_PIECE_BYTES,
-    READ_AHEAD_CHUNKS, Refusal, SENDING_SLOT_HOLD_MAX, SERVE_CHUNKS_PER_CONNECTION_MAX, Shared, code, tls,
+    CONNECTIONS_MAX, CONNECTIONS_PER_PEER_MAX, Decision, HANDSHAKE_TIMEOUT, HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE_MAX,
+    RATE_PIECE_BYTES, READ_AHEAD_CHUNKS, Refusal, SENDING_SLOT_HOLD_MAX, SERVE_CHUNKS_PER_CONNECTION_MAX, Shared, code,
+    tls,
 };
+
+/// Where a handshake comes from, for [`HANDSHAKES_PER_SOURCE_MAX`]: an IPv4 address, or the /64 prefix of an IPv6
+/// address (a host commonly holds a whole /64). An IPv4-mapped IPv6 address counts as its IPv4 address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Source {
+    V4(Ipv4Addr),
+    V6Prefix([u8; 8]),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Source::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4),
+                None => {
+                    let [a, b, c, d, e, f, g, h, ..] = v6.octets();
+                    Source::V6Prefix([a, b, c, d, e, f, g, h])
+                }
+            },
+        }
+    }
+}
 
 /// Accepted connections and handshakes in progress, for the connection limits.
 #[derive(Debug, Default)]
 pub(super) struct IncomingCounts {
     handshaking: usize,
+    /// Handshakes in progress per source, for sources with at least one (so at most [`HANDSHAKES_MAX`] entries).
+    handshaking_from: HashMap<Source, usize>,
     connections: usize,
+    /// Accepted connections per peer, for peers with at least one (so at most [`CONNECTIONS_MAX`] entries).
     per_peer: HashMap<PeerId, usize>,
 }
 
-/// Releases a handshake slot when dropped.
-struct HandshakeSlot(Arc<Shared>);
+impl IncomingCounts {
+    /// Takes a handshake slot for a dialer at `from`, or says which limit refuses it.
+    fn admit(&mut self, from: Source) -> Result<(), Refusal> {
+        if self.handshaking >= HANDSHAKES_MAX || self.connections + self.handshaking >= CONNECTIONS_MAX {
+            return Err(Refusal::TooManyConnections);
+        }
+        let of_source = self.handshaking_from.entry(from).or_default();
+        if *of_source >= HANDSHAKES_PER_SOURCE_MAX {
+            return Err(Refusal::TooManyHandshakesFromSource);
+        }
+        *of_source += 1;
+        self.handshaking += 1;
+        Ok(())
+    }
+}
+
+/// Releases a handshake slot (overall and of its source) when dropped.
+struct HandshakeSlot {
+    shared: Arc<Shared>,
+    from: Source,
+}
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        let mut counts = self.0.incoming.lock().unwrap_or_else(PoisonError::into_inner);
-        counts.handshaking = counts.handshaking.saturating_sub(1);
+        let mut counts = self.shared.incoming.lock().unwrap_or_else(PoisonError::into_inner);
+        assert!(counts.handshaking > 0, "a handshake slot released twice");
+        counts.handshaking -= 1;
+        match counts.handshaking_from.get_mut(&self.from) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                counts.handshaking_from.remove(&self.from);
+            }
+            None => unreachable!("a handshake slot of a source with none"),
+        }
     }
 }
 
@@ -70,25 +125,34 @@ impl Drop for ConnectionSlot {
 }
 
 /// Accepts connections until the endpoint is closed.
+///
+/// A dialer must first prove that it receives packets at its source address: an Initial packet without a valid
+/// address-validation token is answered with a QUIC Retry (one small packet, no state kept), and only the Initial
+/// that echoes the Retry's token takes a handshake slot. So Initials from spoofed or never-answering addresses,
+/// however many, take none; a dialer that does answer takes at most [`HANDSHAKES_PER_SOURCE_MAX`] slots from its
+/// address, and all take at most [`HANDSHAKES_MAX`]. A dialer over a limit is refused at once (CONNECTION_REFUSED),
+/// which it sees as a refused handshake, not as an unreachable peer.
 pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
-        let admitted = {
-            let mut counts = shared.incoming.lock().unwrap_or_else(PoisonError::into_inner);
-            let admit =
-                counts.handshaking < HANDSHAKES_MAX && counts.connections + counts.handshaking < CONNECTIONS_MAX;
-            if admit {
-                counts.handshaking += 1;
+        if !incoming.remote_address_validated() {
+            shared.stats.refuse(Refusal::Unvalidated);
+            if let Err(e) = incoming.retry() {
+                // quinn allows a Retry whenever the address is not validated; refuse rather than admit if not.
+                tracing::warn!(%remote, "refusing a connection that can be neither validated nor retried");
+                e.into_incoming().refuse();
             }
-            admit
-        };
-        if !admitted {
-            shared.stats.refuse(Refusal::TooManyConnections);
-            tracing::debug!(%remote, "refusing a connection: too many connections or handshakes");
+            continue;
+        }
+        let from = Source::of(remote.ip());
+        let admitted = shared.incoming.lock().unwrap_or_else(PoisonError::into_inner).admit(from);
+        if let Err(refusal) = admitted {
+            shared.stats.refuse(refusal);
+            tracing::debug!(%remote, kind = refusal.name(), "refusing a connection");
             incoming.refuse();
             continue;
         }
-        let slot = HandshakeSlot(shared.clone());
+        let slot = HandshakeSlot { shared: shared.clone(), from };
         let span = tracing::debug_span!("dataplane_serve", %remote);
         tokio::spawn(serve_connection(incoming, slot).instrument(span));
     }
@@ -96,7 +160,7 @@ pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
 }
 
 async fn serve_connection(incoming: quinn::Incoming, slot: HandshakeSlot) {
-    let shared = slot.0.clone();
+    let shared = slot.shared.clone();
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
@@ -352,8 +416,7 @@ async fn serve_stream(
     // A reply with data to send waits for a sending slot where the node limits them (the origin), before it reads.
     let sends_data = decisions.iter().any(|d| matches!(d, Decision::Serve));
     let slot = match (&shared.sending, sends_data) {
-        // Never closed.
-        (Some(slots), true) => slots.clone().acquire_owned().await.ok(),
+        (Some(slots), true) => slots.acquire(peer).await,
         _ => None,
     };
     let replies = futures::stream::iter(request.chunks.into_iter().zip(decisions))

@@ -13,7 +13,7 @@ use crate::entry::EntryKind;
 use crate::node::{Node, NodeHash, verify_node};
 use crate::node_store::{NodeSource, Overlay, SourceError};
 use crate::sync::{PeerKey, ReqId};
-use crate::timestamp::Timestamp;
+use crate::timestamp::Mono;
 
 /// How long a node or delta request may take before it is retried elsewhere.
 pub const METADATA_TIMEOUT_MS: u64 = 10_000;
@@ -73,7 +73,7 @@ pub struct ManifestFetch<P: PeerKey> {
     wanted: BTreeSet<NodeHash>,
     /// Hashes in flight, with their request.
     requested: BTreeMap<NodeHash, ReqId>,
-    in_flight: BTreeMap<ReqId, (P, Vec<NodeHash>, Timestamp)>,
+    in_flight: BTreeMap<ReqId, (P, Vec<NodeHash>, Mono)>,
     /// Parents waiting for a hash that is wanted or in flight.
     waiting_parents: BTreeMap<NodeHash, Vec<NodeHash>>,
     pending: BTreeMap<NodeHash, Pending>,
@@ -84,7 +84,7 @@ pub struct ManifestFetch<P: PeerKey> {
     /// Peers that do not hold the delta.
     delta_lacks: BTreeSet<P>,
     /// When the oldest remembered lack was first seen.
-    lacks_since: Option<Timestamp>,
+    lacks_since: Option<Mono>,
     complete: bool,
     /// False until the store was checked (see [`ManifestFetch::resume`]).
     started: bool,
@@ -152,7 +152,7 @@ impl<P: PeerKey> ManifestFetch<P> {
     }
 
     /// Sends requests to `peers` (those that should hold this snapshot, best first) as far as limits allow.
-    pub fn pump(&mut self, now: Timestamp, peers: &[P], next_req: &mut impl FnMut() -> ReqId) -> Vec<FetchOut<P>> {
+    pub fn pump(&mut self, now: Mono, peers: &[P], next_req: &mut impl FnMut() -> ReqId) -> Vec<FetchOut<P>> {
         let mut out = Vec::new();
         if let DeltaState::Wanted { hash, base } = self.delta {
             match peers.iter().find(|p| !self.delta_lacks.contains(*p)) {
@@ -315,7 +315,7 @@ impl<P: PeerKey> ManifestFetch<P> {
     }
 
     /// Forgets what peers lacked once it is [`LACKS_FORGET_MS`] old, so they are asked again (called on ticks).
-    pub fn forget_lacks(&mut self, now: Timestamp) {
+    pub fn forget_lacks(&mut self, now: Mono) {
         if self.lacks.is_empty() {
             self.lacks_since = None;
             return;
@@ -331,7 +331,7 @@ impl<P: PeerKey> ManifestFetch<P> {
     }
 
     /// Requests overdue at `now`.
-    pub fn overdue(&self, now: Timestamp) -> Vec<(P, ReqId)> {
+    pub fn overdue(&self, now: Mono) -> Vec<(P, ReqId)> {
         self.in_flight
             .iter()
             .filter(|(_, (_, _, at))| now.millis_since(*at) > METADATA_TIMEOUT_MS)
@@ -442,7 +442,7 @@ mod tests {
             n += 1;
             ReqId(n)
         };
-        let t0 = Timestamp(1_000_000);
+        let t0 = Mono(1_000_000);
         let first = fetch.pump(t0, &[7], &mut next);
         let [FetchOut::Nodes { req, .. }] = first.as_slice() else { panic!("one request: {first:?}") };
         // The only peer times out: nobody is left to ask...

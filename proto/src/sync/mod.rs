@@ -1,30 +1,50 @@
 //! The sync engine: one repository's state machine, shared by the daemon and the simulator.
 //!
 //! The engine decides; its caller does. It takes events (a peer connected, a root arrived, nodes or chunks
-//! arrived, a tick) with the current time and returns what to do as [`Output`]s. It never reads a clock, opens a
+//! arrived, its timer came) with the current time and returns what to do as [`Output`]s. It never reads a clock, opens a
 //! socket or touches a disk: manifest nodes are read through a [`NodeSource`] the caller passes in, and everything
 //! else the engine learns from events.
 //!
 //! # Call order
-//! 1. Create with [`Engine::new`] from the persisted state (the applied snapshot and the newest accepted root).
-//! 2. Feed events through the `handle_*` methods as they happen, each with the current time.
-//! 3. After every call, drain [`Engine::poll_output`] and execute the outputs **in order**. `StoreNodes` must be
-//!    durable and readable through the source before the next call; `Stage` is answered by
-//!    [`Engine::handle_staged`], `Apply` by [`Engine::handle_applied`], each fetch by its answer or failure.
-//! 4. Call [`Engine::handle_tick`] periodically (every few tens of milliseconds) and whenever
-//!    [`Engine::wants_tick`] says deferred work is waiting.
+//! The engine has one input/output contract, as quinn-proto's connection does:
+//! 1. Create it with [`Engine::new`] from the persisted state (the applied snapshot and the newest accepted root).
+//! 2. Feed every event as an [`Input`] through [`Engine::handle`], with the two clocks ([`Now`]: monotonic time for
+//!    every timer, wall-clock time for roots only) and the node store as a [`NodeSource`].
+//! 3. After every call, take the outputs with [`Engine::poll_output`] and carry them out **in order**. Nodes of a
+//!    `StoreNodes` must be readable through the source by the next call; `PersistRoot` must be durable before the
+//!    next call; `Stage` is answered by [`Input::Staged`], `Apply` by [`Input::Applied`] or
+//!    [`Input::ApplyFailed`], every fetch by its answer or failure.
+//! 4. Call `handle` with [`Input::Timeout`] once the time [`Engine::poll_timeout`] names has come (it is `None`
+//!    when the engine waits only for events: an idle node sleeps).
+//!
+//! [`driver::step`] is that loop for one input; the daemon, the simulator and the engine tests all drive the engine
+//! through it, each as a [`driver::Host`].
 //!
 //! # Life of a snapshot (mirror role)
 //! A newer root is accepted ([`RootTracker`]) → its manifest is fetched (the delta when this node holds its base,
 //! otherwise nodes; [`manifest_fetch`]) → the diff against the applied snapshot gives the files to stage → the
 //! caller stages them, copying chunks it already holds, and reports what it holds → the rest is fetched from peers
 //! ([`scheduler`]), with the origin asked only for chunks no peer holds → every chunk held: `Apply` → applied:
-//! the node announces that it is complete at the new snapshot.
+//! the node announces that it is complete at the new snapshot. An apply that fails (a full disk, a permission) is
+//! retried after `APPLY_RETRY_FIRST_MS`, doubling per failure in a row up to `APPLY_RETRY_MAX_MS` (phase
+//! `apply-retrying`); if a newer root was accepted by the time of the retry, that one is synced instead.
 //!
-//! The origin role publishes instead of syncing ([`Engine::handle_published`]) and answers chunk requests through
-//! [`Engine::serve_decision`] ([`seeder`]).
+//! The origin role publishes instead of syncing ([`Input::Published`], with the snapshot's [`ChunkSet`])
+//! and answers chunk requests through [`Engine::serve_decision`] ([`seeder`]).
+//!
+//! # What peers can make the engine remember
+//! Every table keyed by what peers send has a global cap: the origin keeps announcements only of chunks of its
+//! current snapshot (`HOLDER_ENTRIES_MAX` pairs), refuses requests for other chunks without remembering them (a
+//! peer making more than `UNKNOWN_CHUNK_REQUESTS_MAX` is banned for the snapshot), and its seeder's tables have
+//! caps of their own ([`seeder::SeederLimits`]). A mirror keeps announcements before it knows what its sync needs
+//! (while it fetches the manifest) up to `HOLDINGS_PER_PEER_MAX` per peer and `HOLDINGS_PENDING_MAX` in all; from
+//! planning on (staging, transfer) the scheduler keeps only chunks of the sync, as bits. Dropped announcements are
+//! counted ([`Engine::announce_counts`]); [`Engine::table_sizes`] shows the tables' sizes.
 
 pub mod availability;
+pub mod bans;
+pub mod chunk_set;
+pub mod driver;
 pub mod manifest_fetch;
 pub mod scheduler;
 pub mod seeder;
@@ -39,10 +59,15 @@ use crate::entry::{EntryKind, FileMeta};
 use crate::node::NodeHash;
 use crate::node_store::{NodeSource, SourceError};
 use crate::root::{PublisherKey, RepoId, RootError, RootTracker, SignedRoot, VerifiedRoot};
-use crate::timestamp::Timestamp;
+use crate::timestamp::{Mono, Now};
+pub use chunk_set::ChunkSet;
 use manifest_fetch::{FetchOut, ManifestFetch};
 use scheduler::{BanReason, ChunkOutcome, SchedOut, Scheduler, SchedulerLimits};
 use seeder::{Seeder, SeederLimits, ServeDecision};
+
+/// The changes from the applied snapshot to a sync's target, in path order: computed once when the sync is
+/// planned (its files are staged), carried to the apply and back to the caller with it.
+pub type Plan = std::sync::Arc<[crate::diff::Change]>;
 
 /// What the engine needs of a peer identity: the daemon uses libp2p `PeerId`s, the simulator integers.
 pub trait PeerKey: Clone + Ord + Eq + std::hash::Hash + std::fmt::Debug {}
@@ -60,13 +85,42 @@ pub enum Role {
     Mirror,
 }
 
-/// Chunks one peer may be recorded as holding (beyond it, its announcements are ignored).
-pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 22;
+/// Chunks one peer may be recorded as holding before this node knows which chunks its sync needs (while it fetches
+/// the manifest; beyond it, the peer's announcements are dropped and counted). A release is hundreds to thousands
+/// of chunks and a whole Alpine repository about 8,100 per architecture; an announcement dropped here only means
+/// the chunk may be asked of the origin, which redirects to its holders.
+pub const HOLDINGS_PER_PEER_MAX: usize = 1 << 17;
+/// Chunks recorded over all peers before this node knows which chunks its sync needs (see
+/// `HOLDINGS_PER_PEER_MAX`): about 63 bytes each in a B-tree set (measured, `proto/tests/state_bounds.rs`), so at
+/// most ~31 MiB. Once the sync is planned, announcements go to the scheduler, which keeps only chunks it needs.
+pub const HOLDINGS_PENDING_MAX: usize = 1 << 19;
+/// Origin: (chunk, peer) pairs remembered from announcements, over all chunks (at most `REDIRECT_PEERS_MAX` peers
+/// per chunk, only chunks of the current snapshot). Redirects need holders only for chunks already handed out,
+/// which in a release is the release's chunks (a whole Alpine architecture is ~8,100 chunks, x 8 peers = 65,000);
+/// beyond it announcements are dropped and counted. About 186 bytes per pair with libp2p peer ids when each chunk
+/// has one holder (the worst case; measured, `proto/tests/state_bounds.rs`): ~23 MiB at the cap.
+pub const HOLDER_ENTRIES_MAX: usize = 1 << 17;
+/// Origin: requests from one peer for chunks outside the current snapshot before it is banned for the snapshot.
+/// An honest mirror asks for such a chunk only while it syncs to an older snapshot and has not heard of the newer
+/// one (a round trip after publication), each chunk at most once; with the origin window of 1 MiB and requests of
+/// 256 chunks that is far below this.
+pub const UNKNOWN_CHUNK_REQUESTS_MAX: u32 = 1 << 16;
 /// How often newly held chunks are announced to peers, by default.
 pub const HAVE_FLUSH_MS: u64 = 50;
+/// Peers remembered as suspect (banned or stalled in an earlier snapshot, not delivering since); beyond it the one
+/// with the smallest id is forgotten. A mirror has tens of peers: this covers every peer of any mesh while bounding
+/// what a stream of fresh identities can make this node remember.
+pub const SUSPECTS_MAX: usize = 1024;
 /// After this node fails to keep a chunk (staging write error, e.g. a full disk), no chunk is requested for this
 /// long; the error is reported each time.
 pub const LOCAL_FAILURE_BACKOFF_MS: u64 = 2_000;
+/// After an apply fails, it is tried again after this long, then after twice as long each time it fails again in a
+/// row, up to `APPLY_RETRY_MAX_MS`. A second: a transient error (a file briefly locked, space freed by a log
+/// rotation) costs little; the doubling keeps a lasting one (a full disk) from re-running the apply's staging
+/// checks and renames every second.
+pub const APPLY_RETRY_FIRST_MS: u64 = 1_000;
+/// The longest wait between apply attempts: an operator who frees space sees the mirror catch up within a minute.
+pub const APPLY_RETRY_MAX_MS: u64 = 60_000;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig<P> {
@@ -82,7 +136,13 @@ pub struct EngineConfig<P> {
     pub seeder: SeederLimits,
     /// How often newly held chunks are announced (`HAVE_FLUSH_MS` by default).
     pub have_flush_ms: u64,
+    /// Origin: once the current root has less than this left before it expires, ask for a re-signed one
+    /// ([`Output::Republish`]; half the root validity, so mirrors never hold an expired root). `None`: never.
+    pub resign_before_expiry_ms: Option<u64>,
 }
+
+/// Origin: after an [`Output::Republish`] that brought no new root, it is asked for again this much later.
+pub const REPUBLISH_RETRY_MS: u64 = 60_000;
 
 /// A file to stage for a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,7 +181,9 @@ pub enum Output<P> {
     StoreNodes(Vec<(NodeHash, Vec<u8>)>),
     /// A verified delta: keep it to serve to peers.
     StoreDelta(DeltaHash, Vec<u8>),
-    /// Prepare staging for these files (copy chunks held locally), then call `handle_staged`.
+    /// The newest accepted root: record it durably (the sync to it resumes after a restart).
+    PersistRoot(SignedRoot),
+    /// Prepare staging for these files (copy chunks held locally), then answer with [`Input::Staged`].
     Stage {
         seq: u64,
         files: Vec<StageFile>,
@@ -136,17 +198,27 @@ pub enum Output<P> {
         peer: P,
         req: ReqId,
     },
-    /// Every chunk is staged and verified: apply `diff(base, target)` to the served tree, then call
-    /// `handle_applied`. (The engine does not keep the change list: the caller recomputes it from the store.)
+    /// Every chunk is staged and verified: apply `plan` (the diff from the applied snapshot to `target`) to the
+    /// served tree, then answer with [`Input::Applied`] or [`Input::ApplyFailed`].
     Apply {
         target: VerifiedRoot,
-        base: Option<NodeHash>,
+        plan: Plan,
     },
-    /// Stop using this peer for the current snapshot.
+    /// `peer` is banned (see [`bans`]): stop using it; with `until`, it broke the protocol: disconnect it, refuse its
+    /// connections and neither serve nor ask its data plane until then.
     Ban {
         peer: P,
         reason: BanReason,
+        until: Option<Mono>,
     },
+    /// A ban ended (the snapshot changed, or a protocol ban's time is over): `peer` may connect and be used again.
+    Unban {
+        peer: P,
+    },
+    /// Origin: the current root nears its expiry (`EngineConfig::resign_before_expiry_ms`): publish again, so a
+    /// freshly signed root goes out (answered with [`Input::Published`]; asked again every [`REPUBLISH_RETRY_MS`]
+    /// until one comes).
+    Republish,
     Notice(Notice<P>),
 }
 
@@ -166,17 +238,58 @@ pub enum Notice<P> {
     WaitingForOrigin {
         chunks: usize,
     },
-    /// The manifest could not be read or diffed (a damaged store); retried on the next tick.
-    ManifestError(String),
+    /// The manifest could not be read or diffed (a damaged store).
+    ManifestError(ManifestProblem),
     /// A peer spoke about a repository this node does not follow.
     WrongRepo {
         from: P,
     },
     /// Chunks could not be kept locally; fetching pauses for `LOCAL_FAILURE_BACKOFF_MS`.
     LocalFailure,
+    /// A peer claiming the whole snapshot delivered nothing while asked (see `SchedulerLimits::holds_all_stall_ms`):
+    /// its requests failed and the origin is asked instead.
+    PeerStalled {
+        peer: P,
+    },
     SyncComplete {
         seq: u64,
     },
+}
+
+/// What was wrong with a manifest the engine tried to plan from.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestProblem {
+    /// A node the store should hold is gone: its subtree is fetched again.
+    #[error("node {0} missing from the store")]
+    NodeMissing(NodeHash),
+    /// A stored node is damaged or the manifest breaks a rule: nothing is applied until a newer root.
+    #[error(transparent)]
+    Invalid(crate::diff::DiffError),
+}
+
+/// What a sync is doing (the status shows [`SyncPhase::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SyncPhase {
+    Idle,
+    FetchingManifest,
+    Staging,
+    Transferring,
+    Applying,
+    /// An apply failed and waits for `apply_retry_at`.
+    ApplyRetrying,
+}
+
+impl SyncPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncPhase::Idle => "idle",
+            SyncPhase::FetchingManifest => "fetching-manifest",
+            SyncPhase::Staging => "staging",
+            SyncPhase::Transferring => "transferring",
+            SyncPhase::Applying => "applying",
+            SyncPhase::ApplyRetrying => "apply-retrying",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,18 +299,152 @@ pub struct EngineStatus {
     pub current: Option<(u64, NodeHash)>,
     /// The snapshot being synced to.
     pub target: Option<(u64, NodeHash)>,
-    pub phase: &'static str,
+    pub phase: SyncPhase,
     pub bytes_missing: u64,
     pub chunks_missing: usize,
     pub waiting_for_origin: bool,
     pub peers: usize,
+    /// Applies that failed in a row (0 once one succeeds).
+    pub apply_failures: u32,
+    /// When the failed apply is tried again (phase `apply-retrying`).
+    pub apply_retry_at: Option<Mono>,
+    /// Why the last apply failed, until one succeeds.
+    pub last_apply_failure: Option<ApplyFailure>,
+}
+
+/// Why applying a snapshot to the served tree failed (the caller maps its I/O error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyFailure {
+    /// The filesystem is full (ENOSPC, EDQUOT).
+    NoSpace,
+    /// Not allowed (EPERM, EACCES, EROFS).
+    Permission,
+    /// Anything else (EXDEV, EIO, ...).
+    Other,
+}
+
+/// Entries in the engine's tables that peers can grow, each under its cap (see [`Engine::table_sizes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Origin: (chunk, peer) pairs announced (`HOLDER_ENTRIES_MAX`).
+    pub holders: usize,
+    /// Origin: chunks handed out, per recipient (`SeederLimits::recipients_max`).
+    pub seeder_recipients: usize,
+    /// Origin: (asker, chunk) pairs pointed elsewhere (`SeederLimits::redirects_max`).
+    pub seeder_redirects: usize,
+    /// Mirror: chunks announced before the sync's chunks are known, over all peers (`HOLDINGS_PENDING_MAX`).
+    pub pending_holdings: usize,
+}
+
+/// Announced chunk ids this node dropped since the start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnnounceCounts {
+    /// Origin: ids that are not chunks of its current snapshot.
+    pub outside_snapshot: u64,
+    /// Ids dropped because a table was full (`HOLDER_ENTRIES_MAX`, `HOLDINGS_PER_PEER_MAX`, `HOLDINGS_PENDING_MAX`).
+    pub over_cap: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// A published root the engine refused (it is not newer, or not valid).
+    #[error("the published root was refused: {0}")]
+    Published(RootError),
 }
+
+/// What happened, for [`Engine::handle`].
+#[derive(Clone, Debug)]
+pub enum Input<P> {
+    PeerConnected(P),
+    PeerDisconnected(P),
+    /// A peer's hello (its request, or its answer to ours).
+    Hello {
+        from: P,
+        hello: Hello,
+    },
+    Have {
+        from: P,
+        have: Have,
+    },
+    /// A signed root, from gossip, a hello, or the node itself.
+    Root {
+        via: RootVia<P>,
+        root: SignedRoot,
+    },
+    /// The answer to `FetchNodes` `req`: each node's bytes, or `None` where the peer lacks it.
+    Nodes {
+        from: P,
+        req: ReqId,
+        nodes: Vec<Option<Vec<u8>>>,
+    },
+    /// The answer to `FetchDelta` `req`.
+    Delta {
+        from: P,
+        req: ReqId,
+        delta: Option<Vec<u8>>,
+    },
+    /// A `FetchNodes` or `FetchDelta` failed.
+    FetchFailed {
+        from: P,
+        req: ReqId,
+    },
+    /// `Stage` done: these chunks of snapshot `seq` are held (copied locally or verified from an earlier run).
+    Staged {
+        seq: u64,
+        held: Vec<ChunkId>,
+    },
+    /// One chunk of `FetchChunks` `req` turned out as `outcome` (the caller verified the hash).
+    Chunk {
+        from: P,
+        req: ReqId,
+        id: ChunkId,
+        outcome: ChunkOutcome<P>,
+    },
+    /// `FetchChunks` `req` finished: `bytes` of chunk data arrived over it.
+    ChunksDone {
+        from: P,
+        req: ReqId,
+        bytes: u64,
+    },
+    /// `FetchChunks` `req` failed as a whole (no data-plane address, connection error, reset).
+    ChunksFailed {
+        from: P,
+        req: ReqId,
+    },
+    /// `Apply` done: snapshot `seq` is in the served tree.
+    Applied {
+        seq: u64,
+    },
+    /// `Apply` of snapshot `seq` failed.
+    ApplyFailed {
+        seq: u64,
+        failure: ApplyFailure,
+    },
+    /// Origin: a snapshot was published locally (its nodes are in the store), with its chunk ids.
+    Published {
+        root: SignedRoot,
+        chunks: ChunkSet,
+    },
+    /// Origin: the chunk ids of the current snapshot `seq`, after a restart from persisted state.
+    SnapshotChunks {
+        seq: u64,
+        chunks: ChunkSet,
+    },
+    /// `peer` committed a protocol offence (see [`bans`]).
+    Offence {
+        peer: P,
+        offence: bans::Offence,
+    },
+    /// The time [`Engine::poll_timeout`] named has come.
+    Timeout,
+}
+
+/// How often the engine wants to run while a sync or its announcements are in progress: request timeouts, stall
+/// allowances, deferrals and batched announcements are all checked at this granularity (`HAVE_FLUSH_MS` is the
+/// finest of them).
+pub const ACTIVE_TIMEOUT_MS: u64 = HAVE_FLUSH_MS;
 
 struct PeerInfo {
     is_origin: bool,
@@ -212,6 +459,11 @@ struct PeerInfo {
     pushed: Option<u64>,
     /// Newest snapshot it announced chunks of (it holds that snapshot's manifest).
     manifest_seq: Option<u64>,
+    /// Origin: its requests for chunks outside the current snapshot.
+    unknown_requests: u32,
+    /// Origin: it claimed the current snapshot complete and then asked for one of its chunks, so the claim is
+    /// false: it is not named in redirects.
+    false_claim: bool,
 }
 
 enum Phase<P: PeerKey> {
@@ -220,20 +472,27 @@ enum Phase<P: PeerKey> {
         target: VerifiedRoot,
         fetch: ManifestFetch<P>,
     },
-    /// The manifest is complete; planning waits for the next call so the store holds every node.
-    Planned {
-        target: VerifiedRoot,
-    },
+    /// The caller stages the files; the scheduler already collects what peers announce (only chunks it needs).
+    /// `plan` (the diff from the applied snapshot) is computed once, here, and carried to the apply.
     Staging {
         target: VerifiedRoot,
-        files: Vec<StageFile>,
+        sched: Scheduler<P>,
+        plan: Plan,
     },
     Transfer {
         target: VerifiedRoot,
         sched: Scheduler<P>,
+        plan: Plan,
     },
     Applying {
         target: VerifiedRoot,
+        plan: Plan,
+    },
+    /// The apply failed: it is tried again at `retry_at` (or a newer root is synced instead).
+    ApplyWait {
+        target: VerifiedRoot,
+        plan: Plan,
+        retry_at: Mono,
     },
 }
 
@@ -243,18 +502,39 @@ pub struct Engine<P: PeerKey> {
     current: Option<VerifiedRoot>,
     phase: Phase<P>,
     peers: BTreeMap<P, PeerInfo>,
-    /// Peers banned for the snapshot being synced.
-    banned: BTreeSet<P>,
+    /// Who is banned, why and until when (the one owner of ban state).
+    bans: bans::Bans<P>,
+    /// Peers banned or stalled in an earlier snapshot that have not delivered a chunk since (kept across
+    /// reconnections): the next scheduler starts them stalled (see [`Scheduler::suspect`]).
+    suspects: BTreeSet<P>,
+    /// Claimers that kept an abandoned sync waiting without delivering, since when (handed to the next scheduler;
+    /// at most one entry per connected peer).
+    kept_waiting: BTreeMap<P, Mono>,
     seeder: Seeder<P>,
     /// Origin: a few peers that announced each chunk of the current snapshot (for redirects).
     holders: BTreeMap<ChunkId, Vec<P>>,
+    /// (chunk, peer) pairs in `holders`.
+    holder_entries: usize,
+    /// Origin: the chunks of the current snapshot (`None` until the caller says, after a restart).
+    snapshot_chunks: Option<ChunkSet>,
+    announce_counts: AnnounceCounts,
     next_req: u64,
     out: VecDeque<Output<P>>,
     have_outbox: Vec<ChunkId>,
-    last_have_flush: Timestamp,
+    last_have_flush: Mono,
     waiting_for_origin: bool,
     /// No chunk requests before this instant (after a local failure).
-    paused_until: Timestamp,
+    paused_until: Mono,
+    /// Nodes handed to the store by outputs of the call in progress (not yet carried out): read together with the
+    /// source until the call returns, so the engine can plan as soon as a manifest completes.
+    unstored: BTreeMap<NodeHash, Vec<u8>>,
+    /// The clocks at the latest call (what `poll_timeout` counts from).
+    last_now: Now,
+    /// Origin: when a republish was last asked for (monotonic), for the current root.
+    republish_asked: Option<Mono>,
+    /// Applies that failed in a row, and why the last one did.
+    apply_failures: u32,
+    last_apply_failure: Option<ApplyFailure>,
 }
 
 impl<P: PeerKey> Engine<P> {
@@ -272,21 +552,31 @@ impl<P: PeerKey> Engine<P> {
             current,
             phase: Phase::Idle,
             peers: BTreeMap::new(),
-            banned: BTreeSet::new(),
+            bans: bans::Bans::default(),
+            suspects: BTreeSet::new(),
+            kept_waiting: BTreeMap::new(),
             seeder,
             holders: BTreeMap::new(),
+            holder_entries: 0,
+            snapshot_chunks: None,
+            announce_counts: AnnounceCounts::default(),
             next_req: 0,
             out: VecDeque::new(),
             have_outbox: Vec::new(),
-            last_have_flush: Timestamp(0),
+            last_have_flush: Mono(0),
             waiting_for_origin: false,
-            paused_until: Timestamp(0),
+            paused_until: Mono(0),
+            unstored: BTreeMap::new(),
+            last_now: Now::default(),
+            republish_asked: None,
+            apply_failures: 0,
+            last_apply_failure: None,
         };
         if let Some(latest) = latest
             && engine.is_newer(&latest)
             && engine.cfg.role == Role::Mirror
         {
-            // Resumed on the first call with a source (the manifest may be complete already).
+            // Resumed on the first call (the manifest may be complete already): `poll_timeout` asks for it at once.
             engine.phase = Phase::Manifest { fetch: ManifestFetch::resume(latest.body.root), target: latest };
         }
         engine
@@ -296,10 +586,68 @@ impl<P: PeerKey> Engine<P> {
         self.out.pop_front()
     }
 
-    /// Deferred work is waiting for a call with a source (see the call order).
-    pub fn wants_tick(&self) -> bool {
-        matches!(self.phase, Phase::Planned { .. })
-            || matches!(&self.phase, Phase::Manifest { fetch, .. } if fetch.needs_start())
+    /// When the engine wants [`Input::Timeout`] (monotonic time; `None`: only when an event comes). Every
+    /// [`ACTIVE_TIMEOUT_MS`] after the last input while a sync runs (a resumed manifest fetch starts on the first
+    /// input, or then; a store that fails to start it is retried at that pace, never in a tight loop) or
+    /// announcements wait, then the next of: an apply retry, the end of a fetch pause, a ban's end.
+    pub fn poll_timeout(&self) -> Option<Mono> {
+        let now = self.last_now.mono;
+        let active = now.plus_ms(ACTIVE_TIMEOUT_MS);
+        let mut next = match &self.phase {
+            Phase::Manifest { .. } | Phase::Staging { .. } | Phase::Transfer { .. } => Some(active),
+            Phase::ApplyWait { retry_at, .. } => Some(*retry_at),
+            Phase::Idle | Phase::Applying { .. } => None,
+        };
+        if !self.have_outbox.is_empty() {
+            next = next.min(Some(active)).or(Some(active));
+        }
+        if let Some(expiry) = self.bans.next_expiry() {
+            next = Some(next.map_or(expiry, |n| n.min(expiry)));
+        }
+        if let Some(due) = self.republish_due() {
+            next = Some(next.map_or(due, |n| n.min(due)));
+        }
+        next
+    }
+
+    /// Origin: when (monotonic) to ask for a re-signed root: the wall-clock instant the current root enters its
+    /// last `resign_before_expiry_ms`, counted from the last input's two clocks; after an ask, the retry.
+    fn republish_due(&self) -> Option<Mono> {
+        let before = self.cfg.resign_before_expiry_ms?;
+        let current = self.current.as_ref().filter(|_| self.cfg.role == Role::Origin)?;
+        if let Some(asked) = self.republish_asked {
+            return Some(asked.plus_ms(REPUBLISH_RETRY_MS));
+        }
+        let due_wall = current.body.expires.0.saturating_sub(before);
+        Some(self.last_now.mono.plus_ms(due_wall.saturating_sub(self.last_now.wall.0)))
+    }
+
+    /// Takes one input at `now`, reading manifest nodes through `source` (see the call order).
+    pub fn handle(&mut self, now: Now, input: Input<P>, source: &impl NodeSource) -> Result<(), EngineError> {
+        // The outputs of the previous call were carried out: what they stored is in `source` now.
+        self.unstored.clear();
+        self.last_now = now;
+        match input {
+            Input::PeerConnected(peer) => self.on_peer_connected(peer),
+            Input::PeerDisconnected(peer) => self.on_peer_disconnected(now, &peer),
+            Input::Hello { from, hello } => self.on_hello(now, from, hello, source)?,
+            Input::Have { from, have } => self.on_have(now, from, have),
+            Input::Root { via, root } => self.on_root(now, via, root, source)?,
+            Input::Nodes { req, nodes, .. } => self.on_nodes(now, req, nodes, source)?,
+            Input::Delta { req, delta, .. } => self.on_delta(now, req, delta, source)?,
+            Input::FetchFailed { req, .. } => self.on_fetch_failed(now, req),
+            Input::Staged { seq, held } => self.on_staged(now, seq, held),
+            Input::Chunk { from, req, id, outcome } => self.on_chunk(now, from, req, id, outcome),
+            Input::ChunksDone { from, req, bytes } => self.on_chunks_done(now, from, req, bytes),
+            Input::ChunksFailed { req, .. } => self.on_chunks_failed(now, req),
+            Input::Applied { seq } => self.on_applied(now, seq, source)?,
+            Input::ApplyFailed { seq, failure } => self.on_apply_failed(now, seq, failure),
+            Input::Published { root, chunks } => self.on_published(now, root, chunks)?,
+            Input::SnapshotChunks { seq, chunks } => self.on_snapshot_chunks(seq, chunks),
+            Input::Offence { peer, offence } => self.on_offence(now, peer, offence),
+            Input::Timeout => self.on_timeout(now, source)?,
+        }
+        Ok(())
     }
 
     pub fn current(&self) -> Option<&VerifiedRoot> {
@@ -327,13 +675,14 @@ impl<P: PeerKey> Engine<P> {
 
     pub fn status(&self) -> EngineStatus {
         let (phase, target, bytes_missing, chunks_missing) = match &self.phase {
-            Phase::Idle => ("idle", None, 0, 0),
-            Phase::Manifest { target, .. } | Phase::Planned { target } => ("fetching-manifest", Some(target), 0, 0),
-            Phase::Staging { target, .. } => ("staging", Some(target), 0, 0),
+            Phase::Idle => (SyncPhase::Idle, None, 0, 0),
+            Phase::Manifest { target, .. } => (SyncPhase::FetchingManifest, Some(target), 0, 0),
+            Phase::Staging { target, .. } => (SyncPhase::Staging, Some(target), 0, 0),
             Phase::Transfer { target, sched, .. } => {
-                ("transferring", Some(target), sched.bytes_missing(), sched.chunks_missing())
+                (SyncPhase::Transferring, Some(target), sched.bytes_missing(), sched.chunks_missing())
             }
-            Phase::Applying { target } => ("applying", Some(target), 0, 0),
+            Phase::Applying { target, .. } => (SyncPhase::Applying, Some(target), 0, 0),
+            Phase::ApplyWait { target, .. } => (SyncPhase::ApplyRetrying, Some(target), 0, 0),
         };
         EngineStatus {
             repo: self.cfg.repo.clone(),
@@ -344,6 +693,12 @@ impl<P: PeerKey> Engine<P> {
             chunks_missing,
             waiting_for_origin: self.waiting_for_origin,
             peers: self.peers.values().filter(|p| p.greeted).count(),
+            apply_failures: self.apply_failures,
+            apply_retry_at: match &self.phase {
+                Phase::ApplyWait { retry_at, .. } => Some(*retry_at),
+                _ => None,
+            },
+            last_apply_failure: self.last_apply_failure,
         }
     }
 
@@ -353,27 +708,30 @@ impl<P: PeerKey> Engine<P> {
     }
 
     pub fn is_banned(&self, peer: &P) -> bool {
-        self.banned.contains(peer)
+        self.bans.is_banned(peer)
     }
 
-    // ---- events -------------------------------------------------------------------------------------------
-
-    pub fn handle_peer_connected(&mut self, _now: Timestamp, peer: P) {
-        let is_origin = self.cfg.origins.contains(&peer);
-        self.peers.entry(peer.clone()).or_insert(PeerInfo {
-            is_origin,
-            greeted: false,
-            advertised: None,
-            complete_seq: None,
-            holdings: BTreeSet::new(),
-            pushed: None,
-            manifest_seq: None,
-        });
-        self.out.push_back(Output::SendHello(peer, self.hello()));
+    /// Whether `peer` is banned for breaking the protocol (its connections are refused).
+    pub fn is_protocol_banned(&self, peer: &P) -> bool {
+        self.bans.is_protocol_banned(peer)
     }
 
-    pub fn handle_peer_disconnected(&mut self, now: Timestamp, peer: &P) {
-        self.peers.remove(peer);
+    /// Every ban in force.
+    pub fn bans(&self) -> impl Iterator<Item = (&P, &bans::Ban)> {
+        self.bans.iter()
+    }
+
+    /// `peer` committed a protocol offence (the shell noticed a malformed control request, or its data plane refused
+    /// one of the peer's requests): counted, and repeated ones ban it ([`bans`]).
+    fn on_offence(&mut self, now: Now, peer: P, offence: bans::Offence) {
+        if let Some(ban) = self.bans.offence(now.mono, &peer, offence) {
+            self.out.push_back(Output::Ban { peer: peer.clone(), reason: ban.reason, until: ban.until });
+            self.drop_banned_peer(now, &peer);
+        }
+    }
+
+    /// Stops using a peer just banned for the protocol: its requests are cancelled and it is asked for nothing more.
+    fn drop_banned_peer(&mut self, now: Now, peer: &P) {
         match &mut self.phase {
             Phase::Manifest { fetch, .. } => fetch.on_peer_gone(peer),
             Phase::Transfer { sched, .. } => {
@@ -385,13 +743,55 @@ impl<P: PeerKey> Engine<P> {
         self.pump(now);
     }
 
-    pub fn handle_hello(
-        &mut self,
-        now: Timestamp,
-        peer: P,
-        hello: Hello,
-        source: &impl NodeSource,
-    ) -> Result<(), EngineError> {
+    /// Lifts the snapshot bans (the node moved on to another snapshot).
+    fn lift_snapshot_bans(&mut self) {
+        for peer in self.bans.new_snapshot() {
+            self.out.push_back(Output::Unban { peer });
+        }
+    }
+
+    /// Whether `peer`'s claims are not trusted until it delivers a chunk: it was banned or stalled in this or the
+    /// previous snapshot (see [`Scheduler::suspect`]).
+    pub fn is_suspect(&self, peer: &P) -> bool {
+        let now = match &self.phase {
+            Phase::Transfer { sched, .. } => sched.suspicion(peer),
+            _ => None,
+        };
+        now.unwrap_or_else(|| self.suspects.contains(peer))
+    }
+
+    // ---- events -------------------------------------------------------------------------------------------
+
+    fn on_peer_connected(&mut self, peer: P) {
+        let is_origin = self.cfg.origins.contains(&peer);
+        self.peers.entry(peer.clone()).or_insert(PeerInfo {
+            is_origin,
+            greeted: false,
+            advertised: None,
+            complete_seq: None,
+            holdings: BTreeSet::new(),
+            pushed: None,
+            manifest_seq: None,
+            unknown_requests: 0,
+            false_claim: false,
+        });
+        self.out.push_back(Output::SendHello(peer, self.hello()));
+    }
+
+    fn on_peer_disconnected(&mut self, now: Now, peer: &P) {
+        self.peers.remove(peer);
+        match &mut self.phase {
+            Phase::Manifest { fetch, .. } => fetch.on_peer_gone(peer),
+            Phase::Transfer { sched, .. } | Phase::Staging { sched, .. } => {
+                let outs = sched.remove_peer(peer);
+                self.sched_outputs(outs);
+            }
+            _ => {}
+        }
+        self.pump(now);
+    }
+
+    fn on_hello(&mut self, now: Now, peer: P, hello: Hello, source: &impl NodeSource) -> Result<(), EngineError> {
         if hello.repo != self.cfg.repo {
             self.out.push_back(Output::Notice(Notice::WrongRepo { from: peer }));
             return Ok(());
@@ -405,17 +805,35 @@ impl<P: PeerKey> Engine<P> {
             holdings: BTreeSet::new(),
             pushed: None,
             manifest_seq: None,
+            unknown_requests: 0,
+            false_claim: false,
         });
         let first = !info.greeted;
         info.greeted = true;
         info.complete_seq = hello.complete_seq;
+        let theirs = hello.root.as_ref().and_then(|r| r.verify_signature().ok()).map(|b| b.seq);
         if let Some(root) = hello.root {
-            self.handle_root(now, RootVia::Hello(peer.clone()), root, source)?;
+            self.on_root(now, RootVia::Hello(peer.clone()), root, source)?;
         }
-        if let Phase::Transfer { target, sched } = &mut self.phase {
+        // A peer whose hello shows an older root than ours (it was greeted after we accepted ours, so no push
+        // reached it) hears of ours now, once per root.
+        let latest = self.latest().map(|r| r.body.seq);
+        if let Some(info) = self.peers.get_mut(&peer)
+            && latest > theirs
+            && info.advertised < latest
+            && info.pushed < latest
+        {
+            info.pushed = latest;
+            self.out.push_back(Output::SendHello(peer.clone(), self.hello()));
+        }
+        if let Phase::Transfer { target, sched, .. } | Phase::Staging { target, sched, .. } = &mut self.phase {
             let seq = target.body.seq;
             let holds_all = hello.complete_seq == Some(seq);
+            let known = sched.peer_keys().any(|p| *p == peer);
             sched.set_peer(&peer, is_origin, holds_all);
+            if !known && self.suspects.contains(&peer) {
+                sched.suspect(&peer);
+            }
             if first {
                 // Tell the newcomer what we already hold of this snapshot.
                 let complete_seq = self.current.as_ref().map(|c| c.body.seq);
@@ -429,9 +847,9 @@ impl<P: PeerKey> Engine<P> {
         self.advance(now, source)
     }
 
-    pub fn handle_root(
+    fn on_root(
         &mut self,
-        now: Timestamp,
+        now: Now,
         via: RootVia<P>,
         root: SignedRoot,
         source: &impl NodeSource,
@@ -440,11 +858,13 @@ impl<P: PeerKey> Engine<P> {
             RootVia::Gossip(p) | RootVia::Hello(p) => Some(p.clone()),
             RootVia::Local => None,
         };
-        match self.roots.accept(now, &root) {
+        match self.roots.accept(now.wall, &root) {
             Ok(verified) => {
                 if let Some(info) = from.as_ref().and_then(|p| self.peers.get_mut(p)) {
                     info.advertised = Some(verified.body.seq);
                 }
+                // Durable before the next call: the sync resumes from it after a restart.
+                self.out.push_back(Output::PersistRoot(root.clone()));
                 self.out.push_back(Output::Notice(Notice::RootAccepted { seq: verified.body.seq }));
                 self.push_root(verified.body.seq);
                 if matches!(via, RootVia::Hello(_)) {
@@ -462,7 +882,7 @@ impl<P: PeerKey> Engine<P> {
             }
             Err(error) => {
                 if let (Err(RootError::Rollback { .. }) | Err(RootError::Equivocation { .. }), Some(p)) =
-                    (self.roots.check(now, &root), &from)
+                    (self.roots.check(now.wall, &root), &from)
                     && let Some(info) = self.peers.get_mut(p)
                     && let Ok(body) = root.verify_signature()
                 {
@@ -476,7 +896,7 @@ impl<P: PeerKey> Engine<P> {
         Ok(())
     }
 
-    pub fn handle_have(&mut self, now: Timestamp, peer: P, have: Have) {
+    fn on_have(&mut self, now: Now, peer: P, have: Have) {
         if have.repo != self.cfg.repo {
             self.out.push_back(Output::Notice(Notice::WrongRepo { from: peer }));
             return;
@@ -489,40 +909,62 @@ impl<P: PeerKey> Engine<P> {
         info.manifest_seq = info.manifest_seq.max(Some(have.seq));
         let (is_origin, complete_seq) = (info.is_origin, info.complete_seq);
         match &mut self.phase {
-            Phase::Transfer { target, sched } => {
+            Phase::Transfer { target, sched, .. } | Phase::Staging { target, sched, .. } => {
+                // The scheduler keeps only chunks this sync needs, in bitsets.
                 sched.set_peer(&peer, is_origin, complete_seq == Some(target.body.seq));
                 for id in &have.chunks {
-                    sched.add_holding(now, &peer, id);
+                    sched.add_holding(now.mono, &peer, id);
                 }
                 // Only this peer has something new to be asked for.
                 self.pump_after(now, &peer);
                 return;
             }
-            Phase::Manifest { .. } | Phase::Planned { .. } | Phase::Staging { .. } => {
+            Phase::Manifest { .. } => {
+                // Which chunks this sync needs is not known yet: keep what fits under both caps.
+                let pending: usize = self.peers.values().map(|i| i.holdings.len()).sum();
+                let room = HOLDINGS_PENDING_MAX.saturating_sub(pending);
+                let Some(info) = self.peers.get_mut(&peer) else { return };
+                let before = info.holdings.len();
+                let limit = HOLDINGS_PER_PEER_MAX.min(before + room);
                 for id in &have.chunks {
-                    if info.holdings.len() >= HOLDINGS_PER_PEER_MAX {
-                        break;
+                    if info.holdings.len() >= limit && !info.holdings.contains(id) {
+                        self.announce_counts.over_cap += 1;
+                        continue;
                     }
                     info.holdings.insert(*id);
                 }
             }
-            Phase::Idle | Phase::Applying { .. } if self.cfg.role == Role::Origin => {
+            Phase::Idle | Phase::Applying { .. } | Phase::ApplyWait { .. } if self.cfg.role == Role::Origin => {
                 for id in &have.chunks {
-                    let holders = self.holders.entry(*id).or_default();
-                    if holders.len() < crate::transfer::REDIRECT_PEERS_MAX && !holders.contains(&peer) {
-                        holders.push(peer.clone());
+                    // Only chunks of the current snapshot can be redirected to (before the caller gave the set,
+                    // only the cap bounds them).
+                    if self.snapshot_chunks.as_ref().is_some_and(|set| !set.contains(id)) {
+                        self.announce_counts.outside_snapshot += 1;
+                        continue;
+                    }
+                    let full = self.holder_entries >= HOLDER_ENTRIES_MAX;
+                    match self.holders.get_mut(id) {
+                        Some(holders) if holders.contains(&peer) => {}
+                        Some(holders) if holders.len() < crate::transfer::REDIRECT_PEERS_MAX && !full => {
+                            holders.push(peer.clone());
+                            self.holder_entries += 1;
+                        }
+                        None if !full => {
+                            self.holders.insert(*id, vec![peer.clone()]);
+                            self.holder_entries += 1;
+                        }
+                        _ => self.announce_counts.over_cap += 1,
                     }
                 }
             }
-            Phase::Idle | Phase::Applying { .. } => {}
+            Phase::Idle | Phase::Applying { .. } | Phase::ApplyWait { .. } => {}
         }
         self.pump(now);
     }
 
-    pub fn handle_nodes(
+    fn on_nodes(
         &mut self,
-        now: Timestamp,
-        _peer: P,
+        now: Now,
         req: ReqId,
         nodes: Vec<Option<Vec<u8>>>,
         source: &impl NodeSource,
@@ -534,10 +976,9 @@ impl<P: PeerKey> Engine<P> {
         self.advance(now, source)
     }
 
-    pub fn handle_delta(
+    fn on_delta(
         &mut self,
-        now: Timestamp,
-        _peer: P,
+        now: Now,
         req: ReqId,
         delta: Option<Vec<u8>>,
         source: &impl NodeSource,
@@ -550,7 +991,7 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// A node or delta request failed.
-    pub fn handle_fetch_failed(&mut self, now: Timestamp, _peer: P, req: ReqId) {
+    fn on_fetch_failed(&mut self, now: Now, req: ReqId) {
         if let Phase::Manifest { fetch, .. } = &mut self.phase {
             fetch.on_failed(req);
         }
@@ -559,50 +1000,35 @@ impl<P: PeerKey> Engine<P> {
 
     /// The caller staged snapshot `seq` and holds these chunks of it (copied locally or verified from an earlier
     /// run).
-    pub fn handle_staged(&mut self, now: Timestamp, seq: u64, held: Vec<ChunkId>) {
+    fn on_staged(&mut self, now: Now, seq: u64, held: Vec<ChunkId>) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let Phase::Staging { target, files } = phase else {
+        let Phase::Staging { target, mut sched, plan } = phase else {
             self.phase = phase;
             return;
         };
         if target.body.seq != seq {
-            self.phase = Phase::Staging { target, files };
+            self.phase = Phase::Staging { target, sched, plan };
             return;
         }
-        let chunks = files.iter().flat_map(|f| {
-            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| Some((*id, chunk_range(f.meta.size, i as u64)?.1)))
-        });
-        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, chunks);
-        drop(files);
         for id in &held {
             sched.mark_held(id);
         }
-        for (peer, info) in &mut self.peers {
-            let holdings = std::mem::take(&mut info.holdings);
-            if !info.greeted || self.banned.contains(peer) {
-                continue;
-            }
-            sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
-            for id in &holdings {
-                sched.add_holding(now, peer, id);
-            }
-        }
         self.have_outbox.extend(held);
-        self.phase = Phase::Transfer { target, sched };
+        self.phase = Phase::Transfer { target, sched, plan };
         self.finish_if_done(now);
         self.pump(now);
     }
 
     /// One chunk of request `req` turned out as `outcome` (the caller verified the hash).
-    pub fn handle_chunk(&mut self, now: Timestamp, peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
+    fn on_chunk(&mut self, now: Now, peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
         let Phase::Transfer { sched, .. } = &mut self.phase else { return };
         let verified = outcome == ChunkOutcome::Verified;
         if outcome == ChunkOutcome::Dropped {
-            self.paused_until = now.plus_ms(LOCAL_FAILURE_BACKOFF_MS);
+            self.paused_until = now.mono.plus_ms(LOCAL_FAILURE_BACKOFF_MS);
             self.out.push_back(Output::Notice(Notice::LocalFailure));
         }
         let newly = verified && sched.is_needed(&id);
-        let outs = sched.on_chunk(now, req, &id, outcome);
+        let outs = sched.on_chunk(now.mono, req, &id, outcome);
         if newly {
             self.have_outbox.push(id);
         }
@@ -617,14 +1043,14 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// Pumps only `peer` when nothing else can have changed (outside the endgame), else everyone.
-    fn pump_after(&mut self, now: Timestamp, peer: &P) {
+    fn pump_after(&mut self, now: Now, peer: &P) {
         match &mut self.phase {
             Phase::Transfer { sched, .. } if !sched.in_endgame() => {
-                if now < self.paused_until {
+                if now.mono < self.paused_until {
                     return;
                 }
                 let mut next = self.next_req;
-                let outs = sched.pump_peer(now, peer, &mut || {
+                let outs = sched.pump_peer(now.mono, peer, &mut || {
                     next += 1;
                     ReqId(next)
                 });
@@ -636,34 +1062,59 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// A chunk request finished: `bytes` of chunk data arrived over it.
-    pub fn handle_chunks_done(&mut self, now: Timestamp, peer: P, req: ReqId, bytes: u64) {
+    fn on_chunks_done(&mut self, now: Now, peer: P, req: ReqId, bytes: u64) {
         if let Phase::Transfer { sched, .. } = &mut self.phase {
-            sched.on_request_done(now, req, bytes);
+            sched.on_request_done(now.mono, req, bytes);
         }
         // Its window may have grown; chunks it did not deliver were requeued (and pumped) as they were answered.
         self.pump_after(now, &peer);
     }
 
-    pub fn handle_chunks_failed(&mut self, now: Timestamp, _peer: P, req: ReqId) {
+    /// A chunk request failed as a whole (no data-plane address, connection error, reset): its chunks are not
+    /// asked of that peer again in this snapshot, and the failure counts against it.
+    fn on_chunks_failed(&mut self, now: Now, req: ReqId) {
         if let Phase::Transfer { sched, .. } = &mut self.phase {
-            sched.on_request_failed(req);
+            let outs = sched.on_request_failed(req);
+            self.sched_outputs(outs);
         }
         self.pump(now);
     }
 
-    /// The caller applied snapshot `seq` to the served tree.
-    pub fn handle_applied(&mut self, now: Timestamp, seq: u64, source: &impl NodeSource) -> Result<(), EngineError> {
+    /// Applying snapshot `seq` (an `Output::Apply`) failed: it is tried again after a back-off
+    /// (`APPLY_RETRY_FIRST_MS`, doubling per failure in a row up to `APPLY_RETRY_MAX_MS`), or, if a newer root was
+    /// accepted by then, the newer one is synced instead (from the applied snapshot; staged chunks are found again).
+    fn on_apply_failed(&mut self, now: Now, seq: u64, kind: ApplyFailure) {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
-        let Phase::Applying { target } = phase else {
+        let Phase::Applying { target, plan } = phase else {
             self.phase = phase;
-            return Ok(());
+            return;
         };
         if target.body.seq != seq {
-            self.phase = Phase::Applying { target };
-            return Ok(());
+            self.phase = Phase::Applying { target, plan };
+            return;
         }
+        self.apply_failures = self.apply_failures.saturating_add(1);
+        self.last_apply_failure = Some(kind);
+        let doublings = (self.apply_failures - 1).min(u64::BITS - 1);
+        let wait = APPLY_RETRY_FIRST_MS.saturating_mul(1 << doublings).min(APPLY_RETRY_MAX_MS);
+        self.phase = Phase::ApplyWait { target, plan, retry_at: now.mono.plus_ms(wait) };
+    }
+
+    /// The caller applied snapshot `seq` to the served tree.
+    fn on_applied(&mut self, now: Now, seq: u64, source: &impl NodeSource) -> Result<(), EngineError> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let target = match phase {
+            // (Late news of an apply that was reported failed counts too: the tree holds the snapshot.)
+            Phase::Applying { target, .. } | Phase::ApplyWait { target, .. } if target.body.seq == seq => target,
+            phase => {
+                self.phase = phase;
+                return Ok(());
+            }
+        };
+        self.apply_failures = 0;
+        self.last_apply_failure = None;
         self.current = Some(target);
-        self.banned.clear();
+        self.lift_snapshot_bans();
         self.waiting_for_origin = false;
         for info in self.peers.values_mut() {
             info.holdings.clear();
@@ -678,17 +1129,55 @@ impl<P: PeerKey> Engine<P> {
         Ok(())
     }
 
-    /// Origin role: a snapshot was published locally (its nodes are in the store).
-    pub fn handle_published(&mut self, now: Timestamp, root: SignedRoot) -> Result<(), RootError> {
-        let verified = self.roots.accept(now, &root)?;
+    /// Origin role: a snapshot was published locally (its nodes are in the store); `chunks` are its chunk ids
+    /// (announcements of other ids are dropped, requests for them refused).
+    fn on_published(&mut self, now: Now, root: SignedRoot, chunks: ChunkSet) -> Result<(), EngineError> {
+        let verified = self.roots.accept(now.wall, &root).map_err(EngineError::Published)?;
         let seq = verified.body.seq;
         self.current = Some(verified);
-        self.seeder.reset();
-        self.holders.clear();
+        self.republish_asked = None;
+        self.start_serving(chunks);
         self.out.push_back(Output::Gossip(root));
         self.push_root(seq);
         self.announce_complete(seq);
         Ok(())
+    }
+
+    /// Origin role: the chunk ids of the current snapshot `seq`, for an origin restored from persisted state
+    /// ([`Engine::new`] with a current snapshot); until it is given, announcements and requests are bounded only by
+    /// the tables' caps. Ignored unless `seq` is the current snapshot.
+    fn on_snapshot_chunks(&mut self, seq: u64, chunks: ChunkSet) {
+        if self.cfg.role == Role::Origin && self.current.as_ref().is_some_and(|c| c.body.seq == seq) {
+            self.start_serving(chunks);
+        }
+    }
+
+    /// Origin: forgets what it knew of the previous snapshot's distribution and serves `chunks`.
+    fn start_serving(&mut self, chunks: ChunkSet) {
+        self.seeder.reset();
+        self.holders.clear();
+        self.holder_entries = 0;
+        self.lift_snapshot_bans();
+        for info in self.peers.values_mut() {
+            info.unknown_requests = 0;
+            info.false_claim = false;
+        }
+        self.snapshot_chunks = Some(chunks);
+    }
+
+    /// Sizes of the tables peers can grow (for tests and metrics).
+    pub fn table_sizes(&self) -> TableSizes {
+        TableSizes {
+            holders: self.holder_entries,
+            seeder_recipients: self.seeder.recipients_len(),
+            seeder_redirects: self.seeder.redirects_len(),
+            pending_holdings: self.peers.values().map(|i| i.holdings.len()).sum(),
+        }
+    }
+
+    /// Announced chunk ids dropped since the start.
+    pub fn announce_counts(&self) -> AnnounceCounts {
+        self.announce_counts
     }
 
     /// Sends this node's hello (which carries the newest root) straight to every greeted peer not known to have
@@ -705,24 +1194,54 @@ impl<P: PeerKey> Engine<P> {
     }
 
     /// How to answer `peer`'s request for chunk `id` (only the origin ever redirects).
-    pub fn serve_decision(&mut self, now: Timestamp, peer: &P, id: &ChunkId) -> ServeDecision<P> {
+    /// Asked by the data plane while it answers a request, so answered at once rather than through `handle`.
+    pub fn serve_decision(&mut self, now: Mono, peer: &P, id: &ChunkId) -> ServeDecision<P> {
         if self.cfg.role != Role::Origin {
             return ServeDecision::Serve;
         }
         let seq = self.current.as_ref().map(|c| c.body.seq);
-        if seq.is_some() && self.peers.get(peer).is_some_and(|info| info.complete_seq == seq) {
+        if self.bans.is_banned(peer) {
+            self.seeder.counts.refused_banned += 1;
+            return ServeDecision::Refuse;
+        }
+        if self.snapshot_chunks.as_ref().is_some_and(|set| !set.contains(id)) {
+            // Not a chunk of this snapshot: nothing to serve, nothing to remember; too many and the asker is
+            // banned for the snapshot.
+            self.seeder.counts.refused_unknown += 1;
+            if let Some(info) = self.peers.get_mut(peer) {
+                info.unknown_requests += 1;
+                if info.unknown_requests > UNKNOWN_CHUNK_REQUESTS_MAX
+                    && self.bans.ban_for_snapshot(peer, BanReason::UnknownChunks)
+                {
+                    self.out.push_back(Output::Ban {
+                        peer: peer.clone(),
+                        reason: BanReason::UnknownChunks,
+                        until: None,
+                    });
+                }
+            }
+            return ServeDecision::Refuse;
+        }
+        if seq.is_some()
+            && let Some(info) = self.peers.get_mut(peer)
+            && info.complete_seq == seq
+        {
+            info.false_claim = true;
             self.seeder.counts.refused += 1;
             return ServeDecision::Refuse;
         }
         let mut holders: Vec<P> = self
             .peers
             .iter()
-            .filter(|(p, info)| *p != peer && info.greeted && info.complete_seq == seq && seq.is_some())
+            .filter(|(p, info)| {
+                *p != peer && info.greeted && info.complete_seq == seq && seq.is_some() && !info.false_claim
+            })
             .map(|(p, _)| p.clone())
             .take(crate::transfer::REDIRECT_PEERS_MAX)
             .collect();
         for holder in self.holders.get(id).into_iter().flatten() {
-            if holder != peer && self.peers.contains_key(holder) && !holders.contains(holder) {
+            let named = self.peers.get(holder).is_some_and(|info| !info.false_claim);
+            if holder != peer && named && !holders.contains(holder) {
                 holders.push(holder.clone());
             }
         }
@@ -737,22 +1256,30 @@ impl<P: PeerKey> Engine<P> {
         self.seeder.counts
     }
 
-    pub fn handle_tick(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
+    fn on_timeout(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
+        for peer in self.bans.expire(now.mono) {
+            self.out.push_back(Output::Unban { peer });
+        }
+        if self.republish_due().is_some_and(|due| due <= now.mono) {
+            self.republish_asked = Some(now.mono);
+            self.out.push_back(Output::Republish);
+        }
         match &mut self.phase {
             Phase::Manifest { fetch, .. } => {
-                for (_, req) in fetch.overdue(now) {
+                for (_, req) in fetch.overdue(now.mono) {
                     fetch.on_failed(req);
                 }
-                fetch.forget_lacks(now);
+                fetch.forget_lacks(now.mono);
             }
             Phase::Transfer { sched, .. } => {
-                let outs = sched.on_tick(now);
+                let outs = sched.on_tick(now.mono);
                 self.sched_outputs(outs);
             }
+            Phase::ApplyWait { retry_at, .. } if *retry_at <= now.mono => self.retry_apply(now, source)?,
             _ => {}
         }
-        if now.millis_since(self.last_have_flush) >= self.cfg.have_flush_ms {
-            self.flush_haves(now);
+        if now.mono.millis_since(self.last_have_flush) >= self.cfg.have_flush_ms {
+            self.flush_haves(now.mono);
         }
         self.advance(now, source)
     }
@@ -763,20 +1290,14 @@ impl<P: PeerKey> Engine<P> {
         self.current.as_ref().is_none_or(|c| root.body.seq > c.body.seq)
     }
 
-    fn start_sync(
-        &mut self,
-        now: Timestamp,
-        target: VerifiedRoot,
-        source: &impl NodeSource,
-    ) -> Result<(), EngineError> {
+    fn start_sync(&mut self, now: Now, target: VerifiedRoot, source: &impl NodeSource) -> Result<(), EngineError> {
         if !self.is_newer(&target) {
             return Ok(());
         }
         match &self.phase {
-            // Finish applying first; `handle_applied` picks up the newer root.
-            Phase::Applying { .. } => return Ok(()),
+            // Finish applying first; `Input::Applied` picks up the newer root (or the retry does, after a failure).
+            Phase::Applying { .. } | Phase::ApplyWait { .. } => return Ok(()),
             Phase::Manifest { target: t, .. }
-            | Phase::Planned { target: t }
             | Phase::Staging { target: t, .. }
             | Phase::Transfer { target: t, .. }
                 if t.body.seq >= target.body.seq =>
@@ -787,19 +1308,32 @@ impl<P: PeerKey> Engine<P> {
         }
         // Abandon a sync to an older snapshot (staged chunks stay staged and are found again).
         if let Phase::Transfer { sched, .. } = &mut self.phase {
+            remember_suspects(&mut self.suspects, sched);
+            // A claimer that kept this sync waiting keeps the next one waiting from the same instant: its stall
+            // allowance does not restart because a newer snapshot came (trickles can come faster than it).
+            self.kept_waiting = sched.peer_keys().filter_map(|p| Some((p.clone(), sched.waiting_since(p)?))).collect();
             let outs = sched.cancel_all();
             self.sched_outputs(outs);
         }
-        self.banned.clear();
+        self.lift_snapshot_bans();
         let base = self.current.as_ref().map(|c| c.body.root);
         let delta = target.body.delta.as_ref().filter(|d| Some(d.base_root) == base).map(|d| (d.hash, d.base_root));
         let fetch = ManifestFetch::new(target.body.root, delta, source)?;
-        self.phase = if fetch.is_complete() { Phase::Planned { target } } else { Phase::Manifest { target, fetch } };
+        self.phase = Phase::Manifest { target, fetch };
         self.advance(now, source)
     }
 
-    /// Moves deferred phases forward: a started fetch, a complete manifest to plan.
-    fn advance(&mut self, now: Timestamp, source: &impl NodeSource) -> Result<(), EngineError> {
+    /// Moves the manifest phase forward: a resumed fetch is started, a complete manifest is planned (reading the
+    /// nodes this call stored through [`Unstored`]).
+    fn advance(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
+        let mut unstored = std::mem::take(&mut self.unstored);
+        let result = self.advance_with(now, &Unstored { base: source, nodes: &unstored });
+        unstored.append(&mut self.unstored);
+        self.unstored = unstored;
+        result
+    }
+
+    fn advance_with(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
         if let Phase::Manifest { fetch, .. } = &mut self.phase
             && fetch.needs_start()
         {
@@ -809,34 +1343,26 @@ impl<P: PeerKey> Engine<P> {
             && fetch.is_complete()
         {
             let target = target.clone();
-            self.phase = Phase::Planned { target };
-            // The nodes just completed are handed to the store by outputs not yet executed: plan on the next call.
-            self.pump(now);
-            return Ok(());
-        }
-        if let Phase::Planned { target } = &self.phase {
-            let target = target.clone();
             self.plan(now, target, source)?;
         }
         self.pump(now);
         Ok(())
     }
 
-    fn plan(&mut self, now: Timestamp, target: VerifiedRoot, source: &impl NodeSource) -> Result<(), EngineError> {
+    fn plan(&mut self, now: Now, target: VerifiedRoot, source: &impl NodeSource) -> Result<(), EngineError> {
         let base = self.current.as_ref().map(|c| c.body.root);
         let changes = match diff(source, base.as_ref(), &target.body.root) {
             Ok((changes, _)) => changes,
             Err(crate::diff::DiffError::Source(e)) => return Err(e.into()),
             Err(crate::diff::DiffError::Missing(hash)) => {
                 // A node the store should hold is gone: fetch that subtree again, then plan again.
-                self.out
-                    .push_back(Output::Notice(Notice::ManifestError(format!("node {hash} missing from the store"))));
+                self.out.push_back(Output::Notice(Notice::ManifestError(ManifestProblem::NodeMissing(hash))));
                 self.phase = Phase::Manifest { fetch: ManifestFetch::resume(hash), target };
                 return Ok(());
             }
             Err(e) => {
                 // A stored node is damaged or the manifest breaks a rule: nothing to apply until a new root.
-                self.out.push_back(Output::Notice(Notice::ManifestError(e.to_string())));
+                self.out.push_back(Output::Notice(Notice::ManifestError(ManifestProblem::Invalid(e))));
                 self.phase = Phase::Idle;
                 return Ok(());
             }
@@ -849,26 +1375,63 @@ impl<P: PeerKey> Engine<P> {
             })
             .collect();
         let seq = target.body.seq;
-        self.out.push_back(Output::Stage { seq, files: files.clone() });
-        self.phase = Phase::Staging { target, files };
-        let _ = now;
+        let chunks = files.iter().flat_map(|f| {
+            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| Some((*id, chunk_range(f.meta.size, i as u64)?.1)))
+        });
+        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, chunks);
+        // What peers announced so far moves into the scheduler, which keeps only chunks this sync needs.
+        for (peer, info) in &mut self.peers {
+            let holdings = std::mem::take(&mut info.holdings);
+            if !info.greeted || self.bans.is_banned(peer) {
+                continue;
+            }
+            sched.set_peer(peer, info.is_origin, info.complete_seq == Some(seq));
+            if self.suspects.contains(peer) {
+                sched.suspect(peer);
+            }
+            if let Some(since) = self.kept_waiting.get(peer) {
+                sched.keep_waiting(peer, *since);
+            }
+            for id in &holdings {
+                sched.add_holding(now.mono, peer, id);
+            }
+        }
+        self.kept_waiting.clear();
+        self.out.push_back(Output::Stage { seq, files });
+        self.phase = Phase::Staging { target, sched, plan: changes.into() };
         Ok(())
     }
 
-    fn finish_if_done(&mut self, now: Timestamp) {
+    /// The back-off after a failed apply is over: moves on to a newer accepted root if there is one, else applies
+    /// the same target again.
+    fn retry_apply(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
+        let Phase::ApplyWait { target, plan, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return Ok(());
+        };
+        if let Some(latest) = self.latest().cloned()
+            && latest.body.seq > target.body.seq
+        {
+            return self.start_sync(now, latest, source);
+        }
+        self.out.push_back(Output::Apply { target: target.clone(), plan: plan.clone() });
+        self.phase = Phase::Applying { target, plan };
+        Ok(())
+    }
+
+    fn finish_if_done(&mut self, now: Now) {
         let done = matches!(&self.phase, Phase::Transfer { sched, .. } if sched.is_done());
         if !done {
             return;
         }
-        self.flush_haves(now);
-        if let Phase::Transfer { target, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
-            let base = self.current.as_ref().map(|c| c.body.root);
-            self.out.push_back(Output::Apply { target: target.clone(), base });
-            self.phase = Phase::Applying { target };
+        self.flush_haves(now.mono);
+        if let Phase::Transfer { target, sched, plan } = std::mem::replace(&mut self.phase, Phase::Idle) {
+            remember_suspects(&mut self.suspects, &sched);
+            self.out.push_back(Output::Apply { target: target.clone(), plan: plan.clone() });
+            self.phase = Phase::Applying { target, plan };
         }
     }
 
-    fn pump(&mut self, now: Timestamp) {
+    fn pump(&mut self, now: Now) {
         let mut next = self.next_req;
         let mut next_req = || {
             next += 1;
@@ -884,7 +1447,7 @@ impl<P: PeerKey> Engine<P> {
                     .iter()
                     .filter(|(p, info)| {
                         info.greeted
-                            && !self.banned.contains(*p)
+                            && !self.bans.is_banned(p)
                             && (info.advertised >= Some(seq) || info.complete_seq >= Some(seq))
                     })
                     .map(|(p, info)| {
@@ -899,13 +1462,13 @@ impl<P: PeerKey> Engine<P> {
                     .collect();
                 candidates.sort();
                 let peers: Vec<P> = candidates.into_iter().map(|(_, p)| p).collect();
-                let outs = fetch.pump(now, &peers, &mut next_req);
+                let outs = fetch.pump(now.mono, &peers, &mut next_req);
                 self.next_req = next;
                 self.fetch_outputs(outs);
             }
-            Phase::Transfer { .. } if now < self.paused_until => {}
+            Phase::Transfer { .. } if now.mono < self.paused_until => {}
             Phase::Transfer { sched, .. } => {
-                let outs = sched.pump(now, &mut next_req);
+                let outs = sched.pump(now.mono, &mut next_req);
                 self.next_req = next;
                 let waiting = sched.unavailable();
                 self.sched_outputs(outs);
@@ -925,11 +1488,16 @@ impl<P: PeerKey> Engine<P> {
             match out {
                 FetchOut::Nodes { peer, req, hashes } => self.out.push_back(Output::FetchNodes { peer, req, hashes }),
                 FetchOut::Delta { peer, req, hash } => self.out.push_back(Output::FetchDelta { peer, req, hash }),
-                FetchOut::Store(nodes) => self.out.push_back(Output::StoreNodes(nodes)),
+                FetchOut::Store(nodes) => {
+                    for (hash, bytes) in &nodes {
+                        self.unstored.insert(*hash, bytes.clone());
+                    }
+                    self.out.push_back(Output::StoreNodes(nodes));
+                }
                 FetchOut::StoreDelta(hash, bytes) => self.out.push_back(Output::StoreDelta(hash, bytes)),
                 FetchOut::Corrupt { peer } => {
-                    if self.banned.insert(peer.clone()) {
-                        self.out.push_back(Output::Ban { peer, reason: BanReason::CorruptMetadata });
+                    if self.bans.ban_for_snapshot(&peer, BanReason::CorruptMetadata) {
+                        self.out.push_back(Output::Ban { peer, reason: BanReason::CorruptMetadata, until: None });
                     }
                 }
                 FetchOut::DeltaRejected => self.out.push_back(Output::Notice(Notice::DeltaRejected)),
@@ -945,20 +1513,24 @@ impl<P: PeerKey> Engine<P> {
                 }
                 SchedOut::Cancel { peer, req } => self.out.push_back(Output::Cancel { peer, req }),
                 SchedOut::Ban { peer, reason } => {
-                    self.banned.insert(peer.clone());
-                    self.out.push_back(Output::Ban { peer, reason });
+                    if self.bans.ban_for_snapshot(&peer, reason) {
+                        self.out.push_back(Output::Ban { peer, reason, until: None });
+                    }
                 }
+                SchedOut::Stalled { peer } => self.out.push_back(Output::Notice(Notice::PeerStalled { peer })),
             }
         }
     }
 
-    fn flush_haves(&mut self, now: Timestamp) {
+    fn flush_haves(&mut self, now: Mono) {
         self.last_have_flush = now;
         if self.have_outbox.is_empty() {
             return;
         }
         let seq = match &self.phase {
-            Phase::Transfer { target, .. } | Phase::Applying { target } => target.body.seq,
+            Phase::Transfer { target, .. } | Phase::Applying { target, .. } | Phase::ApplyWait { target, .. } => {
+                target.body.seq
+            }
             _ => {
                 self.have_outbox.clear();
                 return;
@@ -981,5 +1553,46 @@ impl<P: PeerKey> Engine<P> {
             let have = Have { repo: self.cfg.repo.clone(), seq, complete_seq: Some(seq), chunks: Vec::new() };
             self.out.push_back(Output::SendHave(peer, have));
         }
+    }
+}
+
+/// Carries what a finished or abandoned snapshot's scheduler learnt about its peers into the next one.
+fn remember_suspects<P: PeerKey>(suspects: &mut BTreeSet<P>, sched: &Scheduler<P>) {
+    for peer in sched.peer_keys() {
+        match sched.suspicion(peer) {
+            Some(true) => {
+                if suspects.len() >= SUSPECTS_MAX && !suspects.contains(peer) {
+                    suspects.pop_first();
+                }
+                suspects.insert(peer.clone());
+            }
+            Some(false) => {
+                suspects.remove(peer);
+            }
+            None => {}
+        }
+    }
+}
+
+/// `base` with the nodes stored by outputs of the call in progress (see [`Engine::handle`]).
+struct Unstored<'a, S> {
+    base: &'a S,
+    nodes: &'a BTreeMap<NodeHash, Vec<u8>>,
+}
+
+impl<S: NodeSource> NodeSource for Unstored<'_, S> {
+    fn node_bytes(&self, hash: &NodeHash) -> Result<Option<Vec<u8>>, SourceError> {
+        match self.nodes.get(hash) {
+            Some(bytes) => Ok(Some(bytes.clone())),
+            None => self.base.node_bytes(hash),
+        }
+    }
+
+    fn has_node(&self, hash: &NodeHash) -> Result<bool, SourceError> {
+        Ok(self.nodes.contains_key(hash) || self.base.has_node(hash)?)
+    }
+
+    fn verified_node(&self, hash: &NodeHash) -> Option<crate::node::Node> {
+        if self.nodes.contains_key(hash) { None } else { self.base.verified_node(hash) }
     }
 }

@@ -16,16 +16,32 @@
 //!    descends from the origin's first one, so a peer claiming a chunk the origin never handed out is lying or holds
 //!    it from an older snapshot: either way the origin serves);
 //! 3. else serve it and remember that `r` got it.
+//!
+//! The engine asks only about chunks of the current snapshot (others are refused before they reach the seeder), so
+//! what it remembers is bounded by the snapshot; each table also has a global cap ([`SeederLimits`]): a recipient
+//! is remembered once per chunk (a peer asking again moves to the end of the list), and beyond the caps the origin
+//! stops remembering (it serves where it would have redirected).
 
 use std::collections::BTreeMap;
 
 use crate::chunk::ChunkId;
 use crate::sync::PeerKey;
-use crate::timestamp::Timestamp;
+use crate::timestamp::Mono;
 use crate::transfer::REDIRECT_PEERS_MAX;
 
 /// Most times one asker is pointed elsewhere for one chunk by newer recipients (rule 1).
 pub const REDIRECTS_PER_ASKER_MAX: u8 = 2;
+/// (chunk, recipient) pairs remembered per snapshot, by default. A chunk is handed out about once, so this covers a
+/// whole mirror's snapshot (~2 million chunks of 1 MiB) handed out once each. About 180 bytes per pair with libp2p
+/// peer ids (measured, `proto/tests/state_bounds.rs`): ~360 MiB at the cap, which only serving 2 million chunks
+/// (up to 2 TB) fills; chunks outside the snapshot are refused before they get here, and a peer asking again for a
+/// chunk it got is not added twice.
+pub const SEEDER_RECIPIENTS_MAX: usize = 1 << 21;
+/// (asker, chunk) redirects remembered per snapshot, by default: about 237 bytes each with libp2p peer ids
+/// (measured), ~30 MiB at the cap. An answer costs the origin no upload, so this table is the one a peer could
+/// grow cheaply (with real chunk ids only). Beyond it a new asker is served instead of redirected. A 500-package
+/// release to 1,000 mirrors (`simulations/scenarios/release-1000.toml`) runs the same with this cap as without.
+pub const SEEDER_REDIRECTS_MAX: usize = 1 << 17;
 
 #[derive(Clone, Debug)]
 pub struct SeederLimits {
@@ -34,13 +50,20 @@ pub struct SeederLimits {
     /// An asker back sooner than this after a redirect banned every peer named (the scheduler's
     /// [`redirect_defer_ms`](crate::sync::scheduler::SchedulerLimits::redirect_defer_ms)).
     pub rebound_ms: u64,
-    /// Most recipients and most redirects remembered per snapshot (beyond it the origin simply serves).
-    pub entries_max: usize,
+    /// Most (chunk, recipient) pairs remembered per snapshot (beyond it the origin serves without remembering).
+    pub recipients_max: usize,
+    /// Most (asker, chunk) redirects remembered per snapshot (beyond it a new asker is served).
+    pub redirects_max: usize,
 }
 
 impl Default for SeederLimits {
     fn default() -> Self {
-        Self { assign_timeout_ms: 30_000, rebound_ms: 6_000, entries_max: 1 << 22 }
+        Self {
+            assign_timeout_ms: 30_000,
+            rebound_ms: 6_000,
+            recipients_max: SEEDER_RECIPIENTS_MAX,
+            redirects_max: SEEDER_REDIRECTS_MAX,
+        }
     }
 }
 
@@ -49,17 +72,18 @@ pub enum ServeDecision<P> {
     Serve,
     Elsewhere(Vec<P>),
     /// Answer "missing": the asker claims to hold the whole snapshot already, so it is lying (an honest peer
-    /// announces a snapshot complete only after its last chunk arrived) and the origin's bandwidth is not for it.
+    /// announces a snapshot complete only after its last chunk arrived) and the origin's bandwidth is not for it
+    /// (the engine then names it in no redirect), or the chunk is not in the snapshot, or the asker is banned.
     Refuse,
 }
 
 pub struct Seeder<P: PeerKey> {
     limits: SeederLimits,
     /// Who got each chunk from the origin in this snapshot, and when, in that order.
-    recipients: BTreeMap<ChunkId, Vec<(P, Timestamp)>>,
+    recipients: BTreeMap<ChunkId, Vec<(P, Mono)>>,
     recipients_count: usize,
     /// (asker, chunk) pairs already pointed elsewhere: when last, and how often by rule 1.
-    redirected: BTreeMap<(P, ChunkId), (Timestamp, u8)>,
+    redirected: BTreeMap<(P, ChunkId), (Mono, u8)>,
     /// What it did since the start.
     pub counts: SeederCounts,
 }
@@ -69,7 +93,12 @@ pub struct Seeder<P: PeerKey> {
 pub struct SeederCounts {
     pub served: u64,
     pub redirects: u64,
+    /// Refused to peers claiming to hold the snapshot already.
     pub refused: u64,
+    /// Refused because the chunk is not in the current snapshot (never remembered).
+    pub refused_unknown: u64,
+    /// Refused because the asker is banned for this snapshot (too many requests for unknown chunks).
+    pub refused_banned: u64,
     /// Copies of chunks the origin had already handed out in this snapshot, by why they were served.
     pub again: AgainCounts,
 }
@@ -110,7 +139,7 @@ impl<P: PeerKey> Seeder<P> {
     /// connected.
     pub fn decide(
         &mut self,
-        now: Timestamp,
+        now: Mono,
         asker: &P,
         id: &ChunkId,
         holders: &[P],
@@ -160,7 +189,7 @@ impl<P: PeerKey> Seeder<P> {
             }
         }
         elsewhere.truncate(REDIRECT_PEERS_MAX);
-        if !elsewhere.is_empty() && self.redirected.len() < self.limits.entries_max {
+        if !elsewhere.is_empty() && self.redirected.len() < self.limits.redirects_max {
             self.redirected.insert(key, (now, 0));
             self.counts.redirects += 1;
             return ServeDecision::Elsewhere(elsewhere);
@@ -173,13 +202,36 @@ impl<P: PeerKey> Seeder<P> {
         self.serve(now, asker, id)
     }
 
-    fn serve(&mut self, now: Timestamp, asker: &P, id: &ChunkId) -> ServeDecision<P> {
-        if self.recipients_count < self.limits.entries_max {
-            self.recipients.entry(*id).or_default().push((asker.clone(), now));
-            self.recipients_count += 1;
+    fn serve(&mut self, now: Mono, asker: &P, id: &ChunkId) -> ServeDecision<P> {
+        let got = self.recipients.get_mut(id);
+        match got {
+            Some(got) if got.iter().any(|(p, _)| p == asker) => {
+                // Got it again: it moves to the end of the list, with the new time.
+                got.retain(|(p, _)| p != asker);
+                got.push((asker.clone(), now));
+            }
+            Some(got) if self.recipients_count < self.limits.recipients_max => {
+                got.push((asker.clone(), now));
+                self.recipients_count += 1;
+            }
+            None if self.recipients_count < self.limits.recipients_max => {
+                self.recipients.insert(*id, vec![(asker.clone(), now)]);
+                self.recipients_count += 1;
+            }
+            _ => {}
         }
         self.counts.served += 1;
         ServeDecision::Serve
+    }
+
+    /// (chunk, recipient) pairs remembered.
+    pub fn recipients_len(&self) -> usize {
+        self.recipients_count
+    }
+
+    /// (asker, chunk) redirects remembered.
+    pub fn redirects_len(&self) -> usize {
+        self.redirected.len()
     }
 }
 
@@ -191,7 +243,7 @@ mod tests {
     fn each_chunk_leaves_about_once() {
         let mut s = Seeder::<u32>::new(SeederLimits::default());
         let c = ChunkId([1; 32]);
-        let t = Timestamp(1_000);
+        let t = Mono(1_000);
         assert_eq!(s.decide(t, &1, &c, &[], |_| true), ServeDecision::Serve);
         // Peer 2 asks while it is still on its way to 1: pointed at 1.
         assert_eq!(s.decide(t.plus_ms(10), &2, &c, &[], |_| true), ServeDecision::Elsewhere(vec![1]));
@@ -215,7 +267,7 @@ mod tests {
     fn claims_to_chunks_never_handed_out_are_not_believed() {
         let mut s = Seeder::<u32>::new(SeederLimits::default());
         let c = ChunkId([3; 32]);
-        let t = Timestamp(1_000);
+        let t = Mono(1_000);
         // Peer 9 claims the chunk before the origin sent it to anyone: the first asker is served all the same.
         assert_eq!(s.decide(t, &1, &c, &[9], |_| true), ServeDecision::Serve);
         // Once it left the origin, claims count, behind the first recipient.
@@ -231,7 +283,7 @@ mod tests {
     fn an_asker_that_comes_back_is_pointed_at_newer_recipients() {
         let mut s = Seeder::<u32>::new(SeederLimits::default());
         let c = ChunkId([4; 32]);
-        let t = Timestamp(1_000);
+        let t = Mono(1_000);
         // 9 got the chunk first (and turns out to serve garbage); 1, 2 and 3 are pointed at it.
         assert_eq!(s.decide(t, &9, &c, &[], |_| true), ServeDecision::Serve);
         for asker in [1, 2, 3] {
