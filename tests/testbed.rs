@@ -1,6 +1,6 @@
 //! `mirrormesh testbed` end to end on a small fabric: hosts in network namespaces it creates, shaped links, real
 //! daemons and rsync; the run checks every tree and prints its ratios, and leaves nothing behind, also when it is
-//! interrupted. Needs root, `ip`, `tc` and `rsync` (CI installs rsync).
+//! interrupted. Needs root, `ip`, `tc`, `rsync`, `iptables` and `ping` (CI installs them).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -10,7 +10,8 @@ fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mirrormesh"))
 }
 
-/// Namespaces and links a testbed run with process id `pid` created that still exist.
+/// Namespaces, links and WAN emulators (which name their host) a testbed run with process id `pid` created that
+/// still exist.
 fn leftovers(pid: u32) -> Vec<String> {
     let tag = format!("mmtb{pid}");
     let mut out = Vec::new();
@@ -18,15 +19,57 @@ fn leftovers(pid: u32) -> Vec<String> {
         let text = String::from_utf8(Command::new("ip").args(args).output().unwrap().stdout).unwrap();
         out.extend(text.lines().filter(|l| l.contains(&tag)).map(str::to_owned));
     }
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("emulate") && cmdline.contains(&format!("{tag}h")) {
+            out.push(format!("process {}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
     out
 }
 
 /// One test, so the runs are not concurrent (each would still get its own subnet).
 #[test]
 fn testbed_runs_check_trees_and_clean_up() {
+    the_wan_emulator_delays_and_drops_as_told();
     a_small_sync_benchmark_runs_checks_and_cleans_up();
     a_mirror_cut_off_mid_sync_converges_without_fetching_twice();
     an_interrupted_run_removes_its_namespaces();
+}
+
+/// The number after `key` in `line` (up to the next space or comma).
+fn number_after(line: &str, key: &str) -> f64 {
+    let rest = line.split(key).nth(1).unwrap_or_else(|| panic!("no {key:?} in {line}"));
+    rest.trim_start().split([' ', ',', '|']).next().unwrap().parse().unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+fn the_wan_emulator_delays_and_drops_as_told() {
+    // Two hosts 40 ms apart: every ping comes back after 40 ms, give or take the emulator's scheduling; a 4 MiB TCP
+    // copy goes through the emulators (held, not lost).
+    let (pid, stdout) =
+        run_testbed(&["wan", "--mirrors", "1", "--rtt-ms", "40", "--pings", "10", "--probes", "0", "--tcp-mib", "4"]);
+    println!("{stdout}");
+    let row = stdout.lines().find(|l| l.starts_with("| origin - mirror1 |")).unwrap_or_else(|| panic!("{stdout}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    let (profile, avg): (f64, f64) = (cells[2].parse().unwrap(), cells[3].parse().unwrap());
+    assert_eq!(profile, 40.0, "{row}");
+    assert!((40.0..43.0).contains(&avg), "ping avg {avg} ms for a 40 ms round trip: {row}");
+    assert_eq!(cells[6], "10/10", "nothing lost: {row}");
+    let report = stdout.lines().find(|l| l.starts_with("WAN emulator:")).unwrap_or_else(|| panic!("{stdout}"));
+    // Every packet of the copy and the pings was held (both directions), none dropped.
+    assert!(number_after(report, "held") >= 4.0 * 1024.0 * 1024.0 / 65536.0, "{report}");
+    assert_eq!(number_after(report, "dropped (loss)"), 0.0, "{report}");
+    assert!(leftovers(pid).is_empty(), "left behind: {:?}", leftovers(pid));
+
+    // Loss 0.5, no delay: about half of 200 one-way probes arrive (binomial: 100 +- 7; 70..130 is over 4 sigma).
+    let (pid, stdout) =
+        run_testbed(&["wan", "--mirrors", "1", "--loss", "0.5", "--pings", "0", "--probes", "200", "--tcp-mib", "0"]);
+    println!("{stdout}");
+    let line = stdout.lines().find(|l| l.starts_with("UDP one-way probes")).unwrap_or_else(|| panic!("{stdout}"));
+    let received = number_after(line, "sent,");
+    assert!((70.0..=130.0).contains(&received), "{received} of 200 arrived at loss 0.5: {line}");
+    assert!(leftovers(pid).is_empty(), "left behind: {:?}", leftovers(pid));
 }
 
 /// Runs `mirrormesh testbed ARGS` to the end; its process id and stdout, once it succeeded.
@@ -65,8 +108,13 @@ fn a_small_sync_benchmark_runs_checks_and_cleans_up() {
         "400",
         "--mirror-mbit",
         "300-500",
+        "--rtt-ms",
+        "10",
     ]);
     assert!(stdout.contains("checked byte-identical"), "{stdout}");
+    assert!(stdout.contains("WAN emulated: every round trip 10 ms"), "{stdout}");
+    let report = stdout.lines().find(|l| l.starts_with("WAN emulator:")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(report.contains("3 processes"), "one emulator per host: {report}");
     // Two rows of measurements: for each, rsync from the origin costs about one copy per mirror.
     for step in ["initial sync", "2-package update"] {
         let row = stdout
@@ -81,7 +129,7 @@ fn a_small_sync_benchmark_runs_checks_and_cleans_up() {
 
 fn an_interrupted_run_removes_its_namespaces() {
     let mut child = Command::new(binary())
-        .args(["testbed", "idle", "--mirrors", "2", "--fraction", "0.002", "--seconds", "600"])
+        .args(["testbed", "idle", "--mirrors", "2", "--fraction", "0.002", "--seconds", "600", "--rtt-ms", "5"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

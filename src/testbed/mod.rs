@@ -8,14 +8,23 @@
 //! - `idle`: bytes a converged fabric sends per node and minute with nothing to do.
 //! - `partition`: one mirror's link cut mid-sync and restored: it converges, fetching nothing twice.
 //! - `throughput`: on loopback, one mirror pulling a tree from one peer, against an rsync daemon and raw quinn.
+//! - `wan`: the WAN emulator checked on its own (pings between every pair, UDP loss probes, TCP copies).
 //! - `cleanup`: removes what an interrupted run left behind.
 //!
+//! `sync`, `freshness`, `idle` and `partition` take `--profile world`, `--rtt-ms N` and `--loss P`: round trips and
+//! loss between every pair of hosts, emulated at each host's ingress ([`wan`]).
+//!
 //! Every run checks that every mirror's tree is byte-identical to the origin's before it reports. Needs root (network
-//! namespaces, `tc`) and `rsync`.
+//! namespaces, `tc`), `rsync`, and for WAN emulation `iptables` (and `ping` for `wan`).
 
+mod emulator;
 pub mod net;
+mod nfqueue;
 mod throughput;
 mod timeline;
+mod wan;
+mod wan_check;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -53,8 +62,13 @@ enum TestbedCommand {
     Partition(PartitionArgs),
     /// One mirror pulling a tree from one peer on loopback, against an rsync daemon and raw quinn.
     Throughput(throughput::ThroughputArgs),
+    /// Check the WAN emulator itself: pings between every pair against the profile, loss, TCP copies, its CPU.
+    Wan(wan_check::WanCheckArgs),
     /// Remove namespaces and links left by testbed runs that were killed.
     Cleanup,
+    /// One host's WAN emulator (started by the testbed inside the host's namespace; runs until stdin closes).
+    #[command(hide = true)]
+    Emulate(emulator::EmulateArgs),
 }
 
 #[derive(Args, Clone)]
@@ -76,6 +90,8 @@ struct FabricArgs {
     /// Keep the work directory (trees, configs, logs) and print where it is.
     #[arg(long)]
     keep: bool,
+    #[command(flatten)]
+    wan: wan::WanArgs,
 }
 
 #[derive(Args)]
@@ -88,6 +104,10 @@ struct SyncArgs {
     /// Also print, for each mirrormesh step, the origin's upload and every mirror's download per 100 ms.
     #[arg(long)]
     timeline: bool,
+    /// TCP congestion control of the hosts for the rsync runs, comma-separated: each step runs rsync once per name
+    /// (default: the system's; mirrormesh runs over QUIC with its own controller).
+    #[arg(long)]
+    rsync_cc: Option<String>,
 }
 
 #[derive(Args)]
@@ -135,6 +155,8 @@ fn run_command(args: &TestbedArgs) -> Result<()> {
         TestbedCommand::Idle(a) => idle(a),
         TestbedCommand::Partition(a) => partition(a),
         TestbedCommand::Throughput(a) => throughput::run(a),
+        TestbedCommand::Wan(a) => wan_check::run(a),
+        TestbedCommand::Emulate(a) => emulator::run(a),
         TestbedCommand::Cleanup => {
             let removed = net::remove_tagged(net::PREFIX);
             println!("removed {removed} namespaces and links");
@@ -179,6 +201,8 @@ fn parse_mbit(text: &str, mirrors: usize) -> Result<Vec<u64>> {
 /// A running testbed: hosts, the fabric on them, the work directory.
 struct Bed {
     fabric: LocalFabric,
+    /// The WAN emulators, when asked for (stopped before the hosts go).
+    wan: Option<wan::Wan>,
     net: Testbed,
     work: tempfile::TempDir,
     /// Upload and download of each host, bytes per second (origin first).
@@ -197,6 +221,10 @@ impl Bed {
         mbits.extend(&mirror_mbit);
         let links: Vec<Link> = mbits.iter().map(|&m| Link { up_mbit: Some(m), down_mbit: Some(m) }).collect();
         let net = Testbed::create(&links).context("creating the testbed (needs root)")?;
+        let wan = match a.wan.spec()? {
+            Some(spec) => Some(wan::Wan::start(&net.hosts, spec, a.seed)?),
+            None => None,
+        };
         let work = tempfile::Builder::new().prefix("mirrormesh-testbed").tempdir()?;
         if !a.keep
             && let Ok(mut slot) = WORK.lock()
@@ -218,7 +246,7 @@ impl Bed {
             ..GenTreeArgs::default()
         })?;
         fabric.start_all()?;
-        let shape = format!(
+        let mut shape = format!(
             "{} mirrors; links (each way): origin {} Mbit/s, mirrors {} Mbit/s; tree: {} packages, {} (fraction {})",
             a.mirrors,
             a.origin_mbit,
@@ -227,9 +255,12 @@ impl Bed {
             human_bytes(generated.bytes),
             a.fraction
         );
+        if let Some(wan) = &wan {
+            shape.push_str(&format!("; {}", wan.spec));
+        }
         println!("testbed: {shape}");
         let rates = mbits.iter().map(|&m| m as f64 * 1e6 / 8.0).collect();
-        Ok(Bed { fabric, net, work, rates, shape })
+        Ok(Bed { fabric, wan, net, work, rates, shape })
     }
 
     fn mirrors(&self) -> usize {
@@ -253,9 +284,15 @@ impl Bed {
     /// Publishes the origin's tree; the time is until every mirror serves the new snapshot (applied). Then waits
     /// until the old files are removed too and checks every tree. With `timeline`, the links are sampled until
     /// every mirror serves it and printed under that title.
+    /// CPU the WAN emulators used so far (`None` without emulation).
+    fn emulator_cpu(&self) -> Result<Option<Duration>> {
+        self.wan.as_ref().map(|w| Ok(w.cpu()?.total())).transpose()
+    }
+
     fn mirrormesh_update(&self, timeline: Option<&str>) -> Result<Measured> {
         let tx0 = self.origin_tx()?;
         let served0 = self.fabric.status(0)?.bytes_served_total;
+        let cpu0 = self.emulator_cpu()?;
         let t0 = Instant::now();
         let recorder = timeline.map(|_| timeline::Recorder::start(&self.net.hosts, t0)).transpose()?;
         let published = self.fabric.publish()?;
@@ -272,29 +309,57 @@ impl Bed {
                 .map(|w| w.join().map_err(|_| anyhow::anyhow!("waiting thread panicked"))?)
                 .try_fold(Duration::ZERO, |max, t| anyhow::Ok(max.max(t?)))
         })?;
+        let emulator_cpu = self.emulator_cpu()?.zip(cpu0).map(|(c, c0)| c - c0);
         if let (Some(recorder), Some(title)) = (recorder, timeline) {
             recorder.finish_and_print(title, &self.rates);
         }
         self.fabric.wait_all_settled(seq, SYNC_TIMEOUT)?;
+        self.check_wan()?;
         let tx = self.origin_tx()? - tx0;
         for i in 1..self.fabric.nodes.len() {
             self.fabric.check_identical(i)?;
         }
         let chunks = self.fabric.status(0)?.bytes_served_total - served0;
-        Ok(Measured { bytes: published.changed_bytes, elapsed, origin_tx: tx, origin_chunks: Some(chunks) })
+        Ok(Measured {
+            bytes: published.changed_bytes,
+            elapsed,
+            origin_tx: tx,
+            origin_chunks: Some(chunks),
+            emulator_cpu,
+        })
     }
 
-    fn rsync_dir(&self, i: usize) -> PathBuf {
-        self.work.path().join("rsync").join(&self.fabric.nodes[i].name)
+    /// Fails if a WAN emulator stopped (the run would not have been measured as asked).
+    fn check_wan(&self) -> Result<()> {
+        self.wan.as_ref().map_or(Ok(()), |w| w.check())
     }
 
-    /// Every mirror host runs the rsync recipe against the origin host's rsync daemon at once; checks every tree.
-    fn rsync_update(&self, rsyncd: &RsyncDaemon, changed: u64) -> Result<Measured> {
+    /// The tree mirror `i` syncs with rsync under TCP congestion control `cc`.
+    fn rsync_dir(&self, cc: &str, i: usize) -> PathBuf {
+        self.work.path().join("rsync").join(cc).join(&self.fabric.nodes[i].name)
+    }
+
+    /// Every host's TCP congestion control set to `cc`, an rsync daemon started on the origin host (its connections
+    /// take the congestion control it listens with), then every mirror host runs the rsync recipe against it at
+    /// once; checks every tree.
+    fn rsync_update(&self, changed: u64, cc: &str) -> Result<Measured> {
+        for host in &self.net.hosts {
+            host.set_tcp_cc(cc)?;
+        }
+        let origin = &self.net.hosts[0];
+        let rsyncd = RsyncDaemon::start(
+            self.work.path(),
+            &self.fabric.nodes[0].tree,
+            &origin.ip.to_string(),
+            873,
+            Some(origin),
+        )?;
         let tx0 = self.origin_tx()?;
+        let cpu0 = self.emulator_cpu()?;
         let t0 = Instant::now();
         let mut clients = Vec::new();
         for i in 1..self.fabric.nodes.len() {
-            let dest = self.rsync_dir(i);
+            let dest = self.rsync_dir(cc, i);
             std::fs::create_dir_all(&dest)?;
             let child = rsync_client(self.net.hosts[i].command("rsync"), &rsyncd.url, &dest)
                 .spawn()
@@ -308,18 +373,26 @@ impl Bed {
             }
         }
         let elapsed = t0.elapsed();
+        let emulator_cpu = self.emulator_cpu()?.zip(cpu0).map(|(c, c0)| c - c0);
         let tx = self.origin_tx()? - tx0;
+        drop(rsyncd);
+        self.check_wan()?;
         for i in 1..self.fabric.nodes.len() {
-            compare_trees(&self.fabric.nodes[0].tree, &self.rsync_dir(i), &format!("rsync mirror{i}"))?;
+            compare_trees(&self.fabric.nodes[0].tree, &self.rsync_dir(cc, i), &format!("rsync mirror{i}"))?;
         }
-        Ok(Measured { bytes: changed, elapsed, origin_tx: tx, origin_chunks: None })
+        Ok(Measured { bytes: changed, elapsed, origin_tx: tx, origin_chunks: None, emulator_cpu })
     }
 
-    fn finish(self, keep: bool) {
+    /// Stops the WAN emulators (printing what they did) and keeps the work directory if asked.
+    fn finish(mut self, keep: bool) -> Result<()> {
+        if let Some(wan) = self.wan.take() {
+            println!("{}", wan.stop()?);
+        }
         if keep {
             let path = self.work.keep();
             println!("work directory kept: {}", path.display());
         }
+        Ok(())
     }
 }
 
@@ -331,6 +404,8 @@ struct Measured {
     origin_tx: u64,
     /// Chunk bytes the origin daemon served.
     origin_chunks: Option<u64>,
+    /// CPU the WAN emulators used from the start of the step until its time was taken.
+    emulator_cpu: Option<Duration>,
 }
 
 /// `command` (an `rsync` to run here or in a namespace) made into the rsync recipe pulling `url` into `dest`, its
@@ -407,16 +482,22 @@ fn ratio(a: f64, b: f64) -> String {
     format!("{:.2}", a / b)
 }
 
+/// "X s (Y cores)": the emulators' CPU in a step and its share of the step's time.
+fn emulator_share(m: &Measured) -> String {
+    let cpu = m.emulator_cpu.unwrap_or_default().as_secs_f64();
+    format!("{cpu:.2} s ({:.2} cores)", cpu / m.elapsed.as_secs_f64())
+}
+
 fn sync(a: &SyncArgs) -> Result<()> {
+    let load_before = wan_check::load_average();
     let bed = Bed::start(&a.fabric)?;
-    let origin = &bed.net.hosts[0];
-    let rsyncd =
-        RsyncDaemon::start(bed.work.path(), &bed.fabric.nodes[0].tree, &origin.ip.to_string(), 873, Some(origin))?;
+    let ccs = wan_check::tcp_ccs(a.rsync_cc.as_deref(), &bed.net.hosts[0])?;
     let n = bed.mirrors();
+    let rsync_all = |bytes| ccs.iter().map(|cc| bed.rsync_update(bytes, cc)).collect::<Result<Vec<_>>>();
 
     println!("initial sync ...");
     let mm_initial = bed.mirrormesh_update(a.timeline.then_some("the initial sync"))?;
-    let rs_initial = bed.rsync_update(&rsyncd, mm_initial.bytes)?;
+    let rs_initial = rsync_all(mm_initial.bytes)?;
     gentree::generate(&GenTreeArgs {
         out: bed.fabric.nodes[0].tree.clone(),
         update: Some(a.update_packages),
@@ -425,19 +506,21 @@ fn sync(a: &SyncArgs) -> Result<()> {
     })?;
     println!("{}-package update ...", a.update_packages);
     let mm_update = bed.mirrormesh_update(a.timeline.then_some("the update"))?;
-    let rs_update = bed.rsync_update(&rsyncd, mm_update.bytes)?;
-    drop(rsyncd);
+    let rs_update = rsync_all(mm_update.bytes)?;
 
     println!();
     println!("mirrormesh testbed sync: {}", bed.shape);
     println!("every mirror's tree checked byte-identical to the origin's after each step (both tools)");
+    println!("rsync's TCP congestion control: {}", ccs[0]);
     println!();
     println!(
         "{:<18} {:>10} {:>8} | {:>9} {:>7} {:>9} {:>7} | {:>10} {:>7} {:>7} {:>10} {:>7}",
         "step", "S", "T_min", "mm time", "/T_min", "rsync", "/T_min", "mm origin", "/S", "chunks", "rsync orig", "/S"
     );
     let label = format!("{}-package update", a.update_packages);
-    for (name, mm, rs) in [("initial sync", &mm_initial, &rs_initial), (label.as_str(), &mm_update, &rs_update)] {
+    let steps = [("initial sync", &mm_initial, &rs_initial), (label.as_str(), &mm_update, &rs_update)];
+    for (name, mm, rs) in steps {
+        let rs = &rs[0];
         let s = mm.bytes as f64;
         let t_min = bed.t_min(mm.bytes);
         println!(
@@ -462,8 +545,39 @@ fn sync(a: &SyncArgs) -> Result<()> {
          (rsync: about N x T_min). \"/S\" counts every byte the origin host sent (headers, control, manifests); \
          \"chunks\" only the chunk bytes its daemon served."
     );
-    bed.finish(a.fabric.keep);
-    Ok(())
+    if ccs.len() > 1 {
+        println!();
+        println!("rsync under each TCP congestion control (same steps, one run each, trees checked):");
+        println!("{:<18} {:>8} {:>9} {:>7} {:>10} {:>7}", "step", "cc", "rsync", "/T_min", "rsync orig", "/S");
+        for (name, mm, rs) in steps {
+            let t_min = bed.t_min(mm.bytes);
+            for (cc, rs) in ccs.iter().zip(rs) {
+                println!(
+                    "{:<18} {:>8} {:>8.2}s {:>7} {:>10} {:>7}",
+                    name,
+                    cc,
+                    rs.elapsed.as_secs_f64(),
+                    ratio(rs.elapsed.as_secs_f64(), t_min),
+                    human_bytes(rs.origin_tx),
+                    ratio(rs.origin_tx as f64, mm.bytes as f64)
+                );
+            }
+        }
+    }
+    if bed.wan.is_some() {
+        println!();
+        println!("WAN emulators' CPU during each step (CPU s, and over the step's time: cores busy):");
+        for (name, mm, rs) in steps {
+            let mut line = format!("  {name}: mirrormesh {}", emulator_share(mm));
+            for (cc, rs) in ccs.iter().zip(rs) {
+                line.push_str(&format!(", rsync {cc} {}", emulator_share(rs)));
+            }
+            println!("{line}");
+        }
+    }
+    let finished = bed.finish(a.fabric.keep);
+    println!("load average (1, 5, 15 min) before the run: {load_before}; after: {}", wan_check::load_average());
+    finished
 }
 
 fn freshness(a: &FreshnessArgs) -> Result<()> {
@@ -498,8 +612,7 @@ fn freshness(a: &FreshnessArgs) -> Result<()> {
         a.rounds,
         ratio(max, 1.0)
     );
-    bed.finish(a.fabric.keep);
-    Ok(())
+    bed.finish(a.fabric.keep)
 }
 
 fn idle(a: &IdleArgs) -> Result<()> {
@@ -526,8 +639,7 @@ fn idle(a: &IdleArgs) -> Result<()> {
         max,
         ratio(mean, 1024.0)
     );
-    bed.finish(a.fabric.keep);
-    Ok(())
+    bed.finish(a.fabric.keep)
 }
 
 fn partition(a: &PartitionArgs) -> Result<()> {
@@ -587,6 +699,5 @@ fn partition(a: &PartitionArgs) -> Result<()> {
         ratio(origin_tx as f64, size as f64)
     );
     println!("all {victim} mirrors checked byte-identical to the origin");
-    bed.finish(a.fabric.keep);
-    Ok(())
+    bed.finish(a.fabric.keep)
 }

@@ -81,6 +81,72 @@ impl NetHost {
         c.args(["netns", "exec", &self.netns, program]);
         c
     }
+
+    /// Runs `args` inside this host's namespace to the end; fails with its stderr if it fails.
+    pub fn run(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["ip", "netns", "exec", &self.netns];
+        all.extend(args);
+        run(&all)
+    }
+
+    /// Sets the TCP congestion control of this host's connections to the other hosts: on its route to the
+    /// testbed's subnet (`congctl`), which every connection on it takes when it opens, an accepted one included.
+    /// (The namespace's default, `net.ipv4.tcp_congestion_control`, can only name what the machine's
+    /// `tcp_allowed_congestion_control` lists outside the initial namespace; the route can name any loaded one.)
+    pub fn set_tcp_cc(&self, name: &str) -> Result<()> {
+        let [a, b, c, _] = self.ip.octets();
+        let subnet = format!("{a}.{b}.{c}.0/24");
+        let src = self.ip.to_string();
+        run(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "route",
+            "replace",
+            &subnet,
+            "dev",
+            &self.inner,
+            "proto",
+            "kernel",
+            "scope",
+            "link",
+            "src",
+            &src,
+            "congctl",
+            name,
+        ])
+    }
+
+    /// The namespace's default TCP congestion control (what connections use unless [`NetHost::set_tcp_cc`] set
+    /// one).
+    pub fn tcp_cc(&self) -> Result<String> {
+        let out = run_output(&["ip", "netns", "exec", &self.netns, "sysctl", "-n", "net.ipv4.tcp_congestion_control"])?;
+        Ok(out.trim().to_owned())
+    }
+
+    /// Runs `f` on a new thread that has entered this host's network namespace (sockets it opens live there).
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on this thread only, with a namespace descriptor that is open for the call.
+            let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            if ret != 0 {
+                return Err(std::io::Error::last_os_error()).with_context(|| format!("entering {path}"));
+            }
+            f()
+        })
+    }
+}
+
+/// The TCP congestion controls this kernel offers.
+pub fn tcp_cc_available() -> Result<Vec<String>> {
+    let path = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    Ok(text.split_whitespace().map(str::to_owned).collect())
 }
 
 fn run(args: &[&str]) -> Result<()> {
