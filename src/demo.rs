@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::gentree::{self, GenTreeArgs};
 use crate::local_fabric::{LocalFabric, NodeOptions};
-use crate::publish::human_bytes;
 use crate::status::Status;
+use indicatif::HumanBytes;
 
 /// Mirrors in the demo fabric.
 pub const DEMO_MIRRORS: usize = 4;
@@ -97,7 +97,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!(
         "  generated {} packages, {} (built-in Alpine size profile, fraction {})",
         generated.packages,
-        human_bytes(generated.bytes),
+        HumanBytes(generated.bytes),
         args.fraction
     );
     fabric.start_all()?;
@@ -141,15 +141,15 @@ fn print_report(steps: &[Step], mirrors: usize) {
     println!();
     println!(
         "{:<22} {:>10} {:>12} {:>14} {:>16} {:>10}",
-        "step", "converged", "changed", "origin sent", "origin/changed", "rsync"
+        "step", "converged", "changed", "origin sent", "origin/changed", "rsync*"
     );
     for s in steps {
         println!(
             "{:<22} {:>8.2} s {:>12} {:>14} {:>16.3} {:>10.2}",
             s.name,
             s.seconds,
-            human_bytes(s.changed_bytes),
-            human_bytes(s.origin_sent),
+            HumanBytes(s.changed_bytes).to_string(),
+            HumanBytes(s.origin_sent).to_string(),
             s.origin_sent as f64 / s.changed_bytes.max(1) as f64,
             mirrors as f64
         );
@@ -160,10 +160,14 @@ fn print_report(steps: &[Step], mirrors: usize) {
         let cells: Vec<String> = s
             .mirrors
             .iter()
-            .map(|(peers, origin)| format!("{} / {}", human_bytes(*peers), human_bytes(*origin)))
+            .map(|(peers, origin)| format!("{} / {}", HumanBytes(*peers), HumanBytes(*origin)))
             .collect();
         println!("{:<22} {}", s.name, cells.join("   "));
     }
+    println!(
+        "* rsync from the origin sends every mirror its own copy: {mirrors} x (arithmetic, not measured here; \
+         `mirrormesh testbed sync` runs rsync side by side)"
+    );
     println!(
         "(changed files per step: {})",
         steps.iter().map(|s| s.changed_files.to_string()).collect::<Vec<_>>().join(", ")

@@ -13,14 +13,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::HumanBytes;
 use mirrormesh::admin::Access;
 use mirrormesh::admin_client::AdminClient;
 use mirrormesh::config::{Config, DEFAULT_ADMIN};
 use mirrormesh::gentree::{self, GenTreeArgs};
 use mirrormesh::key::NodeKey;
-use mirrormesh::publish::{
-    DEFAULT_REMOVAL_LIMIT_PERCENT, DEFAULT_VALIDITY, PublishGuard, PublishOptions, human_bytes, publish,
-};
+use mirrormesh::publish::{DEFAULT_REMOVAL_LIMIT_PERCENT, DEFAULT_VALIDITY, PublishGuard, PublishOptions, publish};
 use mirrormesh::store::StateStore;
 use mirrormesh::table;
 use mirrormesh_proto::RepoId;
@@ -206,9 +205,9 @@ fn run(command: Command) -> Result<()> {
             let mut text = String::new();
             writeln!(text, "published {} seq {}", r.repo, r.seq)?;
             writeln!(text, "  root      {}", r.root)?;
-            writeln!(text, "  files     {} ({}, {} bytes)", r.files, human_bytes(r.bytes), r.bytes)?;
+            writeln!(text, "  files     {} ({}, {} bytes)", r.files, HumanBytes(r.bytes), r.bytes)?;
             match r.delta_bytes {
-                Some(d) => writeln!(text, "  changes   {}, delta {}", r.changes, human_bytes(d as u64))?,
+                Some(d) => writeln!(text, "  changes   {}, delta {}", r.changes, HumanBytes(d as u64))?,
                 None => writeln!(text, "  changes   {}", r.changes)?,
             }
             out(&text)
@@ -240,27 +239,27 @@ fn run(command: Command) -> Result<()> {
             let mut text = String::new();
             writeln!(text, "published {} seq {}", r.body.repo, r.body.seq)?;
             writeln!(text, "  root      {}", r.body.root.to_hex())?;
-            writeln!(text, "  files     {} ({}, {} bytes)", r.body.files, human_bytes(r.body.bytes), r.body.bytes)?;
+            writeln!(text, "  files     {} ({}, {} bytes)", r.body.files, HumanBytes(r.body.bytes), r.body.bytes)?;
             writeln!(text, "  entries   {} dirs, {} symlinks, {} skipped", s.dirs, s.symlinks, s.skipped)?;
             writeln!(
                 text,
                 "  scan      {:.2} s: hashed {} files ({}, {}/s), {} unchanged from cache",
                 s.elapsed.as_secs_f64(),
                 s.hashed_files,
-                human_bytes(s.hashed_bytes),
-                human_bytes(rate as u64),
+                HumanBytes(s.hashed_bytes),
+                HumanBytes(rate as u64),
                 s.cached_files
             )?;
             writeln!(
                 text,
                 "  manifest  {} new nodes ({}), built in {:.2} s",
                 r.new_nodes,
-                human_bytes(r.new_node_bytes as u64),
+                HumanBytes(r.new_node_bytes as u64),
                 r.build_elapsed.as_secs_f64()
             )?;
             match (r.previous_seq, r.delta_bytes) {
                 (Some(prev), Some(delta)) => {
-                    writeln!(text, "  changes   {} since seq {prev}, delta {}", r.changes, human_bytes(delta as u64))?
+                    writeln!(text, "  changes   {} since seq {prev}, delta {}", r.changes, HumanBytes(delta as u64))?
                 }
                 (Some(prev), None) => writeln!(text, "  changes   {} since seq {prev}", r.changes)?,
                 (None, _) => writeln!(text, "  changes   first snapshot")?,

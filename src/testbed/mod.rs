@@ -35,7 +35,7 @@ use clap::{Args, Subcommand};
 
 use crate::gentree::{self, GenTreeArgs};
 use crate::local_fabric::{LocalFabric, NodeOptions, compare_trees};
-use crate::publish::human_bytes;
+use indicatif::HumanBytes;
 use net::{Link, Testbed};
 
 /// How long one sync may take before the run is declared failed.
@@ -252,7 +252,7 @@ impl Bed {
             a.origin_mbit,
             a.mirror_mbit,
             generated.packages,
-            human_bytes(generated.bytes),
+            HumanBytes(generated.bytes),
             a.fraction
         );
         if let Some(wan) = &wan {
@@ -526,16 +526,16 @@ fn sync(a: &SyncArgs) -> Result<()> {
         println!(
             "{:<18} {:>10} {:>7.2}s | {:>8.2}s {:>7} {:>8.2}s {:>7} | {:>10} {:>7} {:>7} {:>10} {:>7}",
             name,
-            human_bytes(mm.bytes),
+            HumanBytes(mm.bytes).to_string(),
             t_min,
             mm.elapsed.as_secs_f64(),
             ratio(mm.elapsed.as_secs_f64(), t_min),
             rs.elapsed.as_secs_f64(),
             ratio(rs.elapsed.as_secs_f64(), t_min),
-            human_bytes(mm.origin_tx),
+            HumanBytes(mm.origin_tx).to_string(),
             ratio(mm.origin_tx as f64, s),
             ratio(mm.origin_chunks.unwrap_or(0) as f64, s),
-            human_bytes(rs.origin_tx),
+            HumanBytes(rs.origin_tx).to_string(),
             ratio(rs.origin_tx as f64, s),
         );
     }
@@ -558,7 +558,7 @@ fn sync(a: &SyncArgs) -> Result<()> {
                     cc,
                     rs.elapsed.as_secs_f64(),
                     ratio(rs.elapsed.as_secs_f64(), t_min),
-                    human_bytes(rs.origin_tx),
+                    HumanBytes(rs.origin_tx).to_string(),
                     ratio(rs.origin_tx as f64, mm.bytes as f64)
                 );
             }
@@ -595,7 +595,7 @@ fn freshness(a: &FreshnessArgs) -> Result<()> {
         println!(
             "  round {}: {} changed, all {} mirrors serving it after {:.3} s",
             round + 1,
-            human_bytes(m.bytes),
+            HumanBytes(m.bytes),
             bed.mirrors(),
             m.elapsed.as_secs_f64()
         );
@@ -682,9 +682,9 @@ fn partition(a: &PartitionArgs) -> Result<()> {
     println!("|---|---|---|---|---|---|");
     println!(
         "| {} | mirror{victim} | {:.2} s ({} fetched) | {} s | {:.2} s | {:.2} s |",
-        human_bytes(size),
+        HumanBytes(size),
         cut_at.as_secs_f64(),
-        human_bytes(size / 3),
+        HumanBytes(size / 3),
         a.cut_secs,
         others.as_secs_f64(),
         after_restore.as_secs_f64()
@@ -693,7 +693,7 @@ fn partition(a: &PartitionArgs) -> Result<()> {
         "victim: verified chunk bytes fetched / snapshot = {} (duplicates: {}); chunk requests failed {}, peers \
          dropped as unreachable {}; origin sent / snapshot = {}",
         ratio(fetched as f64, size as f64),
-        human_bytes(fetched.saturating_sub(size)),
+        HumanBytes(fetched.saturating_sub(size)),
         counter("chunk_requests_failed"),
         counter("peers_unreachable"),
         ratio(origin_tx as f64, size as f64)

@@ -12,7 +12,7 @@ use super::RsyncDaemon;
 use crate::dataplane::raw::{Measured, chunks, cpu_time, process_cpu, raw_run, raw_setup};
 use crate::gentree::{self, GenTreeArgs};
 use crate::local_fabric::{LocalFabric, NodeOptions, compare_trees, free_port};
-use crate::publish::human_bytes;
+use indicatif::HumanBytes;
 
 #[derive(Args)]
 pub struct ThroughputArgs {
@@ -47,7 +47,7 @@ fn mirrormesh(work: &std::path::Path, a: &ThroughputArgs) -> Result<(Measured, s
         seed: a.seed,
         ..Default::default()
     })?;
-    println!("tree: {} packages, {}", generated.packages, human_bytes(generated.bytes));
+    println!("tree: {} packages, {}", generated.packages, HumanBytes(generated.bytes));
     // The origin publishes and mirror1 syncs from it, untimed; then the origin stops and mirror2 (which learns the
     // root from mirror1's hello) pulls everything from mirror1: that transfer is timed.
     fabric.start(0)?;
@@ -129,7 +129,7 @@ pub fn run(a: &ThroughputArgs) -> Result<()> {
         println!(
             "{:<32} {:>10} {:>8.0} {:>10.3} {:>8.2}",
             row.name,
-            human_bytes(row.bytes),
+            HumanBytes(row.bytes).to_string(),
             row.mb_per_s(),
             row.cpu_s_per_gb(),
             row.wall.as_secs_f64()
