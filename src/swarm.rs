@@ -270,7 +270,14 @@ pub fn build_with(key: &NodeKey, malformed_control: bool, caps: ConnectionCaps) 
             Ok(Behaviour { limits: connection_limits::Behaviour::new(caps.limits()), gossipsub, identify, control })
         })
         .map_err(|e| anyhow::anyhow!("building the libp2p behaviour: {e}"))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        // Every control request opens a stream; with multistream-select's plain V1 the dialer waits for the
+        // protocol's confirmation before sending, so each request cost two round trips (a mirror's first manifest
+        // took about 12 round trips of 100 ms, `testbed sync --rtt-ms 100`). Lazy: the one protocol a stream is
+        // opened for is proposed together with the request (every node speaks every protocol here).
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }
