@@ -370,3 +370,41 @@ fn bad_addresses_from_a_peer_are_counted_and_not_dialled() {
     let dials = counter(&status, "member_dials") - counter(&before, "member_dials");
     assert!(dials <= 1, "dialled {dials}: {:?}", status.counters);
 }
+
+/// The alert for a mirror that reaches only the origin although it knows other members fires after 10 minutes, and
+/// neither for the origin (no origin among its peers) nor for a mirror with a mirror peer (`promtool test rules`).
+#[test]
+fn the_only_origin_alert_fires_after_ten_minutes_for_a_mirror_that_reaches_no_other_mirror() {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/mirrormesh-alerts.yml");
+    let dir = tempfile::tempdir().unwrap();
+    let test = dir.path().join("only-origin.test.yml");
+    let series = |instance: &str, peers: u32, origins: u32, members: u32| {
+        format!(
+            "      - series: 'mirrormesh_peers_connected{{instance=\"{instance}\"}}'\n        values: '{peers}x20'\n\
+             \x20     - series: 'mirrormesh_origins_connected{{instance=\"{instance}\"}}'\n        values: '{origins}x20'\n\
+             \x20     - series: 'mirrormesh_members{{instance=\"{instance}\"}}'\n        values: '{members}x20'\n"
+        )
+    };
+    let text = format!(
+        "rule_files:\n  - {rules}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{}{}{}{}\
+         \x20   alert_rule_test:\n\
+         \x20     - eval_time: 9m\n        alertname: MirrormeshOnlyOrigin\n        exp_alerts: []\n\
+         \x20     - eval_time: 11m\n        alertname: MirrormeshOnlyOrigin\n        exp_alerts:\n\
+         \x20         - exp_labels: {{severity: warn, instance: lonely}}\n\
+         \x20           exp_annotations:\n\
+         \x20             summary: \"lonely knows other mirrors but reaches none of them, only the origin: the origin \
+         serves it alone\"\n",
+        series("lonely", 1, 1, 5),
+        series("meshed", 4, 1, 5),
+        series("origin", 4, 0, 5),
+        series("alone-in-fabric", 1, 1, 2),
+        rules = rules.display()
+    );
+    std::fs::write(&test, text).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&test)
+        .output()
+        .expect("promtool (Debian package prometheus) must be installed: apt-get install prometheus");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
