@@ -40,7 +40,7 @@ fn counter(status: &mirrormesh::status::Status, name: &str) -> u64 {
 
 /// Every mirror's config names only the origin.
 fn origin_only(nodes: usize) -> Vec<NodeOptions> {
-    vec![NodeOptions { bootstrap_mirrors_max: Some(0), ..NodeOptions::default() }; nodes]
+    vec![NodeOptions::origin_only(); nodes]
 }
 
 fn signal(fabric: &LocalFabric, i: usize, signal: i32) {

@@ -222,6 +222,16 @@ mod tests {
         let largest = ControlRequest::Members(members(MEMBERS_PER_MESSAGE_MAX, MEMBER_ADDRS_MAX, PEER_ID_BYTES_MAX));
         let bytes = largest.encode();
         assert!(bytes.len() <= CONTROL_REQUEST_BYTES_MAX, "{} bytes", bytes.len());
+        // What an 8-mirror fabric exchanges: one IPv4 address each, 38-byte ed25519 peer ids.
+        let v4: SocketAddr = "192.0.2.1:4001".parse().unwrap();
+        let entry = MemberEntry { id: serde_bytes::ByteBuf::from(vec![7; 38]), addrs: vec![v4], seen_ago_ms: 0 };
+        let typical = ControlRequest::Members(Members {
+            repo: RepoId::new("alpine").unwrap(),
+            listen: vec![v4],
+            members: vec![entry; 8],
+        });
+        let typical = typical.encode().len();
+        println!("largest Members accepted: {} bytes; 8 members of one IPv4 address: {typical} bytes", bytes.len());
         assert_eq!(ControlRequest::decode(&bytes), Ok(largest));
         let too_many = ControlRequest::Members(members(MEMBERS_PER_MESSAGE_MAX + 1, 1, 38));
         assert!(matches!(ControlRequest::decode(&too_many.encode()), Err(DecodeError::Malformed(_))));

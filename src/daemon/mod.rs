@@ -402,7 +402,7 @@ impl Daemon {
             }
             self.after_event();
         }
-        self.peers.persist(&self.store);
+        self.peers.shut_down(&self.store);
         self.data.shut_down(SHUTDOWN_CLOSE_WAIT).await;
         self.close_connections().await;
         Ok(())

@@ -564,6 +564,12 @@ impl Peers {
         }
     }
 
+    /// At shutdown: every connected member was seen now; everything changed is written.
+    pub fn shut_down(&mut self, store: &StateStore) {
+        self.membership.touch_connected(now());
+        self.persist(store);
+    }
+
     /// Writes the members changed since the last call to the state database.
     pub fn persist(&mut self, store: &StateStore) {
         let changed = self.membership.take_dirty();
