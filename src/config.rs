@@ -51,6 +51,8 @@ struct File {
     #[serde(default)]
     origin: OriginSection,
     #[serde(default)]
+    downstream: crate::downstream::DownstreamSection,
+    #[serde(default)]
     faults: Faults,
 }
 
@@ -205,6 +207,8 @@ pub struct Config {
     pub validity: Duration,
     /// Origin: what a publish must find before it signs (the `force` flag comes per publish).
     pub publish_guard: PublishGuard,
+    /// What this node writes for downstream mirrors and tells its MQTT broker (`downstream.rs`).
+    pub downstream: crate::downstream::DownstreamConfig,
     pub faults: Faults,
 }
 
@@ -344,6 +348,7 @@ impl Config {
             bail!("repo.stale_after_secs: must be positive (leave it out to check only the root's expiry)");
         }
 
+        let downstream = crate::downstream::DownstreamConfig::new(&file.downstream)?;
         if let Some(log) = &file.node.log {
             crate::logging::check(log).map_err(|e| anyhow!("node.log: {e}"))?;
         }
@@ -379,6 +384,7 @@ impl Config {
                 require_file: file.origin.require_file,
                 force: false,
             },
+            downstream,
             faults: file.faults,
         })
     }
@@ -422,6 +428,7 @@ impl Config {
         }
         same("admin.hosts", self.admin_hosts.join(","), new.admin_hosts.join(","));
         same("origin.watch", self.watch.to_string(), new.watch.to_string());
+        same("downstream", format!("{:?}", self.downstream), format!("{:?}", new.downstream));
         same(
             "origin.validity_hours",
             (self.validity.as_secs() / 3600).to_string(),

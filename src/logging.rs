@@ -1,5 +1,6 @@
 //! Logging: human-readable lines or JSON on stderr (journald takes either), with a level filter that the daemon can
-//! change while it runs (`node.log` in the config, re-read on SIGHUP).
+//! change while it runs (`node.log` in the config, re-read on SIGHUP). When stderr is the journal, each line starts
+//! with its syslog priority and carries no timestamp of its own (the journal stamps it): see `service.rs`.
 //!
 //! The filter is `RUST_LOG` when set, else `node.log`, else `info`; directives as `tracing-subscriber`'s `EnvFilter`
 //! reads them (`info,mirrormesh=debug`).
@@ -7,6 +8,8 @@
 use std::sync::OnceLock;
 
 use anyhow::{Result, anyhow};
+
+use crate::service::JournalPriority;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -24,7 +27,13 @@ pub fn init(json: bool) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
-    let installed = if json { registry.with(fmt.json()).try_init() } else { registry.with(fmt).try_init() };
+    let journal = crate::service::stderr_is_journal();
+    let installed = match (json, journal) {
+        (false, false) => registry.with(fmt).try_init(),
+        (true, false) => registry.with(fmt.json()).try_init(),
+        (false, true) => registry.with(fmt.without_time().map_event_format(JournalPriority)).try_init(),
+        (true, true) => registry.with(fmt.json().without_time().map_event_format(JournalPriority)).try_init(),
+    };
     if installed.is_ok() {
         let _ = FILTER.set(handle);
     }

@@ -232,6 +232,7 @@ fn run(command: Command) -> Result<()> {
                     force: args.force,
                     ..PublishGuard::default()
                 },
+                exclude: Vec::new(),
             };
             let r = publish(&store, &key, &opts)?;
             let s = &r.scan;

@@ -1,8 +1,11 @@
 //! The daemon's Prometheus metrics (`GET /metrics`, text exposition format).
 //!
 //! Names follow Prometheus conventions: the `mirrormesh_` prefix, base units (bytes, seconds) in the name, `_total`
-//! on counters. Totals the daemon already keeps (traffic per peer, its event counters) are carried over when the
-//! status is refreshed; durations are observed when they end.
+//! on counters, `_timestamp_seconds` for points in time (Unix time), a `repo` label on every metric that is about
+//! one repository. Totals the daemon already keeps (traffic per peer, its event counters) are carried over when the
+//! status is refreshed; durations are observed when they end. Beside them, as every Prometheus client library
+//! exports them: `mirrormesh_build_info{version,commit}` and the process's `process_*` metrics (CPU seconds,
+//! resident memory, open and allowed file descriptors, start time), read from `/proc` when scraped.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +18,21 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::daemon::ProblemKind;
 use crate::status::Status;
+
+/// The reasons `RootError::reason` names, exported at 0 from the start: `increase()` sees the first rejection, and
+/// dashboards and rules find the series before anything was rejected. A reason missing here is still exported when
+/// it first occurs.
+pub const ROOT_REJECTION_REASONS: [&str; 9] = [
+    "malformed",
+    "unknown_publisher",
+    "bad_signature",
+    "unknown_repo",
+    "expired",
+    "future",
+    "rollback",
+    "replay",
+    "equivocation",
+];
 
 /// Most distinct label values of one metric family (event names, rejection reasons): the names come from the
 /// daemon's own code, this only bounds a mistake.
@@ -37,6 +55,23 @@ struct Event {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Repo {
+    /// The repository's name (`repo.name`).
+    repo: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    version: String,
+    /// The git commit the binary was built from (`build.rs`), or "unknown".
+    commit: String,
+}
+
+/// The version and commit this binary was built from.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("MIRRORMESH_COMMIT");
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Kind {
     /// A `ProblemKind` name (a closed set).
     kind: String,
@@ -57,22 +92,28 @@ pub struct Metrics {
     roots_accepted: Counter,
     roots_rejected: Family<Reason, Counter>,
     events: Family<Event, Counter>,
-    sync_duration: Histogram,
-    propagation_lag: Histogram,
-    snapshot_seq: Gauge,
-    missing: Gauge,
-    update_changed: Gauge,
-    origin_update_sent: Gauge,
-    waiting_for_origin: Gauge,
+    sync_duration: Family<Repo, Histogram, fn() -> Histogram>,
+    propagation_lag: Family<Repo, Histogram, fn() -> Histogram>,
+    snapshot_seq: Family<Repo, Gauge>,
+    missing: Family<Repo, Gauge>,
+    update_changed: Family<Repo, Gauge>,
+    origin_update_sent: Family<Repo, Gauge>,
+    waiting_for_origin: Family<Repo, Gauge>,
     failing: Gauge,
     problem: Family<Kind, Gauge>,
-    root_created: Gauge,
-    root_expires: Gauge,
+    root_created: Family<Repo, Gauge>,
+    root_expires: Family<Repo, Gauge>,
+    last_apply: Family<Repo, Gauge>,
+    process: std::sync::Arc<ProcessMetrics>,
 }
 
 /// Seconds, from 50 ms to about 55 minutes.
 fn duration_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.05, 2.0, 17)
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(duration_buckets())
 }
 
 impl Default for Metrics {
@@ -84,6 +125,9 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("mirrormesh");
+        let build = Family::<Build, Gauge>::default();
+        r.register("build_info", "The version and git commit this binary was built from (always 1)", build.clone());
+        build.get_or_create(&Build { version: VERSION.into(), commit: COMMIT.into() }).set(1);
         let sent = Family::<Class, Counter>::default();
         r.register_with_unit("sent", "Chunk bytes sent, by the class of the receiving node", Unit::Bytes, sent.clone());
         let received = Family::<Class, Counter>::default();
@@ -117,39 +161,42 @@ impl Metrics {
         r.register("roots_accepted", "Signed roots accepted (newer and valid)", roots_accepted.clone());
         let roots_rejected = Family::<Reason, Counter>::default();
         r.register("roots_rejected", "Signed roots rejected, by reason", roots_rejected.clone());
+        for reason in ROOT_REJECTION_REASONS {
+            drop(roots_rejected.get_or_create(&Reason { reason: reason.into() }));
+        }
         let events = Family::<Event, Counter>::default();
         r.register("events", "Everything else the daemon counts (refusals, failures, bans), by name", events.clone());
-        let sync_duration = Histogram::new(duration_buckets());
+        let sync_duration = Family::<Repo, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
         r.register_with_unit(
             "sync_duration",
             "From accepting a root to its snapshot in place",
             Unit::Seconds,
             sync_duration.clone(),
         );
-        let propagation_lag = Histogram::new(duration_buckets());
+        let propagation_lag = Family::<Repo, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
         r.register_with_unit(
             "propagation_lag",
             "From a root's creation at the origin to its snapshot in place here",
             Unit::Seconds,
             propagation_lag.clone(),
         );
-        let snapshot_seq = Gauge::default();
+        let snapshot_seq = Family::<Repo, Gauge>::default();
         r.register("snapshot_seq", "Sequence number of the snapshot the served tree holds", snapshot_seq.clone());
-        let missing = Gauge::default();
+        let missing = Family::<Repo, Gauge>::default();
         r.register_with_unit(
             "sync_missing",
             "Chunk bytes the sync in progress still needs",
             Unit::Bytes,
             missing.clone(),
         );
-        let update_changed = Gauge::default();
+        let update_changed = Family::<Repo, Gauge>::default();
         r.register_with_unit(
             "update_changed",
             "Origin: bytes of the files the newest snapshot added or changed",
             Unit::Bytes,
             update_changed.clone(),
         );
-        let origin_update_sent = Gauge::default();
+        let origin_update_sent = Family::<Repo, Gauge>::default();
         r.register_with_unit(
             "origin_update_sent",
             "Origin: chunk bytes sent since the newest snapshot was published (divide by update_changed_bytes for \
@@ -157,7 +204,7 @@ impl Metrics {
             Unit::Bytes,
             origin_update_sent.clone(),
         );
-        let waiting_for_origin = Gauge::default();
+        let waiting_for_origin = Family::<Repo, Gauge>::default();
         r.register(
             "sync_waiting_for_origin",
             "1 while the sync needs chunks that no reachable peer holds and no origin is connected",
@@ -178,22 +225,31 @@ impl Metrics {
         for kind in ProblemKind::ALL {
             problem.get_or_create(&Kind { kind: kind.name().into() }).set(0);
         }
-        let root_created = Gauge::default();
+        let root_created = Family::<Repo, Gauge>::default();
         r.register_with_unit(
             "root_created_timestamp",
             "When the origin created the root of the snapshot served here (Unix time)",
             Unit::Seconds,
             root_created.clone(),
         );
-        let root_expires = Gauge::default();
+        let root_expires = Family::<Repo, Gauge>::default();
         r.register_with_unit(
             "root_expires_timestamp",
             "When the root of the snapshot served here expires (Unix time)",
             Unit::Seconds,
             root_expires.clone(),
         );
+        let last_apply = Family::<Repo, Gauge>::default();
+        r.register_with_unit(
+            "last_apply_timestamp",
+            "When the snapshot served here was put in place here (Unix time; mirrors)",
+            Unit::Seconds,
+            last_apply.clone(),
+        );
         Self {
             registry: std::sync::Arc::new(r),
+            last_apply,
+            process: std::sync::Arc::new(ProcessMetrics::new()),
             waiting_for_origin,
             failing,
             problem,
@@ -219,11 +275,14 @@ impl Metrics {
         }
     }
 
-    /// Every metric in the OpenMetrics text format (what Prometheus asks for first).
+    /// Every metric in the OpenMetrics text format (what Prometheus asks for first). The process metrics are read
+    /// now.
     pub fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        let _ = self.process.encode(&mut out);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }
 
@@ -263,37 +322,120 @@ impl Metrics {
         self.peers_banned.set(status.peers.iter().filter(|p| p.banned).count() as i64);
         self.origins_connected.set(status.peers.iter().filter(|p| p.connected && p.origin).count() as i64);
         self.members.set(status.members as i64);
-        if let Some(repo) = status.repos.first() {
-            self.snapshot_seq.set(repo.seq.map_or(0, |s| s as i64));
-            self.missing.set(repo.bytes_missing as i64);
-            self.waiting_for_origin.set(i64::from(repo.waiting_for_origin));
+        for repo in status.repos.iter().take(LABEL_VALUES_MAX) {
+            let label = Repo { repo: repo.name.clone() };
+            self.snapshot_seq.get_or_create(&label).set(repo.seq.map_or(0, |s| s as i64));
+            self.missing.get_or_create(&label).set(repo.bytes_missing as i64);
+            self.waiting_for_origin.get_or_create(&label).set(i64::from(repo.waiting_for_origin));
+            self.root_created.get_or_create(&label).set(repo.created_ms.map_or(0, |ms| (ms / 1000) as i64));
+            self.root_expires.get_or_create(&label).set(repo.expires_ms.map_or(0, |ms| (ms / 1000) as i64));
+            self.last_apply.get_or_create(&label).set(repo.last_apply_ms.map_or(0, |ms| (ms / 1000) as i64));
         }
         self.failing.set(i64::from(!status.problems.is_empty()));
         for kind in ProblemKind::ALL {
             let present = status.problems.iter().any(|p| p.kind == kind);
             self.problem.get_or_create(&Kind { kind: kind.name().into() }).set(i64::from(present));
         }
-        if let Some(repo) = status.repos.first() {
-            self.root_created.set(repo.created_ms.map_or(0, |ms| (ms / 1000) as i64));
-            self.root_expires.set(repo.expires_ms.map_or(0, |ms| (ms / 1000) as i64));
-        }
-        if let Some(sent) = origin_update_sent {
-            self.origin_update_sent.set(sent as i64);
+        // The origin publishes one repository: its first.
+        if let (Some(sent), Some(repo)) = (origin_update_sent, status.repos.first()) {
+            self.origin_update_sent.get_or_create(&Repo { repo: repo.name.clone() }).set(sent as i64);
         }
     }
 
-    pub fn observe_sync(&self, seconds: f64, lag_seconds: Option<f64>) {
-        self.sync_duration.observe(seconds);
+    /// A sync of `repo` ended `seconds` after its root was accepted, `lag_seconds` after the root's creation.
+    pub fn observe_sync(&self, repo: &str, seconds: f64, lag_seconds: Option<f64>) {
+        let label = Repo { repo: repo.into() };
+        self.sync_duration.get_or_create(&label).observe(seconds);
         if let Some(lag) = lag_seconds {
-            self.propagation_lag.observe(lag);
+            self.propagation_lag.get_or_create(&label).observe(lag);
         }
     }
 
-    /// Origin: a snapshot was published that added or changed `bytes` of files.
-    pub fn published(&self, bytes: u64) {
-        self.update_changed.set(bytes as i64);
-        self.origin_update_sent.set(0);
+    /// Origin: a snapshot of `repo` was published that added or changed `bytes` of files.
+    pub fn published(&self, repo: &str, bytes: u64) {
+        let label = Repo { repo: repo.into() };
+        self.update_changed.get_or_create(&label).set(bytes as i64);
+        self.origin_update_sent.get_or_create(&label).set(0);
     }
+}
+
+/// The process's own metrics, named as every Prometheus client library names them (no `mirrormesh_` prefix), so
+/// the dashboards and rules written for them apply as they are. Read from `/proc` at each scrape: counting the open
+/// descriptors walks `/proc/self/fd`, which should not run every time the status is refreshed.
+struct ProcessMetrics {
+    registry: Registry,
+    cpu: Counter<f64, std::sync::atomic::AtomicU64>,
+    resident: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time: Gauge,
+}
+
+impl ProcessMetrics {
+    fn new() -> Self {
+        let mut r = Registry::default();
+        let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        r.register_with_unit("process_cpu", "User and system CPU time spent", Unit::Seconds, cpu.clone());
+        let resident = Gauge::default();
+        r.register_with_unit("process_resident_memory", "Resident memory size", Unit::Bytes, resident.clone());
+        let open_fds = Gauge::default();
+        r.register("process_open_fds", "Open file descriptors", open_fds.clone());
+        let max_fds = Gauge::default();
+        r.register("process_max_fds", "Most file descriptors the process may open", max_fds.clone());
+        let start_time = Gauge::default();
+        r.register_with_unit(
+            "process_start_time",
+            "When the process started (Unix time)",
+            Unit::Seconds,
+            start_time.clone(),
+        );
+        Self { registry: r, cpu, resident, open_fds, max_fds, start_time }
+    }
+
+    /// Reads `/proc` (a value that cannot be read keeps its last one) and encodes the metrics.
+    fn encode(&self, out: &mut String) -> std::fmt::Result {
+        let ticks = rustix::param::clock_ticks_per_second() as f64;
+        if let Some(stat) = proc_stat_fields() {
+            let field = |i: usize| stat.get(i).and_then(|f| f.parse::<u64>().ok());
+            // Fields after the command name, from the state (field 3 of proc(5)): utime 14, stime 15, starttime 22.
+            if let (Some(utime), Some(stime)) = (field(11), field(12)) {
+                let total = (utime + stime) as f64 / ticks;
+                let now = self.cpu.get();
+                if total > now {
+                    self.cpu.inc_by(total - now);
+                }
+            }
+            if let (Some(start), Some(boot)) = (field(19), boot_time()) {
+                self.start_time.set((boot + start / ticks as u64) as i64);
+            }
+        }
+        if let Some(pages) = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|t| t.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        {
+            self.resident.set((pages * rustix::param::page_size() as u64) as i64);
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(dir.count() as i64);
+        }
+        if let Some(max) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+            self.max_fds.set(i64::try_from(max).unwrap_or(i64::MAX));
+        }
+        prometheus_client::encoding::text::encode_registry(out, &self.registry)
+    }
+}
+
+/// The fields of `/proc/self/stat` after the command name (which may hold spaces and parentheses).
+fn proc_stat_fields() -> Option<Vec<String>> {
+    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let (_, rest) = text.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// When the machine booted (Unix time), from `/proc/stat`.
+fn boot_time() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    text.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
 }
 
 /// OpenMetrics text to the classic format (see [`Metrics::encode_text`]).
@@ -335,7 +477,13 @@ mod tests {
         let mut s = Status::default();
         s.peers.push(PeerStatus { origin: true, connected: true, bytes_received: 100, ..Default::default() });
         s.peers.push(PeerStatus { connected: true, banned: true, bytes_received: 50, ..Default::default() });
-        s.repos.push(RepoStatus { seq: Some(3), bytes_missing: 7, ..Default::default() });
+        s.repos.push(RepoStatus {
+            name: "alpine".into(),
+            seq: Some(3),
+            bytes_missing: 7,
+            last_apply_ms: Some(1_700_000_000_500),
+            ..Default::default()
+        });
         s.counters.insert("chunks_verified".into(), 4);
         s.counters.insert("roots_rejected_bad_signature".into(), 2);
         s.counters.insert("data_refused_not_allowed".into(), 1);
@@ -343,7 +491,7 @@ mod tests {
         // A peer that reconnected starts its totals again: the counters do not go down.
         s.peers[0].bytes_received = 10;
         m.refresh(&s, None);
-        m.observe_sync(1.5, Some(2.0));
+        m.observe_sync("alpine", 1.5, Some(2.0));
         let text = m.encode_text();
         assert!(text.contains("# TYPE mirrormesh_chunks_verified_total counter\n"), "{text}");
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
@@ -357,10 +505,11 @@ mod tests {
             "mirrormesh_events_total{event=\"data_refused_not_allowed\"} 1",
             "mirrormesh_peers_connected 2",
             "mirrormesh_peers_banned 1",
-            "mirrormesh_snapshot_seq 3",
-            "mirrormesh_sync_missing_bytes 7",
-            "mirrormesh_sync_duration_seconds_count 1",
-            "mirrormesh_propagation_lag_seconds_sum 2.0",
+            "mirrormesh_snapshot_seq{repo=\"alpine\"} 3",
+            "mirrormesh_sync_missing_bytes{repo=\"alpine\"} 7",
+            "mirrormesh_last_apply_timestamp_seconds{repo=\"alpine\"} 1700000000",
+            "mirrormesh_sync_duration_seconds_count{repo=\"alpine\"} 1",
+            "mirrormesh_propagation_lag_seconds_sum{repo=\"alpine\"} 2.0",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
@@ -376,5 +525,36 @@ mod tests {
         for line in ["mirrormesh_peers_connected 1", "mirrormesh_origins_connected 1", "mirrormesh_members 5"] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn build_info_and_process_metrics_are_exported() {
+        // Work until the kernel has counted a clock tick of CPU time for this process.
+        let ticks = || proc_stat_fields().map_or(0, |f| f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap());
+        let mut data = vec![0u8; 1 << 20];
+        while ticks() == 0 {
+            data = blake3::hash(&data).as_bytes().repeat(1 << 15);
+        }
+        let text = Metrics::new().encode_text();
+        let build = format!("mirrormesh_build_info{{version=\"{VERSION}\",commit=\"{COMMIT}\"}} 1");
+        assert!(text.lines().any(|l| l == build), "no {build:?} in\n{text}");
+        assert!(!COMMIT.is_empty());
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+                .parse()
+                .unwrap()
+        };
+        assert!(text.contains("# TYPE process_cpu_seconds_total counter\n"), "{text}");
+        assert!(value("process_cpu_seconds_total") > 0.0);
+        assert!(value("process_resident_memory_bytes") > 1_000_000.0, "a test process holds megabytes");
+        let open = value("process_open_fds");
+        assert!(open >= 3.0 && open <= value("process_max_fds"), "{open} open");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let started = value("process_start_time_seconds");
+        assert!(started <= now + 1.0 && now - started < 3600.0, "started {started}, now {now}");
+        assert!(text.ends_with('\n') && !text.contains("# EOF"), "{text}");
+        assert_eq!(Metrics::new().encode_openmetrics().matches("# EOF").count(), 1, "one EOF, at the end");
     }
 }

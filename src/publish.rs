@@ -28,6 +28,8 @@ pub struct PublishOptions<'a> {
     /// Draw a progress bar while hashing (only when stderr is a terminal).
     pub progress: bool,
     pub guard: PublishGuard,
+    /// Paths (relative to the tree) left out of the snapshot: the origin's own downstream files.
+    pub exclude: Vec<String>,
 }
 
 /// What a publish must find before it signs anything: the checks that keep an unmounted, moved or emptied tree from
@@ -183,7 +185,7 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         None => None,
     };
 
-    let scanned = scan(opts.tree, &mut writer, opts.progress)?;
+    let scanned = scan(opts.tree, &mut writer, opts.progress, &opts.exclude)?;
     let build_started = Instant::now();
     let root = scanned.root;
     let (changes, delta) = match &previous {

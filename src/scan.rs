@@ -7,7 +7,8 @@
 //! task across all cores. A file that changes while it is being hashed fails the scan (publish when the tree is
 //! quiet). Entries a manifest cannot carry (non-UTF-8 or forbidden names, sockets, devices, symlinks leaving the
 //! tree, files over `FILE_SIZE_MAX`) are skipped, logged and counted, before anything is hashed. Modes are
-//! published through `served_mode` (no setuid, setgid or sticky bit, no group or other write).
+//! published through `served_mode` (no setuid, setgid or sticky bit, no group or other write). Paths given as
+//! `exclude` (the node's own downstream files, `downstream.rs`) are left out silently.
 
 use std::fs::{File, Metadata};
 use std::io::IsTerminal;
@@ -89,12 +90,14 @@ struct Pending {
 
 struct Scanner<'a> {
     writer: &'a mut StoreWriter,
+    exclude: &'a [String],
     stats: ScanStats,
     bar: ProgressBar,
 }
 
-/// Scans the tree at `root`, writing its manifest nodes and scan-cache entries into `writer`.
-pub fn scan(root: &Path, writer: &mut StoreWriter, progress: bool) -> Result<Scan> {
+/// Scans the tree at `root`, writing its manifest nodes and scan-cache entries into `writer`; the paths in `exclude`
+/// (relative to `root`) are left out.
+pub fn scan(root: &Path, writer: &mut StoreWriter, progress: bool, exclude: &[String]) -> Result<Scan> {
     let started = Instant::now();
     let meta = std::fs::metadata(root).with_context(|| format!("tree {}", root.display()))?;
     if !meta.is_dir() {
@@ -111,7 +114,7 @@ pub fn scan(root: &Path, writer: &mut StoreWriter, progress: bool) -> Result<Sca
     } else {
         ProgressBar::hidden()
     };
-    let mut scanner = Scanner { writer, stats: ScanStats::default(), bar };
+    let mut scanner = Scanner { writer, exclude, stats: ScanStats::default(), bar };
     let root = scanner.dir(root, "")?;
     scanner.bar.finish_and_clear();
     let mut stats = scanner.stats;
@@ -137,6 +140,10 @@ impl Scanner<'_> {
         let mut pending = Vec::new();
         for name in names {
             let path = join(rel, &name);
+            if self.exclude.contains(&path) {
+                tracing::debug!(path, "left out of the manifest: this node's own downstream file");
+                continue;
+            }
             let child = abs.join(&name);
             let meta = std::fs::symlink_metadata(&child).with_context(|| format!("stat {}", child.display()))?;
             let kind = if meta.is_dir() {

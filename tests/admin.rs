@@ -179,9 +179,9 @@ fn admin_api_cli_metrics_and_logs_of_a_running_fabric() {
     let (code, _, text) = get(&m1, "/metrics", None);
     assert_eq!(code, 200);
     promtool_check(&text);
-    assert_eq!(sample(&text, "mirrormesh_snapshot_seq"), second.seq as f64);
-    assert_eq!(sample(&text, "mirrormesh_sync_duration_seconds_count"), 2.0);
-    assert_eq!(sample(&text, "mirrormesh_propagation_lag_seconds_count"), 2.0);
+    assert_eq!(sample(&text, "mirrormesh_snapshot_seq{repo=\"alpine\"}"), second.seq as f64);
+    assert_eq!(sample(&text, "mirrormesh_sync_duration_seconds_count{repo=\"alpine\"}"), 2.0);
+    assert_eq!(sample(&text, "mirrormesh_propagation_lag_seconds_count{repo=\"alpine\"}"), 2.0);
     assert_eq!(sample(&text, "mirrormesh_peers_connected"), 2.0);
     assert_eq!(sample(&text, "mirrormesh_peers_banned"), 0.0);
     assert_eq!(sample(&text, "mirrormesh_roots_accepted_total"), 2.0);
@@ -191,13 +191,13 @@ fn admin_api_cli_metrics_and_logs_of_a_running_fabric() {
     assert_eq!(from_origin, status.bytes_fetched_from_origin as f64);
     assert_eq!(from_peers + from_origin, status.bytes_fetched_total as f64);
     assert_eq!(sample(&text, "mirrormesh_chunks_verified_total"), status.counters["chunks_verified"] as f64);
-    for name in ["mirrormesh_chunks_rejected_total", "mirrormesh_sync_missing_bytes"] {
+    for name in ["mirrormesh_chunks_rejected_total", "mirrormesh_sync_missing_bytes{repo=\"alpine\"}"] {
         assert_eq!(sample(&text, name), 0.0, "{name}");
     }
     let (_, _, origin_text) = get(&origin, "/metrics", None);
     promtool_check(&origin_text);
-    assert_eq!(sample(&origin_text, "mirrormesh_update_changed_bytes"), second.changed_bytes as f64);
-    let sent = sample(&origin_text, "mirrormesh_origin_update_sent_bytes");
+    assert_eq!(sample(&origin_text, "mirrormesh_update_changed_bytes{repo=\"alpine\"}"), second.changed_bytes as f64);
+    let sent = sample(&origin_text, "mirrormesh_origin_update_sent_bytes{repo=\"alpine\"}");
     assert!(sent > 0.0 && sent <= 1.10 * second.changed_bytes as f64, "origin sent {sent} for the update");
 
     // The CLI: readable tables, whole in a pipe (COLUMNS=100 notwithstanding: tests/cli.rs has the terminal), the

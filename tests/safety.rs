@@ -197,8 +197,8 @@ fn a_mirror_serving_an_old_snapshot_reports_it_and_exports_the_root_times() {
     assert!(problem.is_some_and(|p| p.message.contains("stale_after_secs")), "{:?}", stale.problems);
     let m = metrics(&fabric, 1);
     assert_eq!(sample(&m, "mirrormesh_problem{kind=\"root_stale\"}"), 1.0);
-    let created = sample(&m, "mirrormesh_root_created_timestamp_seconds");
-    let expires = sample(&m, "mirrormesh_root_expires_timestamp_seconds");
+    let created = sample(&m, "mirrormesh_root_created_timestamp_seconds{repo=\"alpine\"}");
+    let expires = sample(&m, "mirrormesh_root_expires_timestamp_seconds{repo=\"alpine\"}");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     assert!(created <= now && now - created < 600.0, "created {created}, now {now}");
     assert!((expires - created - 7.0 * 24.0 * 3600.0).abs() < 2.0, "a week's validity: {created} .. {expires}");

@@ -196,6 +196,10 @@ pub struct Daemon {
     status_published: Option<(Instant, StatusKey)>,
     /// Span of the sync in progress (none when idle): log lines about it carry its sequence number.
     sync_span: tracing::Span,
+    /// The service manager (systemd's notify socket and watchdog), if one is watching.
+    service: crate::service::Notifier,
+    /// What a mirror writes and tells downstream after each snapshot (`downstream.rs`).
+    downstream: crate::downstream::Downstream,
 }
 
 /// What the admin server and tests hold onto.
@@ -326,6 +330,16 @@ impl Daemon {
             events_tx.clone(),
         )?;
         let publisher = publisher::Publisher::new(cfg.tree.clone(), cfg.watch, cfg.watch_quiet, events_tx.clone());
+        // An origin only leaves its downstream files out of its snapshots (`downstream.rs`).
+        let downstream = match cfg.role {
+            RoleName::Mirror => crate::downstream::Downstream::start(
+                cfg.downstream.clone(),
+                cfg.tree.clone(),
+                &cfg.staging_dir,
+                store.clone(),
+            )?,
+            RoleName::Origin => crate::downstream::Downstream::none(cfg.downstream.clone()),
+        };
         let handle = Handle {
             status: status_rx,
             events: events_tx.clone(),
@@ -369,6 +383,8 @@ impl Daemon {
             served_at_publish: 0,
             status_published: None,
             sync_span: tracing::Span::none(),
+            service: crate::service::Notifier::from_env(),
+            downstream,
         };
         if let Some((seq, chunks)) = snapshot_chunks {
             daemon.feed(Input::SnapshotChunks { seq, chunks })?;
@@ -390,6 +406,9 @@ impl Daemon {
         // A sync resumed from the state database starts at once if the engine says so.
         self.on_engine_timeout();
         self.after_event();
+        // Both planes and the admin API listen (the admin API is bound before the loop runs).
+        let summary = crate::service::summary(&self.status_tx.borrow());
+        self.service.ready(&summary);
         loop {
             // The engine says when it wants to run next; the shell's own chores run on `tick`.
             let engine_due = self.engine.poll_timeout().map(|at| self.instant_of(at));
@@ -404,6 +423,7 @@ impl Daemon {
             }
             self.after_event();
         }
+        self.service.stopping();
         self.peers.shut_down(&self.store);
         self.data.shut_down(SHUTDOWN_CLOSE_WAIT).await;
         self.close_connections().await;
@@ -547,6 +567,7 @@ impl Daemon {
 
     /// After every event: checks the served root and publishes the status if it changed.
     fn after_event(&mut self) {
+        self.service.watchdog(Instant::now());
         self.check_served_root(now());
         let key = self.status_key();
         if self.status_published.as_ref().is_none_or(|(at, was)| *was != key || at.elapsed() >= STATUS_INTERVAL) {
@@ -713,7 +734,8 @@ impl Daemon {
                 self.sync.files = None;
                 self.sync_span = tracing::Span::none();
                 if let Some((_, started)) = self.sync.started.take() {
-                    self.metrics.observe_sync(started.elapsed().as_secs_f64(), lag.map(|l| l as f64 / 1000.0));
+                    let lag_secs = lag.map(|l| l as f64 / 1000.0);
+                    self.metrics.observe_sync(self.cfg.repo.as_str(), started.elapsed().as_secs_f64(), lag_secs);
                 }
             }
         }
@@ -894,7 +916,11 @@ impl Daemon {
             }
             LoopEvent::Publish { force, reply } => self.start_publish(force, Some(reply)),
             LoopEvent::TreeChanged => self.publisher.tree_changed(Instant::now()),
-            LoopEvent::Reload => self.reload(),
+            LoopEvent::Reload => {
+                self.service.reloading();
+                self.reload();
+                self.service.reloaded();
+            }
             LoopEvent::Answer { peer, channel, answer } => match answer {
                 Ok((response, bytes)) => {
                     self.answer_budgets.spend(Instant::now(), peer, bytes);
@@ -931,7 +957,8 @@ impl Daemon {
         for path in &report.written {
             writer.remove_pending_deletion(path)?;
         }
-        for path in &report.removals {
+        let own = self.downstream.config().paths();
+        for path in report.removals.iter().filter(|p| !own.contains(*p)) {
             writer.add_pending_deletion(path, due)?;
         }
         writer.commit()?;
@@ -954,6 +981,23 @@ impl Daemon {
             removals = report.removals.len(),
             "snapshot in place"
         );
+        let accepted_ms = self
+            .sync
+            .started
+            .filter(|(seq, _)| *seq == target.body.seq)
+            .map(|(_, at)| now().0.saturating_sub(at.elapsed().as_millis() as u64));
+        self.downstream.applied(crate::downstream::Applied {
+            seq: target.body.seq,
+            root: target.body.root,
+            created_ms: target.body.created.0,
+            expires_ms: target.body.expires.0,
+            accepted_ms,
+            applied_ms: now().0,
+            origin: crate::key::peer_id_of(&target.signed.publisher)
+                .map_or_else(|_| "unknown".into(), |p| p.to_string()),
+            node: self.key.peer_id().to_string(),
+            dirs: crate::downstream::changed_dirs(changes),
+        });
         self.feed(Input::Applied { seq: target.body.seq })?;
         Ok(())
     }
@@ -1055,13 +1099,14 @@ impl Daemon {
         let tree = self.cfg.tree.clone();
         let repo = self.cfg.repo.clone();
         let validity = self.cfg.validity;
+        let exclude = self.cfg.downstream.paths();
         let guard = PublishGuard { force, ..self.cfg.publish_guard.clone() };
         if force {
             tracing::warn!("publishing with --force: the publish checks are skipped");
         }
         let events = self.events_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let opts = PublishOptions { tree: &tree, repo, validity, progress: false, guard };
+            let opts = PublishOptions { tree: &tree, repo, validity, progress: false, guard, exclude };
             let result = publish(&store, &key, &opts);
             let _ = events.blocking_send(LoopEvent::Published { result: Box::new(result), reply });
         });
@@ -1118,7 +1163,7 @@ impl Daemon {
         self.totals = (report.body.files, report.body.bytes);
         self.count("snapshots_published");
         self.served_at_publish = self.data.traffic().values().map(|t| t.bytes_sent).sum();
-        self.metrics.published(report.changed_bytes);
+        self.metrics.published(self.cfg.repo.as_str(), report.changed_bytes);
         tracing::info!(seq = report.body.seq, root = %report.body.root, files = report.body.files, changes = report.changes, "published");
         // A client that reads the status after the answer sees the new snapshot.
         let key = self.status_key();
@@ -1542,6 +1587,12 @@ impl Daemon {
         for (what, n) in self.data.refusals() {
             counters.insert(format!("data_refused_{what}"), n);
         }
+        for (name, n) in self.downstream.counters() {
+            counters.insert(name.into(), n);
+        }
+        if self.service.failures() > 0 {
+            counters.insert("service_notify_failures".into(), self.service.failures());
+        }
         let seeder = self.engine.seeder_counts();
         let announced = self.engine.announce_counts();
         counters.insert("announced_outside_snapshot".into(), announced.outside_snapshot);
@@ -1577,6 +1628,7 @@ impl Daemon {
             problems: self.health.list(),
         };
         let origin_sent = (self.cfg.role == RoleName::Origin).then(|| served.saturating_sub(self.served_at_publish));
+        self.service.status(&crate::service::summary(&status));
         self.metrics.refresh(&status, origin_sent);
         self.status_tx.send_replace(status);
     }
