@@ -349,6 +349,11 @@ impl Config {
         }
 
         let downstream = crate::downstream::DownstreamConfig::new(&file.downstream)?;
+        if downstream.mqtt.is_some() && file.node.role == RoleName::Origin {
+            bail!(
+                "downstream.mqtt_broker: only a mirror announces its snapshots (an origin only leaves its own files out)"
+            );
+        }
         if let Some(log) = &file.node.log {
             crate::logging::check(log).map_err(|e| anyhow!("node.log: {e}"))?;
         }
@@ -584,6 +589,9 @@ mod tests {
             .contains("repo.staging_dir")
         );
         assert!(err(minimal("mirror") + "[origin]\nwatch = true\n").contains("origin.watch"));
+        assert!(err(minimal("mirror") + "[downstream]\nlast_updated = \"../x\"\n").contains("downstream.last_updated"));
+        let origin_mqtt = minimal("origin") + "[downstream]\nhost = \"h\"\nmqtt_broker = \"b:1883\"\n";
+        assert!(err(origin_mqtt).contains("downstream.mqtt_broker"));
     }
 
     #[test]

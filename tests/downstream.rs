@@ -185,6 +185,7 @@ fn each_snapshot_writes_last_updated_and_a_trace_and_reaches_a_real_mqtt_subscri
         let mut before = before.clone();
         before.remove("last-updated");
         let dirs = changed_dirs(&before, &after);
+        let publishing = std::time::Instant::now();
         let reply = fabric.publish().unwrap();
         published.push(reply.seq);
         // The messages of this snapshot: one per changed directory, or one "everything" when there are too many.
@@ -197,6 +198,11 @@ fn each_snapshot_writes_last_updated_and_a_trace_and_reaches_a_real_mqtt_subscri
         while got.len() < expected.len() {
             let message = messages.next().expect("a message");
             if got.is_empty() {
+                eprintln!(
+                    "round {round}: first MQTT message {:.0} ms after the publish began ({} files changed)",
+                    publishing.elapsed().as_secs_f64() * 1000.0,
+                    reply.changed_files
+                );
                 // Sent once the snapshot is in place and the files are written: a triggered rsync finds it all.
                 let status = fabric.status(2).unwrap();
                 assert_eq!(status.repos[0].seq, Some(reply.seq), "message {message} before the snapshot was in place");
