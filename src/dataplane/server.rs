@@ -353,19 +353,14 @@ async fn write_reply(
             let len = bytes.len();
             // `prepare` admits only 1..=CHUNK_SIZE bytes, so the length fits a u32.
             let header = frame::encode(&ChunkReply::Data { len: len as u32 }.encode());
-            let upload = shared.upload.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-            match upload {
+            match &shared.upload {
                 None => write_all(send, &mut [header, bytes], watchdog).await?,
-                Some(_) => {
+                Some(bucket) => {
                     write_all(send, &mut [header], watchdog).await?;
                     let mut rest = bytes;
                     while !rest.is_empty() {
                         let piece = rest.split_to(rest.len().min(RATE_PIECE_BYTES));
-                        // The limit of now: a reload may have replaced or lifted it.
-                        let bucket = shared.upload.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-                        if let Some(bucket) = bucket {
-                            bucket.take(piece.len()).await;
-                        }
+                        bucket.take(piece.len()).await;
                         write_all(send, &mut [piece], watchdog).await?;
                     }
                 }
