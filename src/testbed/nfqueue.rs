@@ -33,6 +33,18 @@ const VERDICT_MSG_BYTES: usize = NLMSG_HDRLEN + NFGEN_HDRLEN + NLA_HDRLEN + 8;
 /// emulator releases others is not lost (overruns are counted).
 const RECV_BUFFER_BYTES: c_int = 8 << 20;
 
+/// The netlink message at offset `at` of a received datagram: its type and body; `None` if fewer than a header's
+/// bytes are left or its length field does not fit the datagram.
+fn message_at(datagram: &[u8], at: usize) -> Option<(u16, &[u8])> {
+    let buf = datagram.get(at..).filter(|b| b.len() >= NLMSG_HDRLEN)?;
+    let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+    let msg_type = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
+    if len < NLMSG_HDRLEN || len > buf.len() {
+        return None;
+    }
+    Some((msg_type, &buf[NLMSG_HDRLEN..len]))
+}
+
 const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
@@ -189,18 +201,12 @@ impl NfQueue {
         loop {
             let n = self.recv(0)?;
             let mut at = 0;
-            while n - at >= NLMSG_HDRLEN {
-                let buf = &self.recv_buf[at..n];
-                let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
-                let msg_type = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
-                if len < NLMSG_HDRLEN || len > buf.len() {
-                    break;
-                }
-                if msg_type == libc::NLMSG_ERROR as u16 && len >= NLMSG_HDRLEN + 4 {
-                    let code = i32::from_ne_bytes(buf[16..20].try_into().expect("4 bytes"));
+            while let Some((msg_type, body)) = message_at(&self.recv_buf[..n], at) {
+                if msg_type == libc::NLMSG_ERROR as u16 && body.len() >= 4 {
+                    let code = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes"));
                     return if code == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-code)) };
                 }
-                at += align4(len);
+                at += align4(NLMSG_HDRLEN + body.len());
             }
         }
     }
@@ -238,14 +244,11 @@ impl NfQueue {
             };
             let mut at = 0;
             while n - at >= NLMSG_HDRLEN {
-                let buf = &self.recv_buf[at..n];
-                let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
-                let msg_type = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
-                if len < NLMSG_HDRLEN || len > buf.len() {
+                let Some((msg_type, body)) = message_at(&self.recv_buf[..n], at) else {
                     self.counters.malformed += 1;
                     break;
-                }
-                let body = &buf[NLMSG_HDRLEN..len];
+                };
+                let len = NLMSG_HDRLEN + body.len();
                 if msg_type == libc::NLMSG_ERROR as u16 {
                     if body.get(..4).is_some_and(|c| c != [0; 4]) {
                         self.counters.errors += 1;
