@@ -12,7 +12,9 @@
 //!   soon as every given condition holds: the applied snapshot reaches sequence `N`; with `settled`, the node is
 //!   also idle with no removal pending; the node has fetched at least `B` chunk bytes; counter `C` reached `K`
 //!   (default 1); with `peers_at=P`, every connected peer holds snapshot `P` completely; with
-//!   `waiting_for_origin=true|false`, the node is (or is not) waiting for chunks only the origin has. 408 after `T` ms (default 30 s, at most
+//!   `waiting_for_origin=true|false`, the node is (or is not) waiting for chunks only the origin has; with
+//!   `connected=K`, at least `K` peers are connected; with `members=M`, the node knows at least `M` nodes of the
+//!   fabric (itself included). 408 after `T` ms (default 30 s, at most
 //!   10 min). Tests and scripts synchronise on this instead of sleeping.
 //! - `POST /publish` (origin): scan, sign and announce a new snapshot; answers with its sequence number and root.
 //!   `?force=true` skips the publish checks (an empty tree, too many removals); a refusal answers 409 with why.
@@ -335,6 +337,8 @@ struct WaitQuery {
     at_least: Option<u64>,
     peers_at: Option<u64>,
     waiting_for_origin: Option<bool>,
+    connected: Option<usize>,
+    members: Option<u64>,
     timeout_ms: Option<u64>,
 }
 
@@ -350,7 +354,9 @@ impl WaitQuery {
             s.peers.iter().filter(|p| p.connected).all(|p| p.complete_seq.is_some_and(|c| c >= want))
         });
         let waiting_ok = self.waiting_for_origin.is_none_or(|w| repo.is_some_and(|r| r.waiting_for_origin == w));
-        seq_ok && settled_ok && fetched_ok && counter_ok && peers_ok && waiting_ok
+        let connected_ok = self.connected.is_none_or(|k| s.peers.iter().filter(|p| p.connected).count() >= k);
+        let members_ok = self.members.is_none_or(|m| s.members >= m);
+        seq_ok && settled_ok && fetched_ok && counter_ok && peers_ok && waiting_ok && connected_ok && members_ok
     }
 }
 

@@ -108,6 +108,16 @@ impl AdminClient {
         self.call("GET", &format!("/wait?waiting_for_origin=true&timeout_ms={timeout_ms}"))
     }
 
+    /// Blocks until at least `peers` peers are connected to the node.
+    pub fn wait_connected(&self, peers: usize, timeout_ms: u64) -> Result<Status> {
+        self.call("GET", &format!("/wait?connected={peers}&timeout_ms={timeout_ms}"))
+    }
+
+    /// Blocks until the node knows at least `members` nodes of the fabric (itself included).
+    pub fn wait_members(&self, members: u64, timeout_ms: u64) -> Result<Status> {
+        self.call("GET", &format!("/wait?members={members}&timeout_ms={timeout_ms}"))
+    }
+
     /// Blocks until the node has fetched at least `bytes` chunk bytes.
     pub fn wait_fetched(&self, bytes: u64, timeout_ms: u64) -> Result<Status> {
         self.call("GET", &format!("/wait?fetched_bytes={bytes}&timeout_ms={timeout_ms}"))

@@ -88,6 +88,7 @@ struct NetworkSection {
     bootstrap: Vec<String>,
     allow: Option<Vec<String>>,
     upload_bytes_per_sec: Option<u64>,
+    forget_after_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +190,9 @@ pub struct Config {
     pub bootstrap: Vec<(PeerId, Multiaddr)>,
     pub allow: Option<BTreeSet<PeerId>>,
     pub upload_bytes_per_sec: Option<u64>,
+    /// A member of the fabric neither connected nor reported seen for this long is forgotten
+    /// (`network.forget_after_secs`).
+    pub forget_after: Duration,
     /// Trusted publishers, as keys and as the peer ids of their nodes (the origins).
     pub publishers: Vec<(PublisherKey, PeerId)>,
     pub admin_listen: SocketAddr,
@@ -285,6 +289,11 @@ impl Config {
         if file.network.upload_bytes_per_sec == Some(0) {
             bail!("network.upload_bytes_per_sec: must be positive (leave it out for no limit)");
         }
+        let forget_after_secs =
+            file.network.forget_after_secs.unwrap_or(mirrormesh_proto::membership::FORGET_AFTER_MS_DEFAULT / 1000);
+        if forget_after_secs == 0 {
+            bail!("network.forget_after_secs: must be positive (members unseen this long are forgotten)");
+        }
 
         let mut publishers = Vec::new();
         for text in &file.trust.publishers {
@@ -365,6 +374,7 @@ impl Config {
             bootstrap,
             allow,
             upload_bytes_per_sec: file.network.upload_bytes_per_sec,
+            forget_after: Duration::from_secs(forget_after_secs),
             publishers,
             admin_listen,
             admin_token,
@@ -387,8 +397,9 @@ impl Config {
 
 impl Config {
     /// What a reload from `new` would change that only a restart can: one message per key, naming it. The rest
-    /// (`network.bootstrap`, `network.allow`, `network.upload_bytes_per_sec`, `node.log`, `repo.delete_grace_secs`,
-    /// `repo.stale_after_secs`, `origin.quiet_secs` and the publish checks) takes effect on reload.
+    /// (`network.bootstrap`, `network.allow`, `network.upload_bytes_per_sec`, `network.forget_after_secs`, `node.log`,
+    /// `repo.delete_grace_secs`, `repo.stale_after_secs`, `origin.quiet_secs` and the publish checks) takes effect on
+    /// reload.
     pub fn needs_restart(&self, new: &Config) -> Vec<String> {
         let mut out = Vec::new();
         let mut same = |key: &str, a: String, b: String| {
@@ -592,6 +603,7 @@ mod tests {
         assert!(err(origin.clone() + "[origin]\nremoval_limit_percent = 101\n").contains("removal_limit_percent"));
         assert!(err(origin.clone() + "[origin]\nrequire_file = \"../x\"\n").contains("origin.require_file"));
         assert!(err(minimal("mirror") + "[network]\nallow = []\n").contains("network.allow"));
+        assert!(err(minimal("mirror") + "[network]\nforget_after_secs = 0\n").contains("network.forget_after_secs"));
         // Inside the tree through `..`.
         let sneaky = minimal("mirror")
             .replace("tree = \"/srv/mirror\"", "tree = \"/srv/mirror\"\nstaging_dir = \"/srv/other/../mirror/.stage\"");

@@ -36,7 +36,8 @@ pub struct NodeOptions {
     /// Log as JSON lines (`--log-format json`).
     pub log_json: bool,
     /// Bootstrap to the origin and at most this many of the mirrors before this one, picked pseudo-randomly
-    /// (default: all of them).
+    /// (default: all of them). `Some(0)`: the origin only, as the shipped `packaging/mirror.toml` (the mirrors find
+    /// each other through the peer exchange; see [`NodeOptions::origin_only`]).
     pub bootstrap_mirrors_max: Option<usize>,
     /// Origin: `origin.removal_limit_percent` (default [`LAB_REMOVAL_LIMIT_PERCENT`]).
     pub removal_limit_percent: Option<u32>,
@@ -44,6 +45,13 @@ pub struct NodeOptions {
     pub watch_quiet_secs: Option<u64>,
     /// `repo.stale_after_secs`.
     pub stale_after_secs: Option<u64>,
+}
+
+impl NodeOptions {
+    /// A mirror whose config names only the origin in `network.bootstrap`, as an operator's first config does.
+    pub fn origin_only() -> Self {
+        Self { bootstrap_mirrors_max: Some(0), ..Self::default() }
+    }
 }
 
 /// The lab's origins allow an update to remove any share of the tree: lab trees hold a few hundred packages, where

@@ -87,6 +87,8 @@ pub struct Metrics {
     chunks_rejected: Counter,
     peers_connected: Gauge,
     peers_banned: Gauge,
+    origins_connected: Gauge,
+    members: Gauge,
     roots_accepted: Counter,
     roots_rejected: Family<Reason, Counter>,
     events: Family<Event, Counter>,
@@ -147,6 +149,14 @@ impl Metrics {
         r.register("peers_connected", "Peers with an open control connection", peers_connected.clone());
         let peers_banned = Gauge::default();
         r.register("peers_banned", "Connected peers banned for the snapshot being synced", peers_banned.clone());
+        let origins_connected = Gauge::default();
+        r.register(
+            "origins_connected",
+            "Connected peers that are origins (equal to peers_connected: a mirror reaches no other mirror)",
+            origins_connected.clone(),
+        );
+        let members = Gauge::default();
+        r.register("members", "Nodes of the fabric this node knows, itself included", members.clone());
         let roots_accepted = Counter::default();
         r.register("roots_accepted", "Signed roots accepted (newer and valid)", roots_accepted.clone());
         let roots_rejected = Family::<Reason, Counter>::default();
@@ -251,6 +261,8 @@ impl Metrics {
             chunks_rejected,
             peers_connected,
             peers_banned,
+            origins_connected,
+            members,
             roots_accepted,
             roots_rejected,
             events,
@@ -308,6 +320,8 @@ impl Metrics {
         }
         self.peers_connected.set(status.peers.iter().filter(|p| p.connected).count() as i64);
         self.peers_banned.set(status.peers.iter().filter(|p| p.banned).count() as i64);
+        self.origins_connected.set(status.peers.iter().filter(|p| p.connected && p.origin).count() as i64);
+        self.members.set(status.members as i64);
         for repo in status.repos.iter().take(LABEL_VALUES_MAX) {
             let label = Repo { repo: repo.name.clone() };
             self.snapshot_seq.get_or_create(&label).set(repo.seq.map_or(0, |s| s as i64));
@@ -497,6 +511,18 @@ mod tests {
             "mirrormesh_sync_duration_seconds_count{repo=\"alpine\"} 1",
             "mirrormesh_propagation_lag_seconds_sum{repo=\"alpine\"} 2.0",
         ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn origins_connected_and_members_show_a_mirror_that_reaches_only_the_origin() {
+        let m = Metrics::new();
+        let mut s = Status { members: 5, ..Status::default() };
+        s.peers.push(PeerStatus { origin: true, connected: true, ..Default::default() });
+        m.refresh(&s, None);
+        let text = m.encode_text();
+        for line in ["mirrormesh_peers_connected 1", "mirrormesh_origins_connected 1", "mirrormesh_members 5"] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
     }

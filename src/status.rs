@@ -18,6 +18,10 @@ pub struct Status {
     pub uptime_ms: u64,
     pub repos: Vec<RepoStatus>,
     pub peers: Vec<PeerStatus>,
+    /// Nodes of the fabric this node knows (its members, this node included): from the bootstrap list, member lists
+    /// exchanged with peers, and peers that connected.
+    #[serde(default)]
+    pub members: u64,
     /// Chunk bytes this node served to peers.
     pub bytes_served_total: u64,
     /// Chunk bytes this node received from peers and origins.
@@ -86,6 +90,10 @@ pub struct PeerStatus {
     /// The data-plane address chunks are fetched from.
     pub data_address: Option<String>,
     pub origin: bool,
+    /// How this node first learned of the peer: `bootstrap` (its config), `exchange` (a peer's member list) or
+    /// `inbound` (it connected first).
+    #[serde(default)]
+    pub learned: Option<String>,
     /// Whether a control-plane connection is open (peers are listed while connected).
     #[serde(default)]
     pub connected: bool,

@@ -11,11 +11,14 @@
 //! - `applied`: repository name -> the signed root of the snapshot the served tree holds (a mirror's `roots` entry
 //!   may be newer while it syncs).
 //! - `pending_deletions`: path -> when (unix ms) a file or directory that a new snapshot removed may be deleted.
+//! - `members`: node id (libp2p peer id bytes) -> what this node knows of that member of the fabric (its
+//!   control-plane addresses, when it was last seen, how it was learned), so a restarted node redials the fabric.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use mirrormesh_proto::delta::DeltaHash;
+use mirrormesh_proto::membership::Member;
 use mirrormesh_proto::node::NodeHash;
 use mirrormesh_proto::node_store::{NodeSink, NodeSource, SourceError};
 use mirrormesh_proto::{RepoId, SignedRoot};
@@ -30,6 +33,9 @@ const ROOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("roots");
 const SCAN_CACHE: TableDefinition<&str, &[u8]> = TableDefinition::new("scan_cache");
 const APPLIED: TableDefinition<&str, &[u8]> = TableDefinition::new("applied");
 const PENDING_DELETIONS: TableDefinition<&str, u64> = TableDefinition::new("pending_deletions");
+const MEMBERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("members");
+/// Largest stored member record (a few addresses: about 100 bytes).
+const MEMBER_BYTES_MAX: usize = 4096;
 
 /// File name of the database inside the state directory.
 pub const STATE_DB: &str = "state.redb";
@@ -54,6 +60,7 @@ impl StateStore {
         txn.open_table(SCAN_CACHE)?;
         txn.open_table(APPLIED)?;
         txn.open_table(PENDING_DELETIONS)?;
+        txn.open_table(MEMBERS)?;
         txn.commit()?;
         Ok(Self { db, dir: dir.to_owned() })
     }
@@ -110,6 +117,30 @@ impl StoreReader {
     pub fn node_count(&self) -> Result<u64> {
         Ok(self.txn.open_table(NODES)?.len()?)
     }
+
+    /// The members of the fabric this node knew, in id order. A record that does not decode is skipped and
+    /// counted (the database is damaged, or was written by another version).
+    pub fn members(&self) -> Result<StoredMembers> {
+        let table = self.txn.open_table(MEMBERS)?;
+        let (mut out, mut unreadable) = (Vec::new(), 0);
+        for item in table.iter()? {
+            let (k, v) = item?;
+            match mirrormesh_proto::wire::decode::<Member>(v.value(), MEMBER_BYTES_MAX) {
+                Ok(member) => out.push((k.value().to_vec(), member)),
+                Err(_) => unreadable += 1,
+            }
+        }
+        Ok(StoredMembers { members: out, unreadable })
+    }
+}
+
+/// What [`StoreReader::members`] read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StoredMembers {
+    /// Node id (libp2p peer id bytes) and record.
+    pub members: Vec<(Vec<u8>, Member)>,
+    /// Records that did not decode.
+    pub unreadable: usize,
 }
 
 impl NodeSource for StoreReader {
@@ -173,6 +204,20 @@ impl StoreWriter {
 
     pub fn put_scan_entry(&mut self, path: &str, bytes: &[u8]) -> Result<()> {
         self.txn.open_table(SCAN_CACHE)?.insert(path, bytes)?;
+        Ok(())
+    }
+
+    /// Records what this node knows of member `id` (peer id bytes), or forgets it (`None`).
+    pub fn set_member(&mut self, id: &[u8], member: Option<&Member>) -> Result<()> {
+        let mut table = self.txn.open_table(MEMBERS)?;
+        match member {
+            Some(member) => {
+                table.insert(id, mirrormesh_proto::wire::encode(member).as_slice())?;
+            }
+            None => {
+                table.remove(id)?;
+            }
+        }
         Ok(())
     }
 
@@ -253,5 +298,29 @@ mod tests {
         drop(store);
         let reopened = StateStore::open(dir.path()).unwrap();
         assert!(reopened.reader().unwrap().has_node(&hash).unwrap());
+    }
+
+    #[test]
+    fn members_survive_a_reopen_and_can_be_forgotten() {
+        use mirrormesh_proto::Timestamp;
+        use mirrormesh_proto::membership::Learned;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let member = Member {
+            addrs: vec!["192.0.2.1:4001".parse().unwrap()],
+            last_seen: Timestamp(7),
+            learned: Learned::Exchange,
+        };
+        let mut w = store.writer().unwrap();
+        w.set_member(b"a", Some(&member)).unwrap();
+        w.set_member(b"b", Some(&member)).unwrap();
+        w.commit().unwrap();
+        let mut w = store.writer().unwrap();
+        w.set_member(b"b", None).unwrap();
+        w.commit().unwrap();
+        drop(store);
+        let reopened = StateStore::open(dir.path()).unwrap();
+        let stored = reopened.reader().unwrap().members().unwrap();
+        assert_eq!(stored, StoredMembers { members: vec![(b"a".to_vec(), member)], unreadable: 0 });
     }
 }

@@ -153,6 +153,7 @@ pub fn peers_table(peers: &[PeerStatus], now_ms: u64, width: Option<usize>) -> S
         col("PEER", false, true, 0),
         col("ADDRESS", false, true, 3),
         col("KIND", false, false, 0),
+        col("VIA", false, false, 3),
         col("CONNECTED", true, false, 2),
         col("RTT", true, false, 6),
         col("RECEIVED", true, false, 8),
@@ -170,6 +171,7 @@ pub fn peers_table(peers: &[PeerStatus], now_ms: u64, width: Option<usize>) -> S
                 p.id.clone(),
                 p.data_address.clone().unwrap_or_else(|| p.address.clone()),
                 if p.origin { "origin".into() } else { "peer".into() },
+                p.learned.clone().unwrap_or_else(|| "-".into()),
                 ago(p.connected_since_ms, now_ms),
                 p.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms")),
                 human_bytes(p.bytes_received),
@@ -241,7 +243,11 @@ pub fn status_text(s: &Status, now_ms: u64, width: Option<usize>) -> String {
         human_bytes(s.bytes_fetched_total.saturating_sub(s.bytes_fetched_from_origin))
     ));
     let banned = s.peers.iter().filter(|p| p.banned).count();
-    out.push_str(&format!("peers   {} connected, {banned} banned\n", s.peers.iter().filter(|p| p.connected).count()));
+    out.push_str(&format!(
+        "peers   {} connected, {banned} banned; {} members known (this node included)\n",
+        s.peers.iter().filter(|p| p.connected).count(),
+        s.members
+    ));
     if let Some(e) = &s.last_error {
         out.push_str(&format!("error   {e}\n"));
     }
@@ -265,6 +271,7 @@ mod tests {
                 connected: true,
                 rtt_ms: Some(0.25),
                 bytes_received: 5 << 20,
+                learned: Some("exchange".into()),
                 ..Default::default()
             })
             .collect();
@@ -283,6 +290,7 @@ mod tests {
         // Wide enough: nothing is cut.
         let wide = peers_table(&peers, 0, Some(400));
         assert!(wide.contains(&peers[0].id) && !wide.contains('…'), "{wide}");
+        assert!(wide.contains("VIA") && wide.contains("exchange"), "{wide}");
         // No width (not a terminal): nothing is cut or left out, however wide the rows.
         assert_eq!(peers_table(&peers, 0, None), wide);
     }

@@ -40,6 +40,12 @@ fn a_forged_root_is_not_forwarded_by_the_mirror_that_receives_it() {
         .map(|l| if l.starts_with("bootstrap") { only_mirror1.clone() } else { l.to_owned() } + "\n")
         .collect();
     std::fs::write(&forger.config, config).unwrap();
+    // Mirror 1 would name mirror 2 to the forger in the peer exchange: mirror 2 lets in only the origin and mirror 1,
+    // so whatever reaches it of the forger's must have been forwarded.
+    let (origin, mirror1) = (fabric.nodes[0].peer_id.clone(), fabric.nodes[1].peer_id.clone());
+    let config = std::fs::read_to_string(&fabric.nodes[2].config).unwrap();
+    let config = config.replace("bootstrap = [", &format!("allow = [\"{origin}\", \"{mirror1}\"]\nbootstrap = ["));
+    std::fs::write(&fabric.nodes[2].config, config).unwrap();
     write(&forger.tree.join("alpine/evil.apk"), b"not from the origin");
     write(&fabric.nodes[0].tree.join("alpine/good.apk"), b"from the origin");
     for i in 0..3 {

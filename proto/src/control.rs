@@ -7,7 +7,11 @@
 //!
 //! Every node sends `Hello` on every new connection (anti-entropy: the latest root, the snapshot it holds, where
 //! its data plane listens), `Have` whenever it holds more chunks of the snapshot it is syncing to, and fetches
-//! manifest nodes and deltas by hash from any peer.
+//! manifest nodes and deltas by hash from any peer. The dialer of a connection also sends `Members` (where its
+//! control plane listens and the fabric's members it knows) and gets the other side's in the answer; nodes repeat
+//! the exchange with one peer at a time (`membership` in this crate decides what is kept).
+
+use core::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +19,7 @@ use crate::chunk::ChunkId;
 use crate::delta::DeltaHash;
 use crate::node::NodeHash;
 use crate::root::{RepoId, SignedRoot};
+use crate::transfer::PEER_ID_BYTES_MAX;
 use crate::wire::{self, DecodeError, bounded_vec};
 
 /// Largest encoded control request.
@@ -29,6 +34,11 @@ pub const HAVE_CHUNKS_MAX: usize = 4096;
 pub const DATA_ADDRS_MAX: usize = 8;
 /// Longest data-plane address text.
 pub const DATA_ADDR_BYTES_MAX: usize = 64;
+/// Most members in one `Members` message: the most a node keeps ([`crate::membership::MEMBERS_MAX`]).
+pub const MEMBERS_PER_MESSAGE_MAX: usize = crate::membership::MEMBERS_MAX;
+/// Most addresses of one node in a `Members` message (a receiver keeps at most
+/// [`crate::membership::PEER_ADDRS_MAX`] of them).
+pub const MEMBER_ADDRS_MAX: usize = 8;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -53,6 +63,30 @@ pub struct Have {
     pub chunks: Vec<ChunkId>,
 }
 
+/// Peer exchange: where the sender's control plane listens and the members of the fabric it knows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Members {
+    pub repo: RepoId,
+    /// Where the sender's control plane (QUIC) listens; an unspecified ip means "the ip you see me at".
+    #[serde(deserialize_with = "bounded_vec::<_, _, MEMBER_ADDRS_MAX>")]
+    pub listen: Vec<SocketAddr>,
+    /// Members the sender knows, most recently seen first (neither the sender nor the receiver).
+    #[serde(deserialize_with = "bounded_vec::<_, _, MEMBERS_PER_MESSAGE_MAX>")]
+    pub members: Vec<MemberEntry>,
+}
+
+/// One member in a `Members` message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEntry {
+    /// Its node id (libp2p peer id bytes).
+    pub id: serde_bytes::ByteBuf,
+    /// Its control-plane addresses, as the sender knows them.
+    #[serde(deserialize_with = "bounded_vec::<_, _, MEMBER_ADDRS_MAX>")]
+    pub addrs: Vec<SocketAddr>,
+    /// How long ago the sender last saw it connected (0: it is connected now).
+    pub seen_ago_ms: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlRequest {
     Hello(Hello),
@@ -64,6 +98,8 @@ pub enum ControlRequest {
         hash: DeltaHash,
     },
     Have(Have),
+    /// Peer exchange; answered with `ControlResponse::Members`.
+    Members(Members),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +118,7 @@ pub enum ControlResponse {
     Refused {
         reason: String,
     },
+    Members(Members),
 }
 
 impl ControlRequest {
@@ -91,8 +128,10 @@ impl ControlRequest {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let request: ControlRequest = wire::decode(bytes, CONTROL_REQUEST_BYTES_MAX)?;
-        if let ControlRequest::Hello(hello) = &request {
-            hello.validate()?;
+        match &request {
+            ControlRequest::Hello(hello) => hello.validate()?,
+            ControlRequest::Members(members) => members.validate()?,
+            _ => {}
         }
         Ok(request)
     }
@@ -107,6 +146,7 @@ impl ControlResponse {
         let response: ControlResponse = wire::decode(bytes, CONTROL_RESPONSE_BYTES_MAX)?;
         match &response {
             ControlResponse::Hello(hello) => hello.validate()?,
+            ControlResponse::Members(members) => members.validate()?,
             ControlResponse::Refused { reason } if reason.len() > 1024 => {
                 return Err(DecodeError::Invalid("refusal reason too long"));
             }
@@ -120,6 +160,15 @@ impl Hello {
     fn validate(&self) -> Result<(), DecodeError> {
         if self.data_addrs.iter().any(|a| a.len() > DATA_ADDR_BYTES_MAX) {
             return Err(DecodeError::Invalid("data address too long"));
+        }
+        Ok(())
+    }
+}
+
+impl Members {
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.members.iter().any(|m| m.id.is_empty() || m.id.len() > PEER_ID_BYTES_MAX) {
+            return Err(DecodeError::Invalid("member id empty or too long"));
         }
         Ok(())
     }
@@ -151,5 +200,49 @@ mod tests {
         assert_eq!(ControlResponse::decode(&hello.encode()), Err(DecodeError::Invalid("data address too long")));
         let nodes = ControlResponse::Nodes { nodes: vec![Some(serde_bytes::ByteBuf::from(vec![1, 2, 3])), None] };
         assert_eq!(ControlResponse::decode(&nodes.encode()), Ok(nodes));
+    }
+
+    fn members(entries: usize, addrs: usize, id_len: usize) -> Members {
+        let v6: SocketAddr = "[2001:db8::1]:65535".parse().unwrap();
+        Members {
+            repo: RepoId::new(&"r".repeat(crate::root::REPO_NAME_BYTES_MAX)).unwrap(),
+            listen: vec![v6; MEMBER_ADDRS_MAX],
+            members: (0..entries)
+                .map(|_| MemberEntry {
+                    id: serde_bytes::ByteBuf::from(vec![7; id_len]),
+                    addrs: vec![v6; addrs],
+                    seen_ago_ms: u64::MAX,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_members_list_is_bounded_and_the_largest_one_accepted_fits_a_request() {
+        let largest = ControlRequest::Members(members(MEMBERS_PER_MESSAGE_MAX, MEMBER_ADDRS_MAX, PEER_ID_BYTES_MAX));
+        let bytes = largest.encode();
+        assert!(bytes.len() <= CONTROL_REQUEST_BYTES_MAX, "{} bytes", bytes.len());
+        // What an 8-mirror fabric exchanges: one IPv4 address each, 38-byte ed25519 peer ids.
+        let v4: SocketAddr = "192.0.2.1:4001".parse().unwrap();
+        let entry = MemberEntry { id: serde_bytes::ByteBuf::from(vec![7; 38]), addrs: vec![v4], seen_ago_ms: 0 };
+        let typical = ControlRequest::Members(Members {
+            repo: RepoId::new("alpine").unwrap(),
+            listen: vec![v4],
+            members: vec![entry; 8],
+        });
+        let typical = typical.encode().len();
+        println!("largest Members accepted: {} bytes; 8 members of one IPv4 address: {typical} bytes", bytes.len());
+        assert_eq!(ControlRequest::decode(&bytes), Ok(largest));
+        let too_many = ControlRequest::Members(members(MEMBERS_PER_MESSAGE_MAX + 1, 1, 38));
+        assert!(matches!(ControlRequest::decode(&too_many.encode()), Err(DecodeError::Malformed(_))));
+        let too_many_addrs = ControlResponse::Members(members(1, MEMBER_ADDRS_MAX + 1, 38));
+        assert!(matches!(ControlResponse::decode(&too_many_addrs.encode()), Err(DecodeError::Malformed(_))));
+        let long_id = ControlResponse::Members(members(1, 1, PEER_ID_BYTES_MAX + 1));
+        assert_eq!(
+            ControlResponse::decode(&long_id.encode()),
+            Err(DecodeError::Invalid("member id empty or too long"))
+        );
+        let no_id = ControlRequest::Members(members(1, 1, 0));
+        assert_eq!(ControlRequest::decode(&no_id.encode()), Err(DecodeError::Invalid("member id empty or too long")));
     }
 }

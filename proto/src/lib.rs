@@ -26,6 +26,7 @@
 //! - [`node_store`]: the traits through which the core reads and writes nodes.
 //! - [`control`]: control-plane messages (hello, have, node and delta fetches) and the gossip topic.
 //! - [`transfer`]: data-plane messages (chunk requests and replies).
+//! - [`membership`]: the fabric's members, the address checks and the mesh rule (which peers to keep).
 //! - [`sync`]: the sync engine: manifest fetch, chunk scheduler, the origin's super-seeding, apply ordering.
 //! - [`timestamp`]: time, as passed in.
 //!
@@ -42,6 +43,7 @@ pub mod delta;
 pub mod diff;
 pub mod entry;
 pub mod lookup;
+pub mod membership;
 pub mod node;
 pub mod node_store;
 pub mod path;

@@ -5,7 +5,8 @@
 //! name = "example"
 //! seed = 7
 //! mirrors = 20            # mirror nodes; node 0 is the origin
-//! degree = 8              # about this many other mirrors per mirror (every mirror also connects to the origin)
+//! degree = 8              # optional, for experiments: mirrors each mirror dials past the full-mesh limit
+//!                         # (default: the daemon's rule, `mirrormesh_proto::membership::MESH_DIALS`)
 //! origin_up_mbit = 1000
 //! origin_down_mbit = 1000
 //! mirror_up_mbit = { min = 1000, max = 10000 }        # a number, { min, max } or { values, weights }
@@ -76,7 +77,9 @@ pub struct Scenario {
     #[serde(default = "default_seed")]
     pub seed: u64,
     pub mirrors: u32,
-    pub degree: u32,
+    /// Overrides the mesh rule's dials per mirror (past the full-mesh limit); `None`: the daemon's rule.
+    #[serde(default)]
+    pub degree: Option<u32>,
     pub origin_up_mbit: f64,
     pub origin_down_mbit: f64,
     pub mirror_up_mbit: Dist,
@@ -279,7 +282,7 @@ impl Scenario {
             "name: letters, digits, '-' and '_' only (it names the results directory)"
         );
         ensure!((1..=MIRRORS_MAX).contains(&self.mirrors), "mirrors: 1 to {MIRRORS_MAX}");
-        ensure!(self.degree < self.mirrors.max(1) || self.degree == 0, "degree: must be less than mirrors");
+        ensure!(self.degree.is_none_or(|d| d < self.mirrors.max(1) || d == 0), "degree: must be less than mirrors");
         for (key, v) in [("origin_up_mbit", self.origin_up_mbit), ("origin_down_mbit", self.origin_down_mbit)] {
             check_capacity(key, v)?;
         }

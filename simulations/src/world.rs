@@ -30,6 +30,7 @@ use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{HAVE_CHUNKS_MAX, Have, Hello};
 use mirrormesh_proto::delta::{DeltaHash, ManifestDelta};
 use mirrormesh_proto::diff::diff;
+use mirrormesh_proto::membership::{MESH_DIALS, MeshRule, mesh_pick};
 use mirrormesh_proto::node::{Node, NodeHash, verify_node};
 use mirrormesh_proto::node_store::{NodeSink, NodeSource, SourceError};
 use mirrormesh_proto::root::{DeltaRef, RepoId, RootBody, RootId, SignedRoot, VerifiedRoot, publisher_key};
@@ -437,28 +438,24 @@ impl World {
         let latency: Vec<Vec<Nanos>> =
             scenario.latency_ms.iter().map(|row| row.iter().map(|ms| (ms * 1e6) as Nanos).collect()).collect();
 
-        // Every mirror is connected to the origin and to about `degree` other mirrors: a random near-regular graph
-        // (pairing shuffled connection stubs), since a mirror with few neighbours gets a small share of the mesh.
+        // The daemon's mesh rule (`membership::mesh_pick`), as if discovery had run: every mirror is connected to
+        // the origin and, up to `MESH_FULL_MIRRORS_MAX` mirrors, to every other; past that it dials `MESH_DIALS`
+        // mirrors picked by a hash keyed by its identity (each node a random 32-byte identity, as the daemon's
+        // keys are) and is dialed by those that picked it.
         let mut topology = vec![BTreeSet::new(); n];
         for id in 1..n as u32 {
             topology[0].insert(id);
             topology[id as usize].insert(0);
         }
-        let degree = (scenario.degree as usize).min(n.saturating_sub(2));
-        let mut stubs: Vec<u32> = (1..n as u32).flat_map(|id| std::iter::repeat_n(id, degree)).collect();
-        for _ in 0..4 {
-            stubs.shuffle(&mut rng);
-            let mut left = Vec::new();
-            for pair in stubs.chunks(2) {
-                match *pair {
-                    [a, b] if a != b && !topology[a as usize].contains(&b) => {
-                        topology[a as usize].insert(b);
-                        topology[b as usize].insert(a);
-                    }
-                    _ => left.extend_from_slice(pair),
-                }
+        let rule = MeshRule { dials: scenario.degree.map_or(MESH_DIALS, |d| d as usize), ..MeshRule::default() };
+        let identities: Vec<[u8; 32]> = (0..n).map(|_| rng.random()).collect();
+        let node_of: BTreeMap<[u8; 32], u32> = identities.iter().enumerate().map(|(i, k)| (*k, i as u32)).collect();
+        for a in 1..n {
+            for picked in mesh_pick(&identities[a], &identities[1..], rule, |k| k.to_vec()) {
+                let b = node_of[&picked];
+                topology[a].insert(b);
+                topology[b as usize].insert(a as u32);
             }
-            stubs = left;
         }
 
         let trusted = vec![publisher_key(&PUBLISHER_SECRET)];

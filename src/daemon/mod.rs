@@ -11,6 +11,7 @@
 mod duplicate_key;
 mod health;
 mod manifest_answers;
+mod peers;
 mod progress;
 mod publisher;
 mod serving;
@@ -20,14 +21,13 @@ use health::Health;
 pub use health::{Problem, ProblemKind};
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
 use indicatif::HumanDuration;
-use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
@@ -72,9 +72,7 @@ pub const LOOP_EVENTS_MAX: usize = 4096;
 pub use manifest_answers::{
     ANSWER_BURST_BYTES, ANSWER_BYTES_PER_PEER_PER_SEC, ANSWERS_IN_FLIGHT_PER_PEER_MAX, NODES_RESPONSE_BYTES_MAX,
 };
-/// Bootstrap redial back-off bounds.
-pub const REDIAL_MIN: Duration = Duration::from_secs(1);
-pub const REDIAL_MAX: Duration = Duration::from_secs(30);
+pub use peers::{REDIAL_MAX, REDIAL_MIN};
 /// How long a shutting-down daemon waits for its connections to close.
 pub const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// How long it then lets the connections' drivers send their close frames (a few loopback or LAN round trips).
@@ -137,24 +135,6 @@ enum Pending {
     Delta { peer: PeerId, req: ReqId },
 }
 
-#[derive(Default)]
-struct PeerState {
-    address: Option<Multiaddr>,
-    data_addrs: Vec<SocketAddr>,
-    connected_since_ms: u64,
-    /// Control-plane round trip, milliseconds, smoothed.
-    rtt_ms: Option<f64>,
-    /// Chunk delivery rate to this node, bytes per second, smoothed over requests.
-    rate: Option<f64>,
-}
-
-/// Weight of a new sample in the smoothed RTT and delivery rate.
-const SMOOTHING: f64 = 0.3;
-
-fn smooth(old: Option<f64>, sample: f64) -> Option<f64> {
-    Some(old.map_or(sample, |o| (1.0 - SMOOTHING) * o + SMOOTHING * sample))
-}
-
 /// The sync in progress, as the status reports it.
 #[derive(Default)]
 struct SyncProgress {
@@ -168,14 +148,6 @@ struct SyncProgress {
     propagation_lag_ms: Option<u64>,
 }
 
-struct Bootstrap {
-    peer: PeerId,
-    addr: Multiaddr,
-    connected: bool,
-    next_dial: Instant,
-    backoff: Duration,
-}
-
 pub struct Daemon {
     cfg: Config,
     key: NodeKey,
@@ -186,16 +158,12 @@ pub struct Daemon {
     data: DataPlane,
     staging: Arc<Staging>,
     index: Arc<RwLock<ChunkIndex>>,
-    peers: BTreeMap<PeerId, PeerState>,
+    /// Connections, dialing, the fabric's members (`peers.rs`).
+    peers: peers::Peers,
     origins: Vec<PeerId>,
     pending: HashMap<OutboundRequestId, Pending>,
     /// Chunk requests running, and when each was sent.
     fetches: HashMap<ReqId, (tokio::task::AbortHandle, Instant)>,
-    bootstrap: Vec<Bootstrap>,
-    /// Open control-plane connections per peer, whether the peer dialed them, and its address on each.
-    connections: HashMap<PeerId, Vec<(ConnectionId, bool, Multiaddr)>>,
-    /// Peers whose connections keep replacing each other from different addresses (two nodes, one key).
-    duplicate_keys: duplicate_key::DuplicateKeys,
     /// What each peer may still take in manifest answers.
     answer_budgets: manifest_answers::AnswerBudgets,
     /// When each connection last brought an answer to one of this node's control requests.
@@ -204,8 +172,6 @@ pub struct Daemon {
     fake_chunks_announced: u64,
     /// Data-plane refusals of each peer already reported to the engine as offences.
     refusals_reported: BTreeMap<PeerId, u64>,
-    /// Peers whose data plane this node floods (fault injection).
-    flooding: std::collections::BTreeSet<PeerId>,
     events_tx: mpsc::Sender<LoopEvent>,
     events_rx: mpsc::Receiver<LoopEvent>,
     status_tx: watch::Sender<Status>,
@@ -353,18 +319,7 @@ impl Daemon {
             }
         }
 
-        let bootstrap = cfg
-            .bootstrap
-            .iter()
-            .filter(|(peer, _)| *peer != key.peer_id())
-            .map(|(peer, addr)| Bootstrap {
-                peer: *peer,
-                addr: addr.clone(),
-                connected: false,
-                next_dial: Instant::now(),
-                backoff: REDIAL_MIN,
-            })
-            .collect();
+        let peers = peers::Peers::new(&cfg, key.peer_id(), &store, data.clone(), &listen_addrs)?;
         let (status_tx, status_rx) = watch::channel(Status::default());
         let pending_deletions = store.reader()?.pending_deletion_count()?;
         let tree_writer = tree_writer::TreeWriter::start(
@@ -402,18 +357,14 @@ impl Daemon {
             data,
             staging,
             index,
-            peers: BTreeMap::new(),
+            peers,
             origins,
             pending: HashMap::new(),
             fetches: HashMap::new(),
-            bootstrap,
-            connections: HashMap::new(),
-            duplicate_keys: Default::default(),
             answer_budgets: Default::default(),
             control_answered: HashMap::new(),
             refusals_reported: BTreeMap::new(),
             fake_chunks_announced: 0,
-            flooding: Default::default(),
             events_tx,
             events_rx,
             status_tx,
@@ -451,7 +402,7 @@ impl Daemon {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
-        self.dial_bootstrap();
+        self.peers_tick();
         // A sync resumed from the state database starts at once if the engine says so.
         self.on_engine_timeout();
         self.after_event();
@@ -473,6 +424,7 @@ impl Daemon {
             self.after_event();
         }
         self.service.stopping();
+        self.peers.shut_down(&self.store);
         self.data.shut_down(SHUTDOWN_CLOSE_WAIT).await;
         self.close_connections().await;
         Ok(())
@@ -796,7 +748,7 @@ impl Daemon {
 
     fn fetch_chunks(&mut self, peer: PeerId, req: ReqId, chunks: Vec<ChunkId>) {
         tracing::debug!(%peer, req = req.0, chunks = chunks.len(), "fetching chunks");
-        let addrs = self.peers.get(&peer).map(|p| p.data_addrs.clone()).unwrap_or_default();
+        let addrs = self.peers.state(&peer).map(|p| p.data_addrs.clone()).unwrap_or_default();
         let data = self.data.clone();
         let staging = self.staging.clone();
         let events = self.events_tx.clone();
@@ -908,9 +860,9 @@ impl Daemon {
             LoopEvent::Fetched { peer, req, outcomes, bytes, error, unreachable } => {
                 if let Some((_, sent)) = self.fetches.remove(&req)
                     && bytes > 0
-                    && let Some(state) = self.peers.get_mut(&peer)
+                    && let Some(state) = self.peers.state_mut(&peer)
                 {
-                    state.rate = smooth(state.rate, bytes as f64 / sent.elapsed().as_secs_f64().max(1e-6));
+                    state.rate = peers::smooth(state.rate, bytes as f64 / sent.elapsed().as_secs_f64().max(1e-6));
                 }
                 let dropped = outcomes.iter().any(|(_, o)| *o == ChunkOutcome::Dropped);
                 for (id, outcome) in outcomes {
@@ -1111,19 +1063,9 @@ impl Daemon {
             Ok(filter) => filter,
             Err(e) => format!("unchanged ({e:#})"),
         };
-        self.set_bootstrap(&new.bootstrap);
-        if new.allow != self.cfg.allow {
-            self.data.set_allow(new.allow.clone());
-            let refused: Vec<PeerId> = self
-                .swarm
-                .connected_peers()
-                .filter(|p| new.allow.as_ref().is_some_and(|allow| !allow.contains(p)))
-                .copied()
-                .collect();
-            for peer in refused {
-                tracing::warn!(%peer, "peer no longer in network.allow; disconnecting");
-                let _ = self.swarm.disconnect_peer_id(peer);
-            }
+        self.peers.reload(&mut self.swarm, &self.cfg, &new);
+        if new.upload_bytes_per_sec != self.cfg.upload_bytes_per_sec {
+            self.data.set_upload_rate(new.upload_bytes_per_sec);
         }
         self.publisher.set_quiet(new.watch_quiet);
         let allow = new.allow.as_ref().map_or("any peer".to_owned(), |a| format!("{} peers", a.len()));
@@ -1132,34 +1074,11 @@ impl Daemon {
             allow,
             log,
             delete_grace_secs = new.delete_grace.as_secs(),
+            upload_bytes_per_sec = %new.upload_bytes_per_sec.map_or("unlimited".to_owned(), |b| b.to_string()),
             "configuration reloaded"
         );
         self.cfg = new;
         self.count("reloads");
-    }
-
-    /// Replaces the bootstrap list: peers kept keep their back-off, new ones are dialled at once, peers dropped from
-    /// the list are no longer redialled (their connections stay).
-    fn set_bootstrap(&mut self, list: &[(PeerId, Multiaddr)]) {
-        let me = self.key.peer_id();
-        let mut old: Vec<Bootstrap> = std::mem::take(&mut self.bootstrap);
-        for (peer, addr) in list.iter().filter(|(p, _)| *p != me) {
-            match old.iter().position(|b| b.peer == *peer) {
-                Some(at) => {
-                    let mut kept = old.swap_remove(at);
-                    kept.addr = addr.clone();
-                    self.bootstrap.push(kept);
-                }
-                None => self.bootstrap.push(Bootstrap {
-                    peer: *peer,
-                    addr: addr.clone(),
-                    connected: self.swarm.is_connected(peer),
-                    next_dial: Instant::now(),
-                    backoff: REDIAL_MIN,
-                }),
-            }
-        }
-        self.dial_bootstrap();
     }
 
     fn start_publish(&mut self, force: bool, reply: Option<oneshot::Sender<Result<PublishReply, String>>>) {
@@ -1285,101 +1204,34 @@ impl Daemon {
     }
 
     fn try_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) -> Result<()> {
-        let t = now();
         match event {
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
-                if let Some(allow) = &self.cfg.allow
-                    && !allow.contains(&peer_id)
-                {
-                    tracing::warn!(peer = %peer_id, "peer not in network.allow; disconnecting");
-                    self.count("peers_refused_not_allowed");
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
-                    return Ok(());
-                }
-                if self.engine.is_protocol_banned(&peer_id) {
-                    tracing::debug!(peer = %peer_id, "refusing a connection from a banned peer");
-                    self.count("connections_refused_banned");
-                    let _ = self.swarm.close_connection(connection_id);
-                    return Ok(());
-                }
-                let inbound = endpoint.is_listener();
-                let connections = self.connections.entry(peer_id).or_default();
-                if inbound && num_established.get() > 1 {
-                    // The peer dialed again although it had dialed before: it restarted or lost its network, so
-                    // its earlier connections are dead (they would swallow requests until their idle timeout).
-                    // Close them and greet it afresh.
-                    let stale: Vec<(ConnectionId, Multiaddr)> = connections
-                        .iter()
-                        .filter(|(_, inbound, _)| *inbound)
-                        .map(|(id, _, addr)| (*id, addr.clone()))
-                        .collect();
-                    if !stale.is_empty() {
-                        connections.retain(|(id, _, _)| !stale.iter().any(|(s, _)| s == id));
-                        tracing::info!(stale = stale.len(), "peer reconnected; closing its earlier connections");
-                        self.count("connections_replaced");
-                        let old: Vec<Multiaddr> = stale.iter().map(|(_, a)| a.clone()).collect();
-                        let new = endpoint.get_remote_address();
-                        if let Some(addrs) = self.duplicate_keys.replaced(Instant::now(), peer_id, &old, new) {
-                            let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-                            tracing::warn!(
-                                peer = %peer_id,
-                                "two nodes seem to use the same key: {peer_id} keeps connecting from {} in turn; \
-                                 every node needs its own key (mirrormesh keygen)",
-                                addrs.join(" and ")
-                            );
-                            self.count("peers_duplicate_key");
-                        }
-                        let stale: Vec<ConnectionId> = stale.into_iter().map(|(id, _)| id).collect();
-                        for id in stale {
-                            self.swarm.close_connection(id);
-                        }
+                let banned = self.engine.is_protocol_banned(&peer_id);
+                let established = self.peers.on_established(
+                    &mut self.swarm,
+                    peer_id,
+                    connection_id,
+                    &endpoint,
+                    num_established.get(),
+                    banned,
+                );
+                match established {
+                    peers::Established::First => self.feed(Input::PeerConnected(peer_id))?,
+                    peers::Established::Replaced => {
                         self.feed(Input::PeerDisconnected(peer_id))?;
                         self.feed(Input::PeerConnected(peer_id))?;
                     }
-                }
-                self.connections.entry(peer_id).or_default().push((
-                    connection_id,
-                    inbound,
-                    endpoint.get_remote_address().clone(),
-                ));
-                let state = self.peers.entry(peer_id).or_default();
-                state.address = Some(endpoint.get_remote_address().clone());
-                if num_established.get() == 1 {
-                    // A peer connecting afresh may be a restarted process: a cached data-plane connection to its
-                    // old one would swallow requests until its idle timeout.
-                    self.data.forget(&peer_id);
-                    state.connected_since_ms = t.0;
-                    tracing::info!(addr = %endpoint.get_remote_address(), "connected");
-                    for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
-                        b.connected = true;
-                        b.backoff = REDIAL_MIN;
-                    }
-                    self.feed(Input::PeerConnected(peer_id))?;
+                    peers::Established::Refused | peers::Established::Another => {}
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
-                if let Some(connections) = self.connections.get_mut(&peer_id) {
-                    connections.retain(|(id, _, _)| *id != connection_id);
-                }
                 self.control_answered.remove(&connection_id);
-                if num_established > 0 {
-                    return Ok(());
+                if self.peers.on_closed(peer_id, connection_id, num_established) {
+                    self.feed(Input::PeerDisconnected(peer_id))?;
                 }
-                self.connections.remove(&peer_id);
-                tracing::info!("disconnected");
-                self.peers.remove(&peer_id);
-                for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id) {
-                    b.connected = false;
-                    b.next_dial = Instant::now() + b.backoff;
-                }
-                self.feed(Input::PeerDisconnected(peer_id))?;
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
                 tracing::debug!(peer = %peer_id, "dial failed: {error}");
-                for b in self.bootstrap.iter_mut().filter(|b| b.peer == peer_id && !b.connected) {
-                    b.next_dial = Instant::now() + b.backoff;
-                    b.backoff = (b.backoff * 2).min(REDIAL_MAX);
-                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
@@ -1444,15 +1296,19 @@ impl Daemon {
                 }
                 request_response::Message::Response { request_id, response } => {
                     self.control_answered.insert(connection_id, Instant::now());
+                    if self.peers.take_request(request_id) {
+                        self.peers.on_members_answer(peer, response);
+                        return Ok(());
+                    }
                     let pending = self.pending.remove(&request_id);
                     if let Some(Pending::Hello { sent } | Pending::Have { sent }) = &pending
-                        && let Some(state) = self.peers.get_mut(&peer)
+                        && let Some(state) = self.peers.state_mut(&peer)
                     {
-                        state.rtt_ms = smooth(state.rtt_ms, sent.elapsed().as_secs_f64() * 1000.0);
+                        state.rtt_ms = peers::smooth(state.rtt_ms, sent.elapsed().as_secs_f64() * 1000.0);
                     }
                     match (pending, response) {
                         (Some(Pending::Hello { .. }), ControlResponse::Hello(hello)) => {
-                            self.learn_data_addrs(peer, &hello.data_addrs);
+                            self.peers.learn_data_addrs(peer, &hello.data_addrs);
                             self.feed(Input::Hello { from: peer, hello })?;
                         }
                         (Some(Pending::Nodes { peer, req }), ControlResponse::Nodes { nodes }) => {
@@ -1488,13 +1344,13 @@ impl Daemon {
                     // close it so the peer is redialed (or greeted afresh on the connection it still has).
                     tracing::info!(%peer, "control request timed out; closing the connection");
                     self.swarm.close_connection(connection_id);
-                    let others =
-                        self.connections.get(&peer).is_some_and(|c| c.iter().any(|(id, _, _)| *id != connection_id));
+                    let others = self.peers.has_other_connection(&peer, connection_id);
                     if others {
                         self.feed(Input::PeerDisconnected(peer))?;
                         self.feed(Input::PeerConnected(peer))?;
                     }
                 }
+                self.peers.take_request(request_id);
                 if let Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }) =
                     self.pending.remove(&request_id)
                 {
@@ -1519,7 +1375,7 @@ impl Daemon {
     ) -> Result<()> {
         let response = match request {
             ControlRequest::Hello(hello) => {
-                self.learn_data_addrs(peer, &hello.data_addrs);
+                self.peers.learn_data_addrs(peer, &hello.data_addrs);
                 self.feed(Input::Hello { from: peer, hello })?;
                 let mut mine = self.engine.hello();
                 mine.data_addrs = vec![self.data_addr_text()];
@@ -1530,6 +1386,7 @@ impl Daemon {
                 self.feed(Input::Have { from: peer, have })?;
                 ControlResponse::Ack
             }
+            ControlRequest::Members(members) => self.peers.answer_members(peer, members),
             ControlRequest::GetNodes { .. } | ControlRequest::GetDelta { .. } => {
                 self.answer_manifest_fetch(peer, request, channel);
                 return Ok(());
@@ -1618,39 +1475,12 @@ impl Daemon {
         }
     }
 
-    /// Records where a peer's data plane listens; an unspecified ip means the address its connection comes from.
-    fn learn_data_addrs(&mut self, peer: PeerId, addrs: &[String]) {
-        let seen_ip = self.peers.get(&peer).and_then(|p| p.address.as_ref()).and_then(ip_of);
-        let mut parsed = Vec::new();
-        for text in addrs {
-            match text.parse::<SocketAddr>() {
-                Ok(mut addr) => {
-                    if addr.ip().is_unspecified()
-                        && let Some(ip) = seen_ip
-                    {
-                        addr.set_ip(ip);
-                    }
-                    parsed.push(addr);
-                }
-                Err(_) => self.count("hello_bad_data_addr"),
-            }
-        }
-        if !parsed.is_empty() {
-            if self.cfg.faults.flood_data_plane && self.flooding.insert(peer) {
-                let data = self.data.clone();
-                let addrs = parsed.clone();
-                tokio::spawn(async move { data.flood(peer, addrs).await });
-            }
-            self.peers.entry(peer).or_default().data_addrs = parsed;
-        }
-    }
-
     // ---- time ---------------------------------------------------------------------------------------------
 
     /// The shell's chores: redials, the tree watch, re-signing, deletions, refusals (the engine has its own timer).
     fn on_tick(&mut self) {
         let t = now();
-        self.dial_bootstrap();
+        self.peers_tick();
         if self.cfg.faults.announce_fake_chunks {
             self.fault_announce_fake_chunks();
         }
@@ -1669,17 +1499,11 @@ impl Daemon {
         }
     }
 
-    fn dial_bootstrap(&mut self) {
-        let now = Instant::now();
-        for b in &mut self.bootstrap {
-            if !b.connected && now >= b.next_dial && !self.swarm.is_connected(&b.peer) {
-                b.next_dial = now + b.backoff;
-                b.backoff = (b.backoff * 2).min(REDIAL_MAX);
-                if let Err(e) = self.swarm.dial(b.addr.clone()) {
-                    tracing::debug!(addr = %b.addr, "dial: {e}");
-                }
-            }
-        }
+    /// The peer manager's chores (dials, member exchanges, persistence); it closes connections the mesh no longer
+    /// needs only while no sync runs.
+    fn peers_tick(&mut self) {
+        let idle = self.engine.status().phase == SyncPhase::Idle;
+        self.peers.on_tick(&mut self.swarm, &self.store, idle);
     }
 
     // ---- status -------------------------------------------------------------------------------------------
@@ -1733,7 +1557,7 @@ impl Daemon {
             propagation_lag_ms: self.sync.propagation_lag_ms,
         };
         let mut peers = Vec::new();
-        for (id, state) in &self.peers {
+        for (id, state) in self.peers.states() {
             let t = traffic.get(id);
             let banned = self.engine.is_banned(id);
             peers.push(PeerStatus {
@@ -1741,6 +1565,7 @@ impl Daemon {
                 address: state.address.as_ref().map(ToString::to_string).unwrap_or_default(),
                 data_address: state.data_addrs.first().map(ToString::to_string),
                 origin: self.origins.contains(id),
+                learned: self.peers.learned(id).map(|l| l.name().to_owned()),
                 connected: self.swarm.is_connected(id),
                 rtt_ms: state.rtt_ms,
                 bytes_sent: t.map_or(0, |t| t.bytes_sent),
@@ -1758,6 +1583,7 @@ impl Daemon {
         let fetched = traffic.values().map(|t| t.bytes_received).sum();
         let from_origin = traffic.iter().filter(|(p, _)| self.origins.contains(p)).map(|(_, t)| t.bytes_received).sum();
         let mut counters = self.counters.clone();
+        counters.extend(self.peers.counters().iter().map(|(k, v)| (k.clone(), *v)));
         for (what, n) in self.data.refusals() {
             counters.insert(format!("data_refused_{what}"), n);
         }
@@ -1793,6 +1619,7 @@ impl Daemon {
             },
             repos: vec![repo],
             peers,
+            members: self.peers.fabric_size() as u64,
             bytes_served_total: served,
             bytes_fetched_total: fetched,
             bytes_fetched_from_origin: from_origin,
@@ -1862,12 +1689,4 @@ fn apply_failure(error: &anyhow::Error) -> ApplyFailure {
         Some(libc::EPERM | libc::EACCES | libc::EROFS) => ApplyFailure::Permission,
         _ => ApplyFailure::Other,
     }
-}
-
-fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
-        _ => None,
-    })
 }

@@ -360,7 +360,8 @@ struct Shared {
     allow: std::sync::RwLock<Option<BTreeSet<PeerId>>>,
     source: Arc<dyn ChunkSource>,
     stats: Stats,
-    upload: Option<rate::TokenBucket>,
+    /// Replaced when the node's configuration is reloaded (`network.upload_bytes_per_sec`).
+    upload: std::sync::RwLock<Option<Arc<rate::TokenBucket>>>,
     /// Sending slots (see [`DataPlaneConfig::sending_replies_max`]).
     sending: Option<Arc<sending::SendingSlots>>,
     serve_memory: Arc<Semaphore>,
@@ -422,7 +423,7 @@ impl DataPlane {
             allow: std::sync::RwLock::new(cfg.allow),
             source,
             stats: Stats::default(),
-            upload: cfg.upload_rate.map(rate::TokenBucket::new),
+            upload: std::sync::RwLock::new(cfg.upload_rate.map(|r| Arc::new(rate::TokenBucket::new(r)))),
             sending: cfg.sending_replies_max.map(sending::SendingSlots::new),
             serve_memory: Arc::new(Semaphore::new(SERVE_CHUNKS_IN_MEMORY_MAX)),
             incoming: Mutex::new(server::IncomingCounts::default()),
@@ -491,6 +492,13 @@ impl DataPlane {
             }
             keep
         });
+    }
+
+    /// Replaces the upload limit (a reloaded configuration; `None`: unlimited). Chunks being sent finish their
+    /// current piece under the old limit; the next piece is metered by the new one.
+    pub fn set_upload_rate(&self, rate: Option<u64>) {
+        let bucket = rate.filter(|r| *r > 0).map(|r| Arc::new(rate::TokenBucket::new(r)));
+        *self.inner.shared.upload.write().unwrap_or_else(PoisonError::into_inner) = bucket;
     }
 
     /// Fault injection (`faults.flood_data_plane`), for testing peers' defences: until the returned future is

@@ -353,14 +353,19 @@ async fn write_reply(
             let len = bytes.len();
             // `prepare` admits only 1..=CHUNK_SIZE bytes, so the length fits a u32.
             let header = frame::encode(&ChunkReply::Data { len: len as u32 }.encode());
-            match &shared.upload {
+            let upload = shared.upload.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            match upload {
                 None => write_all(send, &mut [header, bytes], watchdog).await?,
-                Some(bucket) => {
+                Some(_) => {
                     write_all(send, &mut [header], watchdog).await?;
                     let mut rest = bytes;
                     while !rest.is_empty() {
                         let piece = rest.split_to(rest.len().min(RATE_PIECE_BYTES));
-                        bucket.take(piece.len()).await;
+                        // The limit of now: a reload may have replaced or lifted it.
+                        let bucket = shared.upload.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                        if let Some(bucket) = bucket {
+                            bucket.take(piece.len()).await;
+                        }
                         write_all(send, &mut [piece], watchdog).await?;
                     }
                 }

@@ -234,7 +234,8 @@ impl Bed {
         let binary = std::env::current_exe()?;
         let token = format!("{:016x}", rand::random::<u64>());
         let options = vec![
-            NodeOptions { admin_token: Some(token), delete_grace_secs: 0, ..NodeOptions::default() };
+            // Mirrors name only the origin, as the shipped config does: they find each other by the peer exchange.
+            NodeOptions { admin_token: Some(token), delete_grace_secs: 0, ..NodeOptions::origin_only() };
             a.mirrors + 1
         ];
         let hosts: Vec<_> = net.hosts.iter().map(|h| h.host()).collect();
