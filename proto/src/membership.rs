@@ -25,11 +25,11 @@
 //!    keeps one to every origin and, once it has a member list (from a peer, or persisted), while it knows at most
 //!    [`MESH_FULL_MIRRORS_MAX`] other mirrors, to every one of them; past that, to the [`MESH_DIALS`] mirrors that
 //!    rank lowest under a hash keyed by its own id (a random choice, stable while members come and go). Before its
-//!    first list it dials only the origins, so a mirror joining a large fabric does not first connect to every
-//!    mirror its bootstrap list names; it dials its bootstrap peers too when it knows no origin to dial, or has been
-//!    connected to nobody for [`BOOTSTRAP_FALLBACK_MS`] (the origin may be down). A mirror never closes a
+//!    first list, and whenever it has been connected to nobody for [`BOOTSTRAP_FALLBACK_MS`] (the origin may be
+//!    down), it also dials the peers its bootstrap list names (a joining mirror meets the peers its operator named
+//!    as soon as the origin, so it does not take its first chunks from the origin alone). A mirror never closes a
 //!    connection another node dialed, so its degree is its own dials plus those of the mirrors that picked it:
-//!    about `2 x MESH_DIALS` on average.
+//!    about `2 x MESH_DIALS` on average; the shell closes the connections it dialed that the rule no longer wants.
 //!
 //! Time here is the wall clock ([`Timestamp`]): "last seen" is persisted and must mean the same after a restart.
 //! A clock stepped by hours moves forgetting by as much, which `forget_after_ms` (days) absorbs.
@@ -611,7 +611,8 @@ impl<P: Ord + Clone> Membership<P> {
             true => mesh_pick(&self.cfg.me, mirrors, self.cfg.mesh, self.cfg.key),
             false => BTreeSet::new(),
         };
-        let fallback = origins.is_empty()
+        let fallback = !self.listed
+            || origins.is_empty()
             || self.alone_since.is_some_and(|since| now.millis_since(since) >= BOOTSTRAP_FALLBACK_MS);
         wanted.extend(origins.into_iter().cloned());
         if fallback {
@@ -851,8 +852,7 @@ mod tests {
         c.mesh = rule;
         let mut m = Membership::new(c, []);
         m.set_bootstrap(T, [0, 7]);
-        assert_eq!(m.wanted(T), [0].into(), "the origin only, before a member list");
-        assert_eq!(m.wanted(T.plus_ms(BOOTSTRAP_FALLBACK_MS)), [0, 7].into(), "alone too long: bootstrap peers too");
+        assert_eq!(m.wanted(T), [0, 7].into(), "the bootstrap peers, before a member list");
         let records: Vec<MemberRecord<u32>> = (2..=40).map(|i| record(i, &["192.0.2.1:1"], 0)).collect();
         m.on_connected(T, 0);
         m.on_members(T, &0, records);
@@ -879,12 +879,17 @@ mod tests {
         let mut restarted = Membership::new(cfg(1), stored);
         restarted.set_bootstrap(T, [0]);
         assert_eq!(restarted.wanted(T), [0, 2, 3, 4].into());
-        // Alone again after its last peer left (before any member list): the clock restarts.
-        let mut fresh = Membership::new(cfg(1), []);
-        fresh.set_bootstrap(T, [0, 9]);
-        fresh.on_connected(T, 0);
-        fresh.on_disconnected(T.plus_ms(10_000), &0);
-        assert_eq!(fresh.wanted(T.plus_ms(14_999)), [0].into());
-        assert_eq!(fresh.wanted(T.plus_ms(15_000)), [0, 9].into());
+        // Past the limit, a listed mirror keeps only its picks and the origin; alone for a while (its last peer
+        // left), its bootstrap peers too.
+        let mut big = Membership::new(MembershipConfig { mesh: rule, ..cfg(1) }, []);
+        big.set_bootstrap(T, [0, 9]);
+        big.on_connected(T, 0);
+        big.on_members(T, &0, (10..=40).map(|i| record(i, &["192.0.2.1:1"], 0)).collect());
+        let picks = big.wanted(T);
+        assert_eq!(picks.len(), 3, "{picks:?}");
+        big.on_disconnected(T.plus_ms(10_000), &0);
+        assert_eq!(big.wanted(T.plus_ms(14_999)), picks);
+        let alone = big.wanted(T.plus_ms(15_000));
+        assert!(alone.contains(&9) && picks.is_subset(&alone), "{alone:?}");
     }
 }
