@@ -540,12 +540,17 @@ async fn sending_slots_are_taken_in_turn_and_a_stalled_reader_gives_it_up() {
 async fn a_greedy_peer_does_not_keep_others_waiting_for_sending_slots() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     const GREEDY_REQUESTS: usize = 60;
-    let chunks: Vec<Vec<u8>> = (0..GREEDY_REQUESTS as u64 + 2).map(|i| pattern(i, CHUNK_SIZE as usize)).collect();
+    let chunks: Vec<Vec<u8>> = (0..GREEDY_REQUESTS as u64 + 4).map(|i| pattern(i, CHUNK_SIZE as usize)).collect();
     let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
     let slots = mirrormesh::dataplane::ORIGIN_SENDING_REPLIES_MAX;
     let server = Arc::new(node_limited(1, &chunks, StreamTimeouts::default(), Some(slots)));
     let greedy = Arc::new(node(2, &[]));
     let others = [node(3, &[]), node(4, &[])];
+    // The others connect first (one chunk each), so what follows measures the queue, not how long a handshake
+    // takes on a loaded machine while the greedy peer's replies go out.
+    for (i, other) in others.iter().enumerate() {
+        fetch_all(other, &server, &[ids[GREEDY_REQUESTS + 2 + i]]).await.unwrap();
+    }
 
     // The greedy peer asks for one chunk per request, all requests at once, on one connection.
     let done = Arc::new(AtomicUsize::new(0));

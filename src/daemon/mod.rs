@@ -955,7 +955,16 @@ impl Daemon {
             Ok(run) => run,
             Err(e) => return self.error(format!("pending deletions: {e:#}")),
         };
-        self.pending_deletions = run.pending;
+        // Counted again here rather than taken from the run: an apply that finished while the run was going added
+        // pending deletions after the run counted them, and its count would say none are left (a mirror then
+        // reported itself settled with files still to remove).
+        self.pending_deletions = match self.store.reader().and_then(|r| r.pending_deletion_count()) {
+            Ok(n) => n,
+            Err(e) => {
+                self.error(format!("pending deletions: {e:#}"));
+                run.pending
+            }
+        };
         let r = &run.report;
         if r.named_by_snapshot > 0 {
             tracing::info!(count = r.named_by_snapshot, "removals cancelled: the snapshot in the tree names them");
