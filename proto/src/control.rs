@@ -230,8 +230,9 @@ mod tests {
             listen: vec![v4],
             members: vec![entry; 8],
         });
-        let typical = typical.encode().len();
-        println!("largest Members accepted: {} bytes; 8 members of one IPv4 address: {typical} bytes", bytes.len());
+        // PROTOCOL.md quotes both sizes.
+        assert_eq!(typical.encode().len(), 402);
+        assert_eq!(bytes.len(), 241_894);
         assert_eq!(ControlRequest::decode(&bytes), Ok(largest));
         let too_many = ControlRequest::Members(members(MEMBERS_PER_MESSAGE_MAX + 1, 1, 38));
         assert!(matches!(ControlRequest::decode(&too_many.encode()), Err(DecodeError::Malformed(_))));

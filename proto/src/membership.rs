@@ -22,11 +22,14 @@
 //! 5. **Forgetting**: a member neither connected nor reported seen for `forget_after_ms` is forgotten, unless it
 //!    is in the bootstrap list or is an origin (the config names those).
 //! 6. **Mesh** ([`Membership::wanted`], [`mesh_pick`]): an origin keeps a connection to every member. A mirror
-//!    keeps one to every origin and, while it knows at most [`MESH_FULL_MIRRORS_MAX`] other mirrors, to every
-//!    one of them; past that, to the [`MESH_DIALS`] mirrors that rank lowest under a hash keyed by its own id (a
-//!    random choice, stable while members come and go). While it has no connection at all it also dials every
-//!    bootstrap peer. A mirror never closes a connection another node dialed, so its degree is its own dials plus
-//!    those of the mirrors that picked it: about `2 x MESH_DIALS` on average.
+//!    keeps one to every origin and, once it has a member list (from a peer, or persisted), while it knows at most
+//!    [`MESH_FULL_MIRRORS_MAX`] other mirrors, to every one of them; past that, to the [`MESH_DIALS`] mirrors that
+//!    rank lowest under a hash keyed by its own id (a random choice, stable while members come and go). Before its
+//!    first list, and whenever it has been connected to nobody for [`BOOTSTRAP_FALLBACK_MS`] (the origin may be
+//!    down), it also dials the peers its bootstrap list names (a joining mirror meets the peers its operator named
+//!    as soon as the origin, so it does not take its first chunks from the origin alone). A mirror never closes a
+//!    connection another node dialed, so its degree is its own dials plus those of the mirrors that picked it:
+//!    about `2 x MESH_DIALS` on average; the shell closes the connections it dialed that the rule no longer wants.
 //!
 //! Time here is the wall clock ([`Timestamp`]): "last seen" is persisted and must mean the same after a restart.
 //! A clock stepped by hours moves forgetting by as much, which `forget_after_ms` (days) absorbs.
@@ -57,6 +60,9 @@ pub const PEER_ADDRS_MAX: usize = 4;
 pub const MESH_FULL_MIRRORS_MAX: usize = 24;
 /// Past [`MESH_FULL_MIRRORS_MAX`], how many mirrors each mirror dials (it is dialed by about as many).
 pub const MESH_DIALS: usize = MESH_FULL_MIRRORS_MAX / 2;
+/// A mirror connected to nobody for this long also dials its bootstrap peers (the origin may be down). A dial to a
+/// live origin completes in a few round trips: under a second even across the world.
+pub const BOOTSTRAP_FALLBACK_MS: u64 = 5_000;
 /// Default of `network.forget_after_secs`, in milliseconds: a member unseen for a week is forgotten. A mirror down
 /// for a long weekend of maintenance is still redialled when it returns; redialling a gone node costs one failed
 /// dial per back-off interval (at most every 30 s).
@@ -301,6 +307,10 @@ pub struct Membership<P: Ord> {
     bootstrap: BTreeSet<P>,
     /// Members changed (or removed) since the shell last persisted them.
     dirty: BTreeSet<P>,
+    /// A member list arrived (or members were persisted): the mesh rule has a fabric to choose from.
+    listed: bool,
+    /// Since when no peer has been connected (`None` while one is, or before the bootstrap list was set).
+    alone_since: Option<Timestamp>,
 }
 
 impl<P: Ord + Clone> Membership<P> {
@@ -313,6 +323,8 @@ impl<P: Ord + Clone> Membership<P> {
             connected: BTreeSet::new(),
             bootstrap: BTreeSet::new(),
             dirty: BTreeSet::new(),
+            listed: false,
+            alone_since: None,
         };
         for (id, mut member) in stored {
             if id == table.cfg.me || !table.allowed(&id) || table.members.len() >= table.cfg.members_max {
@@ -326,6 +338,7 @@ impl<P: Ord + Clone> Membership<P> {
             }
             table.members.insert(id, member);
         }
+        table.listed = !table.members.is_empty();
         table
     }
 
@@ -374,6 +387,9 @@ impl<P: Ord + Clone> Membership<P> {
     /// address of their own yet: the shell dials the configured address). A peer outside `network.allow` is not.
     pub fn set_bootstrap(&mut self, now: Timestamp, peers: impl IntoIterator<Item = P>) -> Report<P> {
         let mut report = Report::default();
+        if self.connected.is_empty() && self.alone_since.is_none() {
+            self.alone_since = Some(now);
+        }
         self.bootstrap.clear();
         for id in peers {
             if id == self.cfg.me {
@@ -423,6 +439,7 @@ impl<P: Ord + Clone> Membership<P> {
             return report;
         }
         self.connected.insert(id.clone());
+        self.alone_since = None;
         match self.members.get_mut(&id) {
             Some(member) => {
                 member.last_seen = now;
@@ -438,7 +455,9 @@ impl<P: Ord + Clone> Membership<P> {
 
     /// `id`'s last connection closed.
     pub fn on_disconnected(&mut self, now: Timestamp, id: &P) {
-        self.connected.remove(id);
+        if self.connected.remove(id) && self.connected.is_empty() {
+            self.alone_since = Some(now);
+        }
         if let Some(member) = self.members.get_mut(id) {
             member.last_seen = now;
             self.dirty.insert(id.clone());
@@ -494,6 +513,7 @@ impl<P: Ord + Clone> Membership<P> {
     /// A member list from peer `from` (rules 1 to 4).
     pub fn on_members(&mut self, now: Timestamp, from: &P, records: Vec<MemberRecord<P>>) -> Report<P> {
         let mut report = Report::default();
+        self.listed = true;
         for record in records {
             if record.id == self.cfg.me || record.id == *from {
                 continue;
@@ -578,18 +598,24 @@ impl<P: Ord + Clone> Membership<P> {
         gone
     }
 
-    /// The members this node keeps a connection to (rule 6). Only members it can dial are named: with an address,
-    /// or in the bootstrap list (dialled at the configured address).
-    pub fn wanted(&self) -> BTreeSet<P> {
+    /// The members this node keeps a connection to at `now` (rule 6). Only members it can dial are named: with an
+    /// address, or in the bootstrap list (dialled at the configured address).
+    pub fn wanted(&self, now: Timestamp) -> BTreeSet<P> {
         let dialable = |id: &P, m: &Member| !m.addrs.is_empty() || self.bootstrap.contains(id);
         let candidates = self.members.iter().filter(|(id, m)| dialable(id, m)).map(|(id, _)| id);
         if self.cfg.origin {
             return candidates.cloned().collect();
         }
         let (origins, mirrors): (Vec<&P>, Vec<&P>) = candidates.partition(|id| self.cfg.origins.contains(*id));
-        let mut wanted = mesh_pick(&self.cfg.me, mirrors, self.cfg.mesh, self.cfg.key);
+        let mut wanted = match self.listed {
+            true => mesh_pick(&self.cfg.me, mirrors, self.cfg.mesh, self.cfg.key),
+            false => BTreeSet::new(),
+        };
+        let fallback = !self.listed
+            || origins.is_empty()
+            || self.alone_since.is_some_and(|since| now.millis_since(since) >= BOOTSTRAP_FALLBACK_MS);
         wanted.extend(origins.into_iter().cloned());
-        if self.connected.is_empty() {
+        if fallback {
             wanted.extend(self.bootstrap.iter().cloned());
         }
         wanted
@@ -826,11 +852,11 @@ mod tests {
         c.mesh = rule;
         let mut m = Membership::new(c, []);
         m.set_bootstrap(T, [0, 7]);
-        assert_eq!(m.wanted(), [0, 7].into(), "bootstrap peers while nothing else is known");
+        assert_eq!(m.wanted(T), [0, 7].into(), "the bootstrap peers, before a member list");
         let records: Vec<MemberRecord<u32>> = (2..=40).map(|i| record(i, &["192.0.2.1:1"], 0)).collect();
         m.on_connected(T, 0);
         m.on_members(T, &0, records);
-        let wanted = m.wanted();
+        let wanted = m.wanted(T.plus_ms(BOOTSTRAP_FALLBACK_MS));
         assert!(wanted.contains(&0), "always the origin");
         assert_eq!(wanted.len(), 3, "the origin and two mirrors: {wanted:?}");
         let mirrors: Vec<u32> = m.iter().map(|(id, _)| *id).filter(|id| *id != 0).collect();
@@ -841,6 +867,29 @@ mod tests {
         origin.origin = true;
         let mut o = Membership::new(origin, []);
         o.on_members(T, &99, (1..=40).map(|i| record(i, &["192.0.2.1:1"], 0)).collect());
-        assert_eq!(o.wanted().len(), 40, "an origin keeps every member");
+        assert_eq!(o.wanted(T).len(), 40, "an origin keeps every member");
+
+        // A mirror that knows no origin to dial starts from its bootstrap peers at once.
+        let mut lost = Membership::new(cfg(1), []);
+        lost.set_bootstrap(T, [7]);
+        assert_eq!(lost.wanted(T), [7].into());
+        // One with persisted members has a list already: it dials its picks at once.
+        let stored =
+            (2..=4).map(|i| (i, Member { addrs: vec![addr("192.0.2.1:1")], last_seen: T, learned: Learned::Exchange }));
+        let mut restarted = Membership::new(cfg(1), stored);
+        restarted.set_bootstrap(T, [0]);
+        assert_eq!(restarted.wanted(T), [0, 2, 3, 4].into());
+        // Past the limit, a listed mirror keeps only its picks and the origin; alone for a while (its last peer
+        // left), its bootstrap peers too.
+        let mut big = Membership::new(MembershipConfig { mesh: rule, ..cfg(1) }, []);
+        big.set_bootstrap(T, [0, 9]);
+        big.on_connected(T, 0);
+        big.on_members(T, &0, (10..=40).map(|i| record(i, &["192.0.2.1:1"], 0)).collect());
+        let picks = big.wanted(T);
+        assert_eq!(picks.len(), 3, "{picks:?}");
+        big.on_disconnected(T.plus_ms(10_000), &0);
+        assert_eq!(big.wanted(T.plus_ms(14_999)), picks);
+        let alone = big.wanted(T.plus_ms(15_000));
+        assert!(alone.contains(&9) && picks.is_subset(&alone), "{alone:?}");
     }
 }

@@ -448,7 +448,10 @@ impl World {
             topology[id as usize].insert(0);
         }
         let rule = MeshRule { dials: scenario.degree.map_or(MESH_DIALS, |d| d as usize), ..MeshRule::default() };
-        let identities: Vec<[u8; 32]> = (0..n).map(|_| rng.random()).collect();
+        // From a stream of their own, so that a change of the mesh rule leaves the updates drawn from `rng` as they
+        // are.
+        let mut identity_rng = ChaCha8Rng::seed_from_u64(seed ^ u64::from_le_bytes(*b"identity"));
+        let identities: Vec<[u8; 32]> = (0..n).map(|_| identity_rng.random()).collect();
         let node_of: BTreeMap<[u8; 32], u32> = identities.iter().enumerate().map(|(i, k)| (*k, i as u32)).collect();
         for a in 1..n {
             for picked in mesh_pick(&identities[a], &identities[1..], rule, |k| k.to_vec()) {
