@@ -19,7 +19,7 @@ pub const DEFAULT_DATA_PORT: u16 = 4002;
 /// Default admin HTTP address: loopback only.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7480";
 /// Shortest admin token (`admin.token`, `admin.read_token`) accepted: 16 characters of a random hex string are
-/// 64 bits, beyond guessing over HTTP; `mirrormesh testbed` generates tokens of exactly this length.
+/// 64 bits, beyond guessing over HTTP; `mirrormesh-lab testbed` generates tokens of exactly this length.
 pub const ADMIN_TOKEN_LEN_MIN: usize = 16;
 /// Longest name in `admin.hosts` (a DNS name's limit).
 const ADMIN_HOST_LEN_MAX: usize = 253;
@@ -125,7 +125,9 @@ struct OriginSection {
     require_file: Option<String>,
 }
 
-/// Fault injection, for testing the fabric's defences against misbehaving peers. Never set in production.
+/// Fault injection, for testing the fabric's defences against misbehaving peers. Only a binary built with the cargo
+/// feature `faults` (test builds: the package's dev-dependency on itself enables it) accepts any of these; a release
+/// build refuses a config that sets one.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {
@@ -154,6 +156,17 @@ impl Faults {
             || self.flood_data_plane
             || self.announce_fake_chunks
     }
+}
+
+/// A config that sets a fault is refused by a binary built without the cargo feature `faults` (release builds).
+fn refuse_faults_not_built_in(faults: &Faults, built_in: bool) -> Result<()> {
+    if faults.any() && !built_in {
+        bail!(
+            "[faults]: fault injection is not built into this binary (the cargo feature `faults`, which only test \
+             builds enable); remove the section"
+        );
+    }
+    Ok(())
 }
 
 fn default_repo() -> String {
@@ -291,6 +304,7 @@ impl Config {
         }
         let forget_after_secs =
             file.network.forget_after_secs.unwrap_or(mirrormesh_proto::membership::FORGET_AFTER_MS_DEFAULT / 1000);
+        refuse_faults_not_built_in(&file.faults, cfg!(feature = "faults"))?;
         if forget_after_secs == 0 {
             bail!("network.forget_after_secs: must be positive (members unseen this long are forgotten)");
         }
@@ -555,6 +569,16 @@ mod tests {
         format!(
             "[node]\nkey = \"node.key\"\nrole = \"{role}\"\nstate_dir = \"state\"\n[repo]\ntree = \"/srv/mirror\"\n[trust]\npublishers = [\"{PEER}\"]\n"
         )
+    }
+
+    #[test]
+    fn faults_are_refused_by_a_binary_built_without_them() {
+        let none = Faults::default();
+        assert!(refuse_faults_not_built_in(&none, false).is_ok());
+        let flood = Faults { flood_data_plane: true, ..Faults::default() };
+        let e = refuse_faults_not_built_in(&flood, false).unwrap_err().to_string();
+        assert!(e.contains("[faults]") && e.contains("not built into this binary"), "{e}");
+        assert!(refuse_faults_not_built_in(&flood, true).is_ok());
     }
 
     #[test]

@@ -166,7 +166,7 @@ fn print_report(steps: &[Step], mirrors: usize) {
     }
     println!(
         "* rsync from the origin sends every mirror its own copy: {mirrors} x (arithmetic, not measured here; \
-         `mirrormesh testbed sync` runs rsync side by side)"
+         `mirrormesh-lab testbed sync` runs rsync side by side)"
     );
     println!(
         "(changed files per step: {})",

@@ -1,6 +1,6 @@
 //! A fabric of real daemons: an origin and N mirrors, each a child process of the `mirrormesh` binary with its own
 //! key, config, tree, state and staging directories under one work directory. On loopback (`mirrormesh demo`, the
-//! integration tests) or one node per network namespace (`mirrormesh testbed`).
+//! integration tests) or one node per network namespace (`mirrormesh-lab testbed`).
 //!
 //! Nothing here sleeps to wait: a daemon is ready when it logs that its admin API listens (read from its stderr),
 //! and progress is awaited through the admin API's long-poll `/wait`.

@@ -1,14 +1,8 @@
-//! The `mirrormesh` command line.
-//!
-//! Output goes to a reader that may stop early (`mirrormesh peers --json | head -1`, `mirrormesh status | true`):
-//! a write that finds the pipe closed ends the command quietly with status 0, as a reader that has read what it
-//! wanted is no failure (and `set -o pipefail` scripts do not fail for it). The CLI's own output goes through
-//! [`out`]; `println!` in code beyond this file (gen-tree, demo, testbed) is covered by [`quiet_when_output_closes`].
+//! The `mirrormesh` command line. Output to a pipe whose reader went away ends a command quietly with status 0
+//! ([`mirrormesh::cli_output`]).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -16,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::HumanBytes;
 use mirrormesh::admin::Access;
 use mirrormesh::admin_client::AdminClient;
+use mirrormesh::cli_output::out;
 use mirrormesh::config::{Config, DEFAULT_ADMIN};
 use mirrormesh::gentree::{self, GenTreeArgs};
 use mirrormesh::key::NodeKey;
@@ -64,8 +59,6 @@ enum Command {
     Repos(StatusArgs),
     /// Generate an Alpine-like repository tree (or update one) for tests, benchmarks and demos.
     GenTree(GenTreeArgs),
-    /// Benchmarks on real hosts (network namespaces, shaped links), rsync side by side (needs root and rsync).
-    Testbed(mirrormesh::testbed::TestbedArgs),
     /// Run a whole fabric on loopback (an origin and 4 mirrors, real daemons), sync, update, verify, report.
     Demo(mirrormesh::demo::DemoArgs),
 }
@@ -123,55 +116,7 @@ struct PublishArgs {
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    quiet_when_output_closes();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli.command))) {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) if error.downcast_ref::<StdoutClosed>().is_some() => {}
-        Ok(Err(error)) => {
-            // Not eprintln!: it would panic if stderr is a closed pipe too.
-            let _ = writeln!(std::io::stderr(), "error: {error:#}");
-            std::process::exit(1);
-        }
-        Err(_) if OUTPUT_CLOSED.load(Ordering::Relaxed) => {}
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}
-
-/// Standard output's reader went away: the command stops, quietly and successfully.
-#[derive(Debug, thiserror::Error)]
-#[error("standard output closed by its reader")]
-struct StdoutClosed;
-
-/// Writes `text` to standard output; [`StdoutClosed`] if its reader went away.
-fn out(text: &str) -> Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
-        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
-    }
-}
-
-/// Set when `print!`/`eprint!` panicked on a closed pipe.
-static OUTPUT_CLOSED: AtomicBool = AtomicBool::new(false);
-
-/// `print!` and `println!` panic when their pipe is closed ("failed printing to stdout: Broken pipe"). For that
-/// panic only, the message is left out and [`OUTPUT_CLOSED`] set: unwinding still runs every drop (gen-tree's,
-/// the demo's child daemons, the testbed's namespaces), then `main` exits quietly with status 0.
-fn quiet_when_output_closes() {
-    let default = std::panic::take_hook();
-    let broken_pipe = format!("(os error {})", libc::EPIPE);
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let message = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
-        let closed =
-            message.is_some_and(|m| m.starts_with("failed printing to std") && m.ends_with(broken_pipe.as_str()));
-        if closed {
-            OUTPUT_CLOSED.store(true, Ordering::Relaxed);
-        } else {
-            default(info);
-        }
-    }));
+    mirrormesh::cli_output::run_main(|| run(cli.command));
 }
 
 fn init_logging(format: LogFormat) {
@@ -269,7 +214,6 @@ fn run(command: Command) -> Result<()> {
         }
         Command::GenTree(args) => gentree::run(&args),
         Command::Demo(args) => mirrormesh::demo::run(&args),
-        Command::Testbed(args) => mirrormesh::testbed::run(&args),
     }
 }
 

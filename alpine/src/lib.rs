@@ -3,7 +3,8 @@
 //! daemon.
 //!
 //! # Layout
-//! - [`apkindex`]: reading `APKINDEX.tar.gz` (signed or unsigned) into packages (name, version, size, ...).
+//! - [`apkindex`]: reading `APKINDEX.tar.gz` (signed or unsigned) into packages (name, version, size, ...), and
+//!   encoding the unsigned form the test-tree generator writes.
 //! - [`profile`]: the package-size profile of a real index, so trees can be generated without any external file.
 
 #![forbid(unsafe_code)]

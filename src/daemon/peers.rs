@@ -140,7 +140,9 @@ pub struct Peers {
     listen: Vec<SocketAddr>,
     data: DataPlane,
     /// Fault injection: flood every peer's data plane.
+    #[cfg(feature = "faults")]
     flood: bool,
+    #[cfg(feature = "faults")]
     flooding: BTreeSet<PeerId>,
     /// `Members` requests in flight, and to whom (at most one per connected peer).
     requests: HashMap<OutboundRequestId, PeerId>,
@@ -252,7 +254,9 @@ impl Peers {
             duplicate_keys: DuplicateKeys::default(),
             listen,
             data,
+            #[cfg(feature = "faults")]
             flood: cfg.faults.flood_data_plane,
+            #[cfg(feature = "faults")]
             flooding: BTreeSet::new(),
             requests: HashMap::new(),
             again: Vec::new(),
@@ -725,6 +729,7 @@ impl Peers {
         if checked.kept.is_empty() {
             return;
         }
+        #[cfg(feature = "faults")]
         if self.flood && self.flooding.insert(peer) {
             let data = self.data.clone();
             let addrs = checked.kept.clone();

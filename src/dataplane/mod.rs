@@ -76,10 +76,10 @@
 //! [`CHUNK_SIZE`]: mirrormesh_proto::CHUNK_SIZE
 
 mod client;
+#[cfg(feature = "faults")]
 mod flood;
 mod frame;
 mod rate;
-pub mod raw;
 mod sending;
 
 pub use client::{HandshakeFailed, Unreachable};
@@ -503,6 +503,7 @@ impl DataPlane {
 
     /// Fault injection (`faults.flood_data_plane`), for testing peers' defences: until the returned future is
     /// dropped, keeps `peer`'s data plane busy with requests that stall, announce oversized frames or are garbage.
+    #[cfg(feature = "faults")]
     pub async fn flood(&self, peer: PeerId, addrs: Vec<SocketAddr>) {
         flood::flood(&self.inner, peer, &addrs).await
     }

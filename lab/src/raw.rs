@@ -1,4 +1,4 @@
-//! The raw quinn baseline that data-plane benchmarks compare against (`benches/dataplane.rs`, `mirrormesh testbed
+//! The raw quinn baseline that data-plane benchmarks compare against (`lab/benches/dataplane.rs`, `mirrormesh-lab testbed
 //! throughput`): one connection with the data plane's TLS config and transport windows; each request stream carries
 //! a batch of 1 MiB chunks written from memory, and the receiver takes quinn's buffers (optionally copying and
 //! hashing each chunk, as the data plane must).
@@ -11,8 +11,8 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use mirrormesh_proto::{CHUNK_SIZE, ChunkId};
 
-use crate::dataplane::tls;
-use crate::key::NodeKey;
+use mirrormesh::dataplane::tls;
+use mirrormesh::key::NodeKey;
 
 const MIB: usize = 1 << 20;
 

@@ -11,7 +11,7 @@
 //!   `1 - (1 - P)^2`); with neither of the above, the emulator runs with no delay.
 //!
 //! On host `h` the rule is `iptables -t raw -A PREROUTING -i <h's veth> -s <testbed subnet> -j NFQUEUE`, and the
-//! emulator is `mirrormesh testbed emulate` under `ip netns exec`: both live in the host's namespace, so removing the
+//! emulator is `mirrormesh-lab testbed emulate` under `ip netns exec`: both live in the host's namespace, so removing the
 //! namespace (at the end, on Ctrl-C, by `testbed cleanup`) removes the rule and kills the emulator. Without
 //! `--queue-bypass`, a host whose emulator died receives nothing, which shows (and [`Wan::check`] reports it) rather
 //! than a run silently measured without delay.

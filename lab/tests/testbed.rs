@@ -1,4 +1,4 @@
-//! `mirrormesh testbed` end to end on a small fabric: hosts in network namespaces it creates, shaped links, real
+//! `mirrormesh-lab testbed` end to end on a small fabric: hosts in network namespaces it creates, shaped links, real
 //! daemons and rsync; the run checks every tree and prints its ratios, and leaves nothing behind, also when it is
 //! interrupted. Needs root, `ip`, `tc`, `rsync`, `iptables` and `ping` (CI installs them).
 
@@ -6,8 +6,24 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+/// The lab binary; the product's `mirrormesh` (which the testbed runs as its daemons) is built beside it first, with
+/// the features the workspace's test build gives it (`cargo test --workspace` has built it already: then this is a
+/// no-op).
 fn binary() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_mirrormesh"))
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let lab = Path::new(env!("CARGO_BIN_EXE_mirrormesh-lab"));
+    BUILT.call_once(|| {
+        let profile_dir = lab.parent().unwrap();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "-p", "mirrormesh", "--bin", "mirrormesh", "--features", "faults"]);
+        if profile_dir.file_name().is_some_and(|d| d == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("running cargo to build the daemon binary");
+        assert!(status.success(), "building the mirrormesh binary failed");
+        assert!(profile_dir.join("mirrormesh").is_file(), "no mirrormesh binary beside {}", lab.display());
+    });
+    lab
 }
 
 /// Namespaces, links and WAN emulators (which name their host) a testbed run with process id `pid` created that
@@ -72,7 +88,7 @@ fn the_wan_emulator_delays_and_drops_as_told() {
     assert!(leftovers(pid).is_empty(), "left behind: {:?}", leftovers(pid));
 }
 
-/// Runs `mirrormesh testbed ARGS` to the end; its process id and stdout, once it succeeded.
+/// Runs `mirrormesh-lab testbed ARGS` to the end; its process id and stdout, once it succeeded.
 fn run_testbed(args: &[&str]) -> (u32, String) {
     let child =
         Command::new(binary()).arg("testbed").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();

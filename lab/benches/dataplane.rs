@@ -25,9 +25,9 @@ use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
-use mirrormesh::dataplane::raw::{Measured, batches, chunks, cpu_time, raw_run, raw_setup, spawned};
 use mirrormesh::dataplane::{ChunkSource, DataPlane, DataPlaneConfig, Decision};
 use mirrormesh::key::NodeKey;
+use mirrormesh_lab::raw::{Measured, batches, chunks, cpu_time, raw_run, raw_setup, spawned};
 use mirrormesh_proto::{ChunkId, RepoId};
 
 const MIB: usize = 1 << 20;

@@ -1,4 +1,4 @@
-//! The WAN emulator of one testbed host: `mirrormesh testbed emulate`, run inside the host's namespace (hidden; the
+//! The WAN emulator of one testbed host: `mirrormesh-lab testbed emulate`, run inside the host's namespace (hidden; the
 //! testbed starts one per host, see [`super::wan`]).
 //!
 //! Every IPv4 packet that reaches the host from the bridge is queued by an iptables `NFQUEUE` rule (raw table,

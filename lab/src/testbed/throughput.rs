@@ -9,10 +9,10 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::RsyncDaemon;
-use crate::dataplane::raw::{Measured, chunks, cpu_time, process_cpu, raw_run, raw_setup};
-use crate::gentree::{self, GenTreeArgs};
-use crate::local_fabric::{LocalFabric, NodeOptions, compare_trees, free_port};
+use crate::raw::{Measured, chunks, cpu_time, process_cpu, raw_run, raw_setup};
 use indicatif::HumanBytes;
+use mirrormesh::gentree::{self, GenTreeArgs};
+use mirrormesh::local_fabric::{LocalFabric, NodeOptions, compare_trees, free_port};
 
 #[derive(Args)]
 pub struct ThroughputArgs {
@@ -39,7 +39,7 @@ fn has_children(pid: u32) -> bool {
 
 fn mirrormesh(work: &std::path::Path, a: &ThroughputArgs) -> Result<(Measured, std::path::PathBuf)> {
     let options = vec![NodeOptions { delete_grace_secs: 0, ..NodeOptions::default() }; 3];
-    let mut fabric = LocalFabric::create(&work.join("fabric"), &std::env::current_exe()?, 2, &options)?;
+    let mut fabric = LocalFabric::create(&work.join("fabric"), &crate::daemon_binary()?, 2, &options)?;
     let tree = fabric.nodes[0].tree.clone();
     let generated = gentree::generate(&GenTreeArgs {
         out: tree.clone(),
@@ -123,7 +123,9 @@ pub fn run(a: &ThroughputArgs) -> Result<()> {
     let raw = raw_quinn(mm.bytes)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!();
-    println!("mirrormesh testbed throughput: one link on loopback, no shaping, {cores} cores; trees checked identical");
+    println!(
+        "mirrormesh-lab testbed throughput: one link on loopback, no shaping, {cores} cores; trees checked identical"
+    );
     println!("{:<32} {:>10} {:>8} {:>10} {:>8}", "transfer", "bytes", "MB/s", "CPU s/GB", "wall s");
     for row in [&mm, &rs, &raw] {
         println!(

@@ -1,4 +1,4 @@
-//! `mirrormesh testbed`: real daemons on hosts in network namespaces, links shaped with `tc`, the rsync recipe side
+//! `mirrormesh-lab testbed`: real daemons on hosts in network namespaces, links shaped with `tc`, the rsync recipe side
 //! by side on the same hosts and the same tree, each benchmark printing its ratios.
 //!
 //! - `sync`: initial sync and an N-package update to every mirror, by mirrormesh and by `rsync` from an rsync daemon
@@ -33,9 +33,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use crate::gentree::{self, GenTreeArgs};
-use crate::local_fabric::{LocalFabric, NodeOptions, compare_trees};
 use indicatif::HumanBytes;
+use mirrormesh::gentree::{self, GenTreeArgs};
+use mirrormesh::local_fabric::{LocalFabric, NodeOptions, compare_trees};
 use net::{Link, Testbed};
 
 /// How long one sync may take before the run is declared failed.
@@ -90,8 +90,19 @@ struct FabricArgs {
     /// Keep the work directory (trees, configs, logs) and print where it is.
     #[arg(long)]
     keep: bool,
+    /// What each mirror's `network.bootstrap` names: `origin` (the shipped config: mirrors find each other by
+    /// the peer exchange) or `all` (the origin and every mirror before it, as configs were written before peers
+    /// were exchanged).
+    #[arg(long, value_enum, default_value_t = Bootstrap::Origin)]
+    bootstrap: Bootstrap,
     #[command(flatten)]
     wan: wan::WanArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Bootstrap {
+    Origin,
+    All,
 }
 
 #[derive(Args)]
@@ -231,13 +242,14 @@ impl Bed {
         {
             *slot = Some(work.path().to_owned());
         }
-        let binary = std::env::current_exe()?;
+        let binary = crate::daemon_binary()?;
         let token = format!("{:016x}", rand::random::<u64>());
-        let options = vec![
-            // Mirrors name only the origin, as the shipped config does: they find each other by the peer exchange.
-            NodeOptions { admin_token: Some(token), delete_grace_secs: 0, ..NodeOptions::origin_only() };
-            a.mirrors + 1
-        ];
+        let base = match a.bootstrap {
+            // As the shipped config: the mirrors find each other by the peer exchange.
+            Bootstrap::Origin => NodeOptions::origin_only(),
+            Bootstrap::All => NodeOptions::default(),
+        };
+        let options = vec![NodeOptions { admin_token: Some(token), delete_grace_secs: 0, ..base }; a.mirrors + 1];
         let hosts: Vec<_> = net.hosts.iter().map(|h| h.host()).collect();
         let mut fabric = LocalFabric::create_on(&work.path().join("fabric"), &binary, &hosts, &options)?;
         let generated = gentree::generate(&GenTreeArgs {
@@ -248,8 +260,9 @@ impl Bed {
         })?;
         fabric.start_all()?;
         let mut shape = format!(
-            "{} mirrors; links (each way): origin {} Mbit/s, mirrors {} Mbit/s; tree: {} packages, {} (fraction {})",
+            "{} mirrors (bootstrap: {}); links (each way): origin {} Mbit/s, mirrors {} Mbit/s; tree: {} packages, {} (fraction {})",
             a.mirrors,
+            if a.bootstrap == Bootstrap::Origin { "the origin" } else { "the origin and every mirror" },
             a.origin_mbit,
             a.mirror_mbit,
             generated.packages,
@@ -510,7 +523,7 @@ fn sync(a: &SyncArgs) -> Result<()> {
     let rs_update = rsync_all(mm_update.bytes)?;
 
     println!();
-    println!("mirrormesh testbed sync: {}", bed.shape);
+    println!("mirrormesh-lab testbed sync: {}", bed.shape);
     println!("every mirror's tree checked byte-identical to the origin's after each step (both tools)");
     println!("rsync's TCP congestion control: {}", ccs[0]);
     println!();
@@ -606,7 +619,7 @@ fn freshness(a: &FreshnessArgs) -> Result<()> {
     let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
     let max = times.last().copied().unwrap_or(0.0);
     println!();
-    println!("mirrormesh testbed freshness: {}", bed.shape);
+    println!("mirrormesh-lab testbed freshness: {}", bed.shape);
     println!(
         "one-package update, publish to every mirror serving it (trees checked): median {median:.3} s, max {max:.3} s \
          over {} rounds; target < 1 s: max / target = {}",
@@ -629,7 +642,7 @@ fn idle(a: &IdleArgs) -> Result<()> {
     let mean = per_node.iter().sum::<f64>() / nodes;
     let max = per_node.iter().copied().fold(0.0, f64::max);
     println!();
-    println!("mirrormesh testbed idle: {}", bed.shape);
+    println!("mirrormesh-lab testbed idle: {}", bed.shape);
     println!(
         "converged fabric of {} nodes, {} s with nothing to do: {:.0} B per node per minute on average (origin {:.0}, \
          busiest node {:.0}); target < 1024: mean / target = {}",
@@ -678,7 +691,7 @@ fn partition(a: &PartitionArgs) -> Result<()> {
     let fetched = status.bytes_fetched_total;
     let counter = |c: &str| status.counters.get(c).copied().unwrap_or(0);
     println!();
-    println!("mirrormesh testbed partition: {}", bed.shape);
+    println!("mirrormesh-lab testbed partition: {}", bed.shape);
     println!("| snapshot | victim | cut at | cut for | others converged | victim converged after the restore |");
     println!("|---|---|---|---|---|---|");
     println!(

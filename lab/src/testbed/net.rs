@@ -1,7 +1,7 @@
 //! Hosts in network namespaces on one bridge, each with its own address and links shaped with `tc tbf`.
 //!
 //! Everything is named with a prefix of this process's id (`mmtb<pid>`), and removed on drop, on SIGINT/SIGTERM
-//! (see [`super::interrupts`]) and by `mirrormesh testbed cleanup`, which removes whatever an earlier run that was
+//! (see [`super::interrupts`]) and by `mirrormesh-lab testbed cleanup`, which removes whatever an earlier run that was
 //! killed outright left behind.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::local_fabric::Host;
+use mirrormesh::local_fabric::Host;
 
 /// Every name the testbed creates starts with this.
 pub const PREFIX: &str = "mmtb";

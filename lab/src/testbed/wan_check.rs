@@ -1,4 +1,4 @@
-//! `mirrormesh testbed wan`: the WAN emulator checked on its own, with no daemons on the hosts.
+//! `mirrormesh-lab testbed wan`: the WAN emulator checked on its own, with no daemons on the hosts.
 //!
 //! 1. `ping -U` between every pair of hosts, all pairs at once: each pair's average and mdev against its round
 //!    trip in the profile (target: within [`PING_TOLERANCE_MS`]). `-U` times each echo from user space to user
