@@ -1,4 +1,5 @@
-//! Applying a staged snapshot to the served tree, in the order mirrors have learned to rely on:
+//! Applying a staged snapshot to the served tree, in the order mirrors have learned to rely on (decided by the core,
+//! [`ApplySteps`]; carried out here):
 //!
 //! 1. new directories (parents first);
 //! 2. new and changed files that are not index files: each staged file gets its mode and mtime, is flushed to disk
@@ -18,7 +19,7 @@
 //! index with old files still present, or new files with the old index, or everything new); re-running the apply
 //! finishes it: a file whose staged copy was already renamed into place is recognised there by its content.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, FileTimes, OpenOptions, Permissions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -27,7 +28,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use mirrormesh_proto::chunk::{ChunkId, chunk_range};
 use mirrormesh_proto::diff::Change;
-use mirrormesh_proto::entry::{EntryKind, FileMeta, served_mode};
+use mirrormesh_proto::entry::{FileMeta, served_mode};
+use mirrormesh_proto::sync::apply_order::ApplySteps;
 use mirrormesh_proto::tree::split_parent;
 
 use crate::config::IndexGlobs;
@@ -55,30 +57,10 @@ pub fn apply(staging: &Staging, changes: &[Change], index_globs: &IndexGlobs) ->
     let tree = staging.tree().to_owned();
     let plan = staging.plan().context("no staged snapshot to apply")?;
     let mut report = ApplyReport::default();
-    let is_index = |path: &str| index_globs.matches(split_parent(path).1);
-
-    let mut files: Vec<(&str, &FileMeta)> = Vec::new();
-    let mut indexes: Vec<(&str, &FileMeta)> = Vec::new();
-    let mut links: Vec<(&str, &str)> = Vec::new();
-    let mut dirs: Vec<(&str, u32, bool)> = Vec::new();
-    // A path that changed kind appears twice (removed as the old kind, added as the new): it is not a removal.
-    let named: HashSet<&str> = changes.iter().filter(|c| c.new.is_some()).map(|c| c.path.as_str()).collect();
-    for change in changes {
-        let old_kind = change.old.as_ref().map(|e| &e.kind);
-        match change.new.as_ref().map(|e| &e.kind) {
-            Some(EntryKind::File(meta)) if is_index(&change.path) => indexes.push((&change.path, meta)),
-            Some(EntryKind::File(meta)) => files.push((&change.path, meta)),
-            Some(EntryKind::Symlink { target }) => links.push((&change.path, target)),
-            Some(EntryKind::Dir { mode, .. }) => {
-                let created = !matches!(old_kind, Some(EntryKind::Dir { .. }));
-                dirs.push((&change.path, *mode, created));
-            }
-            None if named.contains(change.path.as_str()) => {}
-            None => report.removals.push(change.path.clone()),
-        }
-    }
-    // Deepest first, so a directory is removed after its contents.
-    report.removals.sort_by(|a, b| b.matches('/').count().cmp(&a.matches('/').count()).then(b.cmp(a)));
+    // The order is the core's (ApplySteps); this function carries it out.
+    let ApplySteps { dirs, files, links, indexes, removals } =
+        ApplySteps::of(changes, |name| index_globs.matches(name));
+    report.removals = removals;
 
     for (path, mode, created) in &dirs {
         let full = tree.join(path);
@@ -243,7 +225,7 @@ mod tests {
     use super::*;
     use crate::chunk_index::ChunkIndex;
     use mirrormesh_proto::chunk::ChunkId;
-    use mirrormesh_proto::entry::Entry;
+    use mirrormesh_proto::entry::{Entry, EntryKind};
     use mirrormesh_proto::sync::StageFile;
     use std::os::unix::fs::MetadataExt;
 

@@ -17,8 +17,11 @@ use crate::key::NodeKey;
 
 /// Protocol name of control requests.
 pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/mirrormesh/control/1");
-/// How long a control request may take before it fails.
-pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a control request may take before it fails (the core's [`CONTROL_TIMEOUT_MS`], which its rule about
+/// timeouts uses).
+///
+/// [`CONTROL_TIMEOUT_MS`]: mirrormesh_proto::links::CONTROL_TIMEOUT_MS
+pub const CONTROL_TIMEOUT: Duration = Duration::from_millis(mirrormesh_proto::links::CONTROL_TIMEOUT_MS);
 /// Control streams open at once per connection.
 pub const CONTROL_STREAMS_MAX: usize = 64;
 /// Largest gossip message (an encoded signed root is at most 1 KiB).

@@ -27,6 +27,7 @@
 //! - [`control`]: control-plane messages (hello, have, node and delta fetches) and the gossip topic.
 //! - [`transfer`]: data-plane messages (chunk requests and replies).
 //! - [`membership`]: the fabric's members, the address checks and the mesh rule (which peers to keep).
+//! - [`links`]: what a control timeout means for its connection, which connections a peer's new one replaces.
 //! - [`sync`]: the sync engine: manifest fetch, chunk scheduler, the origin's super-seeding, apply ordering.
 //! - [`timestamp`]: time, as passed in.
 //!
@@ -42,6 +43,7 @@ pub mod control;
 pub mod delta;
 pub mod diff;
 pub mod entry;
+pub mod links;
 pub mod lookup;
 pub mod membership;
 pub mod node;

@@ -34,9 +34,11 @@ use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
 use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, roots_topic};
 use mirrormesh_proto::diff::Change;
+use mirrormesh_proto::links::{ControlAnswers, ControlTimeout};
 use mirrormesh_proto::node_store::NodeSink;
 use mirrormesh_proto::node_store::{NodeSource, SourceError};
 use mirrormesh_proto::root::Freshness;
+use mirrormesh_proto::sync::apply_order::{removal_due, removals_due};
 use mirrormesh_proto::sync::bans::Offence;
 use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
@@ -167,7 +169,8 @@ pub struct Daemon {
     /// What each peer may still take in manifest answers.
     answer_budgets: manifest_answers::AnswerBudgets,
     /// When each connection last brought an answer to one of this node's control requests.
-    control_answered: HashMap<ConnectionId, Instant>,
+    /// When each connection last answered a control request (what a timeout means: the core's rule).
+    control_answered: ControlAnswers<ConnectionId>,
     /// Fault injection: made-up chunk ids announced so far (each id is the hash of this count).
     fake_chunks_announced: u64,
     /// Data-plane refusals of each peer already reported to the engine as offences.
@@ -183,6 +186,10 @@ pub struct Daemon {
     tree_writer: tree_writer::TreeWriter,
     /// A removal run is queued or running on the tree writer.
     removing: bool,
+    /// When the earliest pending removal is due (the core's [`removals_due`] decides when a run starts).
+    next_removal_due: Option<Timestamp>,
+    /// The earliest due of removals scheduled while a run was going (its report does not know them).
+    scheduled_during_run: Option<Timestamp>,
     /// Files and bytes of the applied snapshot (for status).
     totals: (u64, u64),
     pending_deletions: u64,
@@ -362,7 +369,7 @@ impl Daemon {
             pending: HashMap::new(),
             fetches: HashMap::new(),
             answer_budgets: Default::default(),
-            control_answered: HashMap::new(),
+            control_answered: ControlAnswers::new(mirrormesh_proto::links::CONTROL_TIMEOUT_MS),
             refusals_reported: BTreeMap::new(),
             fake_chunks_announced: 0,
             events_tx,
@@ -374,6 +381,9 @@ impl Daemon {
             next_deletion_check: Instant::now(),
             tree_writer,
             removing: false,
+            // The first run reads the real time from the database.
+            next_removal_due: (pending_deletions > 0).then_some(Timestamp(0)),
+            scheduled_during_run: None,
             totals,
             pending_deletions,
             listen_addrs,
@@ -951,17 +961,26 @@ impl Daemon {
                 return Ok(());
             }
         };
-        let due = now().plus_ms(self.cfg.delete_grace.as_millis() as u64).0;
+        let due = removal_due(now(), self.cfg.delete_grace.as_millis() as u64);
         let mut writer = self.store.writer()?;
         writer.set_applied(&target.signed, &self.cfg.repo)?;
         for path in &report.written {
             writer.remove_pending_deletion(path)?;
         }
         let own = self.downstream.config().paths();
+        let mut scheduled = false;
         for path in report.removals.iter().filter(|p| !own.contains(*p)) {
-            writer.add_pending_deletion(path, due)?;
+            writer.add_pending_deletion(path, due.0)?;
+            scheduled = true;
         }
         writer.commit()?;
+        if scheduled {
+            let earliest = |t: Option<Timestamp>| Some(t.map_or(due, |t| t.min(due)));
+            self.next_removal_due = earliest(self.next_removal_due);
+            if self.removing {
+                self.scheduled_during_run = earliest(self.scheduled_during_run);
+            }
+        }
         self.pending_deletions = self.store.reader()?.pending_deletion_count()?;
         if let Ok(mut index) = self.index.write() {
             index.apply(changes);
@@ -1004,9 +1023,14 @@ impl Daemon {
 
     fn on_removed(&mut self, run: Result<tree_writer::RemovalRun>) {
         self.removing = false;
+        let during = self.scheduled_during_run.take();
         let run = match run {
             Ok(run) => run,
             Err(e) => return self.error(format!("pending deletions: {e:#}")),
+        };
+        self.next_removal_due = match (run.next_due_ms.map(Timestamp), during) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         // Counted again here rather than taken from the run: an apply that finished while the run was going added
         // pending deletions after the run counted them, and its count would say none are left (a mirror then
@@ -1225,7 +1249,7 @@ impl Daemon {
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
-                self.control_answered.remove(&connection_id);
+                self.control_answered.closed(&connection_id);
                 if self.peers.on_closed(peer_id, connection_id, num_established) {
                     self.feed(Input::PeerDisconnected(peer_id))?;
                 }
@@ -1295,7 +1319,7 @@ impl Daemon {
                     self.feed(Input::Offence { peer, offence: Offence::MalformedControl })?;
                 }
                 request_response::Message::Response { request_id, response } => {
-                    self.control_answered.insert(connection_id, Instant::now());
+                    self.control_answered.answered(connection_id, self.clock().mono);
                     if self.peers.take_request(request_id) {
                         self.peers.on_members_answer(peer, response);
                         return Ok(());
@@ -1330,18 +1354,12 @@ impl Daemon {
             request_response::Event::OutboundFailure { peer, connection_id, request_id, error } => {
                 tracing::debug!(%peer, "control request failed: {error}");
                 self.count("control_requests_failed");
-                let answering = self
-                    .control_answered
-                    .get(&connection_id)
-                    .is_some_and(|at| at.elapsed() < crate::swarm::CONTROL_TIMEOUT);
-                if matches!(error, request_response::OutboundFailure::Timeout) && answering {
-                    // It answered other requests on this connection meanwhile: it is slow (an origin that dozens of
-                    // mirrors ask at once), not gone, and closing would throw away everything else in flight.
+                let verdict = matches!(error, request_response::OutboundFailure::Timeout)
+                    .then(|| self.control_answered.timed_out(&connection_id, self.clock().mono));
+                if verdict == Some(ControlTimeout::Slow) {
                     tracing::debug!(%peer, "control request timed out on a connection that still answers");
                     self.count("control_requests_slow");
-                } else if matches!(error, request_response::OutboundFailure::Timeout) {
-                    // A peer that does not answer within the control timeout is gone, or its connection is:
-                    // close it so the peer is redialed (or greeted afresh on the connection it still has).
+                } else if verdict == Some(ControlTimeout::Gone) {
                     tracing::info!(%peer, "control request timed out; closing the connection");
                     self.swarm.close_connection(connection_id);
                     let others = self.peers.has_other_connection(&peer, connection_id);
@@ -1490,7 +1508,7 @@ impl Daemon {
         if Instant::now() >= self.next_deletion_check {
             self.next_deletion_check = Instant::now() + Duration::from_secs(1);
             self.report_data_refusals();
-            if !self.removing {
+            if removals_due(self.next_removal_due, t, self.removing) {
                 match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
                     Ok(()) => self.removing = true,
                     Err(e) => self.error(format!("pending deletions: {e:#}")),

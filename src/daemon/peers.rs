@@ -405,8 +405,10 @@ impl Peers {
             // The peer dialed again although it had dialed before: it restarted or lost its network, so its
             // earlier connections are dead (they would swallow requests until their idle timeout). Close them and
             // greet it afresh.
+            let existing: Vec<(ConnectionId, bool)> = connections.iter().map(|c| (c.id, c.inbound)).collect();
+            let replaced = mirrormesh_proto::links::replaced_by(&existing, inbound);
             let stale: Vec<(ConnectionId, Multiaddr)> =
-                connections.iter().filter(|c| c.inbound).map(|c| (c.id, c.addr.clone())).collect();
+                connections.iter().filter(|c| replaced.contains(&c.id)).map(|c| (c.id, c.addr.clone())).collect();
             if !stale.is_empty() {
                 connections.retain(|c| !stale.iter().any(|(s, _)| *s == c.id));
                 tracing::info!(stale = stale.len(), "peer reconnected; closing its earlier connections");

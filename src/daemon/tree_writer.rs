@@ -43,6 +43,8 @@ pub struct RemovalRun {
     pub deferred: bool,
     /// Removals still pending after the run.
     pub pending: u64,
+    /// When the earliest of them is due (unix ms).
+    pub next_due_ms: Option<u64>,
 }
 
 pub struct TreeWriter {
@@ -110,15 +112,15 @@ impl Worker {
     }
 
     fn remove_due(&mut self, now_ms: u64) -> Result<RemovalRun> {
-        if self.unfinished {
-            let pending = self.store.reader()?.pending_deletion_count()?;
-            return Ok(RemovalRun { deferred: true, pending, ..RemovalRun::default() });
-        }
         let reader = self.store.reader()?;
-        let mut due: Vec<String> =
-            reader.pending_deletions()?.into_iter().filter(|(_, at)| *at <= now_ms).map(|(p, _)| p).collect();
+        let all = reader.pending_deletions()?;
+        let next_due_ms = all.iter().map(|(_, at)| *at).min();
+        if self.unfinished {
+            return Ok(RemovalRun { deferred: true, pending: all.len() as u64, next_due_ms, ..RemovalRun::default() });
+        }
+        let mut due: Vec<String> = all.into_iter().filter(|(_, at)| *at <= now_ms).map(|(p, _)| p).collect();
         if due.is_empty() {
-            return Ok(RemovalRun { pending: reader.pending_deletion_count()?, ..RemovalRun::default() });
+            return Ok(RemovalRun { pending: reader.pending_deletion_count()?, next_due_ms, ..RemovalRun::default() });
         }
         // Deepest first, so a directory comes after its contents.
         due.sort_by(|a, b| b.matches('/').count().cmp(&a.matches('/').count()).then(b.cmp(a)));
@@ -137,7 +139,8 @@ impl Worker {
         }
         writer.commit()?;
         let report = outcome?;
-        let pending = self.store.reader()?.pending_deletion_count()?;
-        Ok(RemovalRun { report, deferred: false, pending })
+        let left = self.store.reader()?.pending_deletions()?;
+        let next_due_ms = left.iter().map(|(_, at)| *at).min();
+        Ok(RemovalRun { report, deferred: false, pending: left.len() as u64, next_due_ms })
     }
 }

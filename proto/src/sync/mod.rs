@@ -41,6 +41,7 @@
 //! planning on (staging, transfer) the scheduler keeps only chunks of the sync, as bits. Dropped announcements are
 //! counted ([`Engine::announce_counts`]); [`Engine::table_sizes`] shows the tables' sizes.
 
+pub mod apply_order;
 pub mod availability;
 pub mod bans;
 pub mod chunk_set;
