@@ -6,6 +6,11 @@
 //! - `GET /status`: the node's [`Status`] as JSON.
 //! - `GET /peers`: the peers part of it (a JSON array of [`crate::status::PeerStatus`]).
 //! - `GET /repos`: the repositories part of it (a JSON array of [`crate::status::RepoStatus`]).
+//! - `GET /fabric`: the fabric view ([`crate::status::FabricView`]): every member this node knows, the snapshot
+//!   each serves, how far behind the newest it is, its link rate; rebuilt once a second (`history.rs`).
+//! - `GET /history`: this node's samples of the last hour and its record of the last snapshots
+//!   ([`crate::status::HistoryReport`]): bytes per second from peers and the origin, propagation lags, and on the
+//!   origin the copies of each update it sent.
 //! - `GET /metrics`: the metrics (see [`crate::metrics`]), in the OpenMetrics format when the `Accept` header asks
 //!   for it, else in the classic Prometheus text format.
 //! - `GET /wait?seq=N&settled=true&fetched_bytes=B&counter=C&at_least=K&timeout_ms=T`: answers with the status as
@@ -278,6 +283,8 @@ pub async fn serve(access: Access, handle: Handle) -> Result<SocketAddr> {
         .route("/status", get(status))
         .route("/peers", get(peers))
         .route("/repos", get(repos))
+        .route("/fabric", get(fabric))
+        .route("/history", get(history))
         .route("/metrics", get(metrics))
         .route("/wait", get(wait))
         .route_layer(middleware::from_fn_with_state(guard.clone(), check_read));
@@ -313,6 +320,22 @@ async fn peers(State(state): State<AppState>) -> Response {
 
 async fn repos(State(state): State<AppState>) -> Response {
     Json(state.handle.status.borrow().repos.clone()).into_response()
+}
+
+/// JSON of a value the daemon shares through a watch channel (serialized from the shared copy, not cloned).
+fn shared_json<T: serde::Serialize>(value: &watch::Receiver<Arc<T>>) -> Response {
+    match serde_json::to_vec(&**value.borrow()) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn fabric(State(state): State<AppState>) -> Response {
+    shared_json(&state.handle.feeds.fabric)
+}
+
+async fn history(State(state): State<AppState>) -> Response {
+    shared_json(&state.handle.feeds.history)
 }
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {

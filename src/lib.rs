@@ -18,6 +18,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod downstream;
 pub mod gentree;
+pub mod history;
 pub mod key;
 pub mod local_fabric;
 pub mod logging;

@@ -130,3 +130,104 @@ pub struct PublishReply {
     pub changed_files: u64,
     pub changed_bytes: u64,
 }
+
+/// What `GET /fabric` returns: every member of the fabric this node knows (itself included), the snapshot each
+/// serves as it last told this node, and how far behind the newest snapshot it is. Rebuilt once a second
+/// (`history::FABRIC_REFRESH`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FabricView {
+    pub node_id: String,
+    /// `origin` or `mirror`.
+    pub role: String,
+    /// The newest snapshot this node knows of: the origin's newest root as far as this node has heard.
+    pub newest_seq: Option<u64>,
+    /// When the origin created it (ms since the Unix epoch).
+    pub newest_created_ms: Option<u64>,
+    /// This node first, then the others in id order.
+    pub members: Vec<MemberView>,
+    /// Members serving an older snapshot than the newest (or none known).
+    pub behind: u64,
+    /// Changes whenever `GET /history` has something new (the page fetches it then).
+    pub history_version: u64,
+    /// When this view was built (ms since the Unix epoch).
+    pub updated_ms: u64,
+}
+
+/// One member of the fabric, as this node sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MemberView {
+    pub id: String,
+    /// This row is the node serving the view.
+    pub this_node: bool,
+    pub origin: bool,
+    pub connected: bool,
+    /// How this node learned of it (`bootstrap`, `exchange`, `inbound`); none for this node.
+    pub learned: Option<String>,
+    /// The snapshot the member serves (holds completely), as it last told this node (its hello and haves); kept
+    /// after it disconnects.
+    pub seq: Option<u64>,
+    /// When this node last heard from it while connected, or (never connected since this node started) when the
+    /// fabric last saw it (ms since the Unix epoch).
+    pub seen_ms: Option<u64>,
+    /// It serves an older snapshot than [`FabricView::newest_seq`], or none this node knows of.
+    pub behind: bool,
+    /// Snapshots newer than `seq` among those this node remembers (`history::SNAPSHOTS_MAX`).
+    pub snapshots_behind: u64,
+    /// `seq` is older than every snapshot this node remembers (or unknown): `snapshots_behind` is a lower bound.
+    pub snapshots_behind_at_least: bool,
+    /// How long it has been behind: since the origin created the oldest remembered snapshot it lacks (ms).
+    pub behind_ms: Option<u64>,
+    /// Its chunk delivery rate to this node, bytes per second, smoothed over requests (this node's measurement;
+    /// the last one is kept after it disconnects).
+    pub rate: Option<f64>,
+    /// Chunk bytes per second from it and to it over the last history sample (10 s).
+    pub received_bps: Option<f64>,
+    pub sent_bps: Option<f64>,
+    /// Control-plane round trip, milliseconds, while connected.
+    pub rtt_ms: Option<f64>,
+}
+
+/// What `GET /history` returns: this node's own samples of the last hour, and what it recorded of each snapshot it
+/// heard of (the last `history::SNAPSHOTS_MAX`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HistoryReport {
+    /// Time between samples (ms).
+    pub interval_ms: u64,
+    /// Oldest first; at most `history::SAMPLES_MAX` (one hour).
+    pub samples: Vec<HistorySample>,
+    /// Oldest first.
+    pub snapshots: Vec<SnapshotHistory>,
+}
+
+/// Chunk traffic over one sample interval, bytes per second.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HistorySample {
+    /// End of the interval (ms since the Unix epoch).
+    pub t_ms: u64,
+    pub from_peers_bps: f64,
+    pub from_origin_bps: f64,
+    pub served_bps: f64,
+}
+
+/// One snapshot: its propagation and, on the origin, what it cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SnapshotHistory {
+    pub seq: u64,
+    /// When the origin created its root (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// Mirror: from the root's creation to its apply here (clocks of both ends).
+    pub applied_lag_ms: Option<u64>,
+    /// Connected peers seen announcing the snapshot complete (a change of the snapshot they hold, seen while
+    /// connected; at most `membership::MEMBERS_MAX` counted), and from the root's creation to those announces:
+    /// the least, the median and the most.
+    pub announced: u64,
+    pub announce_lag_ms_min: Option<u64>,
+    pub announce_lag_ms_median: Option<u64>,
+    pub announce_lag_ms_max: Option<u64>,
+    /// Origin: bytes of the files the update added or changed, and chunk bytes it sent while this was its newest
+    /// snapshot; their ratio is the copies of the update it sent (`copies`; none for an update that changed nothing,
+    /// such as a re-signing).
+    pub changed_bytes: Option<u64>,
+    pub origin_sent_bytes: Option<u64>,
+    pub copies: Option<f64>,
+}

@@ -156,7 +156,7 @@ fn admin_api_cli_metrics_and_logs_of_a_running_fabric() {
     let (code, ctype, page) = get(&m2, "/", None);
     assert_eq!(code, 200);
     assert!(ctype.starts_with("text/html") && page.contains("id=\"peers\""), "{ctype}");
-    for path in ["/status", "/peers", "/repos", "/metrics", "/wait?seq=1"] {
+    for path in ["/status", "/peers", "/repos", "/fabric", "/history", "/metrics", "/wait?seq=1"] {
         assert_eq!(get(&m2, path, None).0, 401, "{path} without a token");
         assert_eq!(get(&m2, path, Some("wrong")).0, 401, "{path} with a wrong token");
         assert_eq!(get(&m2, path, Some(TOKEN)).0, 200, "{path} with the token");
@@ -329,7 +329,7 @@ fn a_request_for_another_host_is_refused() {
     let addr = origin.nodes[0].admin.to_string();
     let port = origin.nodes[0].admin.port();
     // DNS rebinding: evil.example now resolves to 127.0.0.1, so the browser sends that name as Host.
-    for path in ["/", "/status", "/peers", "/repos", "/metrics", "/wait?seq=0", "/nonexistent"] {
+    for path in ["/", "/status", "/peers", "/repos", "/fabric", "/history", "/metrics", "/wait?seq=0", "/nonexistent"] {
         let (code, body) = raw(&addr, "GET", path, &[("host", &format!("evil.example:{port}"))]);
         assert_eq!(code, 421, "GET {path} for Host evil.example: {body}");
     }
@@ -358,7 +358,7 @@ fn the_read_token_reads_but_cannot_publish() {
     let host = ("host", addr.as_str());
     let bearer = |t: &str| format!("Bearer {t}");
     // (`/wait` with no condition answers at once.)
-    for path in ["/status", "/peers", "/repos", "/metrics", "/wait?timeout_ms=5000"] {
+    for path in ["/status", "/peers", "/repos", "/fabric", "/history", "/metrics", "/wait?timeout_ms=5000"] {
         assert_eq!(raw(&addr, "GET", path, &[host]).0, 401, "{path} without a token");
         assert_eq!(raw(&addr, "GET", path, &[host, ("authorization", &bearer("wrong"))]).0, 401, "{path}");
         assert_eq!(raw(&addr, "GET", path, &[host, ("authorization", &bearer(READ_TOKEN))]).0, 200, "{path}");

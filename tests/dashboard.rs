@@ -3,7 +3,12 @@
 //! without being reloaded. Every wait is on an event: the daemons' `/wait`, and in the page a promise that resolves
 //! when a DOM mutation makes the condition true.
 //!
-//! `DASHBOARD_SCREENSHOT=docs/dashboard.png cargo test --test dashboard` also saves a screenshot of the page.
+//! A second test runs a 4-mirror fabric with one mirror stopped while two updates are published, and checks the
+//! fabric view (every member, the snapshot each serves, the stopped one marked behind), the history charts and the
+//! origin's headline (copies of each update it sent).
+//!
+//! `DASHBOARD_SCREENSHOTS=docs cargo test --test dashboard` also saves the screenshots the README shows
+//! (`docs/dashboard.png`, `docs/dashboard-fabric.png`, `docs/dashboard-origin.png`).
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -157,6 +162,20 @@ impl Page {
         result["result"]["value"].clone()
     }
 
+    /// With `DASHBOARD_SCREENSHOTS=DIR` (relative to the workspace root, where the command is typed), saves the
+    /// top of the page (at most 1,400 pixels: the counters below are long) as `DIR/NAME`.
+    fn screenshot(&mut self, name: &str) {
+        let Ok(dir) = std::env::var("DASHBOARD_SCREENSHOTS") else { return };
+        let height = self.eval("Math.min(document.documentElement.scrollHeight, 1400)").as_f64().unwrap();
+        let clip = json!({ "x": 0, "y": 0, "width": 1280, "height": height, "scale": 1 });
+        let params = json!({ "format": "png", "captureBeyondViewport": true, "clip": clip });
+        let shot = self.call("Page.captureScreenshot", params);
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join(name);
+        std::fs::write(&path, png).unwrap();
+        eprintln!("screenshot written to {}", path.display());
+    }
+
     /// Waits (on DOM mutations, inside the page) until `condition` is true, then evaluates `value`.
     fn wait_for(&mut self, condition: &str, value: &str) -> Value {
         let expr = format!(
@@ -224,14 +243,7 @@ fn the_dashboard_shows_the_fabric_and_follows_a_publish() {
     assert!(after.as_u64().unwrap() > refreshes, "refreshed in place, no reload");
     assert_eq!(page.eval("document.querySelectorAll('#peers tr[data-peer-id]').length"), json!(2));
 
-    if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
-        let shot = page.call("Page.captureScreenshot", json!({ "format": "png" }));
-        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
-        // Relative to the workspace root, where the command is typed.
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
-        std::fs::write(&path, png).unwrap();
-        eprintln!("screenshot written to {}", path.display());
-    }
+    page.screenshot("dashboard.png");
 }
 
 #[test]
@@ -265,4 +277,125 @@ fn the_dashboard_shows_a_refused_publish_until_it_clears() {
     std::fs::write(&package, b"package").unwrap();
     fabric.publish().unwrap();
     page.wait_for("document.getElementById('last-error').hidden === true", "true");
+}
+
+/// Publishes a `packages`-package update of the origin's tree and waits until every running mirror serves it.
+fn update(fabric: &LocalFabric, packages: usize, seed: u64) -> u64 {
+    gentree::generate(&GenTreeArgs {
+        out: fabric.nodes[0].tree.clone(),
+        update: Some(packages),
+        seed,
+        ..Default::default()
+    })
+    .unwrap();
+    let published = fabric.publish().unwrap();
+    fabric.wait_all_settled(published.seq, WAIT).unwrap();
+    published.seq
+}
+
+#[test]
+fn the_fabric_view_shows_every_member_who_is_behind_the_history_and_the_origins_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fabric = LocalFabric::create(dir.path(), binary(), 4, &vec![NodeOptions::default(); 5]).unwrap();
+    gentree::generate(&GenTreeArgs {
+        out: fabric.nodes[0].tree.clone(),
+        fraction: 0.01,
+        seed: 21,
+        ..Default::default()
+    })
+    .unwrap();
+    fabric.start_all().unwrap();
+    let first = fabric.publish().unwrap().seq;
+    fabric.wait_all_settled(first, WAIT).unwrap();
+    // mirror4 stops (SIGTERM) and misses the next two updates.
+    fabric.kill(4, 15).unwrap();
+    let second = update(&fabric, 6, 22);
+    let third = update(&fabric, 4, 23);
+    assert!(first < second && second < third);
+
+    let browser = Browser::launch();
+    let mut page = browser.page();
+    page.call("Page.enable", json!({}));
+    page.call("Page.navigate", json!({ "url": format!("http://{}/", fabric.nodes[1].admin) }));
+    page.wait_event("Page.loadEventFired");
+
+    // mirror1's fabric view: all five nodes, each with the snapshot it serves; mirror4 behind by two snapshots.
+    let rows = page.wait_for(
+        &format!(
+            "document.querySelectorAll('#fabric tr[data-member-id]').length === 5 && \
+             document.querySelectorAll('#fabric tr[data-member-id][data-seq=\"{third}\"]').length === 4"
+        ),
+        "[...document.querySelectorAll('#fabric tr[data-member-id]')].map(r => ({ id: r.dataset.memberId, \
+         seq: Number(r.dataset.seq), behind: r.classList.contains('behind'), text: r.textContent }))",
+    );
+    let rows = rows.as_array().unwrap().clone();
+    let row = |i: usize| {
+        rows.iter()
+            .find(|r| r["id"] == fabric.nodes[i].peer_id)
+            .unwrap_or_else(|| panic!("{} is not in the fabric view: {rows:?}", fabric.nodes[i].name))
+    };
+    for i in 0..4 {
+        assert_eq!(row(i)["seq"], json!(third), "{}: {rows:?}", fabric.nodes[i].name);
+        assert_eq!(row(i)["behind"], json!(false), "{}: {rows:?}", fabric.nodes[i].name);
+    }
+    assert_eq!(row(4)["seq"], json!(first), "the stopped mirror serves the first snapshot: {rows:?}");
+    assert_eq!(row(4)["behind"], json!(true), "{rows:?}");
+    let stopped = row(4)["text"].as_str().unwrap();
+    assert!(stopped.contains("2 snapshots"), "lag in snapshots shown: {stopped}");
+    assert_eq!(page.eval("document.getElementById('fabric-behind').textContent"), json!("1"));
+
+    // The history charts have points: bytes per second from this node's samples (one per 10 s: the first one
+    // that covers the initial sync), and the propagation lag of each of the three snapshots it applied.
+    let points = page.wait_for(
+        "document.querySelectorAll('#chart-rate [data-point]').length >= 1 && \
+         [...document.querySelectorAll('#chart-rate [data-point]')].some(p => Number(p.dataset.received) > 0) && \
+         document.querySelectorAll('#chart-lag [data-point]').length >= 3",
+        "({ rate: document.querySelectorAll('#chart-rate [data-point]').length, \
+            lag: [...document.querySelectorAll('#chart-lag [data-point]')].map(p => Number(p.dataset.seq)) })",
+    );
+    let lags: Vec<u64> = serde_json::from_value(points["lag"].clone()).unwrap();
+    for seq in [first, second, third] {
+        assert!(lags.contains(&seq), "lag of snapshot {seq} charted: {points}");
+    }
+    // The same data as JSON, from the admin API.
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let get = |path: &str| -> Value {
+        let url = format!("http://{}{path}", fabric.nodes[1].admin);
+        serde_json::from_str(&agent.get(url).call().unwrap().body_mut().read_to_string().unwrap()).unwrap()
+    };
+    let history = get("/history");
+    assert_eq!(history["interval_ms"], json!(10_000));
+    assert!(!history["samples"].as_array().unwrap().is_empty(), "{history}");
+    let fabric_json = get("/fabric");
+    assert_eq!(fabric_json["newest_seq"], json!(third));
+    assert_eq!(fabric_json["members"].as_array().unwrap().len(), 5, "{fabric_json}");
+    page.screenshot("dashboard-fabric.png");
+
+    // The origin's page: its headline is the copies of each update it sent (origin bytes / update size), about one.
+    page.call("Page.navigate", json!({ "url": format!("http://{}/", fabric.nodes[0].admin) }));
+    page.wait_event("Page.loadEventFired");
+    let headline = page.wait_for(
+        &format!(
+            "document.querySelector('#headline [data-copies-seq=\"{third}\"]') !== null && \
+             document.querySelectorAll('#chart-copies [data-point]').length >= 3"
+        ),
+        "({ copies: document.getElementById('headline-copies').textContent, \
+            rows: [...document.querySelectorAll('#headline [data-copies-seq]')].map(r => \
+                ({ seq: Number(r.dataset.copiesSeq), copies: Number(r.dataset.copies) })) })",
+    );
+    let copies: Vec<Value> = serde_json::from_value(headline["rows"].clone()).unwrap();
+    eprintln!("the origin's copies per update (newest first): {}", headline["rows"]);
+    for seq in [second, third] {
+        let c = copies.iter().find(|r| r["seq"] == seq).unwrap_or_else(|| panic!("update {seq}: {headline}"));
+        let c = c["copies"].as_f64().unwrap();
+        assert!((0.95..=1.5).contains(&c), "the origin sent {c} copies of update {seq}: {headline}");
+    }
+    let shown = headline["copies"].as_str().unwrap();
+    let big: f64 = shown.trim_end_matches('×').parse().unwrap_or_else(|_| panic!("headline {shown:?}"));
+    assert!((0.95..=1.5).contains(&big), "headline {shown:?}");
+    // On the origin the lag chart shows each mirror's announce of each snapshot.
+    let announced =
+        page.eval("[...document.querySelectorAll('#chart-lag [data-point]')].map(p => Number(p.dataset.announced))");
+    assert!(announced.as_array().unwrap().iter().any(|n| n.as_u64() >= Some(3)), "{announced}");
+    page.screenshot("dashboard-origin.png");
 }

@@ -207,6 +207,8 @@ pub struct Daemon {
     service: crate::service::Notifier,
     /// What a mirror writes and tells downstream after each snapshot (`downstream.rs`).
     downstream: crate::downstream::Downstream,
+    /// The dashboard's fabric view and history (`history.rs`), fed with every status published.
+    history: crate::history::History,
 }
 
 /// What the admin server and tests hold onto.
@@ -217,6 +219,8 @@ pub struct Handle {
     pub data_addr: SocketAddr,
     pub listen_addrs: Vec<Multiaddr>,
     pub metrics: Metrics,
+    /// The fabric view and the history (`GET /fabric`, `GET /history`).
+    pub feeds: crate::history::Feeds,
 }
 
 fn verified(root: &SignedRoot) -> Result<VerifiedRoot> {
@@ -347,7 +351,9 @@ impl Daemon {
             )?,
             RoleName::Origin => crate::downstream::Downstream::none(cfg.downstream.clone()),
         };
+        let (history, feeds) = crate::history::History::new(cfg.role == RoleName::Origin, Instant::now());
         let handle = Handle {
+            feeds,
             status: status_rx,
             events: events_tx.clone(),
             data_addr: data.local_addr(),
@@ -395,6 +401,7 @@ impl Daemon {
             sync_span: tracing::Span::none(),
             service: crate::service::Notifier::from_env(),
             downstream,
+            history,
         };
         if let Some((seq, chunks)) = snapshot_chunks {
             daemon.feed(Input::SnapshotChunks { seq, chunks })?;
@@ -1188,6 +1195,8 @@ impl Daemon {
         self.count("snapshots_published");
         self.served_at_publish = self.data.traffic().values().map(|t| t.bytes_sent).sum();
         self.metrics.published(self.cfg.repo.as_str(), report.changed_bytes);
+        let published = crate::history::Newest { seq: report.body.seq, created_ms: report.body.created.0 };
+        self.history.published(t.0, published, report.changed_bytes, self.served_at_publish);
         tracing::info!(seq = report.body.seq, root = %report.body.root, files = report.body.files, changes = report.changes, "published");
         // A client that reads the status after the answer sees the new snapshot.
         let key = self.status_key();
@@ -1611,6 +1620,9 @@ impl Daemon {
         if self.service.failures() > 0 {
             counters.insert("service_notify_failures".into(), self.service.failures());
         }
+        if self.history.memos_dropped > 0 {
+            counters.insert("history_members_dropped".into(), self.history.memos_dropped);
+        }
         let seeder = self.engine.seeder_counts();
         let announced = self.engine.announce_counts();
         counters.insert("announced_outside_snapshot".into(), announced.outside_snapshot);
@@ -1648,6 +1660,10 @@ impl Daemon {
         let origin_sent = (self.cfg.role == RoleName::Origin).then(|| served.saturating_sub(self.served_at_publish));
         self.service.status(&crate::service::summary(&status));
         self.metrics.refresh(&status, origin_sent);
+        let newest =
+            self.engine.latest().map(|r| crate::history::Newest { seq: r.body.seq, created_ms: r.body.created.0 });
+        let peers = &self.peers;
+        self.history.observe(Instant::now(), now().0, &status, newest, || peers.members());
         self.status_tx.send_replace(status);
     }
 }

@@ -322,6 +322,20 @@ impl Peers {
         self.membership.get(peer).map(|m| m.learned)
     }
 
+    /// The members this node knows (itself not included), for the dashboard's fabric view.
+    pub fn members(&self) -> Vec<crate::history::MemberInfo> {
+        let origins = &self.membership.config().origins;
+        self.membership
+            .iter()
+            .map(|(id, m)| crate::history::MemberInfo {
+                id: id.to_string(),
+                origin: origins.contains(id),
+                learned: m.learned.name(),
+                last_seen_ms: m.last_seen.0,
+            })
+            .collect()
+    }
+
     /// Nodes of the fabric this node knows, itself included.
     pub fn fabric_size(&self) -> usize {
         self.membership.len() + 1
