@@ -10,6 +10,7 @@
 
 mod duplicate_key;
 mod health;
+mod housekeeping;
 mod manifest_answers;
 mod peers;
 mod progress;
@@ -38,7 +39,7 @@ use mirrormesh_proto::links::{ControlAnswers, ControlTimeout};
 use mirrormesh_proto::node_store::NodeSink;
 use mirrormesh_proto::node_store::{NodeSource, SourceError};
 use mirrormesh_proto::root::Freshness;
-use mirrormesh_proto::sync::apply_order::{removal_due, removals_due};
+use mirrormesh_proto::sync::apply_order::removal_due;
 use mirrormesh_proto::sync::bans::Offence;
 use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
@@ -175,24 +176,20 @@ pub struct Daemon {
     fake_chunks_announced: u64,
     /// Data-plane refusals of each peer already reported to the engine as offences.
     refusals_reported: BTreeMap<PeerId, u64>,
+    /// When the data plane's refusals are next summed up in the log.
+    next_refusal_report: Instant,
     events_tx: mpsc::Sender<LoopEvent>,
     events_rx: mpsc::Receiver<LoopEvent>,
     status_tx: watch::Sender<Status>,
     counters: BTreeMap<String, u64>,
     health: Health,
     publisher: publisher::Publisher,
-    next_deletion_check: Instant,
     /// The one thread that changes the served tree (applies and removals).
     tree_writer: tree_writer::TreeWriter,
-    /// A removal run is queued or running on the tree writer.
-    removing: bool,
-    /// When the earliest pending removal is due (the core's [`removals_due`] decides when a run starts).
-    next_removal_due: Option<Timestamp>,
-    /// The earliest due of removals scheduled while a run was going (its report does not know them).
-    scheduled_during_run: Option<Timestamp>,
+    /// When removals run, and how many are pending.
+    removals: housekeeping::Removals,
     /// Files and bytes of the applied snapshot (for status).
     totals: (u64, u64),
-    pending_deletions: u64,
     listen_addrs: Vec<Multiaddr>,
     metrics: Metrics,
     started: Instant,
@@ -377,6 +374,7 @@ impl Daemon {
             answer_budgets: Default::default(),
             control_answered: ControlAnswers::new(mirrormesh_proto::links::CONTROL_TIMEOUT_MS),
             refusals_reported: BTreeMap::new(),
+            next_refusal_report: Instant::now(),
             fake_chunks_announced: 0,
             events_tx,
             events_rx,
@@ -384,14 +382,9 @@ impl Daemon {
             counters: BTreeMap::new(),
             health: Health::default(),
             publisher,
-            next_deletion_check: Instant::now(),
             tree_writer,
-            removing: false,
-            // The first run reads the real time from the database.
-            next_removal_due: (pending_deletions > 0).then_some(Timestamp(0)),
-            scheduled_during_run: None,
+            removals: housekeeping::Removals::new(pending_deletions, Instant::now()),
             totals,
-            pending_deletions,
             listen_addrs,
             metrics: handle.metrics.clone(),
             started: Instant::now(),
@@ -975,20 +968,13 @@ impl Daemon {
             writer.remove_pending_deletion(path)?;
         }
         let own = self.downstream.config().paths();
-        let mut scheduled = false;
+        let mut scheduled = None;
         for path in report.removals.iter().filter(|p| !own.contains(*p)) {
             writer.add_pending_deletion(path, due.0)?;
-            scheduled = true;
+            scheduled = Some(due);
         }
         writer.commit()?;
-        if scheduled {
-            let earliest = |t: Option<Timestamp>| Some(t.map_or(due, |t| t.min(due)));
-            self.next_removal_due = earliest(self.next_removal_due);
-            if self.removing {
-                self.scheduled_during_run = earliest(self.scheduled_during_run);
-            }
-        }
-        self.pending_deletions = self.store.reader()?.pending_deletion_count()?;
+        self.removals.scheduled(scheduled, self.store.reader()?.pending_deletion_count()?);
         if let Ok(mut index) = self.index.write() {
             index.apply(changes);
         }
@@ -1029,26 +1015,24 @@ impl Daemon {
     }
 
     fn on_removed(&mut self, run: Result<tree_writer::RemovalRun>) {
-        self.removing = false;
-        let during = self.scheduled_during_run.take();
         let run = match run {
             Ok(run) => run,
-            Err(e) => return self.error(format!("pending deletions: {e:#}")),
-        };
-        self.next_removal_due = match (run.next_due_ms.map(Timestamp), during) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+            Err(e) => {
+                self.removals.finished(None, None);
+                return self.error(format!("pending deletions: {e:#}"));
+            }
         };
         // Counted again here rather than taken from the run: an apply that finished while the run was going added
         // pending deletions after the run counted them, and its count would say none are left (a mirror then
         // reported itself settled with files still to remove).
-        self.pending_deletions = match self.store.reader().and_then(|r| r.pending_deletion_count()) {
+        let pending = match self.store.reader().and_then(|r| r.pending_deletion_count()) {
             Ok(n) => n,
             Err(e) => {
                 self.error(format!("pending deletions: {e:#}"));
                 run.pending
             }
         };
+        self.removals.finished(Some(run.next_due_ms.map(Timestamp)), Some(pending));
         let r = &run.report;
         if r.named_by_snapshot > 0 {
             tracing::info!(count = r.named_by_snapshot, "removals cancelled: the snapshot in the tree names them");
@@ -1514,14 +1498,14 @@ impl Daemon {
         if self.publisher.watch_due(Instant::now()) {
             self.start_publish(false, None);
         }
-        if Instant::now() >= self.next_deletion_check {
-            self.next_deletion_check = Instant::now() + Duration::from_secs(1);
+        if Instant::now() >= self.next_refusal_report {
+            self.next_refusal_report = Instant::now() + Duration::from_secs(1);
             self.report_data_refusals();
-            if removals_due(self.next_removal_due, t, self.removing) {
-                match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
-                    Ok(()) => self.removing = true,
-                    Err(e) => self.error(format!("pending deletions: {e:#}")),
-                }
+        }
+        if self.removals.check(Instant::now(), t) {
+            match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
+                Ok(()) => self.removals.started(),
+                Err(e) => self.error(format!("pending deletions: {e:#}")),
             }
         }
     }
@@ -1577,7 +1561,7 @@ impl Daemon {
             waiting_for_origin: engine.waiting_for_origin,
             files: self.totals.0,
             bytes: self.totals.1,
-            pending_deletions: self.pending_deletions,
+            pending_deletions: self.removals.pending(),
             created_ms: self.engine.current().map(|c| c.body.created.0),
             expires_ms: self.engine.current().map(|c| c.body.expires.0),
             last_apply_ms: self.sync.last_apply_ms,
