@@ -83,5 +83,7 @@ sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" "$here/
 
 mkdir -p "$out"
 deb="$out/mirrormesh_${version}_${arch}.deb"
-dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+# xz at level 1, not dpkg's 6: measured on the 24 MB binary, 2.3 s instead of 17 s for a package of 6.9 MB
+# instead of 6.1 MB (CI and the packaging test build it every run).
+dpkg-deb --root-owner-group -Zxz -z1 --build "$root" "$deb" >/dev/null
 echo "$deb"
