@@ -192,7 +192,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         for node in &fabric.nodes {
             println!("  mirrormesh status --admin {}    # {}", node.admin, node.name);
         }
-        println!("logs and trees are under {}; press Ctrl-C to stop", work.display());
+        let removed = if temp.is_some() { ", which removes them" } else { "" };
+        println!("logs and trees are under {}; press Ctrl-C to stop{removed}", work.display());
         if let Some(temp) = temp {
             let _ = temp.keep();
         }
