@@ -1,4 +1,4 @@
-//! The CLI's side of the admin API: `mirrormesh status`, `peers`, `repos`, `publish --admin`.
+//! The CLI's side of the admin API: `mirrormesh status`, `peers`, `repos`, `publish --admin`, `wait`.
 
 use std::time::Duration;
 
@@ -7,6 +7,13 @@ use serde::de::DeserializeOwned;
 
 use crate::admin::REQUEST_HEADER;
 use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
+
+/// How a long-poll of `/wait` ended, with the node's status then.
+#[derive(Debug)]
+pub enum Waited {
+    Reached(Status),
+    TimedOut(Status),
+}
 
 /// A client for one daemon's admin API.
 pub struct AdminClient {
@@ -28,6 +35,12 @@ impl AdminClient {
     }
 
     fn call<T: DeserializeOwned>(&self, method: &str, path: &str) -> Result<T> {
+        let (url, code, body) = self.send(method, path)?;
+        self.decode(&url, code, &body)
+    }
+
+    /// Sends a request; returns its URL, the answer's status code and body.
+    fn send(&self, method: &str, path: &str) -> Result<(String, u16, String)> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match method {
@@ -50,8 +63,12 @@ impl AdminClient {
         let mut response = result.map_err(|e| anyhow!("cannot reach the mirrormesh daemon at {}: {e}", self.base))?;
         let code = response.status().as_u16();
         let body = response.body_mut().read_to_string().map_err(|e| anyhow!("reading the answer from {url}: {e}"))?;
+        Ok((url, code, body))
+    }
+
+    fn decode<T: DeserializeOwned>(&self, url: &str, code: u16, body: &str) -> Result<T> {
         match code {
-            200 => serde_json::from_str(&body).map_err(|e| anyhow!("unexpected answer from {url}: {e}")),
+            200 => serde_json::from_str(body).map_err(|e| anyhow!("unexpected answer from {url}: {e}")),
             401 => bail!("{url}: unauthorized (give the admin token with --token or MIRRORMESH_TOKEN)"),
             403 => bail!("{url}: refused: {}", body.trim()),
             421 => bail!(
@@ -81,6 +98,17 @@ impl AdminClient {
     /// Publishes whatever the publish checks say (an empty tree, many removals).
     pub fn publish_forced(&self) -> Result<PublishReply> {
         self.call("POST", "/publish?force=true")
+    }
+
+    /// Long-polls `/wait?{query}` (conditions as the admin API documents them) for at most `timeout_ms`
+    /// (the API caps it at [`crate::admin::WAIT_MAX`]); a timeout is an answer, not an error.
+    pub fn wait_until(&self, query: &str, timeout_ms: u64) -> Result<Waited> {
+        let (url, code, body) = self.send("GET", &format!("/wait?{query}&timeout_ms={timeout_ms}"))?;
+        if code == 408 {
+            let status = serde_json::from_str(&body).map_err(|e| anyhow!("unexpected answer from {url}: {e}"))?;
+            return Ok(Waited::TimedOut(status));
+        }
+        self.decode(&url, code, &body).map(Waited::Reached)
     }
 
     /// Blocks until the node's applied snapshot reaches `seq` (or the timeout, in milliseconds, passes).

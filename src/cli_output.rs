@@ -10,13 +10,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 
-/// Runs a command line's `main` body: an error is printed as `error: ...` with exit status 1; a closed standard
-/// output ([`StdoutClosed`], or a `print!` that panicked on it) ends it quietly with status 0.
+/// Runs a command line's `main` body: an error is printed as `error: ...` with exit status 1, an [`Exit`] ends it
+/// with its status; a closed standard output ([`StdoutClosed`], or a `print!` that panicked on it) ends it quietly
+/// with status 0.
 pub fn run_main(body: impl FnOnce() -> Result<()>) {
     quiet_when_output_closes();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
         Ok(Ok(())) => {}
         Ok(Err(error)) if error.downcast_ref::<StdoutClosed>().is_some() => {}
+        Ok(Err(error)) if error.downcast_ref::<Exit>().is_some() => {
+            std::process::exit(error.downcast_ref::<Exit>().map_or(1, |Exit(code)| *code))
+        }
         Ok(Err(error)) => {
             // Not eprintln!: it would panic if stderr is a closed pipe too.
             let _ = writeln!(std::io::stderr(), "error: {error:#}");
@@ -31,6 +35,11 @@ pub fn run_main(body: impl FnOnce() -> Result<()>) {
 #[derive(Debug, thiserror::Error)]
 #[error("standard output closed by its reader")]
 pub struct StdoutClosed;
+
+/// The command reported its outcome itself and ends with this exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("exit status {0}")]
+pub struct Exit(pub i32);
 
 /// Writes `text` to standard output; [`StdoutClosed`] if its reader went away.
 pub fn out(text: &str) -> Result<()> {

@@ -179,6 +179,16 @@ fn default_grace() -> u64 {
     DEFAULT_DELETE_GRACE_SECS
 }
 
+/// Every problem found in a config file, each naming its key (one line each).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct ConfigProblems(pub Vec<String>);
+
+/// `result`'s value; its error noted in `problems` instead.
+fn noted<T>(problems: &mut Vec<String>, result: Result<T>) -> Option<T> {
+    result.map_err(|e| problems.push(format!("{e:#}"))).ok()
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -251,126 +261,180 @@ impl Config {
         let file: File = toml::from_str(text).map_err(|e| anyhow!("{}", e.to_string().trim_end()))?;
         let abs = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
 
-        let repo = RepoId::new(&file.repo.name).map_err(|e| anyhow!("repo.name: {e}"))?;
-        let tree = abs(&file.repo.tree);
-        let staging_dir = match &file.repo.staging_dir {
-            Some(dir) => normalize(&abs(dir)),
-            None => default_staging(&tree).context("repo.staging_dir")?,
-        };
-        let tree = normalize(&tree);
-        if staging_dir.starts_with(&tree) || tree.starts_with(&staging_dir) {
-            bail!(
-                "repo.staging_dir: {} is inside the served tree {}; it must be outside it",
-                staging_dir.display(),
-                tree.display()
-            );
-        }
-        let index_globs = IndexGlobs::new(&file.repo.index_globs)?;
+        // Every check runs, each problem is noted: `mirrormesh config check` lists them all (the daemon too).
+        let mut problems = Vec::new();
+        let repo = noted(&mut problems, RepoId::new(&file.repo.name).map_err(|e| anyhow!("repo.name: {e}")));
+        let dirs = noted(
+            &mut problems,
+            (|| {
+                let tree = abs(&file.repo.tree);
+                let staging_dir = match &file.repo.staging_dir {
+                    Some(dir) => normalize(&abs(dir)),
+                    None => default_staging(&tree).context("repo.staging_dir")?,
+                };
+                let tree = normalize(&tree);
+                if staging_dir.starts_with(&tree) || tree.starts_with(&staging_dir) {
+                    bail!(
+                        "repo.staging_dir: {} is inside the served tree {}; it must be outside it",
+                        staging_dir.display(),
+                        tree.display()
+                    );
+                }
+                Ok((tree, staging_dir))
+            })(),
+        );
+        let index_globs = noted(&mut problems, IndexGlobs::new(&file.repo.index_globs));
 
         let listen_text =
             file.network.listen.unwrap_or_else(|| format!("/ip4/0.0.0.0/udp/{}/quic-v1", DEFAULT_DATA_PORT - 1));
-        let listen: Multiaddr =
-            listen_text.parse().map_err(|e| anyhow!("network.listen: {listen_text:?} is not a multiaddr: {e}"))?;
+        let listen: Option<Multiaddr> = noted(
+            &mut problems,
+            listen_text.parse().map_err(|e| anyhow!("network.listen: {listen_text:?} is not a multiaddr: {e}")),
+        );
         let data_text = file.network.data_listen.unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_DATA_PORT}"));
-        let data_listen: SocketAddr =
-            data_text.parse().map_err(|e| anyhow!("network.data_listen: {data_text:?} is not ip:port: {e}"))?;
+        let data_listen: Option<SocketAddr> = noted(
+            &mut problems,
+            data_text.parse().map_err(|e| anyhow!("network.data_listen: {data_text:?} is not ip:port: {e}")),
+        );
         let mut bootstrap = Vec::new();
         for text in &file.network.bootstrap {
-            let addr: Multiaddr =
-                text.parse().map_err(|e| anyhow!("network.bootstrap: {text:?} is not a multiaddr: {e}"))?;
-            let peer = addr
-                .iter()
-                .find_map(|p| match p {
-                    libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
-                    _ => None,
-                })
-                .ok_or_else(|| anyhow!("network.bootstrap: {text:?} must end in /p2p/<peer id>"))?;
-            bootstrap.push((peer, addr));
+            let entry = (|| {
+                let addr: Multiaddr =
+                    text.parse().map_err(|e| anyhow!("network.bootstrap: {text:?} is not a multiaddr: {e}"))?;
+                let peer = addr
+                    .iter()
+                    .find_map(|p| match p {
+                        libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
+                        _ => None,
+                    })
+                    .ok_or_else(|| anyhow!("network.bootstrap: {text:?} must end in /p2p/<peer id>"))?;
+                Ok((peer, addr))
+            })();
+            bootstrap.extend(noted(&mut problems, entry));
         }
-        let allow = match file.network.allow {
-            None => None,
-            Some(list) if list.is_empty() => bail!(
-                "network.allow: an empty list would refuse every peer; leave the key out to allow any peer, or list \
-                 the node ids allowed"
-            ),
-            Some(list) => Some(
-                list.iter()
-                    .map(|p| p.parse::<PeerId>().map_err(|e| anyhow!("network.allow: {p:?} is not a peer id: {e}")))
-                    .collect::<Result<BTreeSet<_>>>()?,
-            ),
-        };
+        let allow = noted(
+            &mut problems,
+            (|| {
+                Ok(match file.network.allow {
+                    None => None,
+                    Some(list) if list.is_empty() => bail!(
+                        "network.allow: an empty list would refuse every peer; leave the key out to allow any peer, \
+                         or list the node ids allowed"
+                    ),
+                    Some(list) => Some(
+                        list.iter()
+                            .map(|p| {
+                                p.parse::<PeerId>().map_err(|e| anyhow!("network.allow: {p:?} is not a peer id: {e}"))
+                            })
+                            .collect::<Result<BTreeSet<_>>>()?,
+                    ),
+                })
+            })(),
+        );
         if file.network.upload_bytes_per_sec == Some(0) {
-            bail!("network.upload_bytes_per_sec: must be positive (leave it out for no limit)");
+            problems.push("network.upload_bytes_per_sec: must be positive (leave it out for no limit)".into());
         }
         let forget_after_secs =
             file.network.forget_after_secs.unwrap_or(mirrormesh_proto::membership::FORGET_AFTER_MS_DEFAULT / 1000);
         refuse_faults_not_built_in(&file.faults, cfg!(feature = "faults"))?;
         if forget_after_secs == 0 {
-            bail!("network.forget_after_secs: must be positive (members unseen this long are forgotten)");
+            problems
+                .push("network.forget_after_secs: must be positive (members unseen this long are forgotten)".into());
         }
 
         let mut publishers = Vec::new();
         for text in &file.trust.publishers {
-            let key = parse_publisher(text).map_err(|e| anyhow!("trust.publishers: {e}"))?;
-            let peer = crate::key::peer_id_of(&key).map_err(|e| anyhow!("trust.publishers: {text:?}: {e}"))?;
-            publishers.push((key, peer));
+            let entry = (|| {
+                let key = parse_publisher(text).map_err(|e| anyhow!("trust.publishers: {e}"))?;
+                let peer = crate::key::peer_id_of(&key).map_err(|e| anyhow!("trust.publishers: {text:?}: {e}"))?;
+                Ok((key, peer))
+            })();
+            publishers.extend(noted(&mut problems, entry));
         }
-        if file.node.role == RoleName::Mirror && publishers.is_empty() {
-            bail!("trust.publishers: a mirror needs at least one trusted publisher (the origin's node id)");
+        if file.node.role == RoleName::Mirror && file.trust.publishers.is_empty() {
+            problems
+                .push("trust.publishers: a mirror needs at least one trusted publisher (the origin's node id)".into());
         }
 
         let admin_text = file.admin.listen.unwrap_or_else(|| DEFAULT_ADMIN.into());
-        let admin_listen: SocketAddr =
-            admin_text.parse().map_err(|e| anyhow!("admin.listen: {admin_text:?} is not ip:port: {e}"))?;
+        let admin_listen: Option<SocketAddr> = noted(
+            &mut problems,
+            admin_text.parse().map_err(|e| anyhow!("admin.listen: {admin_text:?} is not ip:port: {e}")),
+        );
         let admin_token = file.admin.token;
         let admin_read_token = file.admin.read_token;
         if let Some(token) = &admin_token {
-            check_token("admin.token", token)?;
+            noted(&mut problems, check_token("admin.token", token));
         }
         if let Some(token) = &admin_read_token {
-            check_token("admin.read_token", token)?;
+            noted(&mut problems, check_token("admin.read_token", token));
             match &admin_token {
-                None => bail!("admin.read_token: needs admin.token too (the token that may publish)"),
-                Some(full) if full == token => bail!("admin.read_token: must differ from admin.token"),
+                None => problems.push("admin.read_token: needs admin.token too (the token that may publish)".into()),
+                Some(full) if full == token => problems.push("admin.read_token: must differ from admin.token".into()),
                 Some(_) => {}
             }
         }
-        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
-            bail!("admin.token: required when admin.listen ({admin_listen}) is not a loopback address");
+        if let Some(listen) = admin_listen
+            && !listen.ip().is_loopback()
+            && admin_token.is_none()
+        {
+            problems.push(format!("admin.token: required when admin.listen ({listen}) is not a loopback address"));
         }
-        let admin_hosts = file.admin.hosts.iter().map(|h| admin_host(h)).collect::<Result<Vec<_>>>()?;
+        let admin_hosts: Vec<String> =
+            file.admin.hosts.iter().filter_map(|h| noted(&mut problems, admin_host(h))).collect();
         if file.origin.watch && file.node.role != RoleName::Origin {
-            bail!("origin.watch: only an origin publishes");
+            problems.push("origin.watch: only an origin publishes".into());
         }
         let validity_hours = file.origin.validity_hours.unwrap_or(DEFAULT_VALIDITY_HOURS);
         if !(1..=VALIDITY_HOURS_MAX).contains(&validity_hours) {
-            bail!("origin.validity_hours: {validity_hours} is out of range (1 to {VALIDITY_HOURS_MAX})");
+            problems
+                .push(format!("origin.validity_hours: {validity_hours} is out of range (1 to {VALIDITY_HOURS_MAX})"));
         }
         if file.origin.quiet_secs == Some(0) {
-            bail!("origin.quiet_secs: must be positive");
+            problems.push("origin.quiet_secs: must be positive".into());
         }
         let removal_limit_percent =
             file.origin.removal_limit_percent.unwrap_or(crate::publish::DEFAULT_REMOVAL_LIMIT_PERCENT);
         if removal_limit_percent > 100 {
-            bail!("origin.removal_limit_percent: {removal_limit_percent} is not a percentage (0 to 100)");
+            problems
+                .push(format!("origin.removal_limit_percent: {removal_limit_percent} is not a percentage (0 to 100)"));
         }
-        if let Some(file) = &file.origin.require_file {
-            mirrormesh_proto::path::validate_rel_path(file)
-                .map_err(|e| anyhow!("origin.require_file: {file:?} is not a path inside the tree: {e}"))?;
+        if let Some(file) = &file.origin.require_file
+            && let Err(e) = mirrormesh_proto::path::validate_rel_path(file)
+        {
+            problems.push(format!("origin.require_file: {file:?} is not a path inside the tree: {e}"));
         }
         if file.repo.stale_after_secs == Some(0) {
-            bail!("repo.stale_after_secs: must be positive (leave it out to check only the root's expiry)");
+            problems
+                .push("repo.stale_after_secs: must be positive (leave it out to check only the root's expiry)".into());
         }
 
-        let downstream = crate::downstream::DownstreamConfig::new(&file.downstream)?;
-        if downstream.mqtt.is_some() && file.node.role == RoleName::Origin {
-            bail!(
+        let downstream = noted(&mut problems, crate::downstream::DownstreamConfig::new(&file.downstream));
+        if downstream.as_ref().is_some_and(|d| d.mqtt.is_some()) && file.node.role == RoleName::Origin {
+            problems.push(
                 "downstream.mqtt_broker: only a mirror announces its snapshots (an origin only leaves its own files out)"
+                    .into(),
             );
         }
         if let Some(log) = &file.node.log {
-            crate::logging::check(log).map_err(|e| anyhow!("node.log: {e}"))?;
+            noted(&mut problems, crate::logging::check(log).map_err(|e| anyhow!("node.log: {e}")));
         }
+        if !problems.is_empty() {
+            return Err(ConfigProblems(problems).into());
+        }
+        let (
+            Some(repo),
+            Some((tree, staging_dir)),
+            Some(index_globs),
+            Some(listen),
+            Some(data_listen),
+            Some(allow),
+            Some(admin_listen),
+            Some(downstream),
+        ) = (repo, dirs, index_globs, listen, data_listen, allow, admin_listen, downstream)
+        else {
+            bail!("a config check failed without saying why");
+        };
         Ok(Config {
             path: None,
             key: abs(&file.node.key),
@@ -406,6 +470,31 @@ impl Config {
             downstream,
             faults: file.faults,
         })
+    }
+}
+
+/// Checks a config file as the daemon does before it starts (`mirrormesh config check`, like `nginx -t`): the file
+/// parses and validates ([`Config::load`]), and the node key it names loads as [`crate::daemon::Daemon::start`]
+/// loads it (an origin's key, which signs snapshots, must not be readable by group or others). Starts nothing and
+/// creates no file. On failure, every problem found, each naming its key (a file that is not valid TOML, or has an
+/// unknown key, gives the first such problem only; the key file is checked once the rest is valid).
+pub fn check(path: &Path) -> std::result::Result<(Config, crate::key::NodeKey), Vec<String>> {
+    let config = Config::load(path).map_err(|e| match e.downcast_ref::<ConfigProblems>() {
+        Some(ConfigProblems(problems)) => problems.clone(),
+        None => vec![format!("{e:#}")],
+    })?;
+    let key = match config.role {
+        RoleName::Origin => crate::key::NodeKey::load_publisher(&config.key),
+        RoleName::Mirror => crate::key::NodeKey::load(&config.key),
+    };
+    match key {
+        Ok(key) => Ok((config, key)),
+        Err(e) if !config.key.exists() => Err(vec![format!(
+            "node.key: {} does not exist; create it with `mirrormesh keygen --out {}` ({e:#})",
+            config.key.display(),
+            config.key.display()
+        )]),
+        Err(e) => Err(vec![format!("node.key: {e:#}")]),
     }
 }
 

@@ -4,11 +4,18 @@
 //!
 //! Nothing here sleeps to wait: a daemon is ready when it logs that its admin API listens (read from its stderr),
 //! and progress is awaited through the admin API's long-poll `/wait`.
+//!
+//! The daemons end with the process that started them, whatever ends it: dropping the fabric kills them; a signal
+//! handler can stop them with [`LocalFabric::stopper`] (the demo's does, for SIGINT, SIGTERM and SIGHUP); and each
+//! daemon is spawned with a parent-death signal (`PR_SET_PDEATHSIG`, SIGTERM), which covers SIGKILL and crashes.
+//! Linux sends that signal when the *thread* that spawned the daemon ends: start nodes from a thread that lives as
+//! long as the fabric (the demo's and the tests' do).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
@@ -104,6 +111,30 @@ pub struct LocalFabric {
     pub dir: PathBuf,
     binary: PathBuf,
     pub nodes: Vec<LocalNode>,
+    /// Pids of the running daemons not yet reaped, shared with [`Stopper`]s: whoever takes a pid out of the set
+    /// (the fabric stopping a node, or a stopper stopping them all) is the one that kills and reaps it.
+    running: Arc<Mutex<BTreeSet<u32>>>,
+}
+
+/// Stops a fabric's daemons from another thread (a signal handler): see [`LocalFabric::stopper`].
+#[derive(Clone)]
+pub struct Stopper(Arc<Mutex<BTreeSet<u32>>>);
+
+impl Stopper {
+    /// Sends SIGTERM to every running daemon of the fabric and waits for each to exit. The fabric keeps its
+    /// handles but no longer touches these processes.
+    pub fn stop(&self) {
+        let pids = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        for &pid in &pids {
+            // SAFETY: kill(2) with the pid of a child this process has not reaped (so not reused) and SIGTERM.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        for &pid in &pids {
+            let mut status = 0;
+            // SAFETY: waitpid(2) on a child of this process, writing its status into a local integer.
+            unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        }
+    }
 }
 
 /// Ports handed to daemons come from below the kernel's ephemeral range (32768 and up on Linux), so that the
@@ -181,7 +212,7 @@ impl LocalFabric {
                 watches: Arc::default(),
             });
         }
-        let fabric = Self { dir: dir.to_owned(), binary: binary.to_owned(), nodes };
+        let fabric = Self { dir: dir.to_owned(), binary: binary.to_owned(), nodes, running: Arc::default() };
         for i in 0..fabric.nodes.len() {
             let opts = options.get(i).cloned().unwrap_or_default();
             fabric.write_config(i, &opts)?;
@@ -244,7 +275,8 @@ impl LocalFabric {
         Ok(())
     }
 
-    /// Starts node `i` and returns once its admin API listens.
+    /// Starts node `i` and returns once its admin API listens. The daemon gets SIGTERM if the calling thread ends
+    /// before the fabric is dropped (see the module doc).
     pub fn start(&mut self, i: usize) -> Result<()> {
         let binary = self.binary.clone();
         let node = &mut self.nodes[i];
@@ -259,6 +291,21 @@ impl LocalFabric {
                 c
             }
             None => Command::new(&binary),
+        };
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe calls (prctl,
+        // getppid), allocating nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died between fork and prctl: then nobody would ever signal this child.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            })
         };
         let mut child = command
             .args(["--log-format", format, "daemon", "--config"])
@@ -299,6 +346,7 @@ impl LocalFabric {
                 let _ = tx.send(Err("the daemon exited".into()));
             }
         });
+        self.running.lock().unwrap_or_else(PoisonError::into_inner).insert(child.id());
         node.child = Some(child);
         match ready_rx.recv_timeout(START_TIMEOUT) {
             Ok(Ok(())) => Ok(()),
@@ -319,6 +367,9 @@ impl LocalFabric {
     /// Sends `signal` (e.g. 9 for SIGKILL, 15 for SIGTERM) to node `i` and reaps it.
     pub fn kill(&mut self, i: usize, signal: i32) -> Result<()> {
         let Some(mut child) = self.nodes[i].child.take() else { return Ok(()) };
+        if !self.release(&child) {
+            return Ok(());
+        }
         // SAFETY: kill(2) with a child's pid (not yet reaped, so not reused) and a signal number; no memory is passed.
         if unsafe { libc::kill(child.id() as libc::pid_t, signal) } != 0 {
             child.kill()?;
@@ -380,10 +431,24 @@ impl LocalFabric {
     }
 }
 
+impl LocalFabric {
+    /// A handle that stops every running daemon of this fabric from another thread (a signal handler).
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.running.clone())
+    }
+
+    /// Takes `child` out of the running set: true if it was there (this fabric kills and reaps it), false if a
+    /// [`Stopper`] took it already.
+    fn release(&self, child: &Child) -> bool {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner).remove(&child.id())
+    }
+}
+
 impl Drop for LocalFabric {
     fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
+        let children: Vec<Child> = self.nodes.iter_mut().filter_map(|n| n.child.take()).collect();
+        for mut child in children {
+            if self.release(&child) {
                 let _ = child.kill();
                 let _ = child.wait();
             }

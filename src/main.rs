@@ -2,6 +2,7 @@
 //! ([`mirrormesh::cli_output`]).
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::HumanBytes;
 use mirrormesh::admin::Access;
 use mirrormesh::admin_client::AdminClient;
-use mirrormesh::cli_output::out;
+use mirrormesh::cli_output::{Exit, out};
 use mirrormesh::config::{Config, DEFAULT_ADMIN};
 use mirrormesh::gentree::{self, GenTreeArgs};
 use mirrormesh::key::NodeKey;
@@ -20,7 +21,7 @@ use mirrormesh::table;
 use mirrormesh_proto::RepoId;
 
 #[derive(Parser)]
-#[command(name = "mirrormesh", version, about = "P2P-assisted mirror fabric for Linux distribution mirrors")]
+#[command(name = "mirrormesh", version = VERSION, about = "P2P-assisted mirror fabric for Linux distribution mirrors")]
 struct Cli {
     /// Log output format (levels are set with RUST_LOG, default `info`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -28,6 +29,13 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// `mirrormesh --version`: the package version and the commit the binary was built from (`build.rs`), as
+/// `mirrormesh_build_info{version,commit}` reports them.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("MIRRORMESH_COMMIT"), ")");
+
+/// Exit status of `mirrormesh wait` when its `--timeout` passed first (as `timeout(1)`'s).
+const EXIT_TIMED_OUT: i32 = 124;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -43,6 +51,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Show an existing key file's node id (libp2p PeerId) and public key.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Check a configuration file as the daemon does at start (like `nginx -t`).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Run the node: origin or mirror, as its config file says.
     Daemon {
         /// The node's configuration file (TOML; every key is described in the README).
@@ -57,10 +75,39 @@ enum Command {
     Peers(StatusArgs),
     /// Show a running node's repositories: snapshot, sync progress, last apply, propagation lag.
     Repos(StatusArgs),
+    /// Wait until a node (with --all: and every peer of the fabric it knows) serves a snapshot; exit status 0 once
+    /// it does, 124 when --timeout passed first, 1 on an error.
+    Wait(WaitArgs),
     /// Generate an Alpine-like repository tree (or update one) for tests, benchmarks and demos.
     GenTree(GenTreeArgs),
     /// Run a whole fabric on loopback (an origin and 4 mirrors, real daemons), sync, update, verify, report.
     Demo(mirrormesh::demo::DemoArgs),
+    /// Write the man pages and shell completions generated from this command line (for packages).
+    #[command(hide = true)]
+    Generate {
+        /// Directory to write `man1/*.1` and `completions/{mirrormesh.bash,_mirrormesh,mirrormesh.fish}` into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print the node id (libp2p PeerId) and public key of an existing key file.
+    Show {
+        /// The key file (ed25519, PKCS#8 PEM, as `mirrormesh keygen` writes it).
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Parse and validate a config file and load the node key it names, as the daemon does before it starts;
+    /// print OK, or every problem found with its key (exit status 1).
+    Check {
+        /// The configuration file (TOML).
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -80,6 +127,23 @@ struct StatusArgs {
     /// Print the daemon's JSON (as its admin API gives it) instead of tables.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct WaitArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The snapshot (sequence number) to wait for. Default: the newest the node knows of (asked of the origin,
+    /// the origin's newest).
+    #[arg(long)]
+    seq: Option<u64>,
+    /// Wait for the node's peers too: every member of the fabric it knows is connected and holds the snapshot
+    /// completely (ask the origin to wait for the whole fabric).
+    #[arg(long)]
+    all: bool,
+    /// Give up after this many seconds (exit status 124); 0 checks once.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -128,9 +192,30 @@ fn run(command: Command) -> Result<()> {
         Command::Keygen { out: path } => {
             let key = NodeKey::generate()?;
             key.save(&path)?;
-            let public: String = key.publisher_key().0.iter().map(|b| format!("{b:02x}")).collect();
-            out(&format!("key file   {}\nnode id    {}\npublic key {public}\n", path.display(), key.peer_id()))
+            out(&key_text(&path, &key))
         }
+        Command::Key { command: KeyCommand::Show { file } } => out(&key_text(&file, &NodeKey::load(&file)?)),
+        Command::Config { command: ConfigCommand::Check { file } } => match mirrormesh::config::check(&file) {
+            Ok((config, key)) => {
+                let role = format!("{:?}", config.role).to_lowercase();
+                out(&format!(
+                    "{}: OK: {role} {}, repository {}, tree {}\n",
+                    file.display(),
+                    key.peer_id(),
+                    config.repo,
+                    config.tree.display()
+                ))
+            }
+            Err(problems) => {
+                let mut stderr = std::io::stderr().lock();
+                for problem in &problems {
+                    let _ = writeln!(stderr, "{}: error: {problem}", file.display());
+                }
+                let _ = writeln!(stderr, "{}: test failed ({} problem(s))", file.display(), problems.len());
+                Err(Exit(1).into())
+            }
+        },
+        Command::Generate { out: dir } => generate(&dir),
         Command::Daemon { config } => run_daemon(&config),
         Command::Status(args) => {
             let status = client(&args.admin).status()?;
@@ -144,6 +229,7 @@ fn run(command: Command) -> Result<()> {
             let repos = client(&args.admin).repos()?;
             show(&repos, args.json, |r| table::repos_table(r, now_ms(), table::terminal_width()))
         }
+        Command::Wait(args) => wait(&args),
         Command::Publish(PublishArgs { admin: Some(admin), token, force, .. }) => {
             let client = AdminClient::new(&admin, token, Duration::from_secs(3600));
             let r = if force { client.publish_forced()? } else { client.publish()? };
@@ -215,6 +301,100 @@ fn run(command: Command) -> Result<()> {
         Command::GenTree(args) => gentree::run(&args),
         Command::Demo(args) => mirrormesh::demo::run(&args),
     }
+}
+
+/// `mirrormesh wait`: long-polls the node's `/wait` (again and again past the API's `WAIT_MAX`) until the
+/// node serves the snapshot (with `--all`: and each of the other members it knows is connected and holds it
+/// completely), or the timeout passes.
+fn wait(args: &WaitArgs) -> Result<()> {
+    use mirrormesh::admin_client::Waited;
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.timeout);
+    let poll_max = mirrormesh::admin::WAIT_MAX;
+    let client = AdminClient::new(&args.admin.admin, args.admin.token.clone(), poll_max + Duration::from_secs(30));
+    let status = client.status()?;
+    let repo = status.repos.first().context("the node serves no repository")?;
+    let seq = match args.seq {
+        Some(seq) => seq,
+        None => [repo.seq, repo.target_seq, repo.staged_seq]
+            .into_iter()
+            .flatten()
+            .max()
+            .context("the node knows of no snapshot yet; give --seq N")?,
+    };
+    // The other members the node knows (it counts itself).
+    let others = status.members.saturating_sub(1);
+    let query = if args.all { format!("seq={seq}&peers_at={seq}&connected={others}") } else { format!("seq={seq}") };
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now()).min(poll_max);
+        match client.wait_until(&query, left.as_millis() as u64)? {
+            Waited::Reached(s) => {
+                let served = s.repos.first().and_then(|r| r.seq).unwrap_or(seq);
+                let mut text = format!("{} ({}) serves {} seq {served}", s.node_id, s.role, repo.name);
+                if args.all {
+                    let peers = s.peers.iter().filter(|p| p.connected).count();
+                    text.push_str(&format!(", and so do its {peers} connected peers"));
+                }
+                return out(&(text + "\n"));
+            }
+            Waited::TimedOut(s) if std::time::Instant::now() >= deadline => {
+                let mut text = String::new();
+                let own = s.repos.first();
+                writeln!(
+                    text,
+                    "timed out after {} s waiting for seq {seq}: {} ({}) serves seq {} ({})",
+                    args.timeout,
+                    s.node_id,
+                    s.role,
+                    own.and_then(|r| r.seq).map_or("none".into(), |q| q.to_string()),
+                    own.map_or("-", |r| r.phase.as_str())
+                )?;
+                if args.all {
+                    let connected: Vec<_> = s.peers.iter().filter(|p| p.connected).collect();
+                    for p in connected.iter().filter(|p| p.complete_seq.is_none_or(|c| c < seq)) {
+                        let held = p.complete_seq.map_or("none".into(), |c| c.to_string());
+                        writeln!(text, "  behind: {} holds seq {held}", p.id)?;
+                    }
+                    if (connected.len() as u64) < others {
+                        writeln!(text, "  {} of the {others} other members known are connected", connected.len())?;
+                    }
+                }
+                let _ = std::io::stderr().write_all(text.as_bytes());
+                return Err(Exit(EXIT_TIMED_OUT).into());
+            }
+            Waited::TimedOut(_) => {}
+        }
+    }
+}
+
+/// What `keygen` and `key show` print of a key.
+fn key_text(path: &std::path::Path, key: &NodeKey) -> String {
+    let public: String = key.publisher_key().0.iter().map(|b| format!("{b:02x}")).collect();
+    format!("key file   {}\nnode id    {}\npublic key {public}\n", path.display(), key.peer_id())
+}
+
+/// `mirrormesh generate --out DIR`: man pages (one for the command, one per subcommand, as `git` has) and the
+/// completions of bash, zsh and fish, generated from the clap definition above. A subcommand of the binary rather
+/// than `build.rs`: the definition uses the library's argument types (gen-tree's, the testbed's, the demo's),
+/// which a build script of the same package cannot link; the packages run the binary they ship.
+fn generate(dir: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let man = dir.join("man1");
+    let completions = dir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("writing man pages to {}", man.display()))?;
+    for (shell, name) in
+        [(Shell::Bash, "mirrormesh.bash"), (Shell::Zsh, "_mirrormesh"), (Shell::Fish, "mirrormesh.fish")]
+    {
+        let path = completions.join(name);
+        let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        clap_complete::generate(shell, &mut Cli::command(), "mirrormesh", &mut file);
+        file.flush()?;
+    }
+    Ok(())
 }
 
 fn run_daemon(config: &std::path::Path) -> Result<()> {

@@ -149,6 +149,8 @@ fn every_command_exits_quietly_into_a_closed_pipe() {
     let key = dir.path().join("node.key");
     assert_quiet_success("keygen", &run_into_closed_pipe(&["keygen", "--out", key.to_str().unwrap()]));
     assert!(key.exists(), "the key is written even though nobody reads what keygen prints");
+    assert_quiet_success("key show", &run_into_closed_pipe(&["key", "show", key.to_str().unwrap()]));
+    assert_quiet_success("--version", &run_into_closed_pipe(&["--version"]));
 
     // Commands whose printing lives outside the CLI's own code are covered too.
     let tree = dir.path().join("tree");

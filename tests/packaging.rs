@@ -348,3 +348,168 @@ fn grafana_dashboard_queries_name_only_metrics_a_real_daemon_exports() {
     }
     assert!(checked >= 30, "{checked} metric references checked");
 }
+
+/// The subcommands `mirrormesh --help` lists (hidden ones are not).
+fn subcommands() -> Vec<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mirrormesh")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let commands: Vec<String> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|c| c != "help")
+        .collect();
+    assert!(commands.len() >= 12, "--help lists the commands: {commands:?}");
+    commands
+}
+
+#[test]
+fn deb_package_installs_binary_unit_configs_man_pages_completions_and_creates_the_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let script = packaging("build-deb.sh");
+    let built = run(
+        "sh",
+        &[script.as_os_str(), env!("CARGO_BIN_EXE_mirrormesh").as_ref(), out_dir.as_os_str()],
+        "dpkg-deb (Debian's dpkg)",
+    );
+    let deb = PathBuf::from(built.trim());
+    let arch = run("dpkg", &["--print-architecture".as_ref()], "dpkg");
+    assert_eq!(deb, out_dir.join(format!("mirrormesh_{}_{}.deb", env!("CARGO_PKG_VERSION"), arch.trim())));
+
+    let control = dir.path().join("control");
+    run("dpkg-deb", &["-e".as_ref(), deb.as_os_str(), control.as_os_str()], "dpkg");
+    let fields = std::fs::read_to_string(control.join("control")).unwrap();
+    for field in [
+        "Package: mirrormesh\n".to_owned(),
+        format!("Version: {}\n", env!("CARGO_PKG_VERSION")),
+        format!("Architecture: {}\n", arch.trim()),
+        "Depends: adduser".to_owned(),
+    ] {
+        assert!(fields.contains(&field), "control has {field:?}:\n{fields}");
+    }
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
+    assert_eq!(conffiles, "/etc/mirrormesh/mirror.toml\n/etc/mirrormesh/origin.toml\n");
+    for script in ["postinst", "postrm"] {
+        let path = control.join(script);
+        run("sh", &["-n".as_ref(), path.as_os_str()], "a POSIX shell");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o755, 0o755, "{script} is executable");
+    }
+
+    let root = dir.path().join("root");
+    run("dpkg-deb", &["-x".as_ref(), deb.as_os_str(), root.as_os_str()], "dpkg");
+    let file = |path: &str| {
+        let full = root.join(path.trim_start_matches('/'));
+        assert!(full.is_file(), "the package installs {path}");
+        full
+    };
+    // The binary, stripped, runs.
+    let installed = file("/usr/bin/mirrormesh");
+    let version = std::process::Command::new(&installed).arg("--version").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&version.stdout)
+            .starts_with(&format!("mirrormesh {} (commit ", env!("CARGO_PKG_VERSION")))
+    );
+    // The unit, running the installed binary as the user the postinst creates.
+    let unit = std::fs::read_to_string(file("/usr/lib/systemd/system/mirrormesh.service")).unwrap();
+    let source = std::fs::read_to_string(packaging("mirrormesh.service")).unwrap();
+    assert_eq!(unit, source.replace("ExecStart=/usr/local/bin/mirrormesh ", "ExecStart=/usr/bin/mirrormesh "));
+    assert!(unit.lines().any(|l| l == "ExecStart=/usr/bin/mirrormesh daemon --config /etc/mirrormesh/mirrormesh.toml"));
+    let user = unit.lines().find_map(|l| l.strip_prefix("User=")).expect("the unit names its user");
+    let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+    assert!(postinst.contains(&format!("getent passwd {user} ")), "postinst checks for {user}");
+    assert!(postinst.contains("adduser --system --group") && postinst.contains(&format!(" {user} ")), "{postinst}");
+    let state = Config::load(&packaging("mirror.toml")).unwrap().state_dir;
+    assert!(postinst.contains(&format!("install -d -o {user} -g {user} -m 0750 {}", state.display())), "{postinst}");
+    // The example configs, as shipped.
+    for name in ["mirror.toml", "origin.toml"] {
+        let shipped = std::fs::read(file(&format!("/etc/mirrormesh/{name}"))).unwrap();
+        assert_eq!(shipped, std::fs::read(packaging(name)).unwrap(), "{name}");
+        let key = Config::load(&packaging(name)).unwrap().key;
+        assert!(postinst.contains(&format!("mirrormesh keygen --out {}", key.display())), "postinst makes {key:?}");
+    }
+    // Man pages for the command and each subcommand, and the completions of three shells, naming every subcommand.
+    let commands = subcommands();
+    let page = |name: &str| {
+        let gz = file(&format!("/usr/share/man/man1/{name}.1.gz"));
+        let out = std::process::Command::new("gzip").arg("-dc").arg(gz).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let main_page = page("mirrormesh");
+    for command in &commands {
+        let roff = command.replace('-', "\\-");
+        assert!(main_page.contains(&format!("mirrormesh\\-{roff}(1)")), "mirrormesh(1) names {command}");
+        assert!(page(&format!("mirrormesh-{command}")).contains(".SH SYNOPSIS"));
+    }
+    for path in [
+        "/usr/share/bash-completion/completions/mirrormesh",
+        "/usr/share/zsh/vendor-completions/_mirrormesh",
+        "/usr/share/fish/vendor_completions.d/mirrormesh.fish",
+    ] {
+        let text = std::fs::read_to_string(file(path)).unwrap();
+        for command in &commands {
+            assert!(text.contains(command.as_str()), "{path} completes {command}");
+        }
+    }
+    file("/usr/share/doc/mirrormesh/copyright");
+    file("/usr/share/doc/mirrormesh/examples/mirrormesh.initd");
+}
+
+/// The value of `name="..."` in an APKBUILD (the quoted text, which may span lines).
+fn apkbuild_var<'a>(text: &'a str, name: &str) -> &'a str {
+    let start = text.find(&format!("\n{name}=")).unwrap_or_else(|| panic!("APKBUILD sets {name}")) + name.len() + 2;
+    let rest = &text[start..];
+    match rest.strip_prefix('"') {
+        Some(quoted) => &quoted[..quoted.find('"').expect("closing quote")],
+        None => rest.lines().next().unwrap(),
+    }
+}
+
+#[test]
+fn apkbuild_parses_and_names_files_that_exist_with_their_checksums() {
+    // No Alpine here (abuild, apk): what can be checked without it is.
+    let path = packaging("APKBUILD");
+    run("sh", &["-n".as_ref(), path.as_os_str()], "a POSIX shell");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(apkbuild_var(&text, "pkgname"), "mirrormesh");
+    assert_eq!(apkbuild_var(&text, "pkgver"), env!("CARGO_PKG_VERSION"), "the APKBUILD packages this version");
+    // Local sources (not URLs) are files beside it, and their sums are the ones abuild will check.
+    let sums = apkbuild_var(&text, "sha512sums");
+    let mut local = 0;
+    for source in apkbuild_var(&text, "source").split_whitespace() {
+        if source.contains("://") {
+            continue;
+        }
+        let file = packaging(source);
+        assert!(file.is_file(), "APKBUILD source {source} is in packaging/");
+        let sum = run("sha512sum", &[file.as_os_str()], "coreutils");
+        let sum = sum.split_whitespace().next().unwrap();
+        assert!(
+            sums.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == [sum, source]),
+            "sha512sums has {source}'s sum {sum} (run `abuild checksum`, or sha512sum, after changing it)"
+        );
+        local += 1;
+    }
+    assert_eq!(local, 2, "the OpenRC script and its settings");
+    // The user the OpenRC script runs as is the one the pre-install script creates.
+    let install = apkbuild_var(&text, "install").replace("$pkgname", "mirrormesh");
+    let pre_install = packaging(&install);
+    run("sh", &["-n".as_ref(), pre_install.as_os_str()], "a POSIX shell");
+    let created = std::fs::read_to_string(&pre_install).unwrap();
+    let initd = std::fs::read_to_string(packaging("mirrormesh.initd")).unwrap();
+    assert!(initd.contains(": \"${MIRRORMESH_USER:=mirrormesh}\""));
+    assert_eq!(apkbuild_var(&text, "pkgusers"), "mirrormesh");
+    assert!(
+        created.contains("adduser -S") && created.trim_end().lines().any(|l| l.ends_with(" mirrormesh 2>/dev/null"))
+    );
+    // The script runs the binary where package() puts it; the configs are the shipped ones.
+    assert!(initd.contains("command=\"/usr/bin/mirrormesh\""));
+    assert!(text.contains("install -Dm755 target/release/mirrormesh -t \"$pkgdir\"/usr/bin/"));
+    assert!(text.contains("install -Dm755 \"$srcdir\"/mirrormesh.initd \"$pkgdir\"/etc/init.d/mirrormesh"));
+    assert!(text.contains("packaging/mirror.toml packaging/origin.toml -t \"$pkgdir\"/etc/mirrormesh/"));
+    assert!(text.contains("mirrormesh generate --out generated"), "man pages and completions are generated");
+}
