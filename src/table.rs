@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use crate::publish::human_bytes;
+use indicatif::{HumanBytes, HumanDuration};
+
 use crate::status::{PeerStatus, RepoStatus, Status};
 
 /// Width assumed on a terminal that does not tell its size when `COLUMNS` is not set either.
@@ -126,22 +127,11 @@ pub fn render(columns: &[Column], rows: &[Vec<String>], width: Option<usize>) ->
     out
 }
 
-/// "3 s", "4 min", "2 h", "5 d".
-pub fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s} s"),
-        60..3600 => format!("{} min", s / 60),
-        3600..86400 => format!("{} h", s / 3600),
-        _ => format!("{} d", s / 86400),
-    }
-}
-
 fn ago(at_ms: u64, now_ms: u64) -> String {
     if at_ms == 0 {
         return "-".into();
     }
-    format!("{} ago", human_duration(Duration::from_millis(now_ms.saturating_sub(at_ms))))
+    format!("{:#} ago", HumanDuration(Duration::from_millis(now_ms.saturating_sub(at_ms))))
 }
 
 fn opt<T: ToString>(v: Option<T>) -> String {
@@ -174,11 +164,11 @@ pub fn peers_table(peers: &[PeerStatus], now_ms: u64, width: Option<usize>) -> S
                 p.learned.clone().unwrap_or_else(|| "-".into()),
                 ago(p.connected_since_ms, now_ms),
                 p.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms")),
-                human_bytes(p.bytes_received),
-                human_bytes(p.bytes_sent),
+                HumanBytes(p.bytes_received).to_string(),
+                HumanBytes(p.bytes_sent).to_string(),
                 format!("{}/{}", p.chunks_received, p.chunks_sent),
                 p.failures.to_string(),
-                p.score.map_or("-".into(), |s| format!("{}/s", human_bytes(s as u64))),
+                p.score.map_or("-".into(), |s| format!("{}/s", HumanBytes(s as u64))),
                 opt(p.complete_seq),
                 match (p.banned, p.connected) {
                     (true, _) => "BANNED".into(),
@@ -217,7 +207,7 @@ pub fn repos_table(repos: &[RepoStatus], now_ms: u64, width: Option<usize>) -> S
                 opt(r.target_seq),
                 format!("{:.0}%", r.progress * 100.0),
                 r.files_missing.to_string(),
-                human_bytes(r.bytes_missing),
+                HumanBytes(r.bytes_missing).to_string(),
                 r.last_apply_ms.map_or("-".into(), |at| ago(at, now_ms)),
                 r.propagation_lag_ms.map_or("-".into(), |l| format!("{:.2} s", l as f64 / 1000.0)),
             ]
@@ -230,17 +220,17 @@ pub fn repos_table(repos: &[RepoStatus], now_ms: u64, width: Option<usize>) -> S
 pub fn status_text(s: &Status, now_ms: u64, width: Option<usize>) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "node    {} ({}), up {}\n",
+        "node    {} ({}), up {:#}\n",
         s.node_id,
         s.role,
-        human_duration(Duration::from_millis(s.uptime_ms))
+        HumanDuration(Duration::from_millis(s.uptime_ms))
     ));
     out.push_str(&format!(
         "bytes   served {}, fetched {} ({} from origin, {} from peers)\n",
-        human_bytes(s.bytes_served_total),
-        human_bytes(s.bytes_fetched_total),
-        human_bytes(s.bytes_fetched_from_origin),
-        human_bytes(s.bytes_fetched_total.saturating_sub(s.bytes_fetched_from_origin))
+        HumanBytes(s.bytes_served_total),
+        HumanBytes(s.bytes_fetched_total),
+        HumanBytes(s.bytes_fetched_from_origin),
+        HumanBytes(s.bytes_fetched_total.saturating_sub(s.bytes_fetched_from_origin))
     ));
     let banned = s.peers.iter().filter(|p| p.banned).count();
     out.push_str(&format!(
@@ -282,7 +272,7 @@ mod tests {
         }
         // Cut in the middle: both ends of the id stay.
         assert!(text.contains("12D3KooW") && text.contains('…'), "{text}");
-        assert!(text.contains("5.0 MiB") && text.contains("0.2 ms"), "{text}");
+        assert!(text.contains("5.00 MiB") && text.contains("0.2 ms"), "{text}");
         // Narrower than the rank-0 columns and the cut ones: the least important columns go, the rest stay whole.
         let narrow = peers_table(&peers, 0, Some(80));
         assert!(narrow.lines().all(|l| l.chars().count() <= 80), "{narrow}");

@@ -5,6 +5,8 @@
 //! timeout passed first (124) or the node could not be asked (1). Every wait is on an event: the command's own
 //! long-poll, or the admin API's.
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -28,19 +30,9 @@ fn packaging(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging").join(name)
 }
 
-/// The subcommands `mirrormesh --help` lists (hidden ones are not listed).
+/// The subcommands `mirrormesh --help` lists.
 fn subcommands() -> Vec<String> {
-    let help = text(&run(&["--help"]).stdout);
-    let commands: Vec<String> = help
-        .lines()
-        .skip_while(|l| !l.starts_with("Commands:"))
-        .skip(1)
-        .take_while(|l| l.starts_with("  "))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .filter(|c| c != "help")
-        .collect();
-    assert!(commands.len() >= 12, "--help lists the commands: {commands:?}\n{help}");
-    commands
+    support::subcommands(std::path::Path::new(env!("CARGO_BIN_EXE_mirrormesh")))
 }
 
 #[test]

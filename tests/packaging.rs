@@ -1,6 +1,8 @@
 //! The files under packaging/ are what operators copy: the example configs must load, and the systemd unit must let
 //! the daemon write exactly where those configs say it writes.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use mirrormesh::config::Config;
@@ -349,20 +351,9 @@ fn grafana_dashboard_queries_name_only_metrics_a_real_daemon_exports() {
     assert!(checked >= 30, "{checked} metric references checked");
 }
 
-/// The subcommands `mirrormesh --help` lists (hidden ones are not).
+/// The subcommands `mirrormesh --help` lists.
 fn subcommands() -> Vec<String> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mirrormesh")).arg("--help").output().unwrap();
-    let help = String::from_utf8_lossy(&out.stdout).into_owned();
-    let commands: Vec<String> = help
-        .lines()
-        .skip_while(|l| !l.starts_with("Commands:"))
-        .skip(1)
-        .take_while(|l| l.starts_with("  "))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .filter(|c| c != "help")
-        .collect();
-    assert!(commands.len() >= 12, "--help lists the commands: {commands:?}");
-    commands
+    support::subcommands(std::path::Path::new(env!("CARGO_BIN_EXE_mirrormesh")))
 }
 
 #[test]
