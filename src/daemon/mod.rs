@@ -16,10 +16,12 @@ mod peers;
 mod progress;
 mod publisher;
 mod serving;
+mod status_projector;
 mod tree_writer;
 
 use health::Health;
 pub use health::{Problem, ProblemKind};
+use status_projector::StatusKey;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -60,7 +62,7 @@ use crate::key::NodeKey;
 use crate::metrics::Metrics;
 use crate::publish::{PublishError, PublishGuard, PublishOptions, PublishReport, now, publish};
 use crate::staging::{Prepared, Staging};
-use crate::status::{PeerStatus, PublishReply, RepoStatus, Status};
+use crate::status::{PublishReply, Status};
 use crate::store::{StateStore, StoreReader};
 use crate::swarm::{self, Behaviour, BehaviourEvent, WireRequest};
 
@@ -180,7 +182,8 @@ pub struct Daemon {
     next_refusal_report: Instant,
     events_tx: mpsc::Sender<LoopEvent>,
     events_rx: mpsc::Receiver<LoopEvent>,
-    status_tx: watch::Sender<Status>,
+    /// What the node shows of itself: status, metrics, history (`status_projector.rs`).
+    projector: status_projector::Projector,
     counters: BTreeMap<String, u64>,
     health: Health,
     publisher: publisher::Publisher,
@@ -191,21 +194,14 @@ pub struct Daemon {
     /// Files and bytes of the applied snapshot (for status).
     totals: (u64, u64),
     listen_addrs: Vec<Multiaddr>,
-    metrics: Metrics,
     started: Instant,
     sync: SyncProgress,
-    /// Origin: chunk bytes served when the newest snapshot was published.
-    served_at_publish: u64,
-    /// When the status was last published, and what clients wait on in it then.
-    status_published: Option<(Instant, StatusKey)>,
     /// Span of the sync in progress (none when idle): log lines about it carry its sequence number.
     sync_span: tracing::Span,
     /// The service manager (systemd's notify socket and watchdog), if one is watching.
     service: crate::service::Notifier,
     /// What a mirror writes and tells downstream after each snapshot (`downstream.rs`).
     downstream: crate::downstream::Downstream,
-    /// The dashboard's fabric view and history (`history.rs`), fed with every status published.
-    history: crate::history::History,
 }
 
 /// What the admin server and tests hold onto.
@@ -378,7 +374,7 @@ impl Daemon {
             fake_chunks_announced: 0,
             events_tx,
             events_rx,
-            status_tx,
+            projector: status_projector::Projector::new(status_tx, handle.metrics.clone(), history),
             counters: BTreeMap::new(),
             health: Health::default(),
             publisher,
@@ -386,15 +382,11 @@ impl Daemon {
             removals: housekeeping::Removals::new(pending_deletions, Instant::now()),
             totals,
             listen_addrs,
-            metrics: handle.metrics.clone(),
             started: Instant::now(),
             sync: SyncProgress::default(),
-            served_at_publish: 0,
-            status_published: None,
             sync_span: tracing::Span::none(),
             service: crate::service::Notifier::from_env(),
             downstream,
-            history,
         };
         if let Some((seq, chunks)) = snapshot_chunks {
             daemon.feed(Input::SnapshotChunks { seq, chunks })?;
@@ -417,7 +409,7 @@ impl Daemon {
         self.on_engine_timeout();
         self.after_event();
         // Both planes and the admin API listen (the admin API is bound before the loop runs).
-        let summary = crate::service::summary(&self.status_tx.borrow());
+        let summary = self.projector.summary();
         self.service.ready(&summary);
         loop {
             // The engine says when it wants to run next; the shell's own chores run on `tick`.
@@ -580,7 +572,7 @@ impl Daemon {
         self.service.watchdog(Instant::now());
         self.check_served_root(now());
         let key = self.status_key();
-        if self.status_published.as_ref().is_none_or(|(at, was)| *was != key || at.elapsed() >= STATUS_INTERVAL) {
+        if self.projector.due(&key) {
             self.publish_status(key);
         }
     }
@@ -745,7 +737,11 @@ impl Daemon {
                 self.sync_span = tracing::Span::none();
                 if let Some((_, started)) = self.sync.started.take() {
                     let lag_secs = lag.map(|l| l as f64 / 1000.0);
-                    self.metrics.observe_sync(self.cfg.repo.as_str(), started.elapsed().as_secs_f64(), lag_secs);
+                    self.projector.metrics.observe_sync(
+                        self.cfg.repo.as_str(),
+                        started.elapsed().as_secs_f64(),
+                        lag_secs,
+                    );
                 }
             }
         }
@@ -1177,10 +1173,9 @@ impl Daemon {
         writer.commit()?;
         self.totals = (report.body.files, report.body.bytes);
         self.count("snapshots_published");
-        self.served_at_publish = self.data.traffic().values().map(|t| t.bytes_sent).sum();
-        self.metrics.published(self.cfg.repo.as_str(), report.changed_bytes);
+        let served = self.data.traffic().values().map(|t| t.bytes_sent).sum();
         let published = crate::history::Newest { seq: report.body.seq, created_ms: report.body.created.0 };
-        self.history.published(t.0, published, report.changed_bytes, self.served_at_publish);
+        self.projector.snapshot_published(self.cfg.repo.as_str(), t.0, published, report.changed_bytes, served);
         tracing::info!(seq = report.body.seq, root = %report.body.root, files = report.body.files, changes = report.changes, "published");
         // A client that reads the status after the answer sees the new snapshot.
         let key = self.status_key();
@@ -1520,139 +1515,28 @@ impl Daemon {
     // ---- status -------------------------------------------------------------------------------------------
 
     fn publish_status(&mut self, key: StatusKey) {
-        self.status_published = Some((Instant::now(), key));
-        let engine = self.engine.status();
-        let traffic = self.data.traffic();
-        let syncing = engine.phase != SyncPhase::Idle;
-        let bytes_missing = engine.bytes_missing;
-        if syncing {
-            self.sync.need_bytes = self.sync.need_bytes.max(bytes_missing);
-        }
-        let progress = match engine.phase {
-            SyncPhase::Idle if engine.current.is_none() && self.cfg.role == RoleName::Mirror => 0.0,
-            SyncPhase::Idle => 1.0,
-            SyncPhase::Transferring if self.sync.need_bytes > 0 => {
-                1.0 - bytes_missing as f64 / self.sync.need_bytes as f64
-            }
-            SyncPhase::Applying | SyncPhase::ApplyRetrying => 1.0,
-            _ => 0.0,
+        let sources = status_projector::Sources {
+            cfg: &self.cfg,
+            key: &self.key,
+            engine: &self.engine,
+            data: &self.data,
+            peers: &self.peers,
+            swarm: &self.swarm,
+            origins: &self.origins,
+            counters: &self.counters,
+            downstream: &self.downstream,
+            service: &mut self.service,
+            health: &self.health,
+            removals: &self.removals,
+            totals: self.totals,
+            sync: &mut self.sync,
+            listen_addrs: &self.listen_addrs,
+            started: self.started,
         };
-        let target_seq = engine.target.map(|t| t.0);
-        let files_missing = match &self.sync.files {
-            Some(files) if syncing && Some(files.seq) == target_seq => files.files_missing(),
-            _ => 0,
-        };
-        let repo = RepoStatus {
-            name: engine.repo.to_string(),
-            seq: engine.current.map(|c| c.0),
-            root: engine.current.map(|c| c.1.to_hex()),
-            state: match (syncing, engine.current) {
-                (true, _) => "syncing".into(),
-                (false, None) if self.cfg.role == RoleName::Mirror => "never-synced".into(),
-                (false, _) => "idle".into(),
-            },
-            phase: engine.phase.name().into(),
-            target_seq,
-            staged_seq: self.sync.staged_seq.filter(|_| syncing),
-            progress,
-            files_missing,
-            bytes_missing,
-            chunks_missing: engine.chunks_missing as u64,
-            waiting_for_origin: engine.waiting_for_origin,
-            files: self.totals.0,
-            bytes: self.totals.1,
-            pending_deletions: self.removals.pending(),
-            created_ms: self.engine.current().map(|c| c.body.created.0),
-            expires_ms: self.engine.current().map(|c| c.body.expires.0),
-            last_apply_ms: self.sync.last_apply_ms,
-            propagation_lag_ms: self.sync.propagation_lag_ms,
-        };
-        let mut peers = Vec::new();
-        for (id, state) in self.peers.states() {
-            let t = traffic.get(id);
-            let banned = self.engine.is_banned(id);
-            peers.push(PeerStatus {
-                id: id.to_string(),
-                address: state.address.as_ref().map(ToString::to_string).unwrap_or_default(),
-                data_address: state.data_addrs.first().map(ToString::to_string),
-                origin: self.origins.contains(id),
-                learned: self.peers.learned(id).map(|l| l.name().to_owned()),
-                connected: self.swarm.is_connected(id),
-                rtt_ms: state.rtt_ms,
-                bytes_sent: t.map_or(0, |t| t.bytes_sent),
-                bytes_received: t.map_or(0, |t| t.bytes_received),
-                chunks_sent: t.map_or(0, |t| t.chunks_sent),
-                chunks_received: t.map_or(0, |t| t.chunks_received),
-                failures: t.map_or(0, |t| t.failures),
-                banned,
-                score: if banned { Some(0.0) } else { state.rate },
-                complete_seq: self.engine.peer_complete_seq(id),
-                connected_since_ms: state.connected_since_ms,
-            });
-        }
-        let served = traffic.values().map(|t| t.bytes_sent).sum();
-        let fetched = traffic.values().map(|t| t.bytes_received).sum();
-        let from_origin = traffic.iter().filter(|(p, _)| self.origins.contains(p)).map(|(_, t)| t.bytes_received).sum();
-        let mut counters = self.counters.clone();
-        counters.extend(self.peers.counters().iter().map(|(k, v)| (k.clone(), *v)));
-        for (what, n) in self.data.refusals() {
-            counters.insert(format!("data_refused_{what}"), n);
-        }
-        for (name, n) in self.downstream.counters() {
-            counters.insert(name.into(), n);
-        }
-        if self.service.failures() > 0 {
-            counters.insert("service_notify_failures".into(), self.service.failures());
-        }
-        if self.history.memos_dropped > 0 {
-            counters.insert("history_members_dropped".into(), self.history.memos_dropped);
-        }
-        let seeder = self.engine.seeder_counts();
-        let announced = self.engine.announce_counts();
-        counters.insert("announced_outside_snapshot".into(), announced.outside_snapshot);
-        counters.insert("announced_over_cap".into(), announced.over_cap);
-        if self.cfg.role == RoleName::Origin {
-            counters.insert("origin_chunks_served".into(), seeder.served);
-            counters.insert("origin_redirects".into(), seeder.redirects);
-            counters.insert("origin_refused_complete_claims".into(), seeder.refused);
-            counters.insert("origin_served_again_after_wait".into(), seeder.again.after_wait);
-            counters.insert("origin_served_again_after_bans".into(), seeder.again.after_bans);
-            counters.insert("origin_served_again_no_holder".into(), seeder.again.no_holder);
-            counters.insert("origin_served_again_same_asker".into(), seeder.again.asked_again);
-            counters.insert("origin_refused_unknown_chunks".into(), seeder.refused_unknown);
-            counters.insert("origin_refused_banned".into(), seeder.refused_banned);
-        }
-        let status = Status {
-            node_id: self.key.peer_id().to_string(),
-            listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
-            data_addr: self.data.local_addr().to_string(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            role: match self.cfg.role {
-                RoleName::Origin => "origin".into(),
-                RoleName::Mirror => "mirror".into(),
-            },
-            repos: vec![repo],
-            peers,
-            members: self.peers.fabric_size() as u64,
-            bytes_served_total: served,
-            bytes_fetched_total: fetched,
-            bytes_fetched_from_origin: from_origin,
-            counters,
-            last_error: self.health.newest().map(str::to_owned),
-            problems: self.health.list(),
-        };
-        let origin_sent = (self.cfg.role == RoleName::Origin).then(|| served.saturating_sub(self.served_at_publish));
-        self.service.status(&crate::service::summary(&status));
-        self.metrics.refresh(&status, origin_sent);
-        let newest =
-            self.engine.latest().map(|r| crate::history::Newest { seq: r.body.seq, created_ms: r.body.created.0 });
-        let peers = &self.peers;
-        self.history.observe(Instant::now(), now().0, &status, newest, || peers.members());
-        self.status_tx.send_replace(status);
+        self.projector.publish(key, sources);
     }
 }
 
-/// What in the status a client may be waiting on: a change publishes it at once.
 /// The daemon as the host of its engine (see [`step`]).
 impl Host<PeerId> for Daemon {
     type Source<'s>
@@ -1685,18 +1569,6 @@ impl NodeSource for Reader {
     fn has_node(&self, hash: &mirrormesh_proto::node::NodeHash) -> Result<bool, SourceError> {
         self.0.as_ref().map_err(Clone::clone)?.has_node(hash)
     }
-}
-
-#[derive(PartialEq, Eq)]
-struct StatusKey {
-    phase: &'static str,
-    current: Option<u64>,
-    target: Option<u64>,
-    waiting_for_origin: bool,
-    peers: usize,
-    staged: Option<u64>,
-    last_error: Option<String>,
-    problems: usize,
 }
 
 /// What kind of failure an apply error is, for the engine's retry (from the first I/O error in its chain).
