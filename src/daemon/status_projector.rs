@@ -190,6 +190,9 @@ impl Projector {
         let announced = src.engine.announce_counts();
         counters.insert("announced_outside_snapshot".into(), announced.outside_snapshot);
         counters.insert("announced_over_cap".into(), announced.over_cap);
+        let copies = src.engine.copy_counts();
+        counters.insert("chunks_received_again_endgame".into(), copies.endgame);
+        counters.insert("chunks_received_again_other".into(), copies.other);
         if src.cfg.role == RoleName::Origin {
             counters.insert("origin_chunks_served".into(), seeder.served);
             counters.insert("origin_redirects".into(), seeder.redirects);

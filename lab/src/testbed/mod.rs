@@ -704,10 +704,12 @@ fn partition(a: &PartitionArgs) -> Result<()> {
         after_restore.as_secs_f64()
     );
     println!(
-        "victim: verified chunk bytes fetched / snapshot = {} (duplicates: {}); chunk requests failed {}, peers \
-         dropped as unreachable {}; origin sent / snapshot = {}",
+        "victim: verified chunk bytes fetched / snapshot = {} (duplicates: {}; chunks received again: {} endgame \
+         copies, {} other); chunk requests failed {}, peers dropped as unreachable {}; origin sent / snapshot = {}",
         ratio(fetched as f64, size as f64),
         HumanBytes(fetched.saturating_sub(size)),
+        counter("chunks_received_again_endgame"),
+        counter("chunks_received_again_other"),
         counter("chunk_requests_failed"),
         counter("peers_unreachable"),
         ratio(origin_tx as f64, size as f64)

@@ -337,6 +337,15 @@ pub struct TableSizes {
     pub pending_holdings: usize,
 }
 
+/// Verified chunks of a sync that arrived when they were held already (their bytes were fetched twice).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyCounts {
+    /// The chunk had an endgame copy asked for (two copies in flight by design, and both came).
+    pub endgame: u64,
+    /// Any other second copy (a request asked again while the first was still on its way).
+    pub other: u64,
+}
+
 /// Announced chunk ids this node dropped since the start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AnnounceCounts {
@@ -519,6 +528,7 @@ pub struct Engine<P: PeerKey> {
     /// Origin: the chunks of the current snapshot (`None` until the caller says, after a restart).
     snapshot_chunks: Option<ChunkSet>,
     announce_counts: AnnounceCounts,
+    copy_counts: CopyCounts,
     next_req: u64,
     out: VecDeque<Output<P>>,
     have_outbox: Vec<ChunkId>,
@@ -561,6 +571,7 @@ impl<P: PeerKey> Engine<P> {
             holder_entries: 0,
             snapshot_chunks: None,
             announce_counts: AnnounceCounts::default(),
+            copy_counts: CopyCounts::default(),
             next_req: 0,
             out: VecDeque::new(),
             have_outbox: Vec::new(),
@@ -1029,6 +1040,13 @@ impl<P: PeerKey> Engine<P> {
             self.out.push_back(Output::Notice(Notice::LocalFailure));
         }
         let newly = verified && sched.is_needed(&id);
+        if verified && !newly {
+            match sched.endgame_copied(&id) {
+                Some(true) => self.copy_counts.endgame += 1,
+                Some(false) => self.copy_counts.other += 1,
+                None => {}
+            }
+        }
         let outs = sched.on_chunk(now.mono, req, &id, outcome);
         if newly {
             self.have_outbox.push(id);
@@ -1179,6 +1197,11 @@ impl<P: PeerKey> Engine<P> {
     /// Announced chunk ids dropped since the start.
     pub fn announce_counts(&self) -> AnnounceCounts {
         self.announce_counts
+    }
+
+    /// Chunks received again since the start (see [`CopyCounts`]).
+    pub fn copy_counts(&self) -> CopyCounts {
+        self.copy_counts
     }
 
     /// Sends this node's hello (which carries the newest root) straight to every greeted peer not known to have

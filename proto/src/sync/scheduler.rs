@@ -240,6 +240,8 @@ pub struct Scheduler<P: PeerKey> {
     numbers: HashMap<ChunkId, u32, BuildHasherDefault<IdHasher>>,
     sizes: Vec<u32>,
     held: FixedBitSet,
+    /// Chunks an endgame copy was asked for (a second copy arriving is then the endgame's, by design).
+    endgame_copied: FixedBitSet,
     /// Requests each chunk is in flight in (only chunks in flight appear).
     in_flight: BTreeMap<u32, Vec<(P, ReqId)>>,
     /// Needed chunks in rarest-first order (held ones retired).
@@ -348,6 +350,7 @@ impl<P: PeerKey> Scheduler<P> {
             numbers: all.iter().enumerate().map(|(i, c)| (c.0, i as u32)).collect(),
             ids: all.into_iter().map(|c| c.0).collect(),
             held: FixedBitSet::with_capacity(n),
+            endgame_copied: FixedBitSet::with_capacity(n),
             in_flight: BTreeMap::new(),
             avail: Availability::new(initial),
             origin_deferred: BTreeMap::new(),
@@ -390,6 +393,11 @@ impl<P: PeerKey> Scheduler<P> {
 
     pub fn is_needed(&self, id: &ChunkId) -> bool {
         self.index(id).is_some_and(|c| self.needed(c))
+    }
+
+    /// Whether an endgame copy of this chunk of the snapshot was asked for (`None`: not a chunk of it).
+    pub fn endgame_copied(&self, id: &ChunkId) -> Option<bool> {
+        self.index(id).map(|c| self.endgame_copied.contains(c as usize))
     }
 
     /// Chunks of the snapshot held (received or found locally).
@@ -907,6 +915,9 @@ impl<P: PeerKey> Scheduler<P> {
                     break;
                 }
             }
+            for &c in &picked {
+                self.endgame_copied.put(c as usize);
+            }
         }
         if picked.is_empty() {
             return None;
@@ -1088,6 +1099,25 @@ mod tests {
         assert!(fetches(&s.pump(Mono(2), &mut next)).is_empty(), "not asked again right away");
         s.set_peer(&7, false, true);
         assert_eq!(fetches(&s.pump(Mono(3), &mut next)), vec![(7, vec![id(1)])], "asked again once complete");
+    }
+
+    #[test]
+    fn an_endgame_copy_is_marked_so_a_second_arrival_is_known_for_the_endgames() {
+        let mut s = Scheduler::new(SchedulerLimits::default(), 1, [(id(1), 100)]);
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            ReqId(n)
+        };
+        s.set_peer(&5, false, true);
+        assert_eq!(fetches(&s.pump(Mono(0), &mut next)), vec![(5, vec![id(1)])]);
+        assert_eq!(s.endgame_copied(&id(1)), Some(false), "asked once, not in the endgame");
+        // Every chunk is in flight: an idle peer that holds it is asked for a copy.
+        s.set_peer(&6, false, true);
+        assert!(s.in_endgame());
+        assert_eq!(fetches(&s.pump(Mono(1), &mut next)), vec![(6, vec![id(1)])]);
+        assert_eq!(s.endgame_copied(&id(1)), Some(true));
+        assert_eq!(s.endgame_copied(&id(9)), None, "not a chunk of this snapshot");
     }
 
     #[test]
