@@ -6,14 +6,17 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// The lab binary; the product's `mirrormesh` (which the testbed runs as its daemons) is built beside it first, with
-/// the features the workspace's test build gives it (`cargo test --workspace` has built it already: then this is a
-/// no-op).
+/// The lab binary; the product's `mirrormesh` (which the testbed runs as its daemons) must be beside it:
+/// `cargo test --workspace` has built it; when only this package's tests were built, it is built here (with the
+/// `faults` feature, as the workspace's test build has it).
 fn binary() -> &'static Path {
     static BUILT: std::sync::Once = std::sync::Once::new();
     let lab = Path::new(env!("CARGO_BIN_EXE_mirrormesh-lab"));
     BUILT.call_once(|| {
         let profile_dir = lab.parent().unwrap();
+        if profile_dir.join("mirrormesh").is_file() {
+            return;
+        }
         let mut cargo = Command::new(env!("CARGO"));
         cargo.args(["build", "--quiet", "-p", "mirrormesh", "--bin", "mirrormesh", "--features", "faults"]);
         if profile_dir.file_name().is_some_and(|d| d == "release") {
