@@ -8,6 +8,7 @@
 //! State survives restarts: the applied snapshot, the newest accepted root, manifest nodes and deltas, pending
 //! deletions (the state database), and staged chunks (re-verified when staging is prepared again).
 
+mod control;
 mod duplicate_key;
 mod health;
 mod housekeeping;
@@ -31,13 +32,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use futures::StreamExt;
 use indicatif::HumanDuration;
-use libp2p::request_response::{self, OutboundRequestId};
-use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::request_response;
+use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
 use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, roots_topic};
 use mirrormesh_proto::diff::Change;
-use mirrormesh_proto::links::{ControlAnswers, ControlTimeout};
 use mirrormesh_proto::node_store::NodeSink;
 use mirrormesh_proto::node_store::{NodeSource, SourceError};
 use mirrormesh_proto::root::Freshness;
@@ -51,7 +51,6 @@ use mirrormesh_proto::sync::{
     SyncPhase,
 };
 use mirrormesh_proto::{Mono, Now, RootError, SignedRoot, Timestamp, VerifiedRoot};
-use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::apply::ApplyReport;
@@ -133,13 +132,6 @@ pub enum LoopEvent {
     },
 }
 
-enum Pending {
-    Hello { sent: Instant },
-    Have { sent: Instant },
-    Nodes { peer: PeerId, req: ReqId },
-    Delta { peer: PeerId, req: ReqId },
-}
-
 /// The sync in progress, as the status reports it.
 #[derive(Default)]
 struct SyncProgress {
@@ -166,20 +158,14 @@ pub struct Daemon {
     /// Connections, dialing, the fabric's members (`peers.rs`).
     peers: peers::Peers,
     origins: Vec<PeerId>,
-    pending: HashMap<OutboundRequestId, Pending>,
+    /// The control protocol's outstanding requests, timeouts and answer budgets (`control.rs`).
+    control: control::Control,
     /// Chunk requests running, and when each was sent.
     fetches: HashMap<ReqId, (tokio::task::AbortHandle, Instant)>,
-    /// What each peer may still take in manifest answers.
-    answer_budgets: manifest_answers::AnswerBudgets,
-    /// When each connection last brought an answer to one of this node's control requests.
-    /// When each connection last answered a control request (what a timeout means: the core's rule).
-    control_answered: ControlAnswers<ConnectionId>,
     /// Fault injection: made-up chunk ids announced so far (each id is the hash of this count).
     fake_chunks_announced: u64,
-    /// Data-plane refusals of each peer already reported to the engine as offences.
-    refusals_reported: BTreeMap<PeerId, u64>,
-    /// When the data plane's refusals are next summed up in the log.
-    next_refusal_report: Instant,
+    /// Data-plane refusals already reported to the engine as offences (`serving.rs`).
+    refusals: serving::RefusalReports,
     events_tx: mpsc::Sender<LoopEvent>,
     events_rx: mpsc::Receiver<LoopEvent>,
     /// What the node shows of itself: status, metrics, history (`status_projector.rs`).
@@ -221,6 +207,90 @@ fn verified(root: &SignedRoot) -> Result<VerifiedRoot> {
     Ok(VerifiedRoot { signed: root.clone(), body })
 }
 
+/// What the state database holds at start: the applied snapshot and the newest accepted root, the applied
+/// snapshot's chunk index and totals, and (on an origin) its chunks, which are all the origin's tables keep.
+struct Restored {
+    applied: Option<VerifiedRoot>,
+    latest: Option<VerifiedRoot>,
+    index: ChunkIndex,
+    snapshot_chunks: Option<(u64, ChunkSet)>,
+    totals: (u64, u64),
+}
+
+fn restore(cfg: &Config, store: &StateStore) -> Result<Restored> {
+    let reader = store.reader()?;
+    let applied = reader.applied(&cfg.repo)?.map(|r| verified(&r)).transpose()?;
+    let latest = reader.root(&cfg.repo)?.map(|r| verified(&r)).transpose()?;
+    let index = match &applied {
+        Some(root) => ChunkIndex::build(&reader, &root.body.root)?,
+        None => ChunkIndex::default(),
+    };
+    // An origin restarted on a published snapshot keeps only that snapshot's chunks in its tables.
+    let snapshot_chunks = match (&applied, cfg.role) {
+        (Some(root), RoleName::Origin) => Some((root.body.seq, ChunkSet::of_snapshot(&reader, &root.body.root)?)),
+        _ => None,
+    };
+    let totals = applied.as_ref().map_or((0, 0), |a| (a.body.files, a.body.bytes));
+    Ok(Restored { applied, latest, index, snapshot_chunks, totals })
+}
+
+/// The engine's configuration for this node, and the origins a mirror trusts.
+fn engine_config(cfg: &Config, key: &NodeKey) -> (EngineConfig<PeerId>, Vec<PeerId>) {
+    let role = match cfg.role {
+        RoleName::Origin => Role::Origin,
+        RoleName::Mirror => Role::Mirror,
+    };
+    // An origin is the one publisher of its repository: it trusts its own key only, so no other root can
+    // overtake the sequence numbers it signs.
+    let (trusted, origins): (Vec<_>, Vec<PeerId>) = match role {
+        Role::Origin => (vec![key.publisher_key()], Vec::new()),
+        Role::Mirror => cfg.publishers.iter().map(|(k, p)| (*k, *p)).unzip(),
+    };
+    let salt = u64::from_le_bytes(blake3::hash(&key.peer_id().to_bytes()).as_bytes()[..8].try_into().unwrap_or([0; 8]));
+    let engine_cfg = EngineConfig {
+        repo: cfg.repo.clone(),
+        role,
+        trusted,
+        origins: origins.iter().copied().collect(),
+        salt,
+        scheduler: SchedulerLimits::default(),
+        seeder: SeederLimits::default(),
+        have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
+        resign_before_expiry_ms: (role == Role::Origin).then_some(cfg.validity.as_millis() as u64 / 2),
+    };
+    (engine_cfg, origins)
+}
+
+/// Builds the control plane's swarm, subscribes to the roots topic and waits until it listens.
+async fn bind_control(
+    cfg: &Config,
+    key: &NodeKey,
+) -> Result<(Swarm<Behaviour>, gossipsub::IdentTopic, Vec<Multiaddr>)> {
+    let mut swarm = swarm::build(key, cfg.faults.malformed_control)?;
+    if cfg.faults.any() {
+        tracing::warn!(faults = ?cfg.faults, "fault injection enabled: this node misbehaves on purpose (tests only)");
+    }
+    let topic = gossipsub::IdentTopic::new(roots_topic(&cfg.repo));
+    swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| anyhow!("subscribing to {topic}: {e}"))?;
+    let (score, thresholds) = swarm::root_topic_scoring(&topic);
+    swarm.behaviour_mut().gossipsub.with_peer_score(score, thresholds).map_err(|e| anyhow!("gossip scoring: {e}"))?;
+    swarm.listen_on(cfg.listen.clone()).with_context(|| format!("network.listen {}", cfg.listen))?;
+    // Wait for the listener so the handle can say where the node listens.
+    let mut listen_addrs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while listen_addrs.is_empty() {
+        match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
+            Ok(SwarmEvent::ListenerError { error, .. }) => {
+                return Err(anyhow!("network.listen {}: {error}", cfg.listen));
+            }
+            Ok(_) => {}
+            Err(_) => return Err(anyhow!("network.listen {}: no listening address after 10 s", cfg.listen)),
+        }
+    }
+    Ok((swarm, topic, listen_addrs))
+}
+
 impl Daemon {
     /// Opens the node's state, binds its sockets and returns the daemon (not yet running) and a handle to it.
     pub async fn start(cfg: Config) -> Result<(Self, Handle)> {
@@ -230,45 +300,11 @@ impl Daemon {
         };
         let store = Arc::new(StateStore::open(&cfg.state_dir)?);
         let staging = Arc::new(Staging::open(&cfg.staging_dir, &cfg.tree)?);
-        let reader = store.reader()?;
-        let applied = reader.applied(&cfg.repo)?.map(|r| verified(&r)).transpose()?;
-        let latest = reader.root(&cfg.repo)?.map(|r| verified(&r)).transpose()?;
-        let index = match &applied {
-            Some(root) => ChunkIndex::build(&reader, &root.body.root)?,
-            None => ChunkIndex::default(),
-        };
-        // An origin restarted on a published snapshot keeps only that snapshot's chunks in its tables.
-        let snapshot_chunks = match (&applied, cfg.role) {
-            (Some(root), RoleName::Origin) => Some((root.body.seq, ChunkSet::of_snapshot(&reader, &root.body.root)?)),
-            _ => None,
-        };
-        let totals = applied.as_ref().map_or((0, 0), |a| (a.body.files, a.body.bytes));
-        drop(reader);
-
-        let role = match cfg.role {
-            RoleName::Origin => Role::Origin,
-            RoleName::Mirror => Role::Mirror,
-        };
-        // An origin is the one publisher of its repository: it trusts its own key only, so no other root can
-        // overtake the sequence numbers it signs.
-        let (trusted, origins): (Vec<_>, Vec<PeerId>) = match role {
-            Role::Origin => (vec![key.publisher_key()], Vec::new()),
-            Role::Mirror => cfg.publishers.iter().map(|(k, p)| (*k, *p)).unzip(),
-        };
-        let salt =
-            u64::from_le_bytes(blake3::hash(&key.peer_id().to_bytes()).as_bytes()[..8].try_into().unwrap_or([0; 8]));
-        let engine_cfg = EngineConfig {
-            repo: cfg.repo.clone(),
-            role,
-            trusted,
-            origins: origins.iter().copied().collect(),
-            salt,
-            scheduler: SchedulerLimits::default(),
-            seeder: SeederLimits::default(),
-            have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
-            resign_before_expiry_ms: (role == Role::Origin).then_some(cfg.validity.as_millis() as u64 / 2),
-        };
-        let engine = Engine::new(engine_cfg, applied, latest);
+        let restored = restore(&cfg, &store)?;
+        let (engine_cfg, origins) = engine_config(&cfg, &key);
+        let role = engine_cfg.role;
+        let engine = Engine::new(engine_cfg, restored.applied, restored.latest);
+        let (totals, snapshot_chunks, index) = (restored.totals, restored.snapshot_chunks, restored.index);
 
         let (events_tx, events_rx) = mpsc::channel(LOOP_EVENTS_MAX);
         let index = Arc::new(RwLock::new(index));
@@ -296,33 +332,7 @@ impl Daemon {
         )
         .context("starting the data plane")?;
 
-        let mut swarm = swarm::build(&key, cfg.faults.malformed_control)?;
-        if cfg.faults.any() {
-            tracing::warn!(faults = ?cfg.faults, "fault injection enabled: this node misbehaves on purpose (tests only)");
-        }
-        let topic = gossipsub::IdentTopic::new(roots_topic(&cfg.repo));
-        swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| anyhow!("subscribing to {topic}: {e}"))?;
-        let (score, thresholds) = swarm::root_topic_scoring(&topic);
-        swarm
-            .behaviour_mut()
-            .gossipsub
-            .with_peer_score(score, thresholds)
-            .map_err(|e| anyhow!("gossip scoring: {e}"))?;
-        swarm.listen_on(cfg.listen.clone()).with_context(|| format!("network.listen {}", cfg.listen))?;
-        // Wait for the listener so the handle can say where the node listens.
-        let mut listen_addrs = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while listen_addrs.is_empty() {
-            match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
-                Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
-                Ok(SwarmEvent::ListenerError { error, .. }) => {
-                    return Err(anyhow!("network.listen {}: {error}", cfg.listen));
-                }
-                Ok(_) => {}
-                Err(_) => return Err(anyhow!("network.listen {}: no listening address after 10 s", cfg.listen)),
-            }
-        }
-
+        let (swarm, topic, listen_addrs) = bind_control(&cfg, &key).await?;
         let peers = peers::Peers::new(&cfg, key.peer_id(), &store, data.clone(), &listen_addrs)?;
         let (status_tx, status_rx) = watch::channel(Status::default());
         let pending_deletions = store.reader()?.pending_deletion_count()?;
@@ -365,12 +375,9 @@ impl Daemon {
             index,
             peers,
             origins,
-            pending: HashMap::new(),
+            control: control::Control::default(),
             fetches: HashMap::new(),
-            answer_budgets: Default::default(),
-            control_answered: ControlAnswers::new(mirrormesh_proto::links::CONTROL_TIMEOUT_MS),
-            refusals_reported: BTreeMap::new(),
-            next_refusal_report: Instant::now(),
+            refusals: serving::RefusalReports::new(Instant::now()),
             fake_chunks_announced: 0,
             events_tx,
             events_rx,
@@ -603,23 +610,17 @@ impl Daemon {
             Output::SendHello(peer, mut hello) => {
                 hello.data_addrs = vec![self.data_addr_text()];
                 self.fault_lie(&mut hello.complete_seq);
-                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Hello(hello).into());
-                self.pending.insert(id, Pending::Hello { sent: Instant::now() });
+                self.control.send(&mut self.swarm, peer, control::Outgoing::Hello(hello));
             }
             Output::SendHave(peer, mut have) => {
                 self.fault_lie(&mut have.complete_seq);
-                let id = self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::Have(have).into());
-                self.pending.insert(id, Pending::Have { sent: Instant::now() });
+                self.control.send(&mut self.swarm, peer, control::Outgoing::Have(have));
             }
             Output::FetchNodes { peer, req, hashes } => {
-                let id =
-                    self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::GetNodes { hashes }.into());
-                self.pending.insert(id, Pending::Nodes { peer, req });
+                self.control.send(&mut self.swarm, peer, control::Outgoing::Nodes { req, hashes });
             }
             Output::FetchDelta { peer, req, hash } => {
-                let id =
-                    self.swarm.behaviour_mut().control.send_request(&peer, ControlRequest::GetDelta { hash }.into());
-                self.pending.insert(id, Pending::Delta { peer, req });
+                self.control.send(&mut self.swarm, peer, control::Outgoing::Delta { req, hash });
             }
             Output::StoreNodes(nodes) => {
                 let mut writer = self.store.writer()?;
@@ -929,12 +930,12 @@ impl Daemon {
             }
             LoopEvent::Answer { peer, channel, answer } => match answer {
                 Ok((response, bytes)) => {
-                    self.answer_budgets.spend(Instant::now(), peer, bytes);
+                    self.control.answered(peer, bytes);
                     let _ = self.swarm.behaviour_mut().control.send_response(channel, response);
                 }
                 // Not answered: the peer's request fails and it asks elsewhere.
                 Err(e) => {
-                    self.answer_budgets.spend(Instant::now(), peer, 0);
+                    self.control.answered(peer, 0);
                     self.error(format!("answering a manifest fetch: {e:#}"));
                 }
             },
@@ -1237,7 +1238,7 @@ impl Daemon {
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, .. } => {
-                self.control_answered.closed(&connection_id);
+                self.control.closed(&connection_id);
                 if self.peers.on_closed(peer_id, connection_id, num_established) {
                     self.feed(Input::PeerDisconnected(peer_id))?;
                 }
@@ -1295,79 +1296,48 @@ impl Daemon {
         let sync = self.sync_span.clone();
         let _sync = sync.enter();
         let _peer = tracing::info_span!("peer", %peer).entered();
-        match event {
-            request_response::Event::Message { peer, connection_id, message } => match message {
-                request_response::Message::Request { request: WireRequest::Valid(request), channel, .. } => {
-                    self.answer(peer, request, channel)?;
-                }
-                request_response::Message::Request { request: WireRequest::Malformed(why), .. } => {
-                    // Not answered: dropping the channel resets the stream.
-                    tracing::debug!(%peer, "malformed control request: {why}");
-                    self.count("control_malformed");
-                    self.feed(Input::Offence { peer, offence: Offence::MalformedControl })?;
-                }
-                request_response::Message::Response { request_id, response } => {
-                    self.control_answered.answered(connection_id, self.clock().mono);
-                    if self.peers.take_request(request_id) {
-                        self.peers.on_members_answer(peer, response);
-                        return Ok(());
-                    }
-                    let pending = self.pending.remove(&request_id);
-                    if let Some(Pending::Hello { sent } | Pending::Have { sent }) = &pending
-                        && let Some(state) = self.peers.state_mut(&peer)
-                    {
-                        state.rtt_ms = peers::smooth(state.rtt_ms, sent.elapsed().as_secs_f64() * 1000.0);
-                    }
-                    match (pending, response) {
-                        (Some(Pending::Hello { .. }), ControlResponse::Hello(hello)) => {
-                            self.peers.learn_data_addrs(peer, &hello.data_addrs);
-                            self.feed(Input::Hello { from: peer, hello })?;
-                        }
-                        (Some(Pending::Nodes { peer, req }), ControlResponse::Nodes { nodes }) => {
-                            let nodes = nodes.into_iter().map(|n| n.map(ByteBuf::into_vec)).collect();
-                            self.feed(Input::Nodes { from: peer, req, nodes })?;
-                        }
-                        (Some(Pending::Delta { peer, req }), ControlResponse::Delta { delta }) => {
-                            self.feed(Input::Delta { from: peer, req, delta: delta.map(ByteBuf::into_vec) })?;
-                        }
-                        (Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }), other) => {
-                            tracing::warn!(%peer, ?other, "unexpected answer to a manifest fetch");
-                            self.count("control_unexpected_responses");
-                            self.feed(Input::FetchFailed { from: peer, req })?;
-                        }
-                        _ => {}
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure { peer, connection_id, request_id, error } => {
-                tracing::debug!(%peer, "control request failed: {error}");
-                self.count("control_requests_failed");
-                let verdict = matches!(error, request_response::OutboundFailure::Timeout)
-                    .then(|| self.control_answered.timed_out(&connection_id, self.clock().mono));
-                if verdict == Some(ControlTimeout::Slow) {
-                    tracing::debug!(%peer, "control request timed out on a connection that still answers");
-                    self.count("control_requests_slow");
-                } else if verdict == Some(ControlTimeout::Gone) {
-                    tracing::info!(%peer, "control request timed out; closing the connection");
-                    self.swarm.close_connection(connection_id);
-                    let others = self.peers.has_other_connection(&peer, connection_id);
-                    if others {
-                        self.feed(Input::PeerDisconnected(peer))?;
-                        self.feed(Input::PeerConnected(peer))?;
-                    }
-                }
-                self.peers.take_request(request_id);
-                if let Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }) =
-                    self.pending.remove(&request_id)
+        for step in self.control.on_event(event, self.clock().mono) {
+            self.control_step(step)?;
+        }
+        Ok(())
+    }
+
+    /// Carries out one step of a control event (`control.rs`).
+    fn control_step(&mut self, step: control::Step) -> Result<()> {
+        use control::Step;
+        match step {
+            Step::Request { peer, request, channel } => self.answer(peer, request, channel)?,
+            Step::Malformed { peer, why } => {
+                tracing::debug!(%peer, "malformed control request: {why}");
+                self.feed(Input::Offence { peer, offence: Offence::MalformedControl })?;
+            }
+            Step::Unclaimed { peer, request_id, response } => {
+                if self.peers.take_request(request_id)
+                    && let Some(response) = response
                 {
-                    self.feed(Input::FetchFailed { from: peer, req })?;
+                    self.peers.on_members_answer(peer, response);
                 }
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "control request from peer failed: {error}");
-                self.count("control_inbound_failures");
+            Step::RoundTrip { peer, ms } => {
+                if let Some(state) = self.peers.state_mut(&peer) {
+                    state.rtt_ms = peers::smooth(state.rtt_ms, ms);
+                }
             }
-            request_response::Event::ResponseSent { .. } => {}
+            Step::Hello { peer, hello } => {
+                self.peers.learn_data_addrs(peer, &hello.data_addrs);
+                self.feed(Input::Hello { from: peer, hello })?;
+            }
+            Step::Nodes { peer, req, nodes } => self.feed(Input::Nodes { from: peer, req, nodes })?,
+            Step::Delta { peer, req, delta } => self.feed(Input::Delta { from: peer, req, delta })?,
+            Step::FetchFailed { peer, req } => self.feed(Input::FetchFailed { from: peer, req })?,
+            Step::Gone { peer, connection } => {
+                self.swarm.close_connection(connection);
+                if self.peers.has_other_connection(&peer, connection) {
+                    self.feed(Input::PeerDisconnected(peer))?;
+                    self.feed(Input::PeerConnected(peer))?;
+                }
+            }
+            Step::Count(what) => self.count(what),
         }
         Ok(())
     }
@@ -1409,13 +1379,8 @@ impl Daemon {
         request: ControlRequest,
         channel: request_response::ResponseChannel<ControlResponse>,
     ) {
-        let (asked, is_delta) = match &request {
-            ControlRequest::GetNodes { hashes } => (hashes.len(), false),
-            _ => (1, true),
-        };
-        if !self.answer_budgets.start(Instant::now(), peer) {
+        if let Err(refusal) = self.control.start_answer(peer, &request) {
             self.count("manifest_answers_throttled");
-            let refusal = manifest_answers::refusal(asked, is_delta);
             let _ = self.swarm.behaviour_mut().control.send_response(channel, refusal);
             return;
         }
@@ -1468,10 +1433,8 @@ impl Daemon {
     /// Reports each data-plane request refused since the last call to the engine as an offence of its peer (the
     /// engine bans repeat offenders: `bans.rs`). Keys come from the data plane's traffic table, which is capped.
     fn report_data_refusals(&mut self) {
-        for (peer, traffic) in self.data.traffic() {
-            let seen = self.refusals_reported.entry(peer).or_default();
-            let new = traffic.refused.saturating_sub(*seen);
-            *seen = traffic.refused;
+        let data = &self.data;
+        for (peer, new) in self.refusals.due(Instant::now(), || data.traffic()) {
             // More than the limit at once bans anyway: the rest need not be reported one by one.
             for _ in 0..new.min(Offence::RefusedDataRequest.limit()) {
                 if let Err(e) = self.feed(Input::Offence { peer, offence: Offence::RefusedDataRequest }) {
@@ -1493,10 +1456,7 @@ impl Daemon {
         if self.publisher.watch_due(Instant::now()) {
             self.start_publish(false, None);
         }
-        if Instant::now() >= self.next_refusal_report {
-            self.next_refusal_report = Instant::now() + Duration::from_secs(1);
-            self.report_data_refusals();
-        }
+        self.report_data_refusals();
         if self.removals.check(Instant::now(), t) {
             match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
                 Ok(()) => self.removals.started(),

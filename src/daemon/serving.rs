@@ -90,3 +90,81 @@ fn read_range(path: &std::path::Path, offset: u64, len: u64) -> std::io::Result<
     }
     Ok(buf)
 }
+
+/// Which of the data plane's refusals have been reported to the engine as offences (the engine bans repeat
+/// offenders: `bans.rs`), and when they are next summed up.
+pub struct RefusalReports {
+    /// Refusals of each peer already reported. Keyed like the data plane's traffic table, which is capped; a peer
+    /// that left that table is forgotten here too.
+    reported: std::collections::BTreeMap<PeerId, u64>,
+    next: std::time::Instant,
+}
+
+/// How often refusals are summed up.
+pub const REFUSAL_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl RefusalReports {
+    pub fn new(now: std::time::Instant) -> Self {
+        RefusalReports { reported: Default::default(), next: now }
+    }
+
+    /// The refusals of each peer since the last report, once per [`REFUSAL_REPORT_INTERVAL`] (else nothing).
+    pub fn due(
+        &mut self,
+        now: std::time::Instant,
+        traffic: impl FnOnce() -> std::collections::BTreeMap<PeerId, crate::dataplane::Traffic>,
+    ) -> Vec<(PeerId, u64)> {
+        if now < self.next {
+            return Vec::new();
+        }
+        self.next = now + REFUSAL_REPORT_INTERVAL;
+        let traffic = traffic();
+        self.reported.retain(|peer, _| traffic.contains_key(peer));
+        let mut new = Vec::new();
+        for (peer, t) in traffic {
+            let seen = self.reported.entry(peer).or_default();
+            if t.refused > *seen {
+                new.push((peer, t.refused - *seen));
+            }
+            *seen = t.refused;
+        }
+        new
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::dataplane::Traffic;
+
+    fn refused(n: u64) -> Traffic {
+        Traffic { refused: n, ..Traffic::default() }
+    }
+
+    #[test]
+    fn refusals_are_reported_once_per_interval_only_what_is_new_and_peers_gone_are_forgotten() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        let mut reports = RefusalReports::new(t0);
+        let table = |entries: &[(PeerId, u64)]| -> BTreeMap<PeerId, Traffic> {
+            entries.iter().map(|(p, n)| (*p, refused(*n))).collect()
+        };
+        assert_eq!(reports.due(t0, || table(&[(a, 3), (b, 0)])), vec![(a, 3)]);
+        // Within the interval nothing is read at all.
+        assert_eq!(reports.due(t0 + Duration::from_millis(10), || panic!("read too early")), vec![]);
+        let t1 = t0 + REFUSAL_REPORT_INTERVAL;
+        let mut second = reports.due(t1, || table(&[(a, 5), (b, 1)]));
+        second.sort();
+        let mut expected = vec![(a, 2), (b, 1)];
+        expected.sort();
+        assert_eq!(second, expected);
+        // `a` left the data plane's table: forgotten, so the table here stays as small as that one.
+        assert_eq!(reports.due(t1 + REFUSAL_REPORT_INTERVAL, || table(&[(b, 1)])), vec![]);
+        assert_eq!(reports.reported.len(), 1);
+        // Back with a fresh count: its refusals are new again.
+        assert_eq!(reports.due(t1 + 2 * REFUSAL_REPORT_INTERVAL, || table(&[(a, 1), (b, 1)])), vec![(a, 1)]);
+    }
+}
