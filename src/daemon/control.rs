@@ -197,16 +197,16 @@ impl Control {
         steps
     }
 
-    /// Whether a manifest fetch of `peer`'s may be read now (within its budget); if not, the refusal to send.
-    pub fn start_answer(&mut self, peer: PeerId, request: &ControlRequest) -> Result<(), ControlResponse> {
+    /// Starts reading a manifest fetch of `peer`'s if its budget allows (`None`), else returns the refusal to send.
+    pub fn start_answer(&mut self, peer: PeerId, request: &ControlRequest) -> Option<ControlResponse> {
         if self.budgets.start(Instant::now(), peer) {
-            return Ok(());
+            return None;
         }
         let refusal = match request {
             ControlRequest::GetNodes { hashes } => manifest_answers::refusal(hashes.len(), false),
             _ => manifest_answers::refusal(1, true),
         };
-        Err(refusal)
+        Some(refusal)
     }
 
     /// A manifest answer was read (`bytes` of it, 0 if reading failed): paid from the peer's budget.

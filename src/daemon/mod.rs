@@ -1379,7 +1379,7 @@ impl Daemon {
         request: ControlRequest,
         channel: request_response::ResponseChannel<ControlResponse>,
     ) {
-        if let Err(refusal) = self.control.start_answer(peer, &request) {
+        if let Some(refusal) = self.control.start_answer(peer, &request) {
             self.count("manifest_answers_throttled");
             let _ = self.swarm.behaviour_mut().control.send_response(channel, refusal);
             return;
