@@ -11,7 +11,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
 use mirrormesh::dataplane::{
-    ChunkSource, DataPlane, DataPlaneConfig, Decision, FetchSummary, Fetched, StreamTimeouts, Traffic, tls,
+    ChunkSource, DataPlane, DataPlaneConfig, Decision, FetchFailed, FetchFailure, FetchSummary, Fetched, StreamTimeouts, Traffic, tls,
 };
 use mirrormesh::key::NodeKey;
 use mirrormesh_proto::transfer::{ChunkRequest, FRAME_BYTES_MAX};
@@ -147,7 +147,7 @@ async fn fetch_all(
     client: &Node,
     server: &Node,
     ids: &[ChunkId],
-) -> anyhow::Result<(FetchSummary, Vec<(ChunkId, Fetched)>)> {
+) -> Result<(FetchSummary, Vec<(ChunkId, Fetched)>), FetchFailed> {
     let mut got = Vec::new();
     let summary = client.plane.fetch(server.peer(), &[server.addr()], ids.to_vec(), |id, f| got.push((id, f))).await?;
     Ok((summary, got))
@@ -230,8 +230,9 @@ async fn a_server_must_prove_the_expected_identity() {
         .fetch(impostor_for, &[server.addr()], vec![ChunkId::of(&chunk)], |_, _| panic!("no chunk expected"))
         .await
         .unwrap_err();
-    let message = format!("{err:#}");
+    let message = err.to_string();
     assert!(message.contains(&format!("presented identity {}, not {impostor_for}", server.peer())), "{message}");
+    assert_eq!(err.kind, FetchFailure::HandshakeFailed, "{message}");
     assert!(message.contains(&server.addr().to_string()), "{message}");
     // The right identity at the same address works.
     let (summary, _) = fetch_all(&client, &server, &[ChunkId::of(&chunk)]).await.unwrap();
@@ -359,10 +360,19 @@ async fn bad_arguments_and_closed_planes_fail_cleanly() {
     let chunk = pattern(1, 10);
     let server = node(1, std::slice::from_ref(&chunk));
     let client = node(2, &[]);
-    assert!(fetch_all(&client, &server, &[]).await.is_err());
-    assert!(fetch_all(&client, &server, &vec![ChunkId::of(&chunk); 257]).await.is_err());
+    assert_eq!(fetch_all(&client, &server, &[]).await.unwrap_err().kind, FetchFailure::Invalid);
+    let too_many = fetch_all(&client, &server, &vec![ChunkId::of(&chunk); 257]).await.unwrap_err();
+    assert_eq!(too_many.kind, FetchFailure::Invalid, "{too_many}");
     let err = client.plane.fetch(server.peer(), &[], vec![ChunkId::of(&chunk)], |_, _| {}).await.unwrap_err();
-    assert!(format!("{err:#}").contains("without an address"), "{err:#}");
+    assert!(err.to_string().contains("without an address"), "{err}");
+    assert_eq!(err.kind, FetchFailure::Failed, "{err}");
+    // Nothing answers at this address (a socket that never replies): unreachable, after the dial timeout.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let timeouts = StreamTimeouts { dial: Duration::from_millis(300), ..StreamTimeouts::default() };
+    let impatient = node_timed(4, &[], timeouts);
+    let addrs = [silent.local_addr().unwrap()];
+    let err = impatient.plane.fetch(server.peer(), &addrs, vec![ChunkId::of(&chunk)], |_, _| {}).await.unwrap_err();
+    assert_eq!(err.kind, FetchFailure::Unreachable, "{err}");
     let cfg = DataPlaneConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         upload_rate: Some(0),

@@ -56,7 +56,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::apply::ApplyReport;
 use crate::chunk_index::ChunkIndex;
 use crate::config::{Config, RoleName};
-use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, Fetched, ORIGIN_SENDING_REPLIES_MAX, Unreachable};
+use crate::dataplane::{
+    DataPlane, DataPlaneConfig, Decision, FetchFailed, FetchFailure, Fetched, ORIGIN_SENDING_REPLIES_MAX,
+};
 use crate::key::NodeKey;
 use crate::metrics::Metrics;
 use crate::publish::{PublishError, PublishGuard, PublishOptions, PublishReport, now, publish};
@@ -768,7 +770,7 @@ impl Daemon {
                 // request asks for about `request_bytes_target`, so this holds about that much.
                 let mut verified = Vec::new();
                 let result = if addrs.is_empty() {
-                    Err(anyhow!("no data-plane address known for {peer}"))
+                    Err(FetchFailed::no_address(peer))
                 } else {
                     data.fetch(peer, &addrs, chunks, |id, fetched| {
                         let outcome = match fetched {
@@ -815,8 +817,8 @@ impl Daemon {
                         }
                     }
                 }
-                let unreachable = result.as_ref().err().is_some_and(|e| e.downcast_ref::<Unreachable>().is_some());
-                let error = result.err().map(|e| format!("{e:#}"));
+                let unreachable = result.as_ref().err().is_some_and(|e| e.kind == FetchFailure::Unreachable);
+                let error = result.err().map(|e| e.to_string());
                 let _ = events.send(LoopEvent::Fetched { peer, req, outcomes, bytes, error, unreachable }).await;
             },
             span,

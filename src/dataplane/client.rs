@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::Result;
 use bytes::BytesMut;
 use libp2p::PeerId;
 use mirrormesh_proto::ChunkId;
@@ -144,19 +144,40 @@ impl Drop for RequestStream {
     }
 }
 
-/// Marks a fetch error meaning the peer could not be reached: nothing answered a dial in time, or the connection
-/// died (timed out or reset). Find it with `error.downcast_ref::<Unreachable>()`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("peer unreachable")]
-pub struct Unreachable;
+/// What kind of failure ended a fetch: what the caller acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchFailure {
+    /// Not sent: no chunks or too many in one request, or the peer is outside the allow list.
+    Invalid,
+    /// Nothing answered a dial in time, or the connection died (timed out or reset): the daemon drops such a peer.
+    Unreachable,
+    /// The peer answered but refused the connection (its handshake or connection limits were full) or the
+    /// handshake failed (TLS, or another identity than the one dialed). The peer is reachable, so this is never
+    /// [`FetchFailure::Unreachable`]; its dials are backed off ([`DIAL_BACKOFF_MIN`] to [`DIAL_BACKOFF_MAX`]).
+    HandshakeFailed,
+    /// Anything else: the peer reset or stopped the request, stalled, or broke the protocol; or this node could not
+    /// dial (no usable address, its endpoint closed).
+    Failed,
+}
 
-/// Marks a fetch error meaning the peer answered but refused the connection (its handshake or connection limits
-/// were full) or the handshake failed (TLS, or another identity than the one dialed). The peer is reachable, so this
-/// is never [`Unreachable`]; its dials are backed off ([`DIAL_BACKOFF_MIN`] to [`DIAL_BACKOFF_MAX`]). Find it with
-/// `error.downcast_ref::<HandshakeFailed>()`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("handshake refused or failed")]
-pub struct HandshakeFailed;
+/// A failed fetch: its kind, and what happened (with the peer, the chunk count and the address).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FetchFailed {
+    pub kind: FetchFailure,
+    message: String,
+}
+
+impl FetchFailed {
+    /// A fetch from a peer whose data-plane address is not known yet (the caller did not try).
+    pub fn no_address(peer: PeerId) -> Self {
+        FetchFailed::new(FetchFailure::Failed, format!("no data-plane address known for {peer}"))
+    }
+
+    fn new(kind: FetchFailure, message: impl std::fmt::Display) -> Self {
+        FetchFailed { kind, message: message.to_string() }
+    }
+}
 
 /// Why a dial failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -186,13 +207,14 @@ impl DialError {
         }
     }
 
-    /// As a fetch error: with its marker ([`Unreachable`] or [`HandshakeFailed`]) where it has one.
-    fn into_anyhow(self) -> anyhow::Error {
-        match self {
-            DialError::Unreachable(_) => anyhow!(self).context(Unreachable),
-            DialError::Busy(_) | DialError::Failed(_) => anyhow!(self).context(HandshakeFailed),
-            DialError::Local(_) => anyhow!(self),
-        }
+    /// As the error of the fetch it ended (`what`: the fetch, and where).
+    fn into_fetch_failed(self, what: impl std::fmt::Display) -> FetchFailed {
+        let kind = match self {
+            DialError::Unreachable(_) => FetchFailure::Unreachable,
+            DialError::Busy(_) | DialError::Failed(_) => FetchFailure::HandshakeFailed,
+            DialError::Local(_) => FetchFailure::Failed,
+        };
+        FetchFailed::new(kind, format!("{what}: {self}"))
     }
 }
 
@@ -219,20 +241,21 @@ pub(super) async fn fetch(
     addrs: &[SocketAddr],
     chunks: Vec<ChunkId>,
     mut on_chunk: impl FnMut(ChunkId, Fetched) + Send,
-) -> Result<FetchSummary> {
+) -> Result<FetchSummary, FetchFailed> {
     let what = format!("fetching {} chunks from {peer}", chunks.len());
     if chunks.is_empty() || chunks.len() > CHUNKS_PER_REQUEST_MAX {
-        bail!("{what}: a request names 1 to {CHUNKS_PER_REQUEST_MAX} chunks");
+        let why = format!("{what}: a request names 1 to {CHUNKS_PER_REQUEST_MAX} chunks");
+        return Err(FetchFailed::new(FetchFailure::Invalid, why));
     }
     if !inner.shared.allowed(&peer) {
-        bail!("{what}: the peer is not in the allow list");
+        return Err(FetchFailed::new(FetchFailure::Invalid, format!("{what}: the peer is not in the allow list")));
     }
     let span = tracing::debug_span!("fetch", %peer, chunks = chunks.len());
     let result = async {
         let slot = slot(inner, peer);
         let (conn, fresh) = connect(inner, &slot, peer, addrs)
             .await
-            .map_err(|e| e.context(format!("{what} at {}", list_addrs(addrs))).into_anyhow())?;
+            .map_err(|e| e.into_fetch_failed(format_args!("{what} at {}", list_addrs(addrs))))?;
         let mut delivered = 0;
         let outcome = request(inner, peer, &conn, &chunks, &mut on_chunk, &mut delivered).await;
         let (conn, outcome) = match outcome {
@@ -242,7 +265,7 @@ pub(super) async fn fetch(
                 slot.evict(&conn);
                 let (conn, _) = connect(inner, &slot, peer, addrs)
                     .await
-                    .map_err(|e| e.context(format!("{what} at {}", list_addrs(addrs))).into_anyhow())?;
+                    .map_err(|e| e.into_fetch_failed(format_args!("{what} at {}", list_addrs(addrs))))?;
                 let outcome = request(inner, peer, &conn, &chunks, &mut on_chunk, &mut delivered).await;
                 (conn, outcome)
             }
@@ -256,8 +279,8 @@ pub(super) async fn fetch(
             slot.evict(&conn);
         }
         outcome.map_err(|e| {
-            let e = anyhow!(e).context(format!("{what} at {}", conn.remote_address()));
-            if lost { e.context(Unreachable) } else { e }
+            let kind = if lost { FetchFailure::Unreachable } else { FetchFailure::Failed };
+            FetchFailed::new(kind, format!("{what} at {}: {e}", conn.remote_address()))
         })
     }
     .instrument(span.clone())
@@ -265,7 +288,7 @@ pub(super) async fn fetch(
     if let Err(e) = &result {
         inner.shared.stats.record(peer, |t| t.failures += 1);
         // The caller gets the error with its context and decides; logged here for tracing only.
-        span.in_scope(|| tracing::debug!(error = format!("{e:#}"), "fetch failed"));
+        span.in_scope(|| tracing::debug!(error = %e, kind = ?e.kind, "fetch failed"));
     }
     result
 }

@@ -62,10 +62,10 @@
 //! certificates), `slow_reader` (reset for not reading replies).
 //!
 //! # Failures as the dialer sees them
-//! A fetch error marked [`Unreachable`] means nothing answered (no handshake within the dial timeout) or the
-//! connection died (timed out, reset): the daemon drops such a peer. One marked [`HandshakeFailed`] means the peer
-//! answered but refused the connection (its limits were full) or the handshake failed (TLS, identity): the peer is
-//! reachable, and its dials are backed off instead.
+//! A fetch fails with a [`FetchFailed`] of a [`FetchFailure`] kind: `Unreachable` means nothing answered (no
+//! handshake within the dial timeout) or the connection died (timed out, reset): the daemon drops such a peer.
+//! `HandshakeFailed` means the peer answered but refused the connection (its limits were full) or the handshake
+//! failed (TLS, identity): the peer is reachable, and its dials are backed off instead.
 //!
 //! [`ChunkRequest::encode`]: mirrormesh_proto::transfer::ChunkRequest::encode
 //! [`ChunkReply`]: mirrormesh_proto::transfer::ChunkReply
@@ -82,7 +82,7 @@ mod frame;
 mod rate;
 mod sending;
 
-pub use client::{HandshakeFailed, Unreachable};
+pub use client::{FetchFailed, FetchFailure};
 mod server;
 mod stall;
 pub mod tls;
@@ -448,7 +448,7 @@ impl DataPlane {
         addrs: &[SocketAddr],
         chunks: Vec<ChunkId>,
         on_chunk: impl FnMut(ChunkId, Fetched) + Send,
-    ) -> Result<FetchSummary> {
+    ) -> Result<FetchSummary, FetchFailed> {
         client::fetch(&self.inner, peer, addrs, chunks, on_chunk).await
     }
 
