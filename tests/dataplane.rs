@@ -11,7 +11,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
 use mirrormesh::dataplane::{
-    ChunkSource, DataPlane, DataPlaneConfig, Decision, FetchFailed, FetchFailure, FetchSummary, Fetched, StreamTimeouts, Traffic, tls,
+    ChunkSource, DataPlane, DataPlaneConfig, Decision, FetchFailed, FetchFailure, FetchSummary, Fetched,
+    StreamTimeouts, Traffic, tls,
 };
 use mirrormesh::key::NodeKey;
 use mirrormesh_proto::transfer::{ChunkRequest, FRAME_BYTES_MAX};

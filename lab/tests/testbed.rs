@@ -162,6 +162,11 @@ fn a_small_sync_benchmark_runs_checks_and_cleans_up() {
     assert!(stdout.contains("WAN emulated: every round trip 10 ms"), "{stdout}");
     let report = stdout.lines().find(|l| l.starts_with("WAN emulator:")).unwrap_or_else(|| panic!("{stdout}"));
     assert!(report.contains("3 processes"), "one emulator per host: {report}");
+    // The round trip `mirrormesh peers` shows is the real one (ping), not two round trips (a request opening a
+    // stream) or the peer's event loop.
+    let rtts = stdout.lines().find(|l| l.starts_with("peers' round trips shown")).unwrap_or_else(|| panic!("{stdout}"));
+    let median: f64 = rtts.split("median ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap();
+    assert!((0.8..1.6).contains(&median), "shown / emulated round trip: {rtts}");
     // Two rows of measurements: for each, rsync from the origin costs about one copy per mirror.
     for step in ["initial sync", "2-package update"] {
         let row = stdout

@@ -1283,6 +1283,11 @@ impl Daemon {
                 );
             }
             SwarmEvent::Behaviour(BehaviourEvent::Control(event)) => self.on_control(event)?,
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event { peer, result: Ok(rtt), .. })) => {
+                if let Some(state) = self.peers.state_mut(&peer) {
+                    state.rtt_ms = peers::smooth(state.rtt_ms, rtt.as_secs_f64() * 1000.0);
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -1318,11 +1323,6 @@ impl Daemon {
                     && let Some(response) = response
                 {
                     self.peers.on_members_answer(peer, response);
-                }
-            }
-            Step::RoundTrip { peer, ms } => {
-                if let Some(state) = self.peers.state_mut(&peer) {
-                    state.rtt_ms = peers::smooth(state.rtt_ms, ms);
                 }
             }
             Step::Hello { peer, hello } => {

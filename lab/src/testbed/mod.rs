@@ -343,6 +343,44 @@ impl Bed {
         })
     }
 
+    /// The round trips each mirror's `mirrormesh peers` shows for its peers, against the emulated ones: the ratio
+    /// shown / emulated over every pair (min, median, max) and the largest difference.
+    fn shown_round_trips(&self) -> Result<String> {
+        let Some(wan) = &self.wan else { return Ok("no WAN emulated".into()) };
+        let mut ratios = Vec::new();
+        let mut worst: (f64, String) = (0.0, String::new());
+        for i in 1..self.fabric.nodes.len() {
+            for peer in self.fabric.status(i)?.peers {
+                let Some(j) = self.fabric.nodes.iter().position(|n| n.peer_id == peer.id) else { continue };
+                let (Some(shown), emulated) = (peer.rtt_ms, wan.spec.rtt.rtt_ms(i, j)) else { continue };
+                if emulated <= 0.0 {
+                    continue;
+                }
+                ratios.push(shown / emulated);
+                if (shown - emulated).abs() >= worst.0 {
+                    let pair = format!(
+                        "{} -> {}: {shown:.1} ms shown, {emulated:.1} emulated",
+                        self.fabric.nodes[i].name, self.fabric.nodes[j].name
+                    );
+                    worst = ((shown - emulated).abs(), pair);
+                }
+            }
+        }
+        if ratios.is_empty() {
+            return Ok("peers' round trips: none shown".into());
+        }
+        ratios.sort_by(f64::total_cmp);
+        Ok(format!(
+            "peers' round trips shown by the daemons / emulated, over {} pairs: min {:.2}, median {:.2}, max {:.2}; \
+             largest difference {}",
+            ratios.len(),
+            ratios[0],
+            ratios[ratios.len() / 2],
+            ratios[ratios.len() - 1],
+            worst.1
+        ))
+    }
+
     /// Fails if a WAN emulator stopped (the run would not have been measured as asked).
     fn check_wan(&self) -> Result<()> {
         self.wan.as_ref().map_or(Ok(()), |w| w.check())
@@ -588,6 +626,8 @@ fn sync(a: &SyncArgs) -> Result<()> {
             }
             println!("{line}");
         }
+        println!();
+        println!("{}", bed.shown_round_trips()?);
     }
     let finished = bed.finish(a.fabric.keep);
     println!("load average (1, 5, 15 min) before the run: {load_before}; after: {}", wan_check::load_average());
