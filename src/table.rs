@@ -2,6 +2,12 @@
 //! terminal the widest shrinkable ones are cut (with `…`), then the least important ones left out. Only on a
 //! terminal: in a pipe or a file (`mirrormesh peers | grep`, `> peers.txt`) nothing is ever cut or left out,
 //! whatever `COLUMNS` says.
+//!
+//! Weighed against comfy-table (and tabled): fitting a table to the terminal is their arrangement of wrapping or
+//! cutting each cell at its end; neither cuts in the middle (peer ids and addresses differ at both ends) nor leaves
+//! columns out by importance, which is what this module decides. With that policy kept, what a table crate would
+//! take over is the padding of each line (a dozen lines below), for another dependency and a changed output:
+//! kept by hand.
 
 use std::time::Duration;
 

@@ -162,6 +162,18 @@ fn a_small_sync_benchmark_runs_checks_and_cleans_up() {
     assert!(stdout.contains("WAN emulated: every round trip 10 ms"), "{stdout}");
     let report = stdout.lines().find(|l| l.starts_with("WAN emulator:")).unwrap_or_else(|| panic!("{stdout}"));
     assert!(report.contains("3 processes"), "one emulator per host: {report}");
+    // The origin's bytes on the wire taken apart: its data plane's QUIC packets carry at least every chunk byte,
+    // and what its link carried is at least those packets that left the host (the rest, headers and the control
+    // plane, is not negative beyond the estimate of the drops before the link).
+    for step in ["initial sync", "2-package update"] {
+        let prefix = format!("  {step}: ");
+        let line = stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{stdout}"));
+        let numbers = line[prefix.len()..].replace(['=', '(', ')', '+'], " ").replace(" - ", " ");
+        let parts: Vec<f64> = numbers.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let [_total, quic, _lost, _dropped, _packets, rest] = parts[..] else { panic!("{line}") };
+        assert!(quic >= 1.0, "{line}");
+        assert!(rest > -0.01, "the origin's link carried less than its data plane sent: {line}");
+    }
     // The round trip `mirrormesh peers` shows is the real one (ping), not two round trips (a request opening a
     // stream) or the peer's event loop.
     let rtts = stdout.lines().find(|l| l.starts_with("peers' round trips shown")).unwrap_or_else(|| panic!("{stdout}"));

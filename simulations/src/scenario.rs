@@ -13,6 +13,8 @@
 //! mirror_down_mbit = 10000
 //! regions = [{ name = "eu", weight = 2 }, { name = "us", weight = 1 }]
 //! latency_ms = [[5, 45], [45, 5]]                       # one-way, region by region (the origin is in region 0)
+//! placement = [1, 0]                                    # optional: mirror 1's region, mirror 2's, ... (cycled);
+//!                                                       # default: each mirror's region drawn by the weights
 //! loss = 0.0                                            # chance a control message needs a retransmission
 //!
 //! [tree]
@@ -88,6 +90,9 @@ pub struct Scenario {
     pub regions: Vec<Region>,
     #[serde(default = "default_latency")]
     pub latency_ms: Vec<Vec<f64>>,
+    /// The region of mirror 1, 2, ... in order, cycled (a testbed's hosts, one per site); `None`: drawn by weight.
+    #[serde(default)]
+    pub placement: Option<Vec<usize>>,
     #[serde(default)]
     pub loss: f64,
     /// Step of the network model.
@@ -302,6 +307,18 @@ impl Scenario {
             for &l in row {
                 ensure!((0.0..=LATENCY_MS_MAX).contains(&l), "latency_ms: each value 0 to {LATENCY_MS_MAX}");
             }
+        }
+        if let Some(placement) = &self.placement {
+            ensure!(
+                (1..=self.mirrors as usize).contains(&placement.len()),
+                "placement: 1 to {} entries (one per mirror at most)",
+                self.mirrors
+            );
+            ensure!(
+                placement.iter().all(|&r| r < self.regions.len()),
+                "placement: each entry a region's index, below {}",
+                self.regions.len()
+            );
         }
         ensure!((0.0..=0.5).contains(&self.loss), "loss: 0 to 0.5");
         ensure!((STEP_US_MIN..=STEP_US_MAX).contains(&self.step_us), "step_us: {STEP_US_MIN} to {STEP_US_MAX}");

@@ -429,7 +429,10 @@ impl World {
                 let u = mbit(scenario.mirror_up_mbit.draw(rng.random::<f64>())) * factor;
                 let d = mbit(scenario.mirror_down_mbit.draw(rng.random::<f64>())) * factor;
                 let weights: Vec<f64> = scenario.regions.iter().map(|r| r.weight).collect();
-                (u, d, pick_weighted(&weights, rng.random::<f64>()))
+                // Drawn either way, so a placement changes nothing else of the run.
+                let drawn = pick_weighted(&weights, rng.random::<f64>());
+                let placed = scenario.placement.as_ref().map(|p| p[(id - 1) % p.len()]);
+                (u, d, placed.unwrap_or(drawn))
             };
             up.push(u);
             down.push(d);

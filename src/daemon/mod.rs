@@ -10,6 +10,7 @@
 
 mod control;
 mod duplicate_key;
+mod fetching;
 mod health;
 mod housekeeping;
 mod manifest_answers;
@@ -56,9 +57,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::apply::ApplyReport;
 use crate::chunk_index::ChunkIndex;
 use crate::config::{Config, RoleName};
-use crate::dataplane::{
-    DataPlane, DataPlaneConfig, Decision, FetchFailed, FetchFailure, Fetched, ORIGIN_SENDING_REPLIES_MAX,
-};
+use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, ORIGIN_SENDING_REPLIES_MAX};
 use crate::key::NodeKey;
 use crate::metrics::Metrics;
 use crate::publish::{PublishError, PublishGuard, PublishOptions, PublishReport, now, publish};
@@ -758,71 +757,10 @@ impl Daemon {
     fn fetch_chunks(&mut self, peer: PeerId, req: ReqId, chunks: Vec<ChunkId>) {
         tracing::debug!(%peer, req = req.0, chunks = chunks.len(), "fetching chunks");
         let addrs = self.peers.state(&peer).map(|p| p.data_addrs.clone()).unwrap_or_default();
-        let data = self.data.clone();
-        let staging = self.staging.clone();
-        let events = self.events_tx.clone();
+        let fetch =
+            fetching::Fetch { data: self.data.clone(), staging: self.staging.clone(), peer, req, chunks, addrs };
         let span = tracing::info_span!(parent: &self.sync_span, "fetch", %peer, req = req.0);
-        let task = tokio::spawn(tracing::Instrument::instrument(
-            async move {
-                let mut outcomes = Vec::with_capacity(chunks.len());
-                // Verified chunks are written once the request is done, on the blocking pool: a write into the
-                // page cache would hold up this runtime thread, and with it the QUIC connections it drives. A
-                // request asks for about `request_bytes_target`, so this holds about that much.
-                let mut verified = Vec::new();
-                let result = if addrs.is_empty() {
-                    Err(FetchFailed::no_address(peer))
-                } else {
-                    data.fetch(peer, &addrs, chunks, |id, fetched| {
-                        let outcome = match fetched {
-                            Fetched::Verified(data) => {
-                                verified.push((outcomes.len(), id, data));
-                                ChunkOutcome::Verified
-                            }
-                            Fetched::Corrupt => ChunkOutcome::Corrupt,
-                            Fetched::Missing => ChunkOutcome::Missing,
-                            Fetched::Elsewhere(peers) => ChunkOutcome::Elsewhere(peers),
-                        };
-                        outcomes.push((id, outcome));
-                    })
-                    .await
-                };
-                let mut bytes = 0;
-                if !verified.is_empty() {
-                    let written = tokio::task::spawn_blocking(move || {
-                        let keep =
-                            |(at, id, data): (usize, ChunkId, bytes::Bytes)| match staging.write_chunk(&id, &data) {
-                                Ok(_) => (at, Some(data.len() as u64)),
-                                Err(e) => {
-                                    tracing::error!("keeping chunk {id}: {e:#}");
-                                    (at, None)
-                                }
-                            };
-                        verified.into_iter().map(keep).collect::<Vec<_>>()
-                    })
-                    .await;
-                    match written {
-                        Ok(written) => {
-                            for (at, kept) in written {
-                                match kept {
-                                    Some(len) => bytes += len,
-                                    None => outcomes[at].1 = ChunkOutcome::Dropped,
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!("writing fetched chunks failed: {e}");
-                            for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| *o == ChunkOutcome::Verified) {
-                                *outcome = ChunkOutcome::Dropped;
-                            }
-                        }
-                    }
-                }
-                let unreachable = result.as_ref().err().is_some_and(|e| e.kind == FetchFailure::Unreachable);
-                let error = result.err().map(|e| e.to_string());
-                let _ = events.send(LoopEvent::Fetched { peer, req, outcomes, bytes, error, unreachable }).await;
-            },
-            span,
-        ));
+        let task = tokio::spawn(tracing::Instrument::instrument(fetch.run(self.events_tx.clone()), span));
         self.fetches.insert(req, (task.abort_handle(), Instant::now()));
     }
 

@@ -193,6 +193,14 @@ impl Projector {
         let copies = src.engine.copy_counts();
         counters.insert("chunks_received_again_endgame".into(), copies.endgame);
         counters.insert("chunks_received_again_other".into(), copies.other);
+        // What the data plane's served connections put on the wire, beyond the chunk bytes (QUIC's own overhead and
+        // what it sent again).
+        let wire = src.data.sent_on_wire();
+        counters.insert("dataplane_sent_udp_bytes".into(), wire.udp_bytes);
+        counters.insert("dataplane_sent_datagrams".into(), wire.datagrams);
+        counters.insert("dataplane_sent_packets".into(), wire.packets);
+        counters.insert("dataplane_lost_packets".into(), wire.lost_packets);
+        counters.insert("dataplane_lost_bytes".into(), wire.lost_bytes);
         if src.cfg.role == RoleName::Origin {
             counters.insert("origin_chunks_served".into(), seeder.served);
             counters.insert("origin_redirects".into(), seeder.redirects);

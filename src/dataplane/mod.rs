@@ -273,6 +273,38 @@ pub struct FetchSummary {
     pub chunks: usize,
 }
 
+/// What connections sent on the wire (from quinn's connection statistics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireTotals {
+    /// UDP payload bytes (QUIC packets: headers, frames, encryption tags; not the UDP, IP and link headers).
+    pub udp_bytes: u64,
+    pub datagrams: u64,
+    /// QUIC packets sent, and those declared lost (their data is sent again).
+    pub packets: u64,
+    pub lost_packets: u64,
+    pub lost_bytes: u64,
+}
+
+impl WireTotals {
+    fn of(stats: &quinn::ConnectionStats) -> Self {
+        WireTotals {
+            udp_bytes: stats.udp_tx.bytes,
+            datagrams: stats.udp_tx.datagrams,
+            packets: stats.path.sent_packets,
+            lost_packets: stats.path.lost_packets,
+            lost_bytes: stats.path.lost_bytes,
+        }
+    }
+
+    fn add(&mut self, other: WireTotals) {
+        self.udp_bytes += other.udp_bytes;
+        self.datagrams += other.datagrams;
+        self.packets += other.packets;
+        self.lost_packets += other.lost_packets;
+        self.lost_bytes += other.lost_bytes;
+    }
+}
+
 /// Per-peer counters. Sent: chunk bytes and chunks served to the peer. Received: chunk bytes and chunks received
 /// from it (verified or not). Failures: fetches from it that failed, plus chunks from it that failed verification.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -335,6 +367,8 @@ impl Refusal {
 struct Stats {
     refusals: [AtomicU64; Refusal::ALL.len()],
     traffic: Mutex<HashMap<PeerId, Traffic>>,
+    /// What the connections this node served sent on the wire.
+    sent: Mutex<server::SentOnWire>,
 }
 
 impl Stats {
@@ -456,6 +490,12 @@ impl DataPlane {
     pub fn traffic(&self) -> BTreeMap<PeerId, Traffic> {
         let traffic = self.inner.shared.stats.traffic.lock().unwrap_or_else(PoisonError::into_inner);
         traffic.iter().map(|(peer, t)| (*peer, *t)).collect()
+    }
+
+    /// What the connections peers opened to this node (the ones it serves chunks on) sent on the wire, ended and
+    /// open ones together: UDP payload bytes and datagrams, and packets and bytes QUIC declared lost (sent again).
+    pub fn sent_on_wire(&self) -> WireTotals {
+        self.inner.shared.stats.sent.lock().unwrap_or_else(PoisonError::into_inner).totals()
     }
 
     /// Counters of refused input: requests that were malformed, over a limit, from peers not allowed, stalled.

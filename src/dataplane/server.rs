@@ -17,8 +17,8 @@ use super::frame::{self, LenError};
 use super::stall::Watchdog;
 use super::{
     CONNECTIONS_MAX, CONNECTIONS_PER_PEER_MAX, Decision, HANDSHAKE_TIMEOUT, HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE_MAX,
-    RATE_PIECE_BYTES, READ_AHEAD_CHUNKS, Refusal, SENDING_SLOT_HOLD_MAX, SERVE_CHUNKS_PER_CONNECTION_MAX, Shared, code,
-    tls,
+    RATE_PIECE_BYTES, READ_AHEAD_CHUNKS, Refusal, SENDING_SLOT_HOLD_MAX, SERVE_CHUNKS_PER_CONNECTION_MAX, Shared,
+    WireTotals, code, tls,
 };
 
 /// Where a handshake comes from, for [`HANDSHAKES_PER_SOURCE_MAX`]: an IPv4 address, or the /64 prefix of an IPv6
@@ -208,6 +208,7 @@ async fn serve_connection(incoming: quinn::Incoming, slot: HandshakeSlot) {
             return;
         };
         tracing::debug!("peer connected");
+        let _counted = SentCounted::start(&shared, &conn);
         let memory = Arc::new(Semaphore::new(SERVE_CHUNKS_PER_CONNECTION_MAX));
         loop {
             match conn.accept_bi().await {
@@ -492,4 +493,45 @@ fn refuse(
     tracing::info!(kind = refusal.name(), %why, "refused request");
     let _ = send.reset(code::REFUSED);
     let _ = recv.stop(code::REFUSED);
+}
+
+/// What served connections sent on the wire: the totals of those that ended, and the open ones (at most as many as
+/// the connection limits admit: each is registered only once it holds a connection slot).
+#[derive(Debug, Default)]
+pub(super) struct SentOnWire {
+    ended: WireTotals,
+    open: HashMap<usize, quinn::Connection>,
+}
+
+impl SentOnWire {
+    pub(super) fn totals(&self) -> WireTotals {
+        let mut totals = self.ended;
+        for conn in self.open.values() {
+            totals.add(WireTotals::of(&conn.stats()));
+        }
+        totals
+    }
+}
+
+/// Registers a served connection for as long as its task runs; when it ends, its statistics join the totals.
+struct SentCounted {
+    shared: Arc<Shared>,
+    id: usize,
+}
+
+impl SentCounted {
+    fn start(shared: &Arc<Shared>, conn: &quinn::Connection) -> Self {
+        let id = conn.stable_id();
+        shared.stats.sent.lock().unwrap_or_else(PoisonError::into_inner).open.insert(id, conn.clone());
+        SentCounted { shared: shared.clone(), id }
+    }
+}
+
+impl Drop for SentCounted {
+    fn drop(&mut self) {
+        let mut sent = self.shared.stats.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(conn) = sent.open.remove(&self.id) {
+            sent.ended.add(WireTotals::of(&conn.stats()));
+        }
+    }
 }

@@ -305,7 +305,8 @@ impl Bed {
 
     fn mirrormesh_update(&self, timeline: Option<&str>) -> Result<Measured> {
         let tx0 = self.origin_tx()?;
-        let served0 = self.fabric.status(0)?.bytes_served_total;
+        let origin0 = self.fabric.status(0)?;
+        let (served0, wire0) = (origin0.bytes_served_total, WireSent::of(&origin0, &self.net.hosts[0])?);
         let cpu0 = self.emulator_cpu()?;
         let t0 = Instant::now();
         let recorder = timeline.map(|_| timeline::Recorder::start(&self.net.hosts, t0)).transpose()?;
@@ -333,13 +334,14 @@ impl Bed {
         for i in 1..self.fabric.nodes.len() {
             self.fabric.check_identical(i)?;
         }
-        let chunks = self.fabric.status(0)?.bytes_served_total - served0;
+        let origin = self.fabric.status(0)?;
         Ok(Measured {
             bytes: published.changed_bytes,
             elapsed,
             origin_tx: tx,
-            origin_chunks: Some(chunks),
+            origin_chunks: Some(origin.bytes_served_total - served0),
             emulator_cpu,
+            origin_wire: Some(WireSent::of(&origin, &self.net.hosts[0])?.since(wire0)),
         })
     }
 
@@ -432,7 +434,7 @@ impl Bed {
         for i in 1..self.fabric.nodes.len() {
             compare_trees(&self.fabric.nodes[0].tree, &self.rsync_dir(cc, i), &format!("rsync mirror{i}"))?;
         }
-        Ok(Measured { bytes: changed, elapsed, origin_tx: tx, origin_chunks: None, emulator_cpu })
+        Ok(Measured { bytes: changed, elapsed, origin_tx: tx, origin_chunks: None, emulator_cpu, origin_wire: None })
     }
 
     /// Stops the WAN emulators (printing what they did) and keeps the work directory if asked.
@@ -458,7 +460,43 @@ struct Measured {
     origin_chunks: Option<u64>,
     /// CPU the WAN emulators used from the start of the step until its time was taken.
     emulator_cpu: Option<Duration>,
+    /// What the origin daemon's data plane sent on the wire in the step (mirrormesh only).
+    origin_wire: Option<WireSent>,
 }
+
+/// The step's difference in the origin daemon's `dataplane_sent_*` and `dataplane_lost_*` counters, and in the
+/// packets the origin host's own link queue dropped.
+#[derive(Clone, Copy, Default)]
+struct WireSent {
+    udp_bytes: u64,
+    datagrams: u64,
+    lost_bytes: u64,
+    queue_drops: u64,
+}
+
+impl WireSent {
+    fn of(status: &mirrormesh::status::Status, host: &net::NetHost) -> Result<Self> {
+        let count = |name: &str| status.counters.get(name).copied().unwrap_or(0);
+        Ok(WireSent {
+            udp_bytes: count("dataplane_sent_udp_bytes"),
+            datagrams: count("dataplane_sent_datagrams"),
+            lost_bytes: count("dataplane_lost_bytes"),
+            queue_drops: host.upload_drops()?,
+        })
+    }
+
+    fn since(self, before: WireSent) -> Self {
+        WireSent {
+            udp_bytes: self.udp_bytes.saturating_sub(before.udp_bytes),
+            datagrams: self.datagrams.saturating_sub(before.datagrams),
+            lost_bytes: self.lost_bytes.saturating_sub(before.lost_bytes),
+            queue_drops: self.queue_drops.saturating_sub(before.queue_drops),
+        }
+    }
+}
+
+/// Ethernet, IPv4 and UDP headers of one datagram: what a host's link counts beyond the UDP payload.
+const DATAGRAM_HEADER_BYTES: u64 = 14 + 20 + 8;
 
 /// `command` (an `rsync` to run here or in a namespace) made into the rsync recipe pulling `url` into `dest`, its
 /// errors captured.
@@ -535,6 +573,36 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 /// "X s (Y cores)": the emulators' CPU in a step and its share of the step's time.
+/// The origin host's bytes on its link in each step, over `S`, taken apart: what the data plane's QUIC handed to
+/// the kernel (of which QUIC declared lost and sent again), less what never reached the link (the host's own link
+/// queue or veth dropped it; estimated at the step's mean datagram), and the rest: the packets' Ethernet, IP and
+/// UDP headers as the veth counts them (once per GSO batch of up to 64 datagrams, not once per datagram as a real
+/// link would), the control plane, gossip and manifests. The rest is what is left, so a negative one means the
+/// counts disagree.
+fn origin_wire_breakdown(steps: &[(&str, &Measured)]) -> String {
+    let mut out = String::from(
+        "the origin host's bytes on its link / S, taken apart: data-plane QUIC packets (of which declared lost) - \
+         dropped before the link + the rest (headers as the veth counts them, control plane, manifests, gossip)",
+    );
+    for (name, m) in steps {
+        let Some(wire) = m.origin_wire else { continue };
+        let s = m.bytes as f64;
+        let per_datagram = wire.udp_bytes as f64 / wire.datagrams.max(1) as f64;
+        let dropped = wire.queue_drops as f64 * (per_datagram + DATAGRAM_HEADER_BYTES as f64);
+        let rest = m.origin_tx as f64 - (wire.udp_bytes as f64 - dropped);
+        out.push_str(&format!(
+            "\n  {name}: {:.3} = {:.3} (lost {:.3}) - {:.3} ({} packets) + {:.3}",
+            m.origin_tx as f64 / s,
+            wire.udp_bytes as f64 / s,
+            wire.lost_bytes as f64 / s,
+            dropped / s,
+            wire.queue_drops,
+            rest / s
+        ));
+    }
+    out
+}
+
 fn emulator_share(m: &Measured) -> String {
     let cpu = m.emulator_cpu.unwrap_or_default().as_secs_f64();
     format!("{cpu:.2} s ({:.2} cores)", cpu / m.elapsed.as_secs_f64())
@@ -597,6 +665,8 @@ fn sync(a: &SyncArgs) -> Result<()> {
          (rsync: about N x T_min). \"/S\" counts every byte the origin host sent (headers, control, manifests); \
          \"chunks\" only the chunk bytes its daemon served."
     );
+    println!();
+    println!("{}", origin_wire_breakdown(&steps.map(|(name, mm, _)| (name, mm))));
     if ccs.len() > 1 {
         println!();
         println!("rsync under each TCP congestion control (same steps, one run each, trees checked):");

@@ -58,15 +58,23 @@ impl NetHost {
 
     /// Bytes this host has sent on its link so far (IP packets, headers included).
     pub fn tx_bytes(&self) -> Result<u64> {
-        let text = run_output(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.netns,
-            "cat",
-            &format!("/sys/class/net/{}/statistics/tx_bytes", self.inner),
-        ])?;
-        text.trim().parse().with_context(|| format!("tx_bytes of {}: {text:?}", self.netns))
+        self.statistic("tx_bytes")
+    }
+
+    /// Packets this host sent that never went out on its link, so far: dropped by its own link queue (the `tbf`
+    /// shaping its upload), or by its veth (`tx_dropped`: the other end's backlog was full).
+    pub fn upload_drops(&self) -> Result<u64> {
+        let text = run_output(&["tc", "-s", "-n", &self.netns, "qdisc", "show", "dev", &self.inner])?;
+        let queue = parse_qdisc_drops(&text).with_context(|| format!("qdisc drops of {}: {text:?}", self.netns))?;
+        let veth = self.statistic("tx_dropped")?;
+        Ok(queue + veth)
+    }
+
+    /// One of the link's counters (`/sys/class/net/<veth>/statistics/<name>`) inside the namespace.
+    fn statistic(&self, name: &str) -> Result<u64> {
+        let path = format!("/sys/class/net/{}/statistics/{name}", self.inner);
+        let text = run_output(&["ip", "netns", "exec", &self.netns, "cat", &path])?;
+        text.trim().parse().with_context(|| format!("{name} of {}: {text:?}", self.netns))
     }
 
     /// Cuts (`false`) or restores (`true`) this host's link: its end on the bridge goes down or up, so packets
@@ -163,6 +171,12 @@ fn run_output(args: &[&str]) -> Result<String> {
         bail!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The drops of the first qdisc in `tc -s qdisc show` output (`... Sent B bytes P pkt (dropped D, ...`); `None`
+/// if the text has no drop count.
+fn parse_qdisc_drops(text: &str) -> Option<u64> {
+    text.split("(dropped ").nth(1)?.split(',').next()?.trim().parse().ok()
 }
 
 /// `tc tbf` on `dev` (in namespace `netns` if given): `mbit` Mbit/s with a bucket of 10 ms of traffic (at least
@@ -266,4 +280,18 @@ pub fn remove_tagged(tag: &str) -> usize {
         }
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qdisc_drops_parse() {
+        let text = "qdisc tbf 8001: root refcnt 2 rate 200Mbit burst 250000b lat 50ms \n \
+                    Sent 248106843 bytes 170713 pkt (dropped 4021, overlimits 39213 requeues 0) \n \
+                    backlog 0b 0p requeues 0\n";
+        assert_eq!(parse_qdisc_drops(text), Some(4021));
+        assert_eq!(parse_qdisc_drops("qdisc noqueue 0: root refcnt 2"), None);
+    }
 }
