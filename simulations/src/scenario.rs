@@ -525,6 +525,9 @@ mod tests {
             (MINIMAL.replace("count = 3", "count = 3\ncolour = 1"), "colour"),
             (MINIMAL.replace("origin_up_mbit = 100", "origin_up_mbit = -1"), "origin_up_mbit"),
             (MINIMAL.replace("kind = \"trickle\"", "kind = \"sprinkle\""), "sprinkle"),
+            // One region (the default): index 1 does not exist; and more entries than mirrors.
+            (MINIMAL.replace("degree = 1", "degree = 1\nplacement = [0, 1]"), "placement"),
+            (MINIMAL.replace("degree = 1", "degree = 1\nplacement = [0, 0, 0, 0]"), "placement"),
         ];
         for (text, key) in cases {
             let err = format!("{:#}", Scenario::parse(&text).unwrap_err());

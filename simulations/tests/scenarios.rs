@@ -171,3 +171,20 @@ fn every_shipped_scenario_parses() {
     }
     assert!(count >= 5, "found {count} scenarios");
 }
+
+#[test]
+fn a_placement_puts_each_mirror_in_its_region() {
+    // Region 0 (the origin's) is 5 ms away one way, region 1 is 80 ms: mirrors 1 and 3 are placed far, 2 near.
+    let text = HOMOGENEOUS
+        .replace("mirrors = 20", "mirrors = 3")
+        .replace(
+            "latency_ms = [[5]]",
+            "regions = [{ name = \"near\", weight = 1 }, { name = \"far\", weight = 1 }]\n\
+             latency_ms = [[5, 80], [80, 5]]\nplacement = [1, 0]",
+        )
+        .replace("profile = 600", "profile = 20");
+    let report = run(&text, 1);
+    assert_checks(&report, 1);
+    let ms = |id: usize| report.outcome.origin_latency[id] / 1_000_000;
+    assert_eq!([ms(1), ms(2), ms(3)], [80, 5, 80], "placement cycles over the mirrors");
+}
