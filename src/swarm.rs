@@ -1,5 +1,5 @@
 //! The control plane on libp2p (QUIC): node identity, gossip of signed roots (gossipsub, one topic per repository),
-//! identify, ping (the round trip `mirrormesh peers` shows), and the request-response protocol `/mirrormesh/control/1` carrying the core's control messages
+//! identify, and the request-response protocol `/mirrormesh/control/1` carrying the core's control messages
 //! (hello, have, manifest node and delta fetches) in the project's bounded wire encoding. libp2p's connection limits
 //! bound connections per peer, handshakes in progress and incoming connections ([`ConnectionCaps`]).
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, connection_limits, gossipsub, identify, ping, request_response};
+use libp2p::{StreamProtocol, Swarm, connection_limits, gossipsub, identify, request_response};
 use mirrormesh_proto::control::{
     CONTROL_REQUEST_BYTES_MAX, CONTROL_RESPONSE_BYTES_MAX, ControlRequest, ControlResponse,
 };
@@ -39,10 +39,6 @@ pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often identify re-sends this node's description to a connected peer (libp2p's default is 5 minutes; the
 /// description does not change while the daemon runs).
 pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(3600);
-/// How often each connection's round trip is measured (libp2p ping: one 32-byte echo on a stream kept open, so
-/// one network round trip, answered by the peer's connection task, not its event loop). A failed ping is only
-/// reported; the connection's own timeouts decide whether it is dead.
-pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 /// Most established connections with one peer, both directions together. A node keeps one connection per peer, but
 /// holds two while it reconnects (the old one not yet noticed dead) and two more when both ends dial each other at
 /// once; a fifth is refused.
@@ -120,7 +116,6 @@ pub struct Behaviour {
     pub limits: connection_limits::Behaviour,
     pub gossipsub: gossipsub::Behaviour,
     pub identify: identify::Behaviour,
-    pub ping: ping::Behaviour,
     pub control: request_response::Behaviour<ControlCodec>,
 }
 
@@ -275,9 +270,8 @@ pub fn build_with(key: &NodeKey, malformed_control: bool, caps: ConnectionCaps) 
                     .with_request_timeout(CONTROL_TIMEOUT)
                     .with_max_concurrent_streams(CONTROL_STREAMS_MAX),
             );
-            let ping = ping::Behaviour::new(ping::Config::new().with_interval(PING_INTERVAL));
             let limits = connection_limits::Behaviour::new(caps.limits());
-            Ok(Behaviour { limits, gossipsub, identify, ping, control })
+            Ok(Behaviour { limits, gossipsub, identify, control })
         })
         .map_err(|e| anyhow::anyhow!("building the libp2p behaviour: {e}"))?
         // Every control request opens a stream; with multistream-select's plain V1 the dialer waits for the

@@ -174,8 +174,8 @@ fn a_small_sync_benchmark_runs_checks_and_cleans_up() {
         assert!(quic >= 1.0, "{line}");
         assert!(rest > -0.01, "the origin's link carried less than its data plane sent: {line}");
     }
-    // The round trip `mirrormesh peers` shows is the real one (ping), not two round trips (a request opening a
-    // stream) or the peer's event loop.
+    // The round trip `mirrormesh peers` shows is the real one (QUIC's estimate on the data plane), not two round
+    // trips (a request opening a stream) or the peers' event loops.
     let rtts = stdout.lines().find(|l| l.starts_with("peers' round trips shown")).unwrap_or_else(|| panic!("{stdout}"));
     let median: f64 = rtts.split("median ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap();
     assert!((0.8..1.6).contains(&median), "shown / emulated round trip: {rtts}");

@@ -20,8 +20,8 @@ use crate::swarm::{Behaviour, WireRequest};
 
 /// What an outstanding request of this node's is for.
 enum Pending {
-    Hello,
-    Have,
+    Hello { sent: Instant },
+    Have { sent: Instant },
     Nodes { peer: PeerId, req: ReqId },
     Delta { peer: PeerId, req: ReqId },
 }
@@ -52,6 +52,11 @@ pub enum Step {
         peer: PeerId,
         request_id: OutboundRequestId,
         response: Option<ControlResponse>,
+    },
+    /// A round trip to `peer` took this long (a hello or have answered).
+    RoundTrip {
+        peer: PeerId,
+        ms: f64,
     },
     Hello {
         peer: PeerId,
@@ -103,8 +108,8 @@ impl Control {
     /// Sends a request of this node's and remembers what its answer is for.
     pub fn send(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, request: Outgoing) {
         let (request, pending) = match request {
-            Outgoing::Hello(hello) => (ControlRequest::Hello(hello), Pending::Hello),
-            Outgoing::Have(have) => (ControlRequest::Have(have), Pending::Have),
+            Outgoing::Hello(hello) => (ControlRequest::Hello(hello), Pending::Hello { sent: Instant::now() }),
+            Outgoing::Have(have) => (ControlRequest::Have(have), Pending::Have { sent: Instant::now() }),
             Outgoing::Nodes { req, hashes } => (ControlRequest::GetNodes { hashes }, Pending::Nodes { peer, req }),
             Outgoing::Delta { req, hash } => (ControlRequest::GetDelta { hash }, Pending::Delta { peer, req }),
         };
@@ -152,7 +157,7 @@ impl Control {
                     Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }) => {
                         steps.push(Step::FetchFailed { peer, req })
                     }
-                    Some(Pending::Hello | Pending::Have) => {}
+                    Some(Pending::Hello { .. } | Pending::Have { .. }) => {}
                     None => steps.push(Step::Unclaimed { peer, request_id, response: None }),
                 }
                 steps
@@ -170,8 +175,11 @@ impl Control {
             return vec![Step::Unclaimed { peer, request_id, response: Some(response) }];
         };
         let mut steps = Vec::new();
+        if let Pending::Hello { sent } | Pending::Have { sent } = &pending {
+            steps.push(Step::RoundTrip { peer, ms: sent.elapsed().as_secs_f64() * 1000.0 });
+        }
         match (pending, response) {
-            (Pending::Hello, ControlResponse::Hello(hello)) => steps.push(Step::Hello { peer, hello }),
+            (Pending::Hello { .. }, ControlResponse::Hello(hello)) => steps.push(Step::Hello { peer, hello }),
             (Pending::Nodes { peer, req }, ControlResponse::Nodes { nodes }) => {
                 let nodes = nodes.into_iter().map(|n| n.map(ByteBuf::into_vec)).collect();
                 steps.push(Step::Nodes { peer, req, nodes });

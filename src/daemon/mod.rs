@@ -1221,11 +1221,6 @@ impl Daemon {
                 );
             }
             SwarmEvent::Behaviour(BehaviourEvent::Control(event)) => self.on_control(event)?,
-            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event { peer, result: Ok(rtt), .. })) => {
-                if let Some(state) = self.peers.state_mut(&peer) {
-                    state.rtt_ms = peers::smooth(state.rtt_ms, rtt.as_secs_f64() * 1000.0);
-                }
-            }
             _ => {}
         }
         Ok(())
@@ -1261,6 +1256,12 @@ impl Daemon {
                     && let Some(response) = response
                 {
                     self.peers.on_members_answer(peer, response);
+                }
+            }
+            // The round trip of a hello or have, until a data-plane connection gives QUIC's own estimate.
+            Step::RoundTrip { peer, ms } => {
+                if let Some(state) = self.peers.state_mut(&peer) {
+                    state.rtt_ms = peers::smooth(state.rtt_ms, ms);
                 }
             }
             Step::Hello { peer, hello } => {
@@ -1397,6 +1398,12 @@ impl Daemon {
             self.start_publish(false, None);
         }
         self.report_data_refusals();
+        // The smallest round trip QUIC measured on each data-plane connection: what `mirrormesh peers` shows.
+        for (peer, rtt) in self.data.round_trips() {
+            if let Some(state) = self.peers.state_mut(&peer) {
+                state.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+            }
+        }
         if self.removals.check(Instant::now(), t) {
             match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
                 Ok(()) => self.removals.started(),

@@ -498,6 +498,21 @@ impl DataPlane {
         self.inner.shared.stats.sent.lock().unwrap_or_else(PoisonError::into_inner).totals()
     }
 
+    /// The round trip toward each peer this node has a data-plane connection with, in either direction (the one it
+    /// dialed preferred): the smallest QUIC measured on that connection, so the path's own, not the queues' of a
+    /// busy transfer (whose smoothed estimate grows by the queueing delay). No probe is sent for it.
+    pub fn round_trips(&self) -> BTreeMap<PeerId, Duration> {
+        let mut rtts: BTreeMap<PeerId, Duration> =
+            self.inner.shared.stats.sent.lock().unwrap_or_else(PoisonError::into_inner).round_trips().collect();
+        let slots = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        for (peer, slot) in slots.iter() {
+            if let Some(conn) = slot.live() {
+                rtts.insert(*peer, conn.stats().path.min_rtt);
+            }
+        }
+        rtts
+    }
+
     /// Counters of refused input: requests that were malformed, over a limit, from peers not allowed, stalled.
     /// Every kind is present, zero or not.
     pub fn refusals(&self) -> BTreeMap<&'static str, u64> {

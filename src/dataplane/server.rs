@@ -208,7 +208,7 @@ async fn serve_connection(incoming: quinn::Incoming, slot: HandshakeSlot) {
             return;
         };
         tracing::debug!("peer connected");
-        let _counted = SentCounted::start(&shared, &conn);
+        let _counted = SentCounted::start(&shared, peer, &conn);
         let memory = Arc::new(Semaphore::new(SERVE_CHUNKS_PER_CONNECTION_MAX));
         loop {
             match conn.accept_bi().await {
@@ -500,16 +500,21 @@ fn refuse(
 #[derive(Debug, Default)]
 pub(super) struct SentOnWire {
     ended: WireTotals,
-    open: HashMap<usize, quinn::Connection>,
+    open: HashMap<usize, (PeerId, quinn::Connection)>,
 }
 
 impl SentOnWire {
     pub(super) fn totals(&self) -> WireTotals {
         let mut totals = self.ended;
-        for conn in self.open.values() {
+        for (_, conn) in self.open.values() {
             totals.add(WireTotals::of(&conn.stats()));
         }
         totals
+    }
+
+    /// The smallest round trip QUIC measured on each open served connection, with its peer.
+    pub(super) fn round_trips(&self) -> impl Iterator<Item = (PeerId, std::time::Duration)> + '_ {
+        self.open.values().map(|(peer, conn)| (*peer, conn.stats().path.min_rtt))
     }
 }
 
@@ -520,9 +525,9 @@ struct SentCounted {
 }
 
 impl SentCounted {
-    fn start(shared: &Arc<Shared>, conn: &quinn::Connection) -> Self {
+    fn start(shared: &Arc<Shared>, peer: PeerId, conn: &quinn::Connection) -> Self {
         let id = conn.stable_id();
-        shared.stats.sent.lock().unwrap_or_else(PoisonError::into_inner).open.insert(id, conn.clone());
+        shared.stats.sent.lock().unwrap_or_else(PoisonError::into_inner).open.insert(id, (peer, conn.clone()));
         SentCounted { shared: shared.clone(), id }
     }
 }
@@ -530,7 +535,7 @@ impl SentCounted {
 impl Drop for SentCounted {
     fn drop(&mut self) {
         let mut sent = self.shared.stats.sent.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(conn) = sent.open.remove(&self.id) {
+        if let Some((_, conn)) = sent.open.remove(&self.id) {
             sent.ended.add(WireTotals::of(&conn.stats()));
         }
     }
