@@ -273,6 +273,17 @@ pub struct FetchSummary {
     pub chunks: usize,
 }
 
+/// The smallest round trip QUIC measured on `conn`; `None` before it measured one (no acknowledgement received yet:
+/// quinn's figure is then its initial guess). A sample can read zero on loopback (quinn takes one instant per
+/// round of its driver); then the smoothed estimate, and `None` if that is zero too.
+fn measured_round_trip(conn: &quinn::Connection) -> Option<Duration> {
+    let stats = conn.stats();
+    if stats.frame_rx.acks == 0 {
+        return None;
+    }
+    [stats.path.min_rtt, stats.path.rtt].into_iter().find(|rtt| !rtt.is_zero())
+}
+
 /// What connections sent on the wire (from quinn's connection statistics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WireTotals {
@@ -506,8 +517,8 @@ impl DataPlane {
             self.inner.shared.stats.sent.lock().unwrap_or_else(PoisonError::into_inner).round_trips().collect();
         let slots = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner);
         for (peer, slot) in slots.iter() {
-            if let Some(conn) = slot.live() {
-                rtts.insert(*peer, conn.stats().path.min_rtt);
+            if let Some(rtt) = slot.live().as_ref().and_then(measured_round_trip) {
+                rtts.insert(*peer, rtt);
             }
         }
         rtts

@@ -512,9 +512,9 @@ impl SentOnWire {
         totals
     }
 
-    /// The smallest round trip QUIC measured on each open served connection, with its peer.
+    /// The round trip QUIC measured on each open served connection ([`super::measured_round_trip`]), with its peer.
     pub(super) fn round_trips(&self) -> impl Iterator<Item = (PeerId, std::time::Duration)> + '_ {
-        self.open.values().map(|(peer, conn)| (*peer, conn.stats().path.min_rtt))
+        self.open.values().filter_map(|(peer, conn)| Some((*peer, super::measured_round_trip(conn)?)))
     }
 }
 
