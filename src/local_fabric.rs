@@ -140,6 +140,8 @@ impl Stopper {
 /// Ports handed to daemons come from below the kernel's ephemeral range (32768 and up on Linux), so that the
 /// outgoing connections of running processes cannot take a port between its reservation and its use.
 const PORTS: std::ops::Range<u16> = 20_000..32_000;
+/// Lines of a daemon's log a failed wait reports.
+const STUCK_LOG_LINES: usize = 40;
 
 /// A port in [`PORTS`] free for both UDP and TCP right now, picked pseudo-randomly so concurrent fabrics (tests
 /// run in parallel) rarely try the same one.
@@ -414,14 +416,23 @@ impl LocalFabric {
         for i in 1..self.nodes.len() {
             if self.is_running(i) {
                 let client = self.client(i, timeout + Duration::from_secs(5));
-                out.push(
-                    client
-                        .wait_settled(seq, timeout.as_millis() as u64)
-                        .with_context(|| format!("waiting for {}", self.nodes[i].name))?,
-                );
+                match client.wait_settled(seq, timeout.as_millis() as u64) {
+                    Ok(status) => out.push(status),
+                    Err(e) => return Err(e.context(self.stuck(i, &format!("waiting for seq {seq} to settle")))),
+                }
             }
         }
         Ok(out)
+    }
+
+    /// Node `i`'s name, what was waited for, its status and the end of its log: what a failed wait reports.
+    pub fn stuck(&self, i: usize, waited_for: &str) -> String {
+        let node = &self.nodes[i];
+        let status = self.status(i).map(|s| format!("{s:#?}")).unwrap_or_else(|e| format!("{e:#}"));
+        let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(STUCK_LOG_LINES)..].join("\n");
+        format!("{}: {waited_for}\n{} status: {status}\n{} log (end):\n{tail}", node.name, node.name, node.name)
     }
 
     /// Checks that node `i`'s tree is identical to the origin's: same entries, kinds, sizes, modes, mtimes,

@@ -71,11 +71,7 @@ fn check_between(tree: &Path, old: &Manifest, new: &Manifest) -> Result<()> {
 
 /// Panics with `message`, node `i`'s status and the end of its log.
 fn fail(fabric: &LocalFabric, i: usize, message: &str) -> ! {
-    let status = fabric.status(i).map(|s| format!("{s:#?}")).unwrap_or_else(|e| format!("{e:#}"));
-    let log = std::fs::read_to_string(&fabric.nodes[i].log).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(60).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
-    panic!("{message}\n{} status: {status}\n{} log:\n{}", fabric.nodes[i].name, fabric.nodes[i].name, tail.join("\n"));
+    panic!("{}", fabric.stuck(i, message));
 }
 
 /// Chunk bytes the origin has sent to `peer_id`, over all its connections.

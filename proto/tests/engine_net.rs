@@ -971,3 +971,33 @@ impl Host<u32> for NetHost<'_> {
         self.net.execute(self.id, now, output)
     }
 }
+
+#[test]
+fn a_mirror_that_missed_every_announcement_of_a_root_learns_it_from_a_peer_complete_at_it() {
+    let mut net = Net::new(1);
+    packages(&mut net.tree, 5, 0);
+    net.publish();
+    full_mesh(&mut net);
+    net.run(400);
+    assert!(net.converged(), "the first snapshot");
+
+    // The next root's gossip and the origin's pushed hello are lost (a dead connection took them); only the
+    // origin's "complete at 2" reaches the mirror.
+    packages(&mut net.tree, 6, 1);
+    net.publish();
+    let before = net.queue.len();
+    net.queue.retain(|m| !matches!(m, Msg::Root { to: 1, .. } | Msg::Hello { to: 1, .. }));
+    assert_eq!(before - net.queue.len(), 2, "the gossip and the push were queued, and dropped");
+    let have =
+        net.queue.iter().position(|m| matches!(m, Msg::Have { to: 1, have, .. } if have.complete_seq == Some(2)));
+    let have = net.queue.remove(have.expect("the origin tells the mirror it is complete at 2")).unwrap();
+    let asks = |net: &Net| net.queue.iter().filter(|m| matches!(m, Msg::Hello { from: 1, reply: false, .. })).count();
+    assert_eq!(asks(&net), 0);
+    net.deliver(have);
+    assert_eq!(asks(&net), 1, "the mirror asks the origin for its root");
+    let again = Have { repo: repo(), seq: 2, complete_seq: Some(2), chunks: Vec::new() };
+    net.call(1, Input::Have { from: ORIGIN, have: again });
+    assert_eq!(asks(&net), 1, "once per root");
+    net.run(400);
+    assert!(net.converged(), "the mirror synced to the root its peer is complete at");
+}

@@ -474,6 +474,26 @@ struct PeerInfo {
     /// Origin: it claimed the current snapshot complete and then asked for one of its chunks, so the claim is
     /// false: it is not named in redirects.
     false_claim: bool,
+    /// Mirror: the newest snapshot it announced beyond this node's newest root, for which it was asked for its
+    /// root (see `ask_for_root`).
+    root_asked: Option<u64>,
+}
+
+impl PeerInfo {
+    fn new(is_origin: bool) -> Self {
+        PeerInfo {
+            is_origin,
+            greeted: false,
+            advertised: None,
+            complete_seq: None,
+            holdings: BTreeSet::new(),
+            pushed: None,
+            manifest_seq: None,
+            unknown_requests: 0,
+            false_claim: false,
+            root_asked: None,
+        }
+    }
 }
 
 enum Phase<P: PeerKey> {
@@ -776,17 +796,7 @@ impl<P: PeerKey> Engine<P> {
 
     fn on_peer_connected(&mut self, peer: P) {
         let is_origin = self.cfg.origins.contains(&peer);
-        self.peers.entry(peer.clone()).or_insert(PeerInfo {
-            is_origin,
-            greeted: false,
-            advertised: None,
-            complete_seq: None,
-            holdings: BTreeSet::new(),
-            pushed: None,
-            manifest_seq: None,
-            unknown_requests: 0,
-            false_claim: false,
-        });
+        self.peers.entry(peer.clone()).or_insert(PeerInfo::new(is_origin));
         self.out.push_back(Output::SendHello(peer, self.hello()));
     }
 
@@ -809,17 +819,7 @@ impl<P: PeerKey> Engine<P> {
             return Ok(());
         }
         let is_origin = self.cfg.origins.contains(&peer);
-        let info = self.peers.entry(peer.clone()).or_insert(PeerInfo {
-            is_origin,
-            greeted: false,
-            advertised: None,
-            complete_seq: None,
-            holdings: BTreeSet::new(),
-            pushed: None,
-            manifest_seq: None,
-            unknown_requests: 0,
-            false_claim: false,
-        });
+        let info = self.peers.entry(peer.clone()).or_insert(PeerInfo::new(is_origin));
         let first = !info.greeted;
         info.greeted = true;
         info.complete_seq = hello.complete_seq;
@@ -920,6 +920,7 @@ impl<P: PeerKey> Engine<P> {
         info.complete_seq = info.complete_seq.max(have.complete_seq);
         info.manifest_seq = info.manifest_seq.max(Some(have.seq));
         let (is_origin, complete_seq) = (info.is_origin, info.complete_seq);
+        self.ask_for_root(&peer, have.seq.max(have.complete_seq.unwrap_or(0)));
         match &mut self.phase {
             Phase::Transfer { target, sched, .. } | Phase::Staging { target, sched, .. } => {
                 // The scheduler keeps only chunks this sync needs, in bitsets.
@@ -1207,6 +1208,23 @@ impl<P: PeerKey> Engine<P> {
     /// Sends this node's hello (which carries the newest root) straight to every greeted peer not known to have
     /// root `seq`: gossip reaches peers in the mesh, this reaches the rest (a peer that just connected, a mesh not
     /// yet formed), so a new root propagates even when a gossip message is lost.
+    /// Mirror: `peer` announced snapshot `seq` (chunks of it, or all of it), newer than any root this node knows:
+    /// the root's gossip and push did not arrive (a dead connection swallowed them, or the gossip mesh had not
+    /// formed yet), so ask the peer for its hello, which carries its root. Once per snapshot per peer: a peer's
+    /// claims cost at most one hello each.
+    fn ask_for_root(&mut self, peer: &P, seq: u64) {
+        let latest = self.latest().map(|r| r.body.seq);
+        if self.cfg.role != Role::Mirror || Some(seq) <= latest {
+            return;
+        }
+        let Some(info) = self.peers.get_mut(peer) else { return };
+        if info.root_asked >= Some(seq) {
+            return;
+        }
+        info.root_asked = Some(seq);
+        self.out.push_back(Output::SendHello(peer.clone(), self.hello()));
+    }
+
     fn push_root(&mut self, seq: u64) {
         let hello = self.hello();
         for (peer, info) in &mut self.peers {
