@@ -73,16 +73,27 @@ impl<K: Ord + Clone> ControlAnswers<K> {
     }
 }
 
-/// A peer opened a new connection to this node (`new_inbound`: the peer dialed) while these were open (`existing`:
-/// key and whether the peer dialed it). Returns the connections to close: when the peer dials again although its
-/// earlier inbound connections are open, it restarted or lost its network, so those are dead (they would swallow
-/// requests until their idle timeout); the ones this node dialed are its own business. A connection this node
-/// dialed replaces nothing.
-pub fn replaced_by<K: Clone>(existing: &[(K, bool)], new_inbound: bool) -> Vec<K> {
+/// How long before a peer's new dial a connection this node dialed to it may have been established and still be
+/// alive: both ends dialing each other at once (each dials only while it holds no connection to the other) establish
+/// their connections within a handshake of each other.
+pub const DIAL_RACE_MS: u64 = 5_000;
+
+/// A peer opened a new connection to this node (`new_inbound`: the peer dialed) at `now` while these were open
+/// (`existing`: key, whether the peer dialed it, when it was established). Returns the connections to close. A
+/// peer dials only while it holds no connection to this node, so when it dials again it restarted or lost its
+/// network and every connection this node still holds to it is dead (a request sent on one is lost until it times
+/// out: requests to a peer go over its connections in turn): its earlier inbound connections, and the ones this
+/// node dialed, unless they were established within [`DIAL_RACE_MS`] of now (both ends dialed at once). A
+/// connection this node dialed replaces nothing.
+pub fn replaced_by<K: Clone>(existing: &[(K, bool, Mono)], new_inbound: bool, now: Mono) -> Vec<K> {
     if !new_inbound {
         return Vec::new();
     }
-    existing.iter().filter(|(_, inbound)| *inbound).map(|(k, _)| k.clone()).collect()
+    existing
+        .iter()
+        .filter(|(_, inbound, since)| *inbound || now.millis_since(*since) > DIAL_RACE_MS)
+        .map(|(k, _, _)| k.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -117,10 +128,16 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_dialing_again_replaces_its_earlier_inbound_connections_only() {
-        let existing = [("in-a", true), ("out-b", false), ("in-c", true)];
-        assert_eq!(replaced_by(&existing, true), vec!["in-a", "in-c"]);
-        assert!(replaced_by(&existing, false).is_empty(), "this node dialing again replaces nothing");
-        assert!(replaced_by::<&str>(&[], true).is_empty());
+    fn a_peer_dialing_again_replaces_its_connections_but_one_this_node_dialed_in_the_same_instant() {
+        let now = Mono(100_000);
+        let existing = [
+            ("in-a", true, Mono(1_000)),
+            ("out-b", false, Mono(2_000)),
+            ("in-c", true, Mono(99_000)),
+            ("out-d", false, Mono(100_000 - DIAL_RACE_MS)),
+        ];
+        assert_eq!(replaced_by(&existing, true, now), vec!["in-a", "out-b", "in-c"], "out-d: both dialed at once");
+        assert!(replaced_by(&existing, false, now).is_empty(), "this node dialing again replaces nothing");
+        assert!(replaced_by::<&str>(&[], true, now).is_empty());
     }
 }

@@ -33,11 +33,11 @@ use libp2p::swarm::ConnectionId;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, Swarm};
 use mirrormesh_proto::RepoId;
-use mirrormesh_proto::Timestamp;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, MEMBERS_PER_MESSAGE_MAX, MemberEntry, Members};
 use mirrormesh_proto::membership::{
     AddrScope, Learned, MEMBERS_MAX, MemberRecord, Membership, MembershipConfig, MeshRule, Report, check_addrs,
 };
+use mirrormesh_proto::{Mono, Timestamp};
 use serde_bytes::ByteBuf;
 
 use super::duplicate_key::DuplicateKeys;
@@ -416,11 +416,15 @@ impl Peers {
         let mut outcome = if num_established == 1 { Established::First } else { Established::Another };
         let connections = self.connections.entry(peer).or_default();
         if inbound && num_established > 1 {
-            // The peer dialed again although it had dialed before: it restarted or lost its network, so its
-            // earlier connections are dead (they would swallow requests until their idle timeout). Close them and
-            // greet it afresh.
-            let existing: Vec<(ConnectionId, bool)> = connections.iter().map(|c| (c.id, c.inbound)).collect();
-            let replaced = mirrormesh_proto::links::replaced_by(&existing, inbound);
+            // The peer dialed again: it restarted or lost its network, so the connections it dialed before, and
+            // the ones this node dialed unless both ends dialed at once, are dead (they would swallow requests
+            // until a timeout). Close them and greet it afresh.
+            let at = Instant::now();
+            let base = connections.iter().map(|c| c.since).min().unwrap_or(at);
+            let mono = |t: Instant| Mono(t.duration_since(base).as_millis() as u64);
+            let existing: Vec<(ConnectionId, bool, Mono)> =
+                connections.iter().map(|c| (c.id, c.inbound, mono(c.since))).collect();
+            let replaced = mirrormesh_proto::links::replaced_by(&existing, inbound, mono(at));
             let stale: Vec<(ConnectionId, Multiaddr)> =
                 connections.iter().filter(|c| replaced.contains(&c.id)).map(|c| (c.id, c.addr.clone())).collect();
             if !stale.is_empty() {
