@@ -14,6 +14,7 @@ use mirrormesh_proto::entry::EntryKind;
 use mirrormesh_proto::node::NodeHash;
 use mirrormesh_proto::root::{DeltaRef, RootBody, RootError, SignedRoot, publisher_key};
 use mirrormesh_proto::sync::driver::{Host, step};
+use mirrormesh_proto::sync::removals::removal_due;
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
@@ -51,6 +52,10 @@ struct Node {
     apply_fails: BTreeMap<u64, u32>,
     /// Every `Apply` it was asked for: (when, snapshot).
     apply_attempts: Vec<(Timestamp, u64)>,
+    /// Paths the applied snapshots no longer name, with when they are due to go (the served tree keeps them until).
+    pending_removals: BTreeMap<String, Timestamp>,
+    /// Removal runs asked for (the wall clock's time then), and the paths each removed.
+    removal_runs: Vec<(Timestamp, usize)>,
     bans: Vec<(u32, BanReason)>,
     notices: Vec<Notice<u32>>,
     bytes_from_peers: u64,
@@ -133,6 +138,9 @@ struct Net {
     /// never steps.
     wall_step_ms: i64,
 }
+
+/// How long after an apply the files it no longer names are removed (the daemon's `repo.delete_grace_secs`).
+const DELETE_GRACE_MS: u64 = 300_000;
 
 /// The origin asks for a re-signed root once its root has less than this left (half the day roots are signed for).
 const RESIGN_BEFORE_EXPIRY_MS: u64 = 43_200_000;
@@ -302,7 +310,7 @@ impl Net {
                 self.queue.push_back(Msg::GetChunks { from: id, to: peer, req, chunks })
             }
             Output::Cancel { .. } => {}
-            Output::Apply { target, .. } => {
+            Output::Apply { target, plan } => {
                 let seq = target.body.seq;
                 // The network's time (the wall clock may have been stepped).
                 node.apply_attempts.push((Timestamp(now.mono.0), seq));
@@ -314,7 +322,23 @@ impl Net {
                 }
                 node.applied = Some(target.body.root);
                 node.applied_at = Some(Timestamp(now.mono.0));
-                return vec![Input::Applied { seq }];
+                // As the tree writer does: what the plan removes is recorded pending, due after the grace period.
+                let due = removal_due(now.wall, DELETE_GRACE_MS);
+                let removed: Vec<String> = plan.iter().filter(|c| c.new.is_none()).map(|c| c.path.clone()).collect();
+                let scheduled = (!removed.is_empty()).then_some(due);
+                node.pending_removals.extend(removed.into_iter().map(|p| (p, due)));
+                let pending = node.pending_removals.len() as u64;
+                return vec![Input::RemovalsScheduled { due: scheduled, pending }, Input::Applied { seq }];
+            }
+            Output::RemoveDue { now: at } => {
+                let before = node.pending_removals.len();
+                node.pending_removals.retain(|_, due| *due > at);
+                node.removal_runs.push((at, before - node.pending_removals.len()));
+                let left = node.pending_removals.values().min().copied();
+                return vec![Input::RemovalsDone {
+                    left: Some(left),
+                    pending: Some(node.pending_removals.len() as u64),
+                }];
             }
             Output::Ban { peer, reason, .. } => node.bans.push((peer, reason)),
             Output::Unban { .. } => {}
@@ -1000,4 +1024,38 @@ fn a_mirror_that_missed_every_announcement_of_a_root_learns_it_from_a_peer_compl
     assert_eq!(asks(&net), 1, "once per root");
     net.run(400);
     assert!(net.converged(), "the mirror synced to the root its peer is complete at");
+}
+
+#[test]
+fn removals_run_once_their_grace_period_is_over_by_the_wall_clock() {
+    let mut net = Net::new(1);
+    packages(&mut net.tree, 5, 0);
+    net.publish();
+    full_mesh(&mut net);
+    net.run(400);
+    assert!(net.converged());
+    assert!(net.nodes[&1].pending_removals.is_empty(), "the first snapshot removes nothing");
+
+    // The update replaces every package: the old ones are pending, due after the grace period.
+    net.tree = TreeDir::default();
+    packages(&mut net.tree, 5, 1);
+    net.publish();
+    net.run(400);
+    assert!(net.converged());
+    let applied_at = net.nodes[&1].applied_at.unwrap();
+    let status = net.node(1).engine.as_ref().unwrap().status();
+    assert_eq!(status.pending_removals, 5, "the engine knows how many are pending");
+    assert!(net.nodes[&1].removal_runs.is_empty(), "none before the grace period");
+    // The engine's timer names the instant they are due: no polling.
+    let due = net.node(1).engine.as_ref().unwrap().poll_timeout().expect("the removals' time");
+    assert_eq!(due, Mono(applied_at.0 + DELETE_GRACE_MS));
+    net.now = Timestamp(due.0 - 1);
+    net.call(1, Input::Timeout);
+    assert!(net.nodes[&1].removal_runs.is_empty(), "not yet");
+    net.now = Timestamp(due.0);
+    net.call(1, Input::Timeout);
+    assert_eq!(net.nodes[&1].removal_runs, vec![(Timestamp(due.0), 5)]);
+    let status = net.node(1).engine.as_ref().unwrap().status();
+    assert_eq!(status.pending_removals, 0);
+    assert_eq!(net.node(1).engine.as_ref().unwrap().poll_timeout(), None, "nothing left to wake for");
 }

@@ -850,6 +850,9 @@ impl World {
             Output::Unban { .. } | Output::PersistRoot(_) => {}
             // Roots are signed for 30 days here; no run lasts that long.
             Output::Republish => {}
+            // The simulator keeps no served tree, so it schedules no removals (`Input::RemovalsScheduled`) and this
+            // is never asked for; a run would find nothing to remove.
+            Output::RemoveDue { .. } => return vec![Input::RemovalsDone { left: Some(None), pending: Some(0) }],
             Output::Notice(notice) => match notice {
                 Notice::RootAccepted { seq } => {
                     self.trace(&[6, self.now, u64::from(node), seq]);

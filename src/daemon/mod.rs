@@ -12,7 +12,6 @@ mod control;
 mod duplicate_key;
 mod fetching;
 mod health;
-mod housekeeping;
 mod manifest_answers;
 mod peers;
 mod progress;
@@ -42,9 +41,9 @@ use mirrormesh_proto::diff::Change;
 use mirrormesh_proto::node_store::NodeSink;
 use mirrormesh_proto::node_store::{NodeSource, SourceError};
 use mirrormesh_proto::root::Freshness;
-use mirrormesh_proto::sync::apply_order::removal_due;
 use mirrormesh_proto::sync::bans::Offence;
 use mirrormesh_proto::sync::driver::{Host, step};
+use mirrormesh_proto::sync::removals::removal_due;
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
@@ -176,8 +175,6 @@ pub struct Daemon {
     publisher: publisher::Publisher,
     /// The one thread that changes the served tree (applies and removals).
     tree_writer: tree_writer::TreeWriter,
-    /// When removals run, and how many are pending.
-    removals: housekeeping::Removals,
     /// Files and bytes of the applied snapshot (for status).
     totals: (u64, u64),
     listen_addrs: Vec<Multiaddr>,
@@ -387,7 +384,6 @@ impl Daemon {
             health: Health::default(),
             publisher,
             tree_writer,
-            removals: housekeeping::Removals::new(pending_deletions, Instant::now()),
             totals,
             listen_addrs,
             started: Instant::now(),
@@ -398,6 +394,10 @@ impl Daemon {
         };
         if let Some((seq, chunks)) = snapshot_chunks {
             daemon.feed(Input::SnapshotChunks { seq, chunks })?;
+        }
+        if pending_deletions > 0 {
+            // Left from the last run: a run reads when they are really due.
+            daemon.feed(Input::RemovalsScheduled { due: Some(Timestamp(0)), pending: pending_deletions })?;
         }
         // The admin API answers with the state read from disk from its first request on.
         daemon.check_served_root(now());
@@ -596,11 +596,13 @@ impl Daemon {
             staged: self.sync.staged_seq,
             last_error: self.health.newest().map(str::to_owned),
             problems: self.health.list().len(),
+            pending_removals: engine.pending_removals,
         }
     }
 
-    /// Carries out one output of the engine (the daemon answers later, through events, never at once).
-    fn carry_out(&mut self, out: Output<PeerId>) -> Result<()> {
+    /// Carries out one output of the engine; returns the inputs it answers with at once (only a failure to start
+    /// something: the daemon's answers come later, through events).
+    fn carry_out(&mut self, out: Output<PeerId>) -> Result<Vec<Input<PeerId>>> {
         match out {
             Output::Gossip(root) => {
                 if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), root.encode()) {
@@ -686,8 +688,15 @@ impl Daemon {
                 self.data.undeny(&peer);
             }
             Output::Notice(notice) => self.notice(notice)?,
+            Output::RemoveDue { now } => {
+                if let Err(e) = self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: now.0 }) {
+                    // A run that cannot start failed: what was due stays due.
+                    self.error(format!("pending deletions: {e:#}"));
+                    return Ok(vec![Input::RemovalsDone { left: None, pending: None }]);
+                }
+            }
         }
-        Ok(())
+        Ok(Vec::new())
     }
 
     fn notice(&mut self, notice: Notice<PeerId>) -> Result<()> {
@@ -911,7 +920,8 @@ impl Daemon {
             scheduled = Some(due);
         }
         writer.commit()?;
-        self.removals.scheduled(scheduled, self.store.reader()?.pending_deletion_count()?);
+        let pending = self.store.reader()?.pending_deletion_count()?;
+        self.feed(Input::RemovalsScheduled { due: scheduled, pending })?;
         if let Ok(mut index) = self.index.write() {
             index.apply(changes);
         }
@@ -955,7 +965,7 @@ impl Daemon {
         let run = match run {
             Ok(run) => run,
             Err(e) => {
-                self.removals.finished(None, None);
+                self.removals_done(None, None);
                 return self.error(format!("pending deletions: {e:#}"));
             }
         };
@@ -969,7 +979,7 @@ impl Daemon {
                 run.pending
             }
         };
-        self.removals.finished(Some(run.next_due_ms.map(Timestamp)), Some(pending));
+        self.removals_done(Some(run.next_due_ms.map(Timestamp)), Some(pending));
         let r = &run.report;
         if r.named_by_snapshot > 0 {
             tracing::info!(count = r.named_by_snapshot, "removals cancelled: the snapshot in the tree names them");
@@ -982,6 +992,12 @@ impl Daemon {
         }
         if r.removed > 0 {
             tracing::info!(count = r.removed, "removed files after the grace period");
+        }
+    }
+
+    fn removals_done(&mut self, left: Option<Option<Timestamp>>, pending: Option<u64>) {
+        if let Err(e) = self.feed(Input::RemovalsDone { left, pending }) {
+            self.error(format!("{e:#}"));
         }
     }
 
@@ -1259,11 +1275,7 @@ impl Daemon {
                 }
             }
             // The round trip of a hello or have, until a data-plane connection gives QUIC's own estimate.
-            Step::RoundTrip { peer, ms } => {
-                if let Some(state) = self.peers.state_mut(&peer) {
-                    state.rtt_ms = peers::smooth(state.rtt_ms, ms);
-                }
-            }
+            Step::RoundTrip { peer, ms } => self.peers.control_round_trip(&peer, ms),
             Step::Hello { peer, hello } => {
                 self.peers.learn_data_addrs(peer, &hello.data_addrs);
                 self.feed(Input::Hello { from: peer, hello })?;
@@ -1389,7 +1401,6 @@ impl Daemon {
 
     /// The shell's chores: redials, the tree watch, re-signing, deletions, refusals (the engine has its own timer).
     fn on_tick(&mut self) {
-        let t = now();
         self.peers_tick();
         if self.cfg.faults.announce_fake_chunks {
             self.fault_announce_fake_chunks();
@@ -1398,18 +1409,6 @@ impl Daemon {
             self.start_publish(false, None);
         }
         self.report_data_refusals();
-        // The smallest round trip QUIC measured on each data-plane connection: what `mirrormesh peers` shows.
-        for (peer, rtt) in self.data.round_trips() {
-            if let Some(state) = self.peers.state_mut(&peer) {
-                state.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
-            }
-        }
-        if self.removals.check(Instant::now(), t) {
-            match self.tree_writer.submit(tree_writer::TreeJob::RemoveDue { now_ms: t.0 }) {
-                Ok(()) => self.removals.started(),
-                Err(e) => self.error(format!("pending deletions: {e:#}")),
-            }
-        }
     }
 
     /// The peer manager's chores (dials, member exchanges, persistence); it closes connections the mesh no longer
@@ -1434,7 +1433,6 @@ impl Daemon {
             downstream: &self.downstream,
             service: &mut self.service,
             health: &self.health,
-            removals: &self.removals,
             totals: self.totals,
             sync: &mut self.sync,
             listen_addrs: &self.listen_addrs,
@@ -1458,10 +1456,10 @@ impl Host<PeerId> for Daemon {
     }
 
     fn execute(&mut self, _now: Now, output: Output<PeerId>) -> Vec<Input<PeerId>> {
-        if let Err(e) = self.carry_out(output) {
+        self.carry_out(output).unwrap_or_else(|e| {
             self.error(format!("{e:#}"));
-        }
-        Vec::new()
+            Vec::new()
+        })
     }
 }
 

@@ -82,8 +82,11 @@ pub struct PeerState {
     pub address: Option<Multiaddr>,
     pub data_addrs: Vec<SocketAddr>,
     pub connected_since_ms: u64,
-    /// Control-plane round trip, milliseconds, smoothed.
+    /// Round trip, milliseconds: the smallest QUIC measured on the data-plane connection, else a hello's or have's
+    /// time, smoothed.
     pub rtt_ms: Option<f64>,
+    /// `rtt_ms` is QUIC's measurement.
+    rtt_measured: bool,
     /// Chunk delivery rate to this node, bytes per second, smoothed over requests.
     pub rate: Option<f64>,
 }
@@ -557,6 +560,7 @@ impl Peers {
         if at >= self.next_prune {
             self.next_prune = at + Duration::from_secs(1);
             self.note_activity(at);
+            self.read_round_trips();
             self.prune(swarm, &wanted, at, idle);
         }
         if at >= self.next_touch {
@@ -574,6 +578,24 @@ impl Peers {
         if at >= self.next_persist {
             self.next_persist = at + MEMBERS_PERSIST_INTERVAL;
             self.persist(store);
+        }
+    }
+
+    /// The smallest round trip QUIC measured on each data-plane connection: what `mirrormesh peers` shows (until
+    /// there is one, a hello's or have's time: [`Peers::control_round_trip`]).
+    fn read_round_trips(&mut self) {
+        for (peer, rtt) in self.data.round_trips() {
+            if let Some(state) = self.states.get_mut(&peer) {
+                state.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+                state.rtt_measured = true;
+            }
+        }
+    }
+
+    /// A hello or have to `peer` was answered `ms` after it was sent: its round trip until QUIC measures one.
+    pub fn control_round_trip(&mut self, peer: &PeerId, ms: f64) {
+        if let Some(state) = self.states.get_mut(peer).filter(|s| !s.rtt_measured) {
+            state.rtt_ms = smooth(state.rtt_ms, ms);
         }
     }
 

@@ -11,7 +11,6 @@ use libp2p::{Multiaddr, PeerId, Swarm};
 use mirrormesh_proto::sync::{Engine, SyncPhase};
 use tokio::sync::watch;
 
-use super::housekeeping::Removals;
 use super::peers::Peers;
 use super::{Health, STATUS_INTERVAL, SyncProgress};
 use crate::config::{Config, RoleName};
@@ -34,6 +33,7 @@ pub struct StatusKey {
     pub staged: Option<u64>,
     pub last_error: Option<String>,
     pub problems: usize,
+    pub pending_removals: u64,
 }
 
 /// What the projection reads (and the two things it updates: the sync's largest missing byte count, the service
@@ -50,7 +50,6 @@ pub struct Sources<'a> {
     pub downstream: &'a crate::downstream::Downstream,
     pub service: &'a mut crate::service::Notifier,
     pub health: &'a Health,
-    pub removals: &'a Removals,
     pub totals: (u64, u64),
     pub sync: &'a mut SyncProgress,
     pub listen_addrs: &'a [Multiaddr],
@@ -140,7 +139,7 @@ impl Projector {
             waiting_for_origin: engine.waiting_for_origin,
             files: src.totals.0,
             bytes: src.totals.1,
-            pending_deletions: src.removals.pending(),
+            pending_deletions: engine.pending_removals,
             created_ms: src.engine.current().map(|c| c.body.created.0),
             expires_ms: src.engine.current().map(|c| c.body.expires.0),
             last_apply_ms: src.sync.last_apply_ms,

@@ -3,13 +3,11 @@
 //!
 //! [`ApplySteps::of`] sorts a plan's changes into the steps mirrors rely on (new directories parents first; files
 //! that are not index files; symlinks and directory modes; index files last, so no index names a package that is not
-//! in place yet); removals are not applied with the rest: they are scheduled [`removal_due`] after the apply, on the
-//! wall clock (pending removals are kept in the node's database across restarts, where a monotonic time means
-//! nothing), and carried out deepest first once [`removals_due`] says so.
+//! in place yet); removals are not applied with the rest: they are carried out deepest first once due (see
+//! [`super::removals`]).
 
 use crate::diff::Change;
 use crate::entry::{EntryKind, FileMeta};
-use crate::timestamp::Timestamp;
 use crate::tree::split_parent;
 
 /// A plan's changes in the order the tree writer carries them out.
@@ -57,17 +55,6 @@ impl<'a> ApplySteps<'a> {
     }
 }
 
-/// When the removals of a snapshot applied at `applied` are carried out: after `grace_ms` (`repo.delete_grace_secs`),
-/// so downstream mirrors and clients that read the old index still find its files.
-pub fn removal_due(applied: Timestamp, grace_ms: u64) -> Timestamp {
-    applied.plus_ms(grace_ms)
-}
-
-/// Whether a removal run is due: the earliest pending removal's time has come and no run is going on.
-pub fn removals_due(earliest_due: Option<Timestamp>, now: Timestamp, running: bool) -> bool {
-    !running && earliest_due.is_some_and(|due| due <= now)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,15 +93,5 @@ mod tests {
         assert_eq!(steps.files.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec!["a/new.apk"]);
         assert_eq!(steps.indexes.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec!["a/APKINDEX.tar.gz"]);
         assert_eq!(steps.removals, vec!["b/old.apk".to_owned(), "b".to_owned()], "a/x changed kind: not removed");
-    }
-
-    #[test]
-    fn removals_wait_for_their_grace_period_and_for_a_run_in_progress() {
-        let due = removal_due(Timestamp(1_000), 60_000);
-        assert_eq!(due, Timestamp(61_000));
-        assert!(!removals_due(None, Timestamp(100_000), false), "nothing pending");
-        assert!(!removals_due(Some(due), Timestamp(60_999), false));
-        assert!(removals_due(Some(due), Timestamp(61_000), false));
-        assert!(!removals_due(Some(due), Timestamp(61_000), true), "one run at a time");
     }
 }

@@ -13,7 +13,9 @@
 //! 3. After every call, take the outputs with [`Engine::poll_output`] and carry them out **in order**. Nodes of a
 //!    `StoreNodes` must be readable through the source by the next call; `PersistRoot` must be durable before the
 //!    next call; `Stage` is answered by [`Input::Staged`], `Apply` by [`Input::Applied`] or
-//!    [`Input::ApplyFailed`], every fetch by its answer or failure.
+//!    [`Input::ApplyFailed`] (after an apply the caller reports the removals it recorded pending with
+//!    [`Input::RemovalsScheduled`], before `Applied`), `RemoveDue` by [`Input::RemovalsDone`], every fetch by its
+//!    answer or failure.
 //! 4. Call `handle` with [`Input::Timeout`] once the time [`Engine::poll_timeout`] names has come (it is `None`
 //!    when the engine waits only for events: an idle node sleeps).
 //!
@@ -25,7 +27,8 @@
 //! otherwise nodes; [`manifest_fetch`]) → the diff against the applied snapshot gives the files to stage → the
 //! caller stages them, copying chunks it already holds, and reports what it holds → the rest is fetched from peers
 //! ([`scheduler`]), with the origin asked only for chunks no peer holds → every chunk held: `Apply` → applied:
-//! the node announces that it is complete at the new snapshot. An apply that fails (a full disk, a permission) is
+//! the node announces that it is complete at the new snapshot; the files the snapshot no longer names go once their
+//! grace period is over ([`removals`]: the engine's timer names the instant, `RemoveDue` asks for the run). An apply that fails (a full disk, a permission) is
 //! retried after `APPLY_RETRY_FIRST_MS`, doubling per failure in a row up to `APPLY_RETRY_MAX_MS` (phase
 //! `apply-retrying`); if a newer root was accepted by the time of the retry, that one is synced instead.
 //!
@@ -47,6 +50,7 @@ pub mod bans;
 pub mod chunk_set;
 pub mod driver;
 pub mod manifest_fetch;
+pub mod removals;
 pub mod scheduler;
 pub mod seeder;
 
@@ -60,7 +64,7 @@ use crate::entry::{EntryKind, FileMeta};
 use crate::node::NodeHash;
 use crate::node_store::{NodeSource, SourceError};
 use crate::root::{PublisherKey, RepoId, RootError, RootTracker, SignedRoot, VerifiedRoot};
-use crate::timestamp::{Mono, Now};
+use crate::timestamp::{Mono, Now, Timestamp};
 pub use chunk_set::ChunkSet;
 use manifest_fetch::{FetchOut, ManifestFetch};
 use scheduler::{BanReason, ChunkOutcome, SchedOut, Scheduler, SchedulerLimits};
@@ -216,6 +220,11 @@ pub enum Output<P> {
     Unban {
         peer: P,
     },
+    /// Carry out the pending removals that are due at `now` (wall clock; see [`removals`]), then answer with
+    /// [`Input::RemovalsDone`]. One run at a time.
+    RemoveDue {
+        now: Timestamp,
+    },
     /// Origin: the current root nears its expiry (`EngineConfig::resign_before_expiry_ms`): publish again, so a
     /// freshly signed root goes out (answered with [`Input::Published`]; asked again every [`REPUBLISH_RETRY_MS`]
     /// until one comes).
@@ -311,6 +320,8 @@ pub struct EngineStatus {
     pub apply_retry_at: Option<Mono>,
     /// Why the last apply failed, until one succeeds.
     pub last_apply_failure: Option<ApplyFailure>,
+    /// Removals pending in the served tree (see [`removals`]).
+    pub pending_removals: u64,
 }
 
 /// Why applying a snapshot to the served tree failed (the caller maps its I/O error).
@@ -431,6 +442,18 @@ pub enum Input<P> {
     ApplyFailed {
         seq: u64,
         failure: ApplyFailure,
+    },
+    /// Removals were recorded as pending (by an apply, or found in the database at start), the earliest due at
+    /// `due` (`None`: none were); `pending` is how many are pending now.
+    RemovalsScheduled {
+        due: Option<Timestamp>,
+        pending: u64,
+    },
+    /// `RemoveDue` done: the earliest due of the removals left (`None` if the run failed: what was due stays due),
+    /// and how many are pending (`None`: unknown).
+    RemovalsDone {
+        left: Option<Option<Timestamp>>,
+        pending: Option<u64>,
     },
     /// Origin: a snapshot was published locally (its nodes are in the store), with its chunk ids.
     Published {
@@ -566,6 +589,7 @@ pub struct Engine<P: PeerKey> {
     /// Applies that failed in a row, and why the last one did.
     apply_failures: u32,
     last_apply_failure: Option<ApplyFailure>,
+    removals: removals::Removals,
 }
 
 impl<P: PeerKey> Engine<P> {
@@ -603,6 +627,7 @@ impl<P: PeerKey> Engine<P> {
             republish_asked: None,
             apply_failures: 0,
             last_apply_failure: None,
+            removals: removals::Removals::default(),
         };
         if let Some(latest) = latest
             && engine.is_newer(&latest)
@@ -639,7 +664,17 @@ impl<P: PeerKey> Engine<P> {
         if let Some(due) = self.republish_due() {
             next = Some(next.map_or(due, |n| n.min(due)));
         }
+        if let Some(due) = self.removals.next_due() {
+            let due = self.mono_of(due);
+            next = Some(next.map_or(due, |n| n.min(due)));
+        }
         next
+    }
+
+    /// The monotonic instant at which the wall clock reads `wall`, counted from the last input's two clocks (now,
+    /// if that is past).
+    fn mono_of(&self, wall: Timestamp) -> Mono {
+        self.last_now.mono.plus_ms(wall.0.saturating_sub(self.last_now.wall.0))
     }
 
     /// Origin: when (monotonic) to ask for a re-signed root: the wall-clock instant the current root enters its
@@ -650,8 +685,7 @@ impl<P: PeerKey> Engine<P> {
         if let Some(asked) = self.republish_asked {
             return Some(asked.plus_ms(REPUBLISH_RETRY_MS));
         }
-        let due_wall = current.body.expires.0.saturating_sub(before);
-        Some(self.last_now.mono.plus_ms(due_wall.saturating_sub(self.last_now.wall.0)))
+        Some(self.mono_of(Timestamp(current.body.expires.0.saturating_sub(before))))
     }
 
     /// Takes one input at `now`, reading manifest nodes through `source` (see the call order).
@@ -678,6 +712,11 @@ impl<P: PeerKey> Engine<P> {
             Input::SnapshotChunks { seq, chunks } => self.on_snapshot_chunks(seq, chunks),
             Input::Offence { peer, offence } => self.on_offence(now, peer, offence),
             Input::Timeout => self.on_timeout(now, source)?,
+            Input::RemovalsScheduled { due, pending } => self.removals.scheduled(due, pending),
+            Input::RemovalsDone { left, pending } => self.removals.finished(left, pending),
+        }
+        if self.removals.start_if_due(now.wall) {
+            self.out.push_back(Output::RemoveDue { now: now.wall });
         }
         Ok(())
     }
@@ -731,6 +770,7 @@ impl<P: PeerKey> Engine<P> {
                 _ => None,
             },
             last_apply_failure: self.last_apply_failure,
+            pending_removals: self.removals.pending(),
         }
     }
 
