@@ -12,7 +12,7 @@ use libp2p::{PeerId, Swarm};
 use mirrormesh_proto::Mono;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, Hello};
 use mirrormesh_proto::links::{CONTROL_TIMEOUT_MS, ControlAnswers, ControlTimeout};
-use mirrormesh_proto::sync::ReqId;
+use mirrormesh_proto::sync::{Input, ReqId};
 use serde_bytes::ByteBuf;
 
 use super::manifest_answers::{self, AnswerBudgets};
@@ -62,21 +62,9 @@ pub enum Step {
         peer: PeerId,
         hello: Hello,
     },
-    Nodes {
-        peer: PeerId,
-        req: ReqId,
-        nodes: Vec<Option<Vec<u8>>>,
-    },
-    Delta {
-        peer: PeerId,
-        req: ReqId,
-        delta: Option<Vec<u8>>,
-    },
-    /// A manifest fetch got no usable answer: the engine asks elsewhere.
-    FetchFailed {
-        peer: PeerId,
-        req: ReqId,
-    },
+    /// For the engine: a manifest fetch's answer (`Input::Nodes`, `Input::Delta`), or that it got no usable
+    /// answer (`Input::FetchFailed`: the engine asks elsewhere).
+    Feed(Input<PeerId>),
     /// The connection stopped answering: close it; if the peer has another, the engine starts over on that one.
     Gone {
         peer: PeerId,
@@ -155,7 +143,7 @@ impl Control {
                 }
                 match self.pending.remove(&request_id) {
                     Some(Pending::Nodes { peer, req } | Pending::Delta { peer, req }) => {
-                        steps.push(Step::FetchFailed { peer, req })
+                        steps.push(Step::Feed(Input::FetchFailed { from: peer, req }))
                     }
                     Some(Pending::Hello { .. } | Pending::Have { .. }) => {}
                     None => steps.push(Step::Unclaimed { peer, request_id, response: None }),
@@ -182,15 +170,15 @@ impl Control {
             (Pending::Hello { .. }, ControlResponse::Hello(hello)) => steps.push(Step::Hello { peer, hello }),
             (Pending::Nodes { peer, req }, ControlResponse::Nodes { nodes }) => {
                 let nodes = nodes.into_iter().map(|n| n.map(ByteBuf::into_vec)).collect();
-                steps.push(Step::Nodes { peer, req, nodes });
+                steps.push(Step::Feed(Input::Nodes { from: peer, req, nodes }));
             }
             (Pending::Delta { peer, req }, ControlResponse::Delta { delta }) => {
-                steps.push(Step::Delta { peer, req, delta: delta.map(ByteBuf::into_vec) });
+                steps.push(Step::Feed(Input::Delta { from: peer, req, delta: delta.map(ByteBuf::into_vec) }));
             }
             (Pending::Nodes { peer, req } | Pending::Delta { peer, req }, other) => {
                 tracing::warn!(%peer, ?other, "unexpected answer to a manifest fetch");
                 steps.push(Step::Count("control_unexpected_responses"));
-                steps.push(Step::FetchFailed { peer, req });
+                steps.push(Step::Feed(Input::FetchFailed { from: peer, req }));
             }
             _ => {}
         }

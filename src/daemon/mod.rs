@@ -1280,9 +1280,7 @@ impl Daemon {
                 self.peers.learn_data_addrs(peer, &hello.data_addrs);
                 self.feed(Input::Hello { from: peer, hello })?;
             }
-            Step::Nodes { peer, req, nodes } => self.feed(Input::Nodes { from: peer, req, nodes })?,
-            Step::Delta { peer, req, delta } => self.feed(Input::Delta { from: peer, req, delta })?,
-            Step::FetchFailed { peer, req } => self.feed(Input::FetchFailed { from: peer, req })?,
+            Step::Feed(input) => self.feed(input)?,
             Step::Gone { peer, connection } => {
                 self.swarm.close_connection(connection);
                 if self.peers.has_other_connection(&peer, connection) {
