@@ -4,7 +4,12 @@
 use super::*;
 
 impl Daemon {
-    pub(super) fn on_applied(&mut self, target: VerifiedRoot, changes: &[Change], result: Result<ApplyReport>) -> Result<()> {
+    pub(super) fn on_applied(
+        &mut self,
+        target: VerifiedRoot,
+        changes: &[Change],
+        result: Result<ApplyReport>,
+    ) -> Result<()> {
         let report = match result {
             Ok(report) => report,
             Err(e) => {
