@@ -307,7 +307,9 @@ fn the_fabric_view_shows_every_member_who_is_behind_the_history_and_the_origins_
     fabric.start_all().unwrap();
     let first = fabric.publish().unwrap().seq;
     fabric.wait_all_settled(first, WAIT).unwrap();
-    // mirror4 stops (SIGTERM) and misses the next two updates.
+    // mirror1 has heard from every peer that it holds the first snapshot (a settled mirror's announcement may still
+    // be on its way), then mirror4 stops (SIGTERM) and misses the next two updates.
+    fabric.client(1, WAIT).wait_peers_at(first, WAIT.as_millis() as u64).unwrap();
     fabric.kill(4, 15).unwrap();
     let second = update(&fabric, 6, 22);
     let third = update(&fabric, 4, 23);

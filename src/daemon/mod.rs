@@ -67,11 +67,16 @@ use crate::status::{PublishReply, Status};
 use crate::store::{StateStore, StoreReader};
 use crate::swarm::{self, Behaviour, BehaviourEvent, WireRequest};
 
-/// How often the engine is ticked.
+/// How soon the shell's chores run again while something waits on them (a dial beyond the per-round budget, a
+/// watched tree's quiet time, fault injection); the engine has its own timer.
 pub const TICK: Duration = Duration::from_millis(50);
+/// How often the shell's chores run otherwise (redials back off from 1 s, member exchanges and pruning are per
+/// second or slower, data-plane refusals are reported per second): an idle daemon wakes about once a second, not 20
+/// times.
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
 /// While nothing a client waits on changes (phase, snapshots, peer count, errors), the status the admin API serves is
-/// rebuilt at most this often: with dozens of peers, rebuilding it (and the metrics) after every loop event cost the
-/// origin more than the events themselves.
+/// rebuilt after events at most this often (and this long after the last of them): with dozens of peers, rebuilding
+/// it (and the metrics) after every loop event cost the origin more than the events themselves.
 pub const STATUS_INTERVAL: Duration = TICK;
 /// Events queued from tasks to the loop.
 pub const LOOP_EVENTS_MAX: usize = 4096;
@@ -106,6 +111,8 @@ pub enum LoopEvent {
     },
     /// The tree writer carried out (or deferred) the removals that were due.
     Removed(Box<Result<tree_writer::RemovalRun>>),
+    /// The data plane answered a request (only the status changes).
+    Served,
     /// The origin's data plane asks how to answer a request.
     Serve {
         peer: PeerId,
@@ -181,6 +188,8 @@ pub struct Daemon {
     totals: (u64, u64),
     listen_addrs: Vec<Multiaddr>,
     started: Instant,
+    /// Turns of the event loop since the start (the status's counter `loop_wakeups`).
+    wakeups: u64,
     sync: SyncProgress,
     /// Span of the sync in progress (none when idle): log lines about it carry its sequence number.
     sync_span: tracing::Span,
@@ -313,6 +322,7 @@ impl Daemon {
             index: index.clone(),
             tree: cfg.tree.clone(),
             decide_via: (role == Role::Origin).then(|| events_tx.clone()),
+            events: events_tx.clone(),
             corrupt: cfg.faults.corrupt_served_chunks,
         };
         if cfg.faults.corrupt_served_chunks {
@@ -389,6 +399,7 @@ impl Daemon {
             totals,
             listen_addrs,
             started: Instant::now(),
+            wakeups: 0,
             sync: SyncProgress::default(),
             sync_span: tracing::Span::none(),
             service: crate::service::Notifier::from_env(),
@@ -411,10 +422,8 @@ impl Daemon {
     /// Runs until `shutdown` resolves.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tracing::info!(node = %self.key.peer_id(), role = ?self.cfg.role, data = %self.data.local_addr(), "mirrormesh daemon running");
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
-        self.peers_tick();
+        let mut chores_due = tokio::time::Instant::now() + self.peers_tick();
         // A sync resumed from the state database starts at once if the engine says so.
         self.on_engine_timeout();
         self.after_event();
@@ -422,8 +431,10 @@ impl Daemon {
         let summary = self.projector.summary();
         self.service.ready(&summary);
         loop {
-            // The engine says when it wants to run next; the shell's own chores run on `tick`.
+            // The engine says when it wants to run next; the shell's own chores say when they want to.
             let engine_due = self.engine.poll_timeout().map(|at| self.instant_of(at));
+            let status_due = self.projector.held_until().map(tokio::time::Instant::from_std);
+            self.wakeups += 1;
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -431,7 +442,13 @@ impl Daemon {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = tokio::time::sleep_until(engine_due.unwrap_or_else(tokio::time::Instant::now)),
                     if engine_due.is_some() => self.on_engine_timeout(),
-                _ = tick.tick() => self.on_tick(),
+                // A status held back after the last events is published (by `after_event`).
+                _ = tokio::time::sleep_until(status_due.unwrap_or_else(tokio::time::Instant::now)),
+                    if status_due.is_some() => {}
+                _ = tokio::time::sleep_until(chores_due) => chores_due = tokio::time::Instant::now() + self.on_tick(),
+            }
+            if self.peers.take_soon() {
+                chores_due = chores_due.min(tokio::time::Instant::now() + TICK);
             }
             self.after_event();
         }
@@ -594,6 +611,8 @@ impl Daemon {
     fn try_loop_event(&mut self, event: LoopEvent) -> Result<()> {
         let t = now();
         match event {
+            // The status after this event shows what was sent.
+            LoopEvent::Served => {}
             LoopEvent::Staged { seq, result } => match result {
                 Ok(prepared) => {
                     tracing::info!(
@@ -1092,28 +1111,34 @@ impl Daemon {
 
     // ---- time ---------------------------------------------------------------------------------------------
 
-    /// The shell's chores: redials, the tree watch, re-signing, deletions, refusals (the engine has its own timer).
-    fn on_tick(&mut self) {
-        self.peers_tick();
+    /// The shell's chores: redials and member exchanges, the tree watch, refusals (the engine has its own timer).
+    /// Returns how soon they want to run again.
+    fn on_tick(&mut self) -> Duration {
+        let mut hurry = self.peers_tick() == TICK;
         if self.cfg.faults.announce_fake_chunks {
             self.fault_announce_fake_chunks();
+            hurry = true;
         }
         if self.publisher.watch_due(Instant::now()) {
             self.start_publish(false, None);
         }
+        hurry |= self.publisher.change_pending();
         self.report_data_refusals();
+        if hurry { TICK } else { IDLE_TICK }
     }
 
     /// The peer manager's chores (dials, member exchanges, persistence); it closes connections the mesh no longer
     /// needs only while no sync runs.
-    fn peers_tick(&mut self) {
+    /// Returns how soon the peer manager wants to run again.
+    fn peers_tick(&mut self) -> Duration {
         let idle = self.engine.status().phase == SyncPhase::Idle;
-        self.peers.on_tick(&mut self.swarm, &self.store, idle);
+        if self.peers.on_tick(&mut self.swarm, &self.store, idle) { TICK } else { IDLE_TICK }
     }
 
     // ---- status -------------------------------------------------------------------------------------------
 
     fn publish_status(&mut self, key: StatusKey) {
+        self.counters.insert("loop_wakeups".into(), self.wakeups);
         let sources = status_projector::Sources {
             cfg: &self.cfg,
             key: &self.key,

@@ -162,6 +162,8 @@ pub struct Peers {
     next_touch: Instant,
     next_expire: Instant,
     next_prune: Instant,
+    /// See [`Peers::take_soon`].
+    soon: bool,
     counters: BTreeMap<String, u64>,
 }
 
@@ -271,6 +273,7 @@ impl Peers {
             next_touch: at + MEMBERS_TOUCH_INTERVAL,
             next_expire: at,
             next_prune: at,
+            soon: false,
             counters,
         };
         peers.set_bootstrap(&cfg.bootstrap);
@@ -511,8 +514,9 @@ impl Peers {
     }
 
     /// The peer manager's chores, every tick: dials, exchanges, pruning (while `idle`: no sync runs), persistence
-    /// and forgetting.
-    pub fn on_tick(&mut self, swarm: &mut Swarm<Behaviour>, store: &StateStore, idle: bool) {
+    /// and forgetting. Returns whether dials are left over (more than [`DIALS_PER_TICK_MAX`] were due): then it
+    /// wants to run again soon rather than in a second.
+    pub fn on_tick(&mut self, swarm: &mut Swarm<Behaviour>, store: &StateStore, idle: bool) -> bool {
         let at = Instant::now();
         let wanted = self.membership.wanted(now());
         let mut started = 0;
@@ -579,6 +583,7 @@ impl Peers {
             self.next_persist = at + MEMBERS_PERSIST_INTERVAL;
             self.persist(store);
         }
+        started == DIALS_PER_TICK_MAX
     }
 
     /// The smallest round trip QUIC measured on each data-plane connection: what `mirrormesh peers` shows (until
@@ -717,6 +722,13 @@ impl Peers {
         }
         let report = self.membership.on_members(t, &from, records);
         self.count_report(&report);
+        // Members just learnt are dialed at the next round of chores, which should come soon.
+        self.soon = true;
+    }
+
+    /// Whether something happened that the chores should see soon (members learnt), since the last call.
+    pub fn take_soon(&mut self) -> bool {
+        std::mem::take(&mut self.soon)
     }
 
     /// The answer to this node's `Members` request.

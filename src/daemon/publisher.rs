@@ -57,6 +57,11 @@ impl Publisher {
         self.running
     }
 
+    /// A watched change waits for the tree to be quiet (`watch_due` is asked often then).
+    pub fn change_pending(&self) -> bool {
+        self.watch && self.changed_at.is_some()
+    }
+
     /// Something changed in the tree (the watcher saw it).
     pub fn tree_changed(&mut self, now: Instant) {
         self.changed_at = Some(now);

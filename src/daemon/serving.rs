@@ -23,6 +23,8 @@ pub struct Serving {
     pub tree: PathBuf,
     /// Set on the origin: decisions go through the engine.
     pub decide_via: Option<mpsc::Sender<LoopEvent>>,
+    /// The loop, told when a request was answered (its status shows the bytes sent).
+    pub events: mpsc::Sender<LoopEvent>,
     /// Fault injection (`faults.corrupt_served_chunks`): flip a byte of everything served.
     pub corrupt: bool,
 }
@@ -52,6 +54,11 @@ impl ChunkSource for Serving {
             *b ^= 0xff;
         }
         Ok(bytes)
+    }
+
+    fn served(&self, _peer: PeerId) {
+        // A full queue means the loop wakes anyway.
+        let _ = self.events.try_send(LoopEvent::Served);
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Projector {
     status_tx: watch::Sender<Status>,
     /// When the status was last published, and its key then.
     published: Option<(Instant, StatusKey)>,
+    /// Something may have changed since then, but the status was published less than [`STATUS_INTERVAL`] before.
+    held_back: bool,
     /// Bytes this node had served when it last published a snapshot (an origin's bytes sent for the newest update
     /// are counted from there).
     served_at_publish: u64,
@@ -69,12 +71,21 @@ pub struct Projector {
 
 impl Projector {
     pub fn new(status_tx: watch::Sender<Status>, metrics: Metrics, history: History) -> Self {
-        Self { status_tx, published: None, served_at_publish: 0, metrics, history }
+        Self { status_tx, published: None, held_back: false, served_at_publish: 0, metrics, history }
     }
 
-    /// Whether a status with `key` is to be published now.
-    pub fn due(&self, key: &StatusKey) -> bool {
-        self.published.as_ref().is_none_or(|(at, was)| was != key || at.elapsed() >= STATUS_INTERVAL)
+    /// Whether a status with `key` is to be published now (after an event). If not, it is held back until
+    /// [`Projector::held_until`].
+    pub fn due(&mut self, key: &StatusKey) -> bool {
+        let due = self.published.as_ref().is_none_or(|(at, was)| was != key || at.elapsed() >= STATUS_INTERVAL);
+        self.held_back = !due;
+        due
+    }
+
+    /// When a held-back status is to be published: the loop wakes for it, so what the last events changed shows
+    /// within [`STATUS_INTERVAL`] even if nothing else happens.
+    pub fn held_until(&self) -> Option<Instant> {
+        self.published.as_ref().filter(|_| self.held_back).map(|(at, _)| *at + STATUS_INTERVAL)
     }
 
     /// The service manager's one-line summary of the status last published.
@@ -99,6 +110,7 @@ impl Projector {
 
     pub fn publish(&mut self, key: StatusKey, src: Sources<'_>) {
         self.published = Some((Instant::now(), key));
+        self.held_back = false;
         let engine = src.engine.status();
         let traffic = src.data.traffic();
         let syncing = engine.phase != SyncPhase::Idle;

@@ -251,6 +251,8 @@ pub trait ChunkSource: Send + Sync + 'static {
     fn decide(&self, peer: PeerId, chunks: Vec<ChunkId>) -> BoxFuture<'static, Vec<Decision>>;
     /// The chunk's bytes, read from disk (called on a blocking thread); None if not held. The source verifies them.
     fn read(&self, id: &ChunkId) -> std::io::Result<Option<Vec<u8>>>;
+    /// A request of `peer`'s was answered (what it sent is in [`DataPlane::traffic`] now). Must not block.
+    fn served(&self, _peer: PeerId) {}
 }
 
 /// The outcome of one requested chunk.

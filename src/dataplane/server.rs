@@ -440,6 +440,7 @@ async fn serve_stream(
             }
         }
     }
+    shared.source.served(peer);
 }
 
 /// Writes every reply, then finishes the stream; with `ack_by`, then waits (until then at most) for the peer to
