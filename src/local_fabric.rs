@@ -425,6 +425,15 @@ impl LocalFabric {
         Ok(out)
     }
 
+    /// Waits until the origin has heard from every peer connected to it that it holds snapshot `seq` (from a
+    /// mirror's announcement after its apply): from then on the origin's status counts every byte it sent for
+    /// `seq`. A mirror that settled may not have been heard yet.
+    pub fn wait_origin_heard(&self, seq: u64, timeout: Duration) -> Result<Status> {
+        self.client(0, timeout + Duration::from_secs(5))
+            .wait_peers_at(seq, timeout.as_millis() as u64)
+            .map_err(|e| e.context(self.stuck(0, &format!("waiting to hear every peer complete at {seq}"))))
+    }
+
     /// Node `i`'s name, what was waited for, its status and the end of its log: what a failed wait reports.
     pub fn stuck(&self, i: usize, waited_for: &str) -> String {
         let node = &self.nodes[i];

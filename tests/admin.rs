@@ -172,6 +172,9 @@ fn admin_api_cli_metrics_and_logs_of_a_running_fabric() {
     .unwrap();
     let second = fabric.publish().unwrap();
     fabric.wait_all_settled(second.seq, WAIT).unwrap();
+    // The origin has heard from every mirror that it holds the update: the status it shows from then on counts
+    // every byte it sent for it (a mirror settles at once when nothing waits for a grace period).
+    fabric.wait_origin_heard(second.seq, WAIT).unwrap();
     let repos: Vec<RepoStatus> = AdminClient::new(&m1, None, WAIT).repos().unwrap();
     assert_eq!(repos[0].seq, Some(second.seq));
 

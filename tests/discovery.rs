@@ -103,7 +103,7 @@ fn origin_only_fabric(mirrors: usize, fraction: f64) {
     for i in 1..=mirrors {
         fabric.check_identical(i).unwrap();
     }
-    let sent_initial = fabric.status(0).unwrap().bytes_served_total;
+    let sent_initial = fabric.wait_origin_heard(first.seq, WAIT).unwrap().bytes_served_total;
     let initial = sent_initial as f64 / first.changed_bytes as f64;
 
     update(&fabric.nodes[0].tree, 10, 22);
@@ -114,7 +114,7 @@ fn origin_only_fabric(mirrors: usize, fraction: f64) {
     for i in 1..=mirrors {
         fabric.check_identical(i).unwrap();
     }
-    let sent_update = fabric.status(0).unwrap().bytes_served_total - sent_initial;
+    let sent_update = fabric.wait_origin_heard(second.seq, WAIT).unwrap().bytes_served_total - sent_initial;
     let update_ratio = sent_update as f64 / second.changed_bytes as f64;
 
     let late = mirrors + 1;

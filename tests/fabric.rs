@@ -49,7 +49,7 @@ fn four_mirrors_sync_update_and_a_late_joiner() {
         let summary = fabric.check_identical(i).unwrap();
         assert_eq!(summary.files as usize, generated.packages + 1, "packages and the index");
     }
-    let origin_sent = fabric.status(0).unwrap().bytes_served_total;
+    let origin_sent = fabric.wait_origin_heard(first.seq, WAIT).unwrap().bytes_served_total;
     let ratio = origin_sent as f64 / first.changed_bytes as f64;
     assert!(ratio <= 1.10, "the origin sent {ratio:.3} x the tree");
 
@@ -61,8 +61,8 @@ fn four_mirrors_sync_update_and_a_late_joiner() {
     for i in 1..=4 {
         fabric.check_identical(i).unwrap();
     }
-    let update_ratio =
-        (fabric.status(0).unwrap().bytes_served_total - origin_sent) as f64 / second.changed_bytes as f64;
+    let update_ratio = (fabric.wait_origin_heard(second.seq, WAIT).unwrap().bytes_served_total - origin_sent) as f64
+        / second.changed_bytes as f64;
     assert!(update_ratio <= 1.10, "the origin sent {update_ratio:.3} x the update");
 
     // A mirror that joins late is served by its peers, not by the origin.

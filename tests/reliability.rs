@@ -149,6 +149,7 @@ fn kills_at_random_instants_never_expose_a_half_updated_tree() {
     fabric.client(1, WAIT).wait_settled(current.seq, WAIT_MS).unwrap();
     fabric.check_identical(1).unwrap();
     // What a kill loses is what was requested and not yet written: toward the origin, at most one window.
+    fabric.wait_origin_heard(current.seq, WAIT).unwrap();
     let sent = origin_sent_to(&fabric, &fabric.nodes[1].peer_id);
     let window = SchedulerLimits::default().origin_window_max;
     let refetched = sent.saturating_sub(sent_for_updates);
@@ -376,7 +377,7 @@ fn sixty_four_mirrors_sync_together_from_one_origin() {
                 .sum();
             assert_eq!(failures, 0, "mirror {}: {:?}", i + 1, status.counters);
         }
-        let origin = fabric.status(0).unwrap();
+        let origin = fabric.wait_origin_heard(published.seq, Duration::from_secs(600)).unwrap();
         let sent = origin.bytes_served_total;
         let ratio = (sent - origin_sent) as f64 / published.changed_bytes as f64;
         origin_sent = sent;
