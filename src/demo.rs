@@ -127,6 +127,8 @@ fn step(fabric: &LocalFabric, name: &str) -> Result<Step> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     fabric.wait_all_settled(published.seq, STEP_TIMEOUT)?;
+    // The origin's count includes every byte it sent for this step once it heard every mirror complete.
+    fabric.wait_origin_heard(published.seq, STEP_TIMEOUT)?;
     let (origin_after, mirrors_after) = counters(fabric)?;
     Ok(Step {
         name: name.to_owned(),

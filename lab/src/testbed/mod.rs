@@ -334,7 +334,7 @@ impl Bed {
         for i in 1..self.fabric.nodes.len() {
             self.fabric.check_identical(i)?;
         }
-        let origin = self.fabric.status(0)?;
+        let origin = self.fabric.wait_origin_heard(seq, SYNC_TIMEOUT)?;
         Ok(Measured {
             bytes: published.changed_bytes,
             elapsed,
