@@ -431,14 +431,21 @@ impl Peers {
             let existing: Vec<(ConnectionId, bool, Mono)> =
                 connections.iter().map(|c| (c.id, c.inbound, mono(c.since))).collect();
             let replaced = mirrormesh_proto::links::replaced_by(&existing, inbound, mono(at));
-            let stale: Vec<(ConnectionId, Multiaddr)> =
-                connections.iter().filter(|c| replaced.contains(&c.id)).map(|c| (c.id, c.addr.clone())).collect();
+            // Where the replaced connections came from: only those the peer dialed say where it runs (the ones this
+            // node dialed name the address it dialed, written differently).
+            let stale: Vec<(ConnectionId, Option<Multiaddr>)> = connections
+                .iter()
+                .filter(|c| replaced.contains(&c.id))
+                .map(|c| (c.id, c.inbound.then(|| c.addr.clone())))
+                .collect();
             if !stale.is_empty() {
                 connections.retain(|c| !stale.iter().any(|(s, _)| *s == c.id));
                 tracing::info!(stale = stale.len(), "peer reconnected; closing its earlier connections");
                 self.count("connections_replaced");
-                let old: Vec<Multiaddr> = stale.iter().map(|(_, a)| a.clone()).collect();
-                if let Some(addrs) = self.duplicate_keys.replaced(Instant::now(), peer, &old, &remote) {
+                let old: Vec<Multiaddr> = stale.iter().filter_map(|(_, a)| a.clone()).collect();
+                if !old.is_empty()
+                    && let Some(addrs) = self.duplicate_keys.replaced(Instant::now(), peer, &old, &remote)
+                {
                     let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
                     tracing::warn!(
                         %peer,
