@@ -498,6 +498,17 @@ fn packages(tree: &mut TreeDir, files: u64, version: u64) {
     }
 }
 
+/// An origin and `mirrors` mirrors, all connected, that applied a first snapshot of `files` packages.
+fn synced(mirrors: u32, files: u64) -> Net {
+    let mut net = Net::new(mirrors);
+    packages(&mut net.tree, files, 0);
+    net.publish();
+    full_mesh(&mut net);
+    net.run(400);
+    assert!(net.converged(), "every mirror applies the first snapshot");
+    net
+}
+
 fn full_mesh(net: &mut Net) {
     let ids: Vec<u32> = net.nodes.keys().copied().collect();
     for (i, a) in ids.iter().enumerate() {
@@ -756,12 +767,7 @@ fn a_peer_claiming_the_snapshot_without_a_data_address_does_not_stop_the_sync() 
 
 /// An origin and two mirrors synced to a first snapshot of 30 packages; then a release of 6 packages is published.
 fn release_after_a_first_snapshot() -> Net {
-    let mut net = Net::new(2);
-    packages(&mut net.tree, 30, 0);
-    net.publish();
-    full_mesh(&mut net);
-    net.run(400);
-    assert!(net.converged());
+    let mut net = synced(2, 30);
     release(&mut net, 1);
     net
 }
@@ -998,12 +1004,7 @@ impl Host<u32> for NetHost<'_> {
 
 #[test]
 fn a_mirror_that_missed_every_announcement_of_a_root_learns_it_from_a_peer_complete_at_it() {
-    let mut net = Net::new(1);
-    packages(&mut net.tree, 5, 0);
-    net.publish();
-    full_mesh(&mut net);
-    net.run(400);
-    assert!(net.converged(), "the first snapshot");
+    let mut net = synced(1, 5);
 
     // The next root's gossip and the origin's pushed hello are lost (a dead connection took them); only the
     // origin's "complete at 2" reaches the mirror.
@@ -1028,12 +1029,7 @@ fn a_mirror_that_missed_every_announcement_of_a_root_learns_it_from_a_peer_compl
 
 #[test]
 fn removals_run_once_their_grace_period_is_over_by_the_wall_clock() {
-    let mut net = Net::new(1);
-    packages(&mut net.tree, 5, 0);
-    net.publish();
-    full_mesh(&mut net);
-    net.run(400);
-    assert!(net.converged());
+    let mut net = synced(1, 5);
     assert!(net.nodes[&1].pending_removals.is_empty(), "the first snapshot removes nothing");
 
     // The update replaces every package: the old ones are pending, due after the grace period.

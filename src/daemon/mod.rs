@@ -89,6 +89,11 @@ pub const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// How long it then lets the connections' drivers send their close frames (a few loopback or LAN round trips).
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_millis(100);
 
+/// When the shell's chores run next: soon if something waits on them (`hurry`), else in [`IDLE_TICK`].
+fn chores_period(hurry: bool) -> Duration {
+    if hurry { TICK } else { IDLE_TICK }
+}
+
 /// Things tasks and the admin API tell the loop.
 pub enum LoopEvent {
     Staged {
@@ -423,7 +428,7 @@ impl Daemon {
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tracing::info!(node = %self.key.peer_id(), role = ?self.cfg.role, data = %self.data.local_addr(), "mirrormesh daemon running");
         tokio::pin!(shutdown);
-        let mut chores_due = tokio::time::Instant::now() + self.peers_tick();
+        let mut chores_due = tokio::time::Instant::now() + chores_period(self.peers_tick());
         // A sync resumed from the state database starts at once if the engine says so.
         self.on_engine_timeout();
         self.after_event();
@@ -1114,7 +1119,7 @@ impl Daemon {
     /// The shell's chores: redials and member exchanges, the tree watch, refusals (the engine has its own timer).
     /// Returns how soon they want to run again.
     fn on_tick(&mut self) -> Duration {
-        let mut hurry = self.peers_tick() == TICK;
+        let mut hurry = self.peers_tick();
         if self.cfg.faults.announce_fake_chunks {
             self.fault_announce_fake_chunks();
             hurry = true;
@@ -1124,15 +1129,15 @@ impl Daemon {
         }
         hurry |= self.publisher.change_pending();
         self.report_data_refusals();
-        if hurry { TICK } else { IDLE_TICK }
+        chores_period(hurry)
     }
 
     /// The peer manager's chores (dials, member exchanges, persistence); it closes connections the mesh no longer
     /// needs only while no sync runs.
-    /// Returns how soon the peer manager wants to run again.
-    fn peers_tick(&mut self) -> Duration {
+    /// Returns whether the peer manager wants to run again soon (dials left over).
+    fn peers_tick(&mut self) -> bool {
         let idle = self.engine.status().phase == SyncPhase::Idle;
-        if self.peers.on_tick(&mut self.swarm, &self.store, idle) { TICK } else { IDLE_TICK }
+        self.peers.on_tick(&mut self.swarm, &self.store, idle)
     }
 
     // ---- status -------------------------------------------------------------------------------------------
