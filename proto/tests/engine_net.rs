@@ -18,8 +18,9 @@ use mirrormesh_proto::sync::removals::removal_due;
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
-    APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, Input, Notice, Output,
-    REPUBLISH_RETRY_MS, ReqId, Role, RootVia, SyncPhase,
+    APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, Input,
+    LOCAL_FAILURE_BACKOFF_FIRST_MS, LOCAL_FAILURE_BACKOFF_MAX_MS, Notice, Output, REPUBLISH_RETRY_MS, ReqId, Role,
+    RootVia, SyncPhase,
 };
 use mirrormesh_proto::tree::TreeDir;
 use mirrormesh_proto::{Mono, Now, RepoId, Timestamp};
@@ -60,6 +61,10 @@ struct Node {
     notices: Vec<Notice<u32>>,
     bytes_from_peers: u64,
     bytes_from_origin: u64,
+    /// It cannot keep the chunks it fetches (a full disk): each arrives, and is reported dropped.
+    store_fails: bool,
+    /// When it sent chunk requests to the origin (the network's time).
+    origin_fetch_times: Vec<u64>,
 }
 
 /// A peer's answer to every chunk request, whatever it holds.
@@ -304,6 +309,7 @@ impl Net {
             Output::FetchChunks { peer, req, chunks } => {
                 if peer == ORIGIN {
                     node.asked_of_origin += chunks.len() as u64;
+                    node.origin_fetch_times.push(now.mono.0);
                 } else {
                     node.asked_of_peers += chunks.len() as u64;
                 }
@@ -409,15 +415,19 @@ impl Net {
                         ServeDecision::Serve if !server.chunks.contains(&id) => ChunkOutcome::Missing,
                         ServeDecision::Serve if server.corrupt => ChunkOutcome::Corrupt,
                         ServeDecision::Serve => {
-                            bytes += size;
                             let client = self.node(from);
-                            client.chunks.insert(id);
                             if to == ORIGIN {
                                 client.bytes_from_origin += size;
                             } else {
                                 client.bytes_from_peers += size;
                             }
-                            ChunkOutcome::Verified
+                            if client.store_fails {
+                                ChunkOutcome::Dropped
+                            } else {
+                                bytes += size;
+                                client.chunks.insert(id);
+                                ChunkOutcome::Verified
+                            }
                         }
                     };
                     self.call(from, Input::Chunk { from: to, req, id, outcome });
@@ -849,6 +859,41 @@ fn the_apply_back_off_doubles_up_to_its_cap() {
         expected = (expected * 2).min(APPLY_RETRY_MAX_MS);
     }
     assert_eq!(*gaps.last().unwrap() / 1000, APPLY_RETRY_MAX_MS / 1000, "capped");
+}
+
+/// A mirror that cannot keep what it fetches (its disk is full) asks again after a back-off that doubles up to a
+/// cap, rather than every few seconds for as long as the disk stays full (each time at the origin's expense); once
+/// it can keep chunks again it completes within the cap.
+#[test]
+fn a_mirror_that_cannot_keep_chunks_backs_off_fetching_up_to_a_cap() {
+    let mut net = Net::new(1);
+    packages(&mut net.tree, 30, 0);
+    net.node(1).store_fails = true;
+    net.publish();
+    full_mesh(&mut net);
+    // Ten minutes of a full disk (rounds of 50 ms).
+    net.run(12_000);
+    let times = net.nodes[&1].origin_fetch_times.clone();
+    let mut attempts = times.clone();
+    attempts.dedup();
+    let gaps: Vec<u64> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    println!(
+        "{} attempts in 10 minutes ({} MiB fetched and dropped); gaps (ms): {gaps:?}",
+        attempts.len(),
+        net.nodes[&1].bytes_from_origin >> 20
+    );
+    let mut expected = LOCAL_FAILURE_BACKOFF_FIRST_MS;
+    for gap in &gaps {
+        assert!((expected..expected + 100).contains(gap), "gap {gap} ms, expected {expected}: {gaps:?}");
+        expected = (expected * 2).min(LOCAL_FAILURE_BACKOFF_MAX_MS);
+    }
+    assert!(attempts.len() <= 16, "{} attempts in 10 minutes", attempts.len());
+    net.node(1).store_fails = false;
+    let freed = net.now;
+    net.run((LOCAL_FAILURE_BACKOFF_MAX_MS / 50 + 400) as usize);
+    assert_eq!(net.nodes[&1].applied, net.root, "completed once chunks can be kept");
+    let done = net.nodes[&1].applied_at.unwrap();
+    assert!(done.0 - freed.0 <= LOCAL_FAILURE_BACKOFF_MAX_MS + 1_000, "{} ms after space was freed", done.0 - freed.0);
 }
 
 #[test]

@@ -117,8 +117,14 @@ pub const HAVE_FLUSH_MS: u64 = 50;
 /// what a stream of fresh identities can make this node remember.
 pub const SUSPECTS_MAX: usize = 1024;
 /// After this node fails to keep a chunk (staging write error, e.g. a full disk), no chunk is requested for this
-/// long; the error is reported each time.
-pub const LOCAL_FAILURE_BACKOFF_MS: u64 = 2_000;
+/// long, then twice as long after each further attempt that fails in a row, up to `LOCAL_FAILURE_BACKOFF_MAX_MS`;
+/// the error is reported each time. A full disk rarely frees itself within seconds, and each attempt fetches (from
+/// the origin, often) what is then thrown away: without the doubling a mirror with a full disk would take about a
+/// window (1 MiB) from the origin every 2 s for as long as it stays full.
+pub const LOCAL_FAILURE_BACKOFF_FIRST_MS: u64 = 2_000;
+/// The longest pause after failing to keep chunks: an operator who frees space sees the sync resume within a
+/// minute.
+pub const LOCAL_FAILURE_BACKOFF_MAX_MS: u64 = 60_000;
 /// After an apply fails, it is tried again after this long, then after twice as long each time it fails again in a
 /// row, up to `APPLY_RETRY_MAX_MS`. A second: a transient error (a file briefly locked, space freed by a log
 /// rotation) costs little; the doubling keeps a lasting one (a full disk) from re-running the apply's staging
@@ -126,6 +132,12 @@ pub const LOCAL_FAILURE_BACKOFF_MS: u64 = 2_000;
 pub const APPLY_RETRY_FIRST_MS: u64 = 1_000;
 /// The longest wait between apply attempts: an operator who frees space sees the mirror catch up within a minute.
 pub const APPLY_RETRY_MAX_MS: u64 = 60_000;
+
+/// The wait after `failures` failures in a row (at least one): `first`, doubling per further failure, up to `max`.
+fn backoff_ms(first: u64, max: u64, failures: u32) -> u64 {
+    let doublings = failures.saturating_sub(1).min(u64::BITS - 1);
+    first.saturating_mul(1 << doublings).min(max)
+}
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig<P> {
@@ -254,7 +266,7 @@ pub enum Notice<P> {
     WrongRepo {
         from: P,
     },
-    /// Chunks could not be kept locally; fetching pauses for `LOCAL_FAILURE_BACKOFF_MS`.
+    /// Chunks could not be kept locally; fetching pauses (`LOCAL_FAILURE_BACKOFF_FIRST_MS`, doubling).
     LocalFailure,
     /// A peer claiming the whole snapshot delivered nothing while asked (see `SchedulerLimits::holds_all_stall_ms`):
     /// its requests failed and the origin is asked instead.
@@ -579,6 +591,8 @@ pub struct Engine<P: PeerKey> {
     waiting_for_origin: bool,
     /// No chunk requests before this instant (after a local failure).
     paused_until: Mono,
+    /// Attempts in a row whose chunks could not be kept (the pause doubles with each).
+    local_failures: u32,
     /// Nodes handed to the store by outputs of the call in progress (not yet carried out): read together with the
     /// source until the call returns, so the engine can plan as soon as a manifest completes.
     unstored: BTreeMap<NodeHash, Vec<u8>>,
@@ -622,6 +636,7 @@ impl<P: PeerKey> Engine<P> {
             last_have_flush: Mono(0),
             waiting_for_origin: false,
             paused_until: Mono(0),
+            local_failures: 0,
             unstored: BTreeMap::new(),
             last_now: Now::default(),
             republish_asked: None,
@@ -1076,9 +1091,19 @@ impl<P: PeerKey> Engine<P> {
     fn on_chunk(&mut self, now: Now, peer: P, req: ReqId, id: ChunkId, outcome: ChunkOutcome<P>) {
         let Phase::Transfer { sched, .. } = &mut self.phase else { return };
         let verified = outcome == ChunkOutcome::Verified;
-        if outcome == ChunkOutcome::Dropped {
-            self.paused_until = now.mono.plus_ms(LOCAL_FAILURE_BACKOFF_MS);
-            self.out.push_back(Output::Notice(Notice::LocalFailure));
+        match outcome {
+            ChunkOutcome::Dropped => {
+                // Chunks of requests sent before the pause fail within it: one attempt, one doubling.
+                if now.mono >= self.paused_until {
+                    self.local_failures = self.local_failures.saturating_add(1);
+                    let wait =
+                        backoff_ms(LOCAL_FAILURE_BACKOFF_FIRST_MS, LOCAL_FAILURE_BACKOFF_MAX_MS, self.local_failures);
+                    self.paused_until = now.mono.plus_ms(wait);
+                }
+                self.out.push_back(Output::Notice(Notice::LocalFailure));
+            }
+            ChunkOutcome::Verified => self.local_failures = 0,
+            _ => {}
         }
         let newly = verified && sched.is_needed(&id);
         if verified && !newly {
@@ -1155,8 +1180,7 @@ impl<P: PeerKey> Engine<P> {
         }
         self.apply_failures = self.apply_failures.saturating_add(1);
         self.last_apply_failure = Some(kind);
-        let doublings = (self.apply_failures - 1).min(u64::BITS - 1);
-        let wait = APPLY_RETRY_FIRST_MS.saturating_mul(1 << doublings).min(APPLY_RETRY_MAX_MS);
+        let wait = backoff_ms(APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, self.apply_failures);
         self.phase = Phase::ApplyWait { target, plan, retry_at: now.mono.plus_ms(wait) };
     }
 
