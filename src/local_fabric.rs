@@ -418,7 +418,20 @@ impl LocalFabric {
                 let client = self.client(i, timeout + Duration::from_secs(5));
                 match client.wait_settled(seq, timeout.as_millis() as u64) {
                     Ok(status) => out.push(status),
-                    Err(e) => return Err(e.context(self.stuck(i, &format!("waiting for seq {seq} to settle")))),
+                    Err(e) => {
+                        // Which of the others are behind too: one node stuck, or every one?
+                        let behind: Vec<&str> = (i + 1..self.nodes.len())
+                            .filter(|&j| self.is_running(j))
+                            .filter(|&j| !self.status(j).is_ok_and(|s| s.repos.iter().all(|r| r.seq == Some(seq))))
+                            .map(|j| self.nodes[j].name.as_str())
+                            .collect();
+                        let waited = format!(
+                            "waiting for seq {seq} to settle; of the mirrors after it, {} have not applied it: {}",
+                            behind.len(),
+                            behind.join(" ")
+                        );
+                        return Err(e.context(self.stuck(i, &waited)));
+                    }
                 }
             }
         }
@@ -434,14 +447,53 @@ impl LocalFabric {
             .map_err(|e| e.context(self.stuck(0, &format!("waiting to hear every peer complete at {seq}"))))
     }
 
-    /// Node `i`'s name, what was waited for, its status and the end of its log: what a failed wait reports.
+    /// What a failed wait reports about node `i`, most telling first (a test's output is often cut in the middle):
+    /// what was waited for, its error, problems and counters, its repository's state, one line per peer, then the
+    /// end of its log.
     pub fn stuck(&self, i: usize, waited_for: &str) -> String {
         let node = &self.nodes[i];
-        let status = self.status(i).map(|s| format!("{s:#?}")).unwrap_or_else(|e| format!("{e:#}"));
         let log = std::fs::read_to_string(&node.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(STUCK_LOG_LINES)..].join("\n");
-        format!("{}: {waited_for}\n{} status: {status}\n{} log (end):\n{tail}", node.name, node.name, node.name)
+        let name = &node.name;
+        let status = match self.status(i) {
+            Ok(s) => {
+                let counters: Vec<String> = s.counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let problems: Vec<String> = s.problems.iter().map(|p| format!("{p:?}")).collect();
+                let peers: Vec<String> = s
+                    .peers
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "  {} origin={} connected={} complete={:?} rtt={:?} sent={} received={} chunks {}/{} \
+                             failures={} banned={}",
+                            p.id,
+                            p.origin,
+                            p.connected,
+                            p.complete_seq,
+                            p.rtt_ms.map(|r| r.round()),
+                            p.bytes_sent,
+                            p.bytes_received,
+                            p.chunks_sent,
+                            p.chunks_received,
+                            p.failures,
+                            p.banned
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{name} last error: {:?}\n{name} problems: {problems:?}\n{name} counters: {}\n{name} repos: {:?}\n\
+                     {name} peers ({}):\n{}",
+                    s.last_error,
+                    counters.join(", "),
+                    s.repos,
+                    s.peers.len(),
+                    peers.join("\n")
+                )
+            }
+            Err(e) => format!("{name} status: {e:#}"),
+        };
+        format!("{name}: {waited_for}\n{status}\n{name} log (end):\n{tail}")
     }
 
     /// Checks that node `i`'s tree is identical to the origin's: same entries, kinds, sizes, modes, mtimes,

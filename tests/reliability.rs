@@ -351,10 +351,22 @@ fn sixty_four_mirrors_sync_together_from_one_origin() {
     let opts = vec![NodeOptions { bootstrap_mirrors_max: Some(12), ..NodeOptions::default() }; mirrors + 1];
     let mut fabric = LocalFabric::create(dir.path(), binary(), mirrors, &opts).unwrap();
     let origin_tree = fabric.nodes[0].tree.clone();
-    generate(&origin_tree, 0.005, 61);
+    // 12.7 MiB in 25 packages, two of them several chunks long: every daemon holds the tree and, while it syncs,
+    // the staged chunks, so the run needs about 2 x 65 x that on disk (a 43.6 MiB tree peaked at 5.4 GB).
+    let tree = generate(&origin_tree, 0.005, 62);
+    let need = 3 * (mirrors as u64 + 1) * tree.bytes;
+    let stat = rustix::fs::statvfs(dir.path()).unwrap();
+    let free = stat.f_bavail * stat.f_frsize;
+    assert!(
+        free >= need,
+        "{} has {} MiB free; this test needs about {} MiB (the daemons' trees and staging)",
+        dir.path().display(),
+        free >> 20,
+        need >> 20
+    );
     let started = std::time::Instant::now();
     fabric.start_all().unwrap();
-    println!("{} daemons started in {:.1?}", mirrors + 1, started.elapsed());
+    println!("{} daemons started in {:.1?}; {} MiB free for them", mirrors + 1, started.elapsed(), free >> 20);
 
     let mut origin_sent = 0;
     let mut updates = Vec::new();
