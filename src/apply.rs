@@ -1,5 +1,5 @@
-//! Applying a staged snapshot to the served tree, in the order mirrors have learned to rely on (decided by the core,
-//! [`ApplySteps`]; carried out here):
+//! Applying a staged snapshot to the served tree, in the order mirrors have learned to rely on (decided by the core:
+//! the [`Plan`] the engine's `Apply` carries; carried out here):
 //!
 //! 1. new directories (parents first);
 //! 2. new and changed files that are not index files: each staged file gets its mode and mtime, is flushed to disk
@@ -27,12 +27,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use mirrormesh_proto::chunk::{ChunkId, chunk_range};
-use mirrormesh_proto::diff::Change;
 use mirrormesh_proto::entry::{FileMeta, served_mode};
-use mirrormesh_proto::sync::apply_order::ApplySteps;
+use mirrormesh_proto::sync::Plan;
 use mirrormesh_proto::tree::split_parent;
 
-use crate::config::IndexGlobs;
 use crate::staging::{FileKey, Staging};
 
 /// Staged files flushed to disk at once before they are renamed into place.
@@ -52,19 +50,15 @@ pub struct ApplyReport {
     pub written: Vec<String>,
 }
 
-/// Applies `changes` to the tree, taking file contents from `staging` (blocking).
-pub fn apply(staging: &Staging, changes: &[Change], index_globs: &IndexGlobs) -> Result<ApplyReport> {
+/// Applies `plan` to the tree in its order, taking file contents from `staging` (blocking).
+pub fn apply(staging: &Staging, plan: &Plan) -> Result<ApplyReport> {
     let tree = staging.tree().to_owned();
-    let plan = staging.plan().context("no staged snapshot to apply")?;
-    let mut report = ApplyReport::default();
-    // The order is the core's (ApplySteps); this function carries it out.
-    let ApplySteps { dirs, files, links, indexes, removals } =
-        ApplySteps::of(changes, |name| index_globs.matches(name));
-    report.removals = removals;
+    let staged = staging.plan().context("no staged snapshot to apply")?;
+    let mut report = ApplyReport { removals: plan.removals().map(str::to_owned).collect(), ..ApplyReport::default() };
 
-    for (path, mode, created) in &dirs {
+    for (path, mode, created) in plan.dirs() {
         let full = tree.join(path);
-        if *created {
+        if created {
             clear_other_kind(&full, Kind::Dir)?;
             match std::fs::create_dir(&full) {
                 Ok(()) => report.dirs_created += 1,
@@ -72,25 +66,25 @@ pub fn apply(staging: &Staging, changes: &[Change], index_globs: &IndexGlobs) ->
                 Err(e) => return Err(e).with_context(|| format!("creating directory {}", full.display())),
             }
         }
-        std::fs::set_permissions(&full, Permissions::from_mode(served_mode(*mode)))
+        std::fs::set_permissions(&full, Permissions::from_mode(served_mode(mode)))
             .with_context(|| format!("setting mode of {}", full.display()))?;
-        report.written.push((*path).to_owned());
+        report.written.push(path.to_owned());
     }
 
     // How many paths still need each staged file: the last one takes it by rename, the others get copies.
     let mut uses: BTreeMap<FileKey, usize> = BTreeMap::new();
-    for (path, _) in files.iter().chain(&indexes) {
-        if let Some((key, _)) = plan.paths.get(*path) {
+    for (path, _) in plan.files().chain(plan.indexes()) {
+        if let Some((key, _)) = staged.paths.get(path) {
             *uses.entry(*key).or_default() += 1;
         }
     }
     // Staged files that one path takes by rename are given their mode and mtime and flushed first, many at once
     // (flushing is waiting for the disk; one at a time it was most of the apply). The renames below stay in order.
     // A staged file already renamed into place by an earlier, interrupted run of this apply is not flushed again.
-    let direct: Vec<(FileKey, &FileMeta)> = files
-        .iter()
-        .chain(&indexes)
-        .filter_map(|(path, meta)| plan.paths.get(*path).map(|(key, _)| (*key, *meta)))
+    let direct: Vec<(FileKey, &FileMeta)> = plan
+        .files()
+        .chain(plan.indexes())
+        .filter_map(|(path, meta)| staged.paths.get(path).map(|(key, _)| (*key, meta)))
         .filter(|(key, _)| uses.get(key) == Some(&1) && staging.object_path(key).exists())
         .collect();
     let flushers = rayon::ThreadPoolBuilder::new().num_threads(FLUSH_THREADS).build().context("flush threads")?;
@@ -101,7 +95,7 @@ pub fn apply(staging: &Staging, changes: &[Change], index_globs: &IndexGlobs) ->
     let flushed: BTreeSet<FileKey> = direct.iter().map(|(key, _)| *key).collect();
     let mut touched_dirs = BTreeSet::new();
     let mut place = |path: &str, meta: &FileMeta, report: &mut ApplyReport| -> Result<()> {
-        let (key, _) = plan.paths.get(path).with_context(|| format!("{path} was not staged"))?;
+        let (key, _) = staged.paths.get(path).with_context(|| format!("{path} was not staged"))?;
         let staged = staging.object_path(key);
         let remaining = uses.get_mut(key).context("staged file accounting")?;
         *remaining -= 1;
@@ -130,21 +124,21 @@ pub fn apply(staging: &Staging, changes: &[Change], index_globs: &IndexGlobs) ->
         report.written.push(path.to_owned());
         Ok(())
     };
-    for (path, meta) in &files {
+    for (path, meta) in plan.files() {
         place(path, meta, &mut report)?;
         report.files += 1;
     }
-    for (i, (path, target)) in links.iter().enumerate() {
+    for (i, (path, target)) in plan.symlinks().enumerate() {
         let tmp = staging.tmp_path(&format!("link-{i}"));
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("creating symlink {}", tmp.display()))?;
         let full = tree.join(path);
         clear_other_kind(&full, Kind::Symlink)?;
         std::fs::rename(&tmp, &full).with_context(|| format!("renaming symlink into {}", full.display()))?;
-        report.written.push((*path).to_owned());
+        report.written.push(path.to_owned());
         report.symlinks += 1;
     }
-    for (path, meta) in &indexes {
+    for (path, meta) in plan.indexes() {
         place(path, meta, &mut report)?;
         report.index_files += 1;
     }
@@ -225,8 +219,9 @@ mod tests {
     use super::*;
     use crate::chunk_index::ChunkIndex;
     use mirrormesh_proto::chunk::ChunkId;
+    use mirrormesh_proto::diff::Change;
     use mirrormesh_proto::entry::{Entry, EntryKind};
-    use mirrormesh_proto::sync::StageFile;
+    use mirrormesh_proto::sync::{IndexNames, StageFile};
     use std::os::unix::fs::MetadataExt;
 
     fn meta(content: &[u8], mode: u32, mtime: i64) -> FileMeta {
@@ -257,7 +252,8 @@ mod tests {
             .iter()
             .map(|(p, c, m, t)| Change { path: (*p).into(), old: None, new: Some(Entry::file(*p, meta(c, *m, *t))) })
             .collect();
-        let report = apply(&staging, &changes, &IndexGlobs::new(&["APKINDEX.tar.gz".into()]).unwrap()).unwrap();
+        let plan = Plan::new(changes, &IndexNames::exact(&["APKINDEX.tar.gz"]));
+        let report = apply(&staging, &plan).unwrap();
         assert_eq!((report.files, report.index_files), (3, 1));
         for (path, content, mode, mtime) in files {
             let full = tree.join(path);
@@ -285,7 +281,7 @@ mod tests {
             },
             Change { path: "bin/tool".into(), old: None, new: Some(Entry::file("tool", meta(content, 0o6777, 1_000))) },
         ];
-        apply(&staging, &changes, &IndexGlobs::new(&[]).unwrap()).unwrap();
+        apply(&staging, &Plan::new(changes, &IndexNames::exact(&[]))).unwrap();
         let mode = |p: &str| std::fs::metadata(tree.join(p)).unwrap().mode() & 0o7777;
         assert_eq!((mode("bin"), mode("bin/tool")), (0o755, 0o755));
     }
@@ -320,7 +316,7 @@ mod tests {
             };
             let change =
                 Change { path: path.clone(), old: None, new: Some(Entry::file(&path, meta(&content, 0o644, 1_000))) };
-            apply(&staging, &[change], &IndexGlobs::new(&[]).unwrap()).unwrap();
+            apply(&staging, &Plan::new(vec![change], &IndexNames::exact(&[]))).unwrap();
             staging.finish().unwrap();
             finished.store(true, std::sync::atomic::Ordering::SeqCst);
             for copy in copies.join().unwrap() {

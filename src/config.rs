@@ -646,6 +646,12 @@ impl IndexGlobs {
     pub fn matches(&self, name: &str) -> bool {
         self.set.is_match(name)
     }
+
+    /// The rule as the core takes it (the engine orders an apply's index files last by it).
+    pub fn names(&self) -> mirrormesh_proto::sync::IndexNames {
+        let set = self.set.clone();
+        mirrormesh_proto::sync::IndexNames::new(move |name| set.is_match(name))
+    }
 }
 
 #[cfg(test)]

@@ -204,7 +204,8 @@ fn an_interrupted_run_removes_its_namespaces() {
     let first = lines.next().unwrap().unwrap();
     assert!(first.starts_with("testbed:"), "{first}");
     assert!(!leftovers(pid).is_empty(), "the namespaces exist while it runs");
-    Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
+    // SAFETY: sends a signal to the child this test spawned and has not reaped yet.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) }, 0, "interrupting the testbed");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "exits as interrupted");
     assert!(leftovers(pid).is_empty(), "left behind: {:?}", leftovers(pid));

@@ -7,7 +7,7 @@ use mirrormesh_proto::root::publisher_key;
 use mirrormesh_proto::sync::bans::{Offence, PROTOCOL_BAN_MS};
 use mirrormesh_proto::sync::scheduler::{BanReason, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::SeederLimits;
-use mirrormesh_proto::sync::{Engine, EngineConfig, Input, Output, Role};
+use mirrormesh_proto::sync::{Engine, EngineConfig, IndexNames, Input, Output, Role};
 use mirrormesh_proto::{Mono, Now, RepoId, Timestamp};
 
 const T0: Now = Now { mono: Mono(1_000_000), wall: Timestamp(1_800_000_000_000) };
@@ -23,6 +23,7 @@ fn mirror() -> Engine<u32> {
         seeder: SeederLimits::default(),
         have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
         resign_before_expiry_ms: None,
+        index_names: IndexNames::exact(&["APKINDEX.tar.gz"]),
     };
     Engine::new(cfg, None, None)
 }

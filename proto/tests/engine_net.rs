@@ -18,7 +18,7 @@ use mirrormesh_proto::sync::removals::removal_due;
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
-    APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, Input,
+    APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, IndexNames, Input,
     LOCAL_FAILURE_BACKOFF_FIRST_MS, LOCAL_FAILURE_BACKOFF_MAX_MS, Notice, Output, REPUBLISH_RETRY_MS, ReqId, Role,
     RootVia, SyncPhase,
 };
@@ -188,6 +188,7 @@ impl Net {
             seeder: SeederLimits::default(),
             have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
             resign_before_expiry_ms: (id == ORIGIN).then_some(RESIGN_BEFORE_EXPIRY_MS),
+            index_names: IndexNames::exact(&["APKINDEX.tar.gz"]),
         };
         self.nodes.insert(id, Node { engine: Some(Engine::new(cfg, None, None)), ..Node::default() });
     }
@@ -330,7 +331,7 @@ impl Net {
                 node.applied_at = Some(Timestamp(now.mono.0));
                 // As the tree writer does: what the plan removes is recorded pending, due after the grace period.
                 let due = removal_due(now.wall, DELETE_GRACE_MS);
-                let removed: Vec<String> = plan.iter().filter(|c| c.new.is_none()).map(|c| c.path.clone()).collect();
+                let removed: Vec<String> = plan.removals().map(str::to_owned).collect();
                 let scheduled = (!removed.is_empty()).then_some(due);
                 node.pending_removals.extend(removed.into_iter().map(|p| (p, due)));
                 let pending = node.pending_removals.len() as u64;

@@ -15,8 +15,8 @@ use mirrormesh_proto::sync::scheduler::BanReason;
 use mirrormesh_proto::sync::scheduler::SchedulerLimits;
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
-    ChunkSet, Engine, EngineConfig, HOLDER_ENTRIES_MAX, HOLDINGS_PENDING_MAX, HOLDINGS_PER_PEER_MAX, Input, Output,
-    PeerKey, Role, RootVia, SyncPhase, UNKNOWN_CHUNK_REQUESTS_MAX,
+    ChunkSet, Engine, EngineConfig, HOLDER_ENTRIES_MAX, HOLDINGS_PENDING_MAX, HOLDINGS_PER_PEER_MAX, IndexNames, Input,
+    Output, PeerKey, Role, RootVia, SyncPhase, UNKNOWN_CHUNK_REQUESTS_MAX,
 };
 use mirrormesh_proto::tree::TreeDir;
 use mirrormesh_proto::{Mono, Now, RepoId, Timestamp};
@@ -106,6 +106,7 @@ fn config<P: PeerKey>(role: Role, origin: P) -> EngineConfig<P> {
         seeder: SeederLimits::default(),
         have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
         resign_before_expiry_ms: None,
+        index_names: IndexNames::exact(&["APKINDEX.tar.gz"]),
     }
 }
 

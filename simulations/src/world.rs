@@ -38,7 +38,7 @@ use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
-    ChunkSet, Engine, EngineConfig, HAVE_FLUSH_MS, Input, Notice, Output, ReqId, Role, RootVia,
+    ChunkSet, Engine, EngineConfig, HAVE_FLUSH_MS, IndexNames, Input, Notice, Output, ReqId, Role, RootVia,
 };
 use mirrormesh_proto::timestamp::{Mono, Now, Timestamp};
 use rand::seq::SliceRandom;
@@ -478,6 +478,7 @@ impl World {
                     seeder: SeederLimits::default(),
                     have_flush_ms: HAVE_FLUSH_MS,
                     resign_before_expiry_ms: None,
+                    index_names: IndexNames::exact(&["APKINDEX.tar.gz"]),
                 };
                 SimNode {
                     kind: kinds[id],

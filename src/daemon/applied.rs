@@ -1,17 +1,12 @@
-//! What the loop does when the tree writer reports: a snapshot applied (its removals recorded pending, the chunk
-//! index and downstream told, the engine answered) or a removal run done.
+//! What the loop does when the tree writer reports: a snapshot applied (its removals recorded pending, downstream
+//! told, the engine answered; the tree writer updated the chunk index) or a removal run done.
 
 use super::*;
 
 impl Daemon {
-    pub(super) fn on_applied(
-        &mut self,
-        target: VerifiedRoot,
-        changes: &[Change],
-        result: Result<ApplyReport>,
-    ) -> Result<()> {
-        let report = match result {
-            Ok(report) => report,
+    pub(super) fn on_applied(&mut self, target: VerifiedRoot, result: Result<tree_writer::Applied>) -> Result<()> {
+        let tree_writer::Applied { report, changed_dirs } = match result {
+            Ok(applied) => applied,
             Err(e) => {
                 // The tree is consistent (see apply.rs); the engine tries again with back-off, or moves on to a
                 // newer root.
@@ -38,9 +33,6 @@ impl Daemon {
         writer.commit()?;
         let pending = self.store.reader()?.pending_deletion_count()?;
         self.feed(Input::RemovalsScheduled { due: scheduled, pending })?;
-        if let Ok(mut index) = self.index.write() {
-            index.apply(changes);
-        }
         if let Err(e) = self.staging.finish() {
             tracing::warn!("cleaning staging: {e:#}");
         }
@@ -71,7 +63,7 @@ impl Daemon {
             origin: crate::key::peer_id_of(&target.signed.publisher)
                 .map_or_else(|_| "unknown".into(), |p| p.to_string()),
             node: self.key.peer_id().to_string(),
-            dirs: crate::downstream::changed_dirs(changes),
+            dirs: changed_dirs,
         });
         self.feed(Input::Applied { seq: target.body.seq })?;
         Ok(())

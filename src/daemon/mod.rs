@@ -39,7 +39,6 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
 use mirrormesh_proto::chunk::ChunkId;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, roots_topic};
-use mirrormesh_proto::diff::Change;
 use mirrormesh_proto::node_store::NodeSink;
 use mirrormesh_proto::node_store::{NodeSource, SourceError};
 use mirrormesh_proto::root::Freshness;
@@ -49,13 +48,11 @@ use mirrormesh_proto::sync::removals::removal_due;
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
-    ApplyFailure, ChunkSet, Engine, EngineConfig, EngineError, Input, Notice, Output, Plan, ReqId, Role, RootVia,
-    SyncPhase,
+    ApplyFailure, ChunkSet, Engine, EngineConfig, EngineError, Input, Notice, Output, ReqId, Role, RootVia, SyncPhase,
 };
 use mirrormesh_proto::{Mono, Now, RootError, SignedRoot, Timestamp, VerifiedRoot};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::apply::ApplyReport;
 use crate::chunk_index::ChunkIndex;
 use crate::config::{Config, RoleName};
 use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, ORIGIN_SENDING_REPLIES_MAX};
@@ -111,8 +108,7 @@ pub enum LoopEvent {
     },
     Applied {
         target: Box<VerifiedRoot>,
-        plan: Plan,
-        result: Result<ApplyReport>,
+        result: Result<tree_writer::Applied>,
     },
     /// The tree writer carried out (or deferred) the removals that were due.
     Removed(Box<Result<tree_writer::RemovalRun>>),
@@ -271,6 +267,7 @@ fn engine_config(cfg: &Config, key: &NodeKey) -> (EngineConfig<PeerId>, Vec<Peer
         seeder: SeederLimits::default(),
         have_flush_ms: mirrormesh_proto::sync::HAVE_FLUSH_MS,
         resign_before_expiry_ms: (role == Role::Origin).then_some(cfg.validity.as_millis() as u64 / 2),
+        index_names: cfg.index_globs.names(),
     };
     (engine_cfg, origins)
 }
@@ -355,7 +352,7 @@ impl Daemon {
             store.clone(),
             staging.clone(),
             cfg.repo.clone(),
-            cfg.index_globs.clone(),
+            index.clone(),
             events_tx.clone(),
         )?;
         let publisher = publisher::Publisher::new(cfg.tree.clone(), cfg.watch, cfg.watch_quiet, events_tx.clone());
@@ -684,7 +681,7 @@ impl Daemon {
                     None => self.feed(Input::ChunksDone { from: peer, req, bytes })?,
                 }
             }
-            LoopEvent::Applied { target, plan, result } => self.on_applied(*target, &plan, result)?,
+            LoopEvent::Applied { target, result } => self.on_applied(*target, result)?,
             LoopEvent::Removed(run) => self.on_removed(*run),
             LoopEvent::Serve { peer, chunks, reply } => {
                 let decisions = chunks

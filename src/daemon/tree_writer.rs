@@ -1,12 +1,17 @@
 //! The one thread that changes the served tree: it applies snapshots and carries out removals whose grace period is
 //! over, one job at a time, so a removal never runs beside an apply.
 //!
+//! Once an apply is in place it updates the chunk index the data plane serves from (the files moved: their chunks are
+//! served from where they are now) and reports what the loop needs (`Applied`), not the plan: nothing of the plan
+//! travels back.
+//!
 //! It also knows which snapshot the tree holds *now* (`in_tree`), which the event loop learns only a moment later,
 //! and checks every removal against it (`removals.rs`): a path a newer snapshot brought back is never removed. While
 //! an apply that failed part-way has left the tree between two snapshots, no removal runs at all.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result};
 use mirrormesh_proto::node::NodeHash;
@@ -14,8 +19,8 @@ use mirrormesh_proto::sync::Plan;
 use mirrormesh_proto::{RepoId, VerifiedRoot};
 use tokio::sync::mpsc;
 
-use crate::apply;
-use crate::config::IndexGlobs;
+use crate::apply::{self, ApplyReport};
+use crate::chunk_index::ChunkIndex;
 use crate::removals::{Removal, RemovalReport, remove_due};
 use crate::staging::Staging;
 use crate::store::StateStore;
@@ -28,11 +33,19 @@ pub const TREE_JOBS_MAX: usize = 4;
 pub const REMOVALS_PER_RUN_MAX: usize = 10_000;
 
 pub enum TreeJob {
-    /// Apply `plan` (the engine's diff from the applied snapshot to `target`); answered with
+    /// Apply `plan` (the engine's, from the applied snapshot to `target`, in its order); answered with
     /// [`LoopEvent::Applied`].
     Apply { target: Box<VerifiedRoot>, plan: Plan },
     /// Carry out the removals due by `now_ms`; answered with [`LoopEvent::Removed`].
     RemoveDue { now_ms: u64 },
+}
+
+/// What an apply did, for the loop.
+#[derive(Debug)]
+pub struct Applied {
+    pub report: ApplyReport,
+    /// Directories whose listing changed (for downstream notification; `None`: the tree's top).
+    pub changed_dirs: Option<BTreeSet<String>>,
 }
 
 /// What a removal run did.
@@ -55,7 +68,8 @@ struct Worker {
     store: Arc<StateStore>,
     staging: Arc<Staging>,
     tree: PathBuf,
-    index_globs: IndexGlobs,
+    /// What the data plane serves from, updated once an apply is in place.
+    index: Arc<RwLock<ChunkIndex>>,
     events: mpsc::Sender<LoopEvent>,
     /// Manifest root of the snapshot wholly in the tree (none before the first).
     in_tree: Option<NodeHash>,
@@ -68,13 +82,13 @@ impl TreeWriter {
         store: Arc<StateStore>,
         staging: Arc<Staging>,
         repo: RepoId,
-        index_globs: IndexGlobs,
+        index: Arc<RwLock<ChunkIndex>>,
         events: mpsc::Sender<LoopEvent>,
     ) -> Result<Self> {
         let in_tree = store.reader()?.applied(&repo)?.map(|r| r.verify_signature().map(|b| b.root)).transpose()?;
         let (jobs, mut queue) = mpsc::channel(TREE_JOBS_MAX);
         let tree = staging.tree().to_owned();
-        let mut worker = Worker { store, staging, tree, index_globs, events, in_tree, unfinished: false };
+        let mut worker = Worker { store, staging, tree, index, events, in_tree, unfinished: false };
         std::thread::Builder::new()
             .name("tree-writer".into())
             .spawn(move || {
@@ -100,15 +114,22 @@ impl TreeWriter {
 
 impl Worker {
     fn apply(&mut self, target: Box<VerifiedRoot>, plan: Plan) -> LoopEvent {
-        let result = apply::apply(&self.staging, &plan, &self.index_globs);
-        match &result {
-            Ok(_) => {
+        let result = apply::apply(&self.staging, &plan);
+        let result = match result {
+            Ok(report) => {
                 self.in_tree = Some(target.body.root);
                 self.unfinished = false;
+                if let Ok(mut index) = self.index.write() {
+                    index.apply(plan.changes());
+                }
+                Ok(Applied { report, changed_dirs: crate::downstream::changed_dirs(plan.changes()) })
             }
-            Err(_) => self.unfinished = true,
-        }
-        LoopEvent::Applied { target, plan, result }
+            Err(e) => {
+                self.unfinished = true;
+                Err(e)
+            }
+        };
+        LoopEvent::Applied { target, result }
     }
 
     fn remove_due(&mut self, now_ms: u64) -> Result<RemovalRun> {

@@ -70,9 +70,7 @@ use manifest_fetch::{FetchOut, ManifestFetch};
 use scheduler::{BanReason, ChunkOutcome, SchedOut, Scheduler, SchedulerLimits};
 use seeder::{Seeder, SeederLimits, ServeDecision};
 
-/// The changes from the applied snapshot to a sync's target, in path order: computed once when the sync is
-/// planned (its files are staged), carried to the apply and back to the caller with it.
-pub type Plan = std::sync::Arc<[crate::diff::Change]>;
+pub use apply_order::{IndexNames, Plan};
 
 /// What the engine needs of a peer identity: the daemon uses libp2p `PeerId`s, the simulator integers.
 pub trait PeerKey: Clone + Ord + Eq + std::hash::Hash + std::fmt::Debug {}
@@ -156,6 +154,8 @@ pub struct EngineConfig<P> {
     /// Origin: once the current root has less than this left before it expires, ask for a re-signed one
     /// ([`Output::Republish`]; half the root validity, so mirrors never hold an expired root). `None`: never.
     pub resign_before_expiry_ms: Option<u64>,
+    /// Which files are index files, placed last by an apply ([`Plan`]).
+    pub index_names: IndexNames,
 }
 
 /// Origin: after an [`Output::Republish`] that brought no new root, it is asked for again this much later.
@@ -216,7 +216,8 @@ pub enum Output<P> {
         req: ReqId,
     },
     /// Every chunk is staged and verified: apply `plan` (the diff from the applied snapshot to `target`) to the
-    /// served tree, then answer with [`Input::Applied`] or [`Input::ApplyFailed`].
+    /// served tree in the plan's order (directories, files, symlinks, index files last; what it no longer names is
+    /// recorded for removal once due), then answer with [`Input::Applied`] or [`Input::ApplyFailed`].
     Apply {
         target: VerifiedRoot,
         plan: Plan,
@@ -1504,7 +1505,8 @@ impl<P: PeerKey> Engine<P> {
         }
         self.kept_waiting.clear();
         self.out.push_back(Output::Stage { seq, files });
-        self.phase = Phase::Staging { target, sched, plan: changes.into() };
+        let plan = Plan::new(changes, &self.cfg.index_names);
+        self.phase = Phase::Staging { target, sched, plan };
         Ok(())
     }
 
