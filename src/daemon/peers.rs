@@ -10,9 +10,9 @@
 //!   again after a back-off from [`REDIAL_MIN`] doubling to [`REDIAL_MAX`] (reset once connected).
 //! - **Exchange**: the dialer of a new connection sends `Members` (where it listens, the members it knows) and gets
 //!   the other side's list in the answer, and asks again [`MEMBERS_EXCHANGE_AGAIN`] later (nodes that start together
-//!   ask the origin before it has heard where the others listen); after that one connected peer is asked every
-//!   [`MEMBERS_EXCHANGE_INTERVAL`], in turn. A peer asking more often than [`MEMBERS_ANSWER_INTERVAL_MIN`] is
-//!   refused.
+//!   ask the origin before it has heard where the others listen); after that one connected peer in turn, when the
+//!   core's `membership::Exchanges` says: 30 s after news (a member this node did not know), then backing off to
+//!   ten minutes while nothing new is learnt. A peer asking more often than [`MEMBERS_ANSWER_INTERVAL_MIN`] is refused.
 //! - **Persistence**: changed members are written to the state database every [`MEMBERS_PERSIST_INTERVAL`] and at
 //!   shutdown, so a restarted node (the origin too, which has no bootstrap list) redials the fabric at once.
 //! - **Mesh**: a mirror closes a connection it dialed to a peer the mesh rule no longer wants (it learned that the
@@ -35,7 +35,8 @@ use libp2p::{Multiaddr, PeerId, Swarm};
 use mirrormesh_proto::RepoId;
 use mirrormesh_proto::control::{ControlRequest, ControlResponse, MEMBERS_PER_MESSAGE_MAX, MemberEntry, Members};
 use mirrormesh_proto::membership::{
-    AddrScope, Learned, MEMBERS_MAX, MemberRecord, Membership, MembershipConfig, MeshRule, Report, check_addrs,
+    AddrScope, Exchanges, Learned, MEMBERS_MAX, MemberRecord, Membership, MembershipConfig, MeshRule, Report,
+    check_addrs,
 };
 use mirrormesh_proto::{Mono, Timestamp};
 use serde_bytes::ByteBuf;
@@ -53,13 +54,11 @@ pub const REDIAL_MAX: Duration = Duration::from_secs(30);
 /// New dials started per tick (50 ms): an origin restarted with 1,000 members reaches them all within 7 s without
 /// a thousand handshakes at once.
 pub const DIALS_PER_TICK_MAX: usize = 8;
-/// One connected peer is asked for its members this often, in turn.
-pub const MEMBERS_EXCHANGE_INTERVAL: Duration = Duration::from_secs(30);
 /// The dialer of a new connection asks again this long after the first exchange: mirrors that start together all ask
 /// the origin at once, before it has heard where the others listen; a second answer names them.
 pub const MEMBERS_EXCHANGE_AGAIN: Duration = Duration::from_secs(2);
-/// A peer's `Members` requests are answered at most this often (an honest node asks a peer about once every
-/// `MEMBERS_EXCHANGE_INTERVAL` x peers, and on connecting).
+/// A peer's `Members` requests are answered at most this often (an honest node asks a peer on connecting, again
+/// `MEMBERS_EXCHANGE_AGAIN` later, and then one peer at a time at least `membership::MEMBERS_POLL_FIRST_MS` apart).
 pub const MEMBERS_ANSWER_INTERVAL_MIN: Duration = Duration::from_millis(500);
 /// Changed members are written to the state database this often (a crash loses at most this much).
 pub const MEMBERS_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
@@ -151,7 +150,10 @@ pub struct Peers {
     requests: HashMap<OutboundRequestId, PeerId>,
     /// Second exchanges due with peers this node just dialed.
     again: Vec<(Instant, PeerId)>,
-    next_exchange: Instant,
+    /// When to tell peers of new members, or ask one (the core's rule).
+    exchanges: Exchanges,
+    /// The instant the exchange's monotonic clock counts from.
+    epoch: Instant,
     /// The peer asked last by the periodic exchange.
     exchange_cursor: Option<PeerId>,
     /// When each connected peer's `Members` request was last answered.
@@ -265,7 +267,8 @@ impl Peers {
             flooding: BTreeSet::new(),
             requests: HashMap::new(),
             again: Vec::new(),
-            next_exchange: at + MEMBERS_EXCHANGE_INTERVAL,
+            exchanges: Exchanges::new(Mono(0)),
+            epoch: at,
             exchange_cursor: None,
             answered: HashMap::new(),
             activity: HashMap::new(),
@@ -481,6 +484,9 @@ impl Peers {
             }
             let report = self.membership.on_connected(now(), peer);
             self.count_report(&report);
+            if !report.new.is_empty() {
+                self.exchanges.news(self.mono(Instant::now()));
+            }
             if !inbound {
                 self.ask_members(swarm, peer);
                 self.again.push((Instant::now() + MEMBERS_EXCHANGE_AGAIN, peer));
@@ -522,7 +528,7 @@ impl Peers {
 
     /// The peer manager's chores, every tick: dials, exchanges, pruning (while `idle`: no sync runs), persistence
     /// and forgetting. Returns whether dials are left over (more than [`DIALS_PER_TICK_MAX`] were due): then it
-    /// wants to run again soon rather than in a second.
+    /// wants to run again soon rather than in a second (news waiting out the push interval goes at the next round).
     pub fn on_tick(&mut self, swarm: &mut Swarm<Behaviour>, store: &StateStore, idle: bool) -> bool {
         let at = Instant::now();
         let wanted = self.membership.wanted(now());
@@ -559,8 +565,7 @@ impl Peers {
         for peer in due {
             self.ask_members(swarm, peer);
         }
-        if at >= self.next_exchange {
-            self.next_exchange = at + MEMBERS_EXCHANGE_INTERVAL;
+        if self.exchanges.due(self.mono(at)) {
             let after = self.exchange_cursor.and_then(|c| self.states.range(c..).map(|(p, _)| *p).find(|p| *p != c));
             let next = after.or_else(|| self.states.keys().next().copied());
             if let Some(peer) = next {
@@ -591,6 +596,11 @@ impl Peers {
             self.persist(store);
         }
         started == DIALS_PER_TICK_MAX
+    }
+
+    /// `at` on the exchange's monotonic clock.
+    fn mono(&self, at: Instant) -> Mono {
+        Mono(at.saturating_duration_since(self.epoch).as_millis() as u64)
     }
 
     /// The smallest round trip QUIC measured on each data-plane connection: what `mirrormesh peers` shows (until
@@ -729,6 +739,9 @@ impl Peers {
         }
         let report = self.membership.on_members(t, &from, records);
         self.count_report(&report);
+        if !report.new.is_empty() {
+            self.exchanges.news(self.mono(Instant::now()));
+        }
         // Members just learnt are dialed at the next round of chores, which should come soon.
         self.soon = true;
     }
