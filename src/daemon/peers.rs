@@ -150,7 +150,7 @@ pub struct Peers {
     requests: HashMap<OutboundRequestId, PeerId>,
     /// Second exchanges due with peers this node just dialed.
     again: Vec<(Instant, PeerId)>,
-    /// When to tell peers of new members, or ask one (the core's rule).
+    /// When to ask the next connected peer for its members (the core's rule).
     exchanges: Exchanges,
     /// The instant the exchange's monotonic clock counts from.
     epoch: Instant,
@@ -528,7 +528,7 @@ impl Peers {
 
     /// The peer manager's chores, every tick: dials, exchanges, pruning (while `idle`: no sync runs), persistence
     /// and forgetting. Returns whether dials are left over (more than [`DIALS_PER_TICK_MAX`] were due): then it
-    /// wants to run again soon rather than in a second (news waiting out the push interval goes at the next round).
+    /// wants to run again soon rather than in a second.
     pub fn on_tick(&mut self, swarm: &mut Swarm<Behaviour>, store: &StateStore, idle: bool) -> bool {
         let at = Instant::now();
         let wanted = self.membership.wanted(now());
