@@ -35,7 +35,7 @@
 //!    [`MEMBERS_POLL_FIRST_MS`] after the last news (a member this node did not know) and then twice as long after
 //!    each ask, up to [`MEMBERS_POLL_MAX_MS`]: a fabric that changes exchanges often, one whose members stay the same
 //!    says little beyond its keep-alives. (Telling every peer of each newcomer instead slowed 64 mirrors starting
-//!    together: 15 s to start instead of 5-7, and the origin sent 1.28-1.54 x.)
+//!    together: 14-20 s to start instead of 5-7, and the origin sent up to 1.54 x.)
 //!
 //! Time here is the wall clock ([`Timestamp`]): "last seen" is persisted and must mean the same after a restart.
 //! A clock stepped by hours moves forgetting by as much, which `forget_after_ms` (days) absorbs. The exchange's
