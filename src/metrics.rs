@@ -92,6 +92,7 @@ pub struct Metrics {
     roots_accepted: Counter,
     roots_rejected: Family<Reason, Counter>,
     events: Family<Event, Counter>,
+    loop_turn: Histogram,
     sync_duration: Family<Repo, Histogram, fn() -> Histogram>,
     propagation_lag: Family<Repo, Histogram, fn() -> Histogram>,
     snapshot_seq: Family<Repo, Gauge>,
@@ -166,6 +167,15 @@ impl Metrics {
         }
         let events = Family::<Event, Counter>::default();
         r.register("events", "Everything else the daemon counts (refusals, failures, bans), by name", events.clone());
+        // 100 us to about 3 s.
+        let loop_turn = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        r.register_with_unit(
+            "loop_turn",
+            "How long the event loop took over one turn (an event and what follows it): nothing else runs on the \
+             loop meanwhile, so its stalls",
+            Unit::Seconds,
+            loop_turn.clone(),
+        );
         let sync_duration = Family::<Repo, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
         r.register_with_unit(
             "sync_duration",
@@ -266,6 +276,7 @@ impl Metrics {
             roots_accepted,
             roots_rejected,
             events,
+            loop_turn,
             sync_duration,
             propagation_lag,
             snapshot_seq,
@@ -349,6 +360,11 @@ impl Metrics {
         if let Some(lag) = lag_seconds {
             self.propagation_lag.get_or_create(&label).observe(lag);
         }
+    }
+
+    /// One turn of the event loop took `seconds`.
+    pub fn observe_loop_turn(&self, seconds: f64) {
+        self.loop_turn.observe(seconds);
     }
 
     /// Origin: a snapshot of `repo` was published that added or changed `bytes` of files.

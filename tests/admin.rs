@@ -194,6 +194,10 @@ fn admin_api_cli_metrics_and_logs_of_a_running_fabric() {
     assert_eq!(from_origin, status.bytes_fetched_from_origin as f64);
     assert_eq!(from_peers + from_origin, status.bytes_fetched_total as f64);
     assert_eq!(sample(&text, "mirrormesh_chunks_verified_total"), status.counters["chunks_verified"] as f64);
+    // Every turn of the event loop is timed: the histogram counts them, the status names the longest.
+    assert!(sample(&text, "mirrormesh_loop_turn_seconds_count") > 0.0);
+    assert!(sample(&text, "mirrormesh_loop_turn_seconds_sum") > 0.0);
+    assert!(status.counters["loop_turn_longest_us"] > 0, "the longest turn is known: {:?}", status.counters);
     for name in ["mirrormesh_chunks_rejected_total", "mirrormesh_sync_missing_bytes{repo=\"alpine\"}"] {
         assert_eq!(sample(&text, name), 0.0, "{name}");
     }

@@ -91,6 +91,13 @@ fn chores_period(hurry: bool) -> Duration {
     if hurry { TICK } else { IDLE_TICK }
 }
 
+/// The event loop's turns: how many, and the longest (nothing else runs on the loop meanwhile: its stall).
+#[derive(Default)]
+struct LoopTurns {
+    count: u64,
+    longest: Duration,
+}
+
 /// Things tasks and the admin API tell the loop.
 pub enum LoopEvent {
     Staged {
@@ -189,8 +196,9 @@ pub struct Daemon {
     totals: (u64, u64),
     listen_addrs: Vec<Multiaddr>,
     started: Instant,
-    /// Turns of the event loop since the start (the status's counter `loop_wakeups`).
-    wakeups: u64,
+    /// Turns of the event loop since the start and the longest (the status's counters `loop_wakeups`,
+    /// `loop_turn_longest_us`; every turn's time goes to the `loop_turn_seconds` histogram).
+    turns: LoopTurns,
     sync: SyncProgress,
     /// Span of the sync in progress (none when idle): log lines about it carry its sequence number.
     sync_span: tracing::Span,
@@ -401,7 +409,7 @@ impl Daemon {
             totals,
             listen_addrs,
             started: Instant::now(),
-            wakeups: 0,
+            turns: LoopTurns::default(),
             sync: SyncProgress::default(),
             sync_span: tracing::Span::none(),
             service: crate::service::Notifier::from_env(),
@@ -436,23 +444,43 @@ impl Daemon {
             // The engine says when it wants to run next; the shell's own chores say when they want to.
             let engine_due = self.engine.poll_timeout().map(|at| self.instant_of(at));
             let status_due = self.projector.held_until().map(tokio::time::Instant::from_std);
-            self.wakeups += 1;
-            tokio::select! {
+            // Each arm notes when it woke: the turn is the time from then until the loop waits again.
+            let woke = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                Some(event) = self.events_rx.recv() => self.on_loop_event(event),
-                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(event) = self.events_rx.recv() => {
+                    let woke = Instant::now();
+                    self.on_loop_event(event);
+                    woke
+                }
+                event = self.swarm.select_next_some() => {
+                    let woke = Instant::now();
+                    self.on_swarm_event(event);
+                    woke
+                }
                 _ = tokio::time::sleep_until(engine_due.unwrap_or_else(tokio::time::Instant::now)),
-                    if engine_due.is_some() => self.on_engine_timeout(),
+                    if engine_due.is_some() => {
+                    let woke = Instant::now();
+                    self.on_engine_timeout();
+                    woke
+                }
                 // A status held back after the last events is published (by `after_event`).
                 _ = tokio::time::sleep_until(status_due.unwrap_or_else(tokio::time::Instant::now)),
-                    if status_due.is_some() => {}
-                _ = tokio::time::sleep_until(chores_due) => chores_due = tokio::time::Instant::now() + self.on_tick(),
-            }
+                    if status_due.is_some() => Instant::now(),
+                _ = tokio::time::sleep_until(chores_due) => {
+                    let woke = Instant::now();
+                    chores_due = tokio::time::Instant::now() + self.on_tick();
+                    woke
+                }
+            };
             if self.peers.take_soon() {
                 chores_due = chores_due.min(tokio::time::Instant::now() + TICK);
             }
             self.after_event();
+            let turn = woke.elapsed();
+            self.turns.count += 1;
+            self.turns.longest = self.turns.longest.max(turn);
+            self.projector.metrics.observe_loop_turn(turn.as_secs_f64());
         }
         self.service.stopping();
         self.peers.shut_down(&self.store);
@@ -1140,7 +1168,8 @@ impl Daemon {
     // ---- status -------------------------------------------------------------------------------------------
 
     fn publish_status(&mut self, key: StatusKey) {
-        self.counters.insert("loop_wakeups".into(), self.wakeups);
+        self.counters.insert("loop_wakeups".into(), self.turns.count);
+        self.counters.insert("loop_turn_longest_us".into(), self.turns.longest.as_micros() as u64);
         let sources = status_projector::Sources {
             cfg: &self.cfg,
             key: &self.key,

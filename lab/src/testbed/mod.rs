@@ -222,6 +222,11 @@ struct Bed {
 }
 
 impl Bed {
+    /// A status counter of every node (the origin first).
+    fn counter_of_each(&self, name: &str) -> Result<Vec<u64>> {
+        (0..self.net.hosts.len()).map(|i| Ok(self.fabric.status(i)?.counters.get(name).copied().unwrap_or(0))).collect()
+    }
+
     fn start(a: &FabricArgs) -> Result<Bed> {
         if a.mirrors == 0 || a.mirrors >= net::HOSTS_MAX {
             bail!("--mirrors: 1 to {}", net::HOSTS_MAX - 1);
@@ -667,6 +672,19 @@ fn sync(a: &SyncArgs) -> Result<()> {
     );
     println!();
     println!("{}", origin_wire_breakdown(&steps.map(|(name, mm, _)| (name, mm))));
+    let longest = bed.counter_of_each("loop_turn_longest_us")?;
+    let mirrors_longest = longest[1..].iter().copied().max().unwrap_or(0);
+    println!(
+        "longest event-loop turn of each daemon since its start (status counter loop_turn_longest_us: the loop's \
+         longest stall): origin {:.1} ms, mirrors up to {:.1} ms (median {:.1} ms); target <= 50 ms",
+        longest[0] as f64 / 1000.0,
+        mirrors_longest as f64 / 1000.0,
+        {
+            let mut mirrors = longest[1..].to_vec();
+            mirrors.sort_unstable();
+            mirrors.get(mirrors.len() / 2).copied().unwrap_or(0) as f64 / 1000.0
+        }
+    );
     if ccs.len() > 1 {
         println!();
         println!("rsync under each TCP congestion control (same steps, one run each, trees checked):");
@@ -742,17 +760,13 @@ fn freshness(a: &FreshnessArgs) -> Result<()> {
 fn idle(a: &IdleArgs) -> Result<()> {
     let bed = Bed::start(&a.fabric)?;
     bed.mirrormesh_update(None)?;
-    let wakeups = |bed: &Bed| -> Result<Vec<u64>> {
-        (0..bed.net.hosts.len())
-            .map(|i| Ok(bed.fabric.status(i)?.counters.get("loop_wakeups").copied().unwrap_or(0)))
-            .collect()
-    };
-    let turns_before = wakeups(&bed)?;
+    let turns_before = bed.counter_of_each("loop_wakeups")?;
     let before: Vec<u64> = bed.net.hosts.iter().map(|h| h.tx_bytes()).collect::<Result<_>>()?;
     // The measurement is a span of wall time with nothing to do: waiting is what is measured.
     std::thread::sleep(Duration::from_secs(a.seconds));
     let after: Vec<u64> = bed.net.hosts.iter().map(|h| h.tx_bytes()).collect::<Result<_>>()?;
-    let turns: Vec<f64> = wakeups(&bed)?
+    let turns: Vec<f64> = bed
+        .counter_of_each("loop_wakeups")?
         .iter()
         .zip(&turns_before)
         .map(|(after, before)| after.saturating_sub(*before) as f64 / a.seconds as f64)
