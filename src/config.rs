@@ -642,12 +642,8 @@ impl IndexGlobs {
         Ok(Self { patterns: patterns.to_vec(), set })
     }
 
-    /// Whether the file `name` (one path component) is an index file.
-    pub fn matches(&self, name: &str) -> bool {
-        self.set.is_match(name)
-    }
-
-    /// The rule as the core takes it (the engine orders an apply's index files last by it).
+    /// The rule as the core takes it (the engine orders an apply's index files last by it): whether the file
+    /// `name` (one path component) is an index file.
     pub fn names(&self) -> mirrormesh_proto::sync::IndexNames {
         let set = self.set.clone();
         mirrormesh_proto::sync::IndexNames::new(move |name| set.is_match(name))
@@ -787,16 +783,16 @@ mod tests {
 
     #[test]
     fn globs() {
-        let globs = |p: &str| IndexGlobs::new(&[p.to_owned()]).unwrap();
-        assert!(globs("APKINDEX.tar.gz").matches("APKINDEX.tar.gz"));
-        assert!(globs("*.db").matches("core.db"));
-        assert!(globs("Release*").matches("Release.gpg"));
-        assert!(!globs("*.db").matches("core.db.sig"));
-        assert!(globs("?x").matches("ax"));
-        assert!(globs("{InRelease,Release.gpg}").matches("Release.gpg"));
+        let globs = |p: &str| IndexGlobs::new(&[p.to_owned()]).unwrap().names();
+        assert!(globs("APKINDEX.tar.gz").is_index("APKINDEX.tar.gz"));
+        assert!(globs("*.db").is_index("core.db"));
+        assert!(globs("Release*").is_index("Release.gpg"));
+        assert!(!globs("*.db").is_index("core.db.sig"));
+        assert!(globs("?x").is_index("ax"));
+        assert!(globs("{InRelease,Release.gpg}").is_index("Release.gpg"));
         // Linear, not exponential, in the pattern (the hand-written matcher backtracked on runs of `*`).
         let stars = "*a".repeat(40);
-        assert!(!globs(&stars).matches(&"a".repeat(39)));
+        assert!(!globs(&stars).is_index(&"a".repeat(39)));
         assert!(IndexGlobs::new(&["x/y".into()]).is_err() && IndexGlobs::new(&["[".into()]).is_err());
     }
 }

@@ -98,6 +98,15 @@ struct LoopTurns {
     longest: Duration,
 }
 
+/// What woke the event loop (events boxed: the enum only carries them from the wait to their handler).
+enum Wake {
+    Loop(Box<LoopEvent>),
+    Swarm(Box<SwarmEvent<BehaviourEvent>>),
+    Engine,
+    Status,
+    Chores,
+}
+
 /// Things tasks and the admin API tell the loop.
 pub enum LoopEvent {
     Staged {
@@ -444,35 +453,27 @@ impl Daemon {
             // The engine says when it wants to run next; the shell's own chores say when they want to.
             let engine_due = self.engine.poll_timeout().map(|at| self.instant_of(at));
             let status_due = self.projector.held_until().map(tokio::time::Instant::from_std);
-            // Each arm notes when it woke: the turn is the time from then until the loop waits again.
-            let woke = tokio::select! {
+            let wake = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                Some(event) = self.events_rx.recv() => {
-                    let woke = Instant::now();
-                    self.on_loop_event(event);
-                    woke
-                }
-                event = self.swarm.select_next_some() => {
-                    let woke = Instant::now();
-                    self.on_swarm_event(event);
-                    woke
-                }
+                Some(event) = self.events_rx.recv() => Wake::Loop(Box::new(event)),
+                event = self.swarm.select_next_some() => Wake::Swarm(Box::new(event)),
                 _ = tokio::time::sleep_until(engine_due.unwrap_or_else(tokio::time::Instant::now)),
-                    if engine_due.is_some() => {
-                    let woke = Instant::now();
-                    self.on_engine_timeout();
-                    woke
-                }
+                    if engine_due.is_some() => Wake::Engine,
                 // A status held back after the last events is published (by `after_event`).
                 _ = tokio::time::sleep_until(status_due.unwrap_or_else(tokio::time::Instant::now)),
-                    if status_due.is_some() => Instant::now(),
-                _ = tokio::time::sleep_until(chores_due) => {
-                    let woke = Instant::now();
-                    chores_due = tokio::time::Instant::now() + self.on_tick();
-                    woke
-                }
+                    if status_due.is_some() => Wake::Status,
+                _ = tokio::time::sleep_until(chores_due) => Wake::Chores,
             };
+            // The turn: from here until the loop waits again.
+            let woke = Instant::now();
+            match wake {
+                Wake::Loop(event) => self.on_loop_event(*event),
+                Wake::Swarm(event) => self.on_swarm_event(*event),
+                Wake::Engine => self.on_engine_timeout(),
+                Wake::Status => {}
+                Wake::Chores => chores_due = tokio::time::Instant::now() + self.on_tick(),
+            }
             if self.peers.take_soon() {
                 chores_due = chores_due.min(tokio::time::Instant::now() + TICK);
             }

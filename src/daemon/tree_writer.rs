@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::{Context, Result};
 use mirrormesh_proto::node::NodeHash;
 use mirrormesh_proto::sync::Plan;
+use mirrormesh_proto::sync::removals::deepest_first;
 use mirrormesh_proto::{RepoId, VerifiedRoot};
 use tokio::sync::mpsc;
 
@@ -143,8 +144,7 @@ impl Worker {
         if due.is_empty() {
             return Ok(RemovalRun { pending: reader.pending_deletion_count()?, next_due_ms, ..RemovalRun::default() });
         }
-        // Deepest first, so a directory comes after its contents.
-        due.sort_by(|a, b| b.matches('/').count().cmp(&a.matches('/').count()).then(b.cmp(a)));
+        due.sort_by(|a, b| deepest_first(a, b));
         due.truncate(REMOVALS_PER_RUN_MAX);
         let mut settled = Vec::with_capacity(due.len());
         let outcome = remove_due(&self.tree, &reader, self.in_tree, &due, |path, removal| {

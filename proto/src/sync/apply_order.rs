@@ -84,8 +84,7 @@ impl Plan {
                 None => steps.removals.push(at),
             }
         }
-        let depth = |at: &usize| changes[*at].path.matches('/').count();
-        steps.removals.sort_by(|a, b| depth(b).cmp(&depth(a)).then(changes[*b].path.cmp(&changes[*a].path)));
+        steps.removals.sort_by(|a, b| super::removals::deepest_first(&changes[*a].path, &changes[*b].path));
         Self { changes: changes.into(), steps: Arc::new(steps) }
     }
 

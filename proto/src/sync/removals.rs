@@ -7,6 +7,12 @@
 
 use crate::timestamp::Timestamp;
 
+/// The order removals are carried out in: deepest first, so a directory comes after its contents (then by path,
+/// descending, so the order is total).
+pub fn deepest_first(a: &str, b: &str) -> std::cmp::Ordering {
+    b.matches('/').count().cmp(&a.matches('/').count()).then(b.cmp(a))
+}
+
 /// When the removals of a snapshot applied at `applied` are carried out: `grace_ms` later.
 pub fn removal_due(applied: Timestamp, grace_ms: u64) -> Timestamp {
     applied.plus_ms(grace_ms)
