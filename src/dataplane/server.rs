@@ -17,8 +17,8 @@ use super::frame::{self, LenError};
 use super::stall::Watchdog;
 use super::{
     CONNECTIONS_MAX, CONNECTIONS_PER_PEER_MAX, Decision, HANDSHAKE_TIMEOUT, HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE_MAX,
-    RATE_PIECE_BYTES, READ_AHEAD_CHUNKS, Refusal, SENDING_SLOT_HOLD_MAX, SERVE_CHUNKS_PER_CONNECTION_MAX, Shared,
-    WireTotals, code, tls,
+    RATE_PIECE_BYTES, READ_AHEAD_CHUNKS, Refusal, SENDING_SLOT_HOLD_MAX, SENT_CHECK_INTERVAL,
+    SERVE_CHUNKS_PER_CONNECTION_MAX, Shared, WireTotals, code, tls,
 };
 
 /// Where a handshake comes from, for [`HANDSHAKES_PER_SOURCE_MAX`]: an IPv4 address, or the /64 prefix of an IPv6
@@ -218,7 +218,7 @@ async fn serve_connection(incoming: quinn::Incoming, slot: HandshakeSlot) {
                     break;
                 }
                 Ok((send, recv)) => {
-                    let stream = serve_stream(shared.clone(), memory.clone(), peer, send, recv);
+                    let stream = serve_stream(shared.clone(), memory.clone(), conn.clone(), peer, send, recv);
                     tokio::spawn(stream.in_current_span());
                 }
                 Err(e) => {
@@ -379,6 +379,7 @@ async fn write_reply(
 async fn serve_stream(
     shared: Arc<Shared>,
     memory: Arc<Semaphore>,
+    conn: quinn::Connection,
     peer: PeerId,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -429,7 +430,8 @@ async fn serve_stream(
         .map(|(id, decision)| prepare(shared.clone(), memory.clone(), id, decision))
         .buffered(READ_AHEAD_CHUNKS + 1);
     let deadline = tokio::time::Instant::now() + SENDING_SLOT_HOLD_MAX;
-    let sending = send_replies(&shared, peer, &mut send, replies, slot.is_some().then_some(deadline));
+    let release = slot.is_some().then(|| SlotRelease { deadline, wire_from: conn.stats().udp_tx.bytes, conn });
+    let sending = send_replies(&shared, peer, &mut send, replies, release);
     match slot {
         None => sending.await,
         Some(slot) => {
@@ -443,23 +445,63 @@ async fn serve_stream(
     shared.source.served(peer);
 }
 
-/// Writes every reply, then finishes the stream; with `ack_by`, then waits (until then at most) for the peer to
-/// acknowledge all of it, which is when a sending slot is free for the next reply.
+/// When a reply holding a sending slot lets it go: once its bytes have left, or at `deadline`.
+struct SlotRelease {
+    deadline: tokio::time::Instant,
+    /// The reply's connection, and what it had put on the wire (UDP payload bytes) when the reply took its slot.
+    conn: quinn::Connection,
+    wire_from: u64,
+}
+
+impl SlotRelease {
+    /// Returns once the peer acknowledged every byte of `send`, its connection has put at least `written` bytes on
+    /// the wire since the slot was taken (the reply's bytes have left this node: the slot is the link, and on a
+    /// long path the acknowledgement comes a round trip later, while the link could carry the next reply), or
+    /// the deadline passed.
+    async fn wait(self, send: &mut quinn::SendStream, written: u64) {
+        let left = async {
+            let mut tick = tokio::time::interval(SENT_CHECK_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if self.conn.stats().udp_tx.bytes.saturating_sub(self.wire_from) >= written {
+                    return;
+                }
+            }
+        };
+        // Ok(None) once every byte is acknowledged; a stop code or a lost connection frees the slot as well.
+        let acked = send.stopped();
+        let _ = tokio::time::timeout_at(self.deadline, async {
+            tokio::select! {
+                _ = acked => {}
+                () = left => {}
+            }
+        })
+        .await;
+    }
+}
+
+/// Writes every reply, then finishes the stream; with a [`SlotRelease`], then waits for it, which is when a sending
+/// slot is free for the next reply.
 async fn send_replies(
     shared: &Shared,
     peer: PeerId,
     send: &mut quinn::SendStream,
     replies: impl futures::Stream<Item = Prepared>,
-    ack_by: Option<tokio::time::Instant>,
+    release: Option<SlotRelease>,
 ) {
     futures::pin_mut!(replies);
     let mut watchdog = Watchdog::new(shared.timeouts.write_stall);
+    let mut written = 0;
     while let Some(reply) = replies.next().await {
         match write_reply(shared, send, &mut watchdog, reply).await {
-            Ok(Some(bytes)) => shared.stats.record(peer, |t| {
-                t.bytes_sent += bytes;
-                t.chunks_sent += 1;
-            }),
+            Ok(Some(bytes)) => {
+                written += bytes;
+                shared.stats.record(peer, |t| {
+                    t.bytes_sent += bytes;
+                    t.chunks_sent += 1;
+                })
+            }
             Ok(None) => {}
             Err(WriteFail::Stalled) => {
                 shared.stats.refuse(Refusal::SlowReader);
@@ -475,9 +517,8 @@ async fn send_replies(
         }
     }
     let _ = send.finish();
-    if let Some(deadline) = ack_by {
-        // Ok(None) once every byte is acknowledged; a stop code or a lost connection frees the slot as well.
-        let _ = tokio::time::timeout_at(deadline, send.stopped()).await;
+    if let Some(release) = release {
+        release.wait(send, written).await;
     }
 }
 

@@ -223,12 +223,11 @@ impl ServerCertVerifier for ServerIdentityVerifier {
 }
 
 /// Transport settings of connections we accept: we send chunk bytes and receive only request frames, so our
-/// receive windows are small and our send window is large. Congestion control is BBR: the sender's choice, and the
-/// mirrors are continents apart; quinn's default (Cubic) takes every loss for congestion and on long paths grows back
-/// slowly (BENCHMARKS.md, "Congestion control").
+/// receive windows are small and our send window is large. Congestion control is the sender's choice: BBR under a
+/// ceiling that falls when a round trip loses too much ([`super::congestion`]).
 pub fn server_transport() -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
-    transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    transport.congestion_controller_factory(Arc::new(super::congestion::CappedBbrConfig::default()));
     transport
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(STREAMS_PER_CONNECTION_MAX))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))

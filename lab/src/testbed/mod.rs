@@ -117,8 +117,11 @@ struct SyncArgs {
     timeline: bool,
     /// TCP congestion control of the hosts for the rsync runs, comma-separated: each step runs rsync once per name
     /// (default: the system's; mirrormesh runs over QUIC with its own controller).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_rsync")]
     rsync_cc: Option<String>,
+    /// Time mirrormesh only (for trying a change to it quickly; the rsync columns show "-").
+    #[arg(long)]
+    no_rsync: bool,
 }
 
 #[derive(Args)]
@@ -616,7 +619,7 @@ fn emulator_share(m: &Measured) -> String {
 fn sync(a: &SyncArgs) -> Result<()> {
     let load_before = wan_check::load_average();
     let bed = Bed::start(&a.fabric)?;
-    let ccs = wan_check::tcp_ccs(a.rsync_cc.as_deref(), &bed.net.hosts[0])?;
+    let ccs = if a.no_rsync { Vec::new() } else { wan_check::tcp_ccs(a.rsync_cc.as_deref(), &bed.net.hosts[0])? };
     let n = bed.mirrors();
     let rsync_all = |bytes| ccs.iter().map(|cc| bed.rsync_update(bytes, cc)).collect::<Result<Vec<_>>>();
 
@@ -636,7 +639,7 @@ fn sync(a: &SyncArgs) -> Result<()> {
     println!();
     println!("mirrormesh-lab testbed sync: {}", bed.shape);
     println!("every mirror's tree checked byte-identical to the origin's after each step (both tools)");
-    println!("rsync's TCP congestion control: {}", ccs[0]);
+    println!("rsync's TCP congestion control: {}", ccs.first().map_or("- (not run)", String::as_str));
     println!();
     println!(
         "{:<18} {:>10} {:>8} | {:>9} {:>7} {:>9} {:>7} | {:>10} {:>7} {:>7} {:>10} {:>7}",
@@ -645,23 +648,31 @@ fn sync(a: &SyncArgs) -> Result<()> {
     let label = format!("{}-package update", a.update_packages);
     let steps = [("initial sync", &mm_initial, &rs_initial), (label.as_str(), &mm_update, &rs_update)];
     for (name, mm, rs) in steps {
-        let rs = &rs[0];
         let s = mm.bytes as f64;
         let t_min = bed.t_min(mm.bytes);
+        let (rs_time, rs_ratio, rs_origin, rs_origin_ratio) = match rs.first() {
+            Some(rs) => (
+                format!("{:.2}s", rs.elapsed.as_secs_f64()),
+                ratio(rs.elapsed.as_secs_f64(), t_min),
+                HumanBytes(rs.origin_tx).to_string(),
+                ratio(rs.origin_tx as f64, s),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
         println!(
-            "{:<18} {:>10} {:>7.2}s | {:>8.2}s {:>7} {:>8.2}s {:>7} | {:>10} {:>7} {:>7} {:>10} {:>7}",
+            "{:<18} {:>10} {:>7.2}s | {:>8.2}s {:>7} {:>9} {:>7} | {:>10} {:>7} {:>7} {:>10} {:>7}",
             name,
             HumanBytes(mm.bytes).to_string(),
             t_min,
             mm.elapsed.as_secs_f64(),
             ratio(mm.elapsed.as_secs_f64(), t_min),
-            rs.elapsed.as_secs_f64(),
-            ratio(rs.elapsed.as_secs_f64(), t_min),
+            rs_time,
+            rs_ratio,
             HumanBytes(mm.origin_tx).to_string(),
             ratio(mm.origin_tx as f64, s),
             ratio(mm.origin_chunks.unwrap_or(0) as f64, s),
-            HumanBytes(rs.origin_tx).to_string(),
-            ratio(rs.origin_tx as f64, s),
+            rs_origin,
+            rs_origin_ratio,
         );
     }
     println!();
