@@ -28,6 +28,10 @@ pub const CONTROL_REQUEST_BYTES_MAX: usize = 256 << 10;
 pub const CONTROL_RESPONSE_BYTES_MAX: usize = crate::delta::DELTA_BYTES_MAX + 1024;
 /// Most node hashes in one `GetNodes`.
 pub const NODES_PER_REQUEST_MAX: usize = 256;
+/// Bytes of manifest nodes in one `Nodes` answer (the nodes named and their descendants together).
+pub const NODES_RESPONSE_BYTES_MAX: usize = 16 << 20;
+/// Most descendants one `Nodes` answer carries beside the nodes asked for (and most a `GetNodes` asks for).
+pub const DESCENDANTS_PER_ANSWER_MAX: usize = 4096;
 /// Most chunk ids in one `Have`.
 pub const HAVE_CHUNKS_MAX: usize = 4096;
 /// Most data-plane addresses in one `Hello`.
@@ -90,9 +94,12 @@ pub struct MemberEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlRequest {
     Hello(Hello),
+    /// The nodes named, and up to `descendants_max` nodes below them (breadth first) that the asker has not
+    /// named: a fresh mirror's first manifest comes in one round trip per few thousand nodes, not one per level.
     GetNodes {
         #[serde(deserialize_with = "bounded_vec::<_, _, NODES_PER_REQUEST_MAX>")]
         hashes: Vec<NodeHash>,
+        descendants_max: u16,
     },
     GetDelta {
         hash: DeltaHash,
@@ -109,6 +116,9 @@ pub enum ControlResponse {
     Nodes {
         #[serde(deserialize_with = "bounded_vec::<_, _, NODES_PER_REQUEST_MAX>")]
         nodes: Vec<Option<serde_bytes::ByteBuf>>,
+        /// Nodes below those answered, breadth first: each a child of a node answered or listed before it.
+        #[serde(deserialize_with = "bounded_vec::<_, _, DESCENDANTS_PER_ANSWER_MAX>")]
+        descendants: Vec<serde_bytes::ByteBuf>,
     },
     Delta {
         delta: Option<serde_bytes::ByteBuf>,
@@ -193,13 +203,22 @@ mod tests {
             chunks: vec![ChunkId([1; 32])],
         });
         assert_eq!(ControlRequest::decode(&have.encode()), Ok(have));
-        let too_many = ControlRequest::GetNodes { hashes: vec![NodeHash([0; 32]); NODES_PER_REQUEST_MAX + 1] };
+        let too_many =
+            ControlRequest::GetNodes { hashes: vec![NodeHash([0; 32]); NODES_PER_REQUEST_MAX + 1], descendants_max: 0 };
         assert!(matches!(ControlRequest::decode(&too_many.encode()), Err(DecodeError::Malformed(_))));
         let hello =
             ControlResponse::Hello(Hello { repo, root: None, complete_seq: None, data_addrs: vec!["x".repeat(65)] });
         assert_eq!(ControlResponse::decode(&hello.encode()), Err(DecodeError::Invalid("data address too long")));
-        let nodes = ControlResponse::Nodes { nodes: vec![Some(serde_bytes::ByteBuf::from(vec![1, 2, 3])), None] };
+        let nodes = ControlResponse::Nodes {
+            nodes: vec![Some(serde_bytes::ByteBuf::from(vec![1, 2, 3])), None],
+            descendants: vec![serde_bytes::ByteBuf::from(vec![4])],
+        };
         assert_eq!(ControlResponse::decode(&nodes.encode()), Ok(nodes));
+        let too_many = ControlResponse::Nodes {
+            nodes: Vec::new(),
+            descendants: vec![serde_bytes::ByteBuf::new(); DESCENDANTS_PER_ANSWER_MAX + 1],
+        };
+        assert!(matches!(ControlResponse::decode(&too_many.encode()), Err(DecodeError::Malformed(_))));
     }
 
     fn members(entries: usize, addrs: usize, id_len: usize) -> Members {

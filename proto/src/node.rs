@@ -50,6 +50,22 @@ pub enum Node {
     },
 }
 
+impl Node {
+    /// The hashes this node refers to: an interior node's children, and the roots of the directories in a leaf.
+    pub fn children(&self) -> Vec<NodeHash> {
+        match self {
+            Node::Interior { children, .. } => children.clone(),
+            Node::Leaf { entries } => entries
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    crate::entry::EntryKind::Dir { root, .. } => Some(*root),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A borrowed view with exactly `Node`'s encoding, so the builder can encode a page without copying entries.
 #[derive(Serialize)]
 pub(crate) enum NodeRef<'a> {

@@ -94,3 +94,36 @@ impl<S: NodeSource> NodeSink for Overlay<'_, S> {
         self.added.insert(hash, bytes);
     }
 }
+
+/// The descendants a `GetNodes` answer carries beside the nodes asked for (`answered`, encoded, in answer order):
+/// breadth first, each a child of a node answered or listed before it, none twice and none of `answered`, at most
+/// `nodes_max` nodes and `bytes_max` bytes together (the first node that would pass the byte budget ends the list).
+/// Nodes this store lacks are left out, with their subtrees. Answered bytes that do not decode have no children.
+pub fn descendants(
+    source: &impl NodeSource,
+    answered: &[&[u8]],
+    nodes_max: usize,
+    bytes_max: usize,
+) -> Result<Vec<Vec<u8>>, SourceError> {
+    let mut seen: std::collections::BTreeSet<NodeHash> = answered.iter().map(|bytes| NodeHash::of(bytes)).collect();
+    let mut queue: std::collections::VecDeque<NodeHash> =
+        answered.iter().filter_map(|bytes| Node::decode(bytes).ok()).flat_map(|node| node.children()).collect();
+    let (mut out, mut bytes_total) = (Vec::new(), 0);
+    while out.len() < nodes_max
+        && let Some(hash) = queue.pop_front()
+    {
+        if !seen.insert(hash) {
+            continue;
+        }
+        let Some(bytes) = source.node_bytes(&hash)? else { continue };
+        if bytes_total + bytes.len() > bytes_max {
+            break;
+        }
+        bytes_total += bytes.len();
+        if let Ok(node) = Node::decode(&bytes) {
+            queue.extend(node.children());
+        }
+        out.push(bytes);
+    }
+    Ok(out)
+}

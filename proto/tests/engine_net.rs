@@ -7,11 +7,12 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use mirrormesh_proto::chunk::{ChunkId, chunk_range};
-use mirrormesh_proto::control::{Have, Hello};
+use mirrormesh_proto::control::{Have, Hello, NODES_RESPONSE_BYTES_MAX};
 use mirrormesh_proto::delta::{DeltaHash, ManifestDelta};
 use mirrormesh_proto::diff::diff;
 use mirrormesh_proto::entry::EntryKind;
 use mirrormesh_proto::node::NodeHash;
+use mirrormesh_proto::node_store::descendants;
 use mirrormesh_proto::root::{DeltaRef, RootBody, RootError, SignedRoot, publisher_key};
 use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::removals::removal_due;
@@ -100,6 +101,7 @@ enum Msg {
         to: u32,
         req: ReqId,
         hashes: Vec<NodeHash>,
+        descendants_max: u16,
     },
     GetDelta {
         from: u32,
@@ -287,8 +289,8 @@ impl Net {
             }
             Output::SendHello(to, hello) => self.queue.push_back(Msg::Hello { from: id, to, hello, reply: false }),
             Output::SendHave(to, have) => self.queue.push_back(Msg::Have { from: id, to, have }),
-            Output::FetchNodes { peer, req, hashes } => {
-                self.queue.push_back(Msg::GetNodes { from: id, to: peer, req, hashes })
+            Output::FetchNodes { peer, req, hashes, descendants_max } => {
+                self.queue.push_back(Msg::GetNodes { from: id, to: peer, req, hashes, descendants_max })
             }
             Output::FetchDelta { peer, req, hash } => {
                 self.queue.push_back(Msg::GetDelta { from: id, to: peer, req, hash })
@@ -390,9 +392,13 @@ impl Net {
             Msg::Root { root, .. } => {
                 self.call(to, Input::Root { via: RootVia::Gossip(from), root });
             }
-            Msg::GetNodes { req, hashes, .. } => {
-                let answer: Vec<Option<Vec<u8>>> = hashes.iter().map(|h| self.node(to).nodes.get(h).cloned()).collect();
-                self.call(from, Input::Nodes { from: to, req, nodes: answer });
+            Msg::GetNodes { req, hashes, descendants_max, .. } => {
+                let store = &self.node(to).nodes;
+                let answer: Vec<Option<Vec<u8>>> = hashes.iter().map(|h| store.get(h).cloned()).collect();
+                let answered: Vec<&[u8]> = answer.iter().flatten().map(Vec::as_slice).collect();
+                let descendants =
+                    descendants(store, &answered, usize::from(descendants_max), NODES_RESPONSE_BYTES_MAX).unwrap();
+                self.call(from, Input::Nodes { from: to, req, nodes: answer, descendants });
             }
             Msg::GetDelta { req, hash, .. } => {
                 let answer = self.node(to).deltas.get(&hash).cloned();

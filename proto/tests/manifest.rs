@@ -2,11 +2,15 @@
 
 mod support;
 
+use mirrormesh_proto::Mono;
+use mirrormesh_proto::control::NODES_RESPONSE_BYTES_MAX;
 use mirrormesh_proto::delta::ManifestDelta;
 use mirrormesh_proto::diff::diff;
 use mirrormesh_proto::entry::EntryKind;
 use mirrormesh_proto::node::{Node, NodeHash};
-use mirrormesh_proto::node_store::Overlay;
+use mirrormesh_proto::node_store::{Overlay, descendants};
+use mirrormesh_proto::sync::ReqId;
+use mirrormesh_proto::sync::manifest_fetch::{DESCENDANTS_PER_FETCH, FetchOut, ManifestFetch};
 use mirrormesh_proto::tree::TreeDir;
 use proptest::prelude::*;
 use support::*;
@@ -184,4 +188,75 @@ fn one_file_change_in_a_20000_entry_directory_costs_at_most_8_kib() {
         // Opened: the changed leaf and its interior path on both sides, plus the small ancestor directories.
         assert!(stats.nodes_loaded <= 2 * count + 4, "{what}: loaded {} nodes for {count} changed", stats.nodes_loaded);
     }
+}
+
+/// Fetches the manifest at `root` from one peer holding `held`, answering each request as a peer would (the nodes
+/// named, and the descendants asked for), and returns the round trips it took (requests in flight together count
+/// once) and the nodes stored.
+fn fetch_round_trips(root: NodeHash, held: &Nodes, ask_descendants: bool) -> (usize, Nodes) {
+    let mut store = Nodes::new();
+    let mut fetch = ManifestFetch::<u8>::new(root, None, &store).unwrap();
+    let mut next = 0;
+    let mut round_trips = 0;
+    while !fetch.is_complete() {
+        let requests = fetch.pump(Mono(0), &[1], &mut || {
+            next += 1;
+            ReqId(next)
+        });
+        assert!(!requests.is_empty(), "the fetch stalled after {round_trips} round trips");
+        round_trips += 1;
+        for request in requests {
+            let FetchOut::Nodes { req, hashes, descendants_max, .. } = request else { panic!("{request:?}") };
+            let nodes: Vec<Option<Vec<u8>>> = hashes.iter().map(|h| held.get(h).cloned()).collect();
+            let answered: Vec<&[u8]> = nodes.iter().flatten().map(Vec::as_slice).collect();
+            let asked = if ask_descendants { usize::from(descendants_max) } else { 0 };
+            let below = descendants(held, &answered, asked, NODES_RESPONSE_BYTES_MAX).unwrap();
+            for out in fetch.on_nodes(req, nodes, below, &store).unwrap() {
+                match out {
+                    FetchOut::Store(batch) => store.extend(batch),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+    (round_trips, store)
+}
+
+#[test]
+fn a_fresh_mirror_fetches_a_deep_manifest_in_one_round_trip_per_few_thousand_nodes() {
+    // The testbed's layout (alpine/edge/main/x86_64), a few hundred packages: six levels of nodes.
+    let mut tree = alpine_tree(300);
+    // And a deeper corner.
+    tree.insert_file("alpine/v3.20/releases/x86_64/netboot/boot/grub/x86_64-efi/deep.mod", file(1_000, 99)).unwrap();
+    let (root, held) = build(&tree);
+    let (level_by_level, stored) = fetch_round_trips(root, &held, false);
+    assert_eq!(stored, held, "the whole manifest, byte for byte");
+    let (with_descendants, stored) = fetch_round_trips(root, &held, true);
+    assert_eq!(stored, held, "the whole manifest, byte for byte");
+    println!("{} nodes: {level_by_level} round trips level by level, {with_descendants} with descendants", held.len());
+    assert!(level_by_level >= 9, "the deep corner is nine levels of nodes down: {level_by_level}");
+    assert!(held.len() < usize::from(DESCENDANTS_PER_FETCH));
+    assert_eq!(with_descendants, 1, "fewer nodes than one answer carries: one round trip");
+}
+
+#[test]
+fn descendants_nobody_named_are_ignored_and_a_large_tree_takes_a_round_trip_per_answer() {
+    // 20,000 packages in one directory: about 1,300 leaves and their interior nodes.
+    let tree = alpine_tree(20_000);
+    let (root, held) = build(&tree);
+    let (round_trips, stored) = fetch_round_trips(root, &held, true);
+    assert_eq!(stored, held);
+    assert!(round_trips <= held.len().div_ceil(usize::from(DESCENDANTS_PER_FETCH)) + 2, "{round_trips} round trips");
+
+    // Nodes sent as descendants that no verified node names are not taken.
+    let (other_root, other) = build(&alpine_tree(10));
+    let store = Nodes::new();
+    let mut fetch = ManifestFetch::<u8>::new(root, None, &store).unwrap();
+    let requests = fetch.pump(Mono(0), &[1], &mut || ReqId(1));
+    let [FetchOut::Nodes { req, .. }] = requests.as_slice() else { panic!("{requests:?}") };
+    let strangers: Vec<Vec<u8>> = other.values().cloned().collect();
+    let outs = fetch.on_nodes(*req, vec![held.get(&root).cloned()], strangers, &store).unwrap();
+    assert!(outs.is_empty(), "nothing stored, nothing corrupt: {outs:?}");
+    assert!(!other.contains_key(&root) && !held.contains_key(&other_root));
+    assert_eq!(fetch.outstanding(), 1, "the root's one child (alpine/) is still wanted");
 }

@@ -70,14 +70,16 @@ impl Sizes {
         ControlRequest::Hello(hello.clone()).encode().len() as u64 + CONTROL_OVERHEAD_BYTES
     }
 
-    pub fn get_nodes(hashes: &[NodeHash]) -> u64 {
-        ControlRequest::GetNodes { hashes: hashes.to_vec() }.encode().len() as u64 + CONTROL_OVERHEAD_BYTES
+    pub fn get_nodes(hashes: &[NodeHash], descendants_max: u16) -> u64 {
+        ControlRequest::GetNodes { hashes: hashes.to_vec(), descendants_max }.encode().len() as u64
+            + CONTROL_OVERHEAD_BYTES
     }
 
     /// The answer to a node request.
-    pub fn nodes(nodes: &[Option<Vec<u8>>]) -> u64 {
+    pub fn nodes(nodes: &[Option<Vec<u8>>], descendants: &[Vec<u8>]) -> u64 {
         let nodes = nodes.iter().map(|n| n.clone().map(Into::into)).collect();
-        ControlResponse::Nodes { nodes }.encode().len() as u64 + CONTROL_OVERHEAD_BYTES
+        let descendants = descendants.iter().cloned().map(Into::into).collect();
+        ControlResponse::Nodes { nodes, descendants }.encode().len() as u64 + CONTROL_OVERHEAD_BYTES
     }
 
     /// The answer to a delta request.

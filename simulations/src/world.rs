@@ -27,12 +27,12 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use mirrormesh_proto::chunk::ChunkId;
-use mirrormesh_proto::control::{HAVE_CHUNKS_MAX, Have, Hello};
+use mirrormesh_proto::control::{DESCENDANTS_PER_ANSWER_MAX, HAVE_CHUNKS_MAX, Have, Hello, NODES_RESPONSE_BYTES_MAX};
 use mirrormesh_proto::delta::{DeltaHash, ManifestDelta};
 use mirrormesh_proto::diff::diff;
 use mirrormesh_proto::membership::{MESH_DIALS, MeshRule, mesh_pick};
 use mirrormesh_proto::node::{Node, NodeHash, verify_node};
-use mirrormesh_proto::node_store::{NodeSink, NodeSource, SourceError};
+use mirrormesh_proto::node_store::{self, NodeSink, NodeSource, SourceError};
 use mirrormesh_proto::root::{DeltaRef, RepoId, RootBody, RootId, SignedRoot, VerifiedRoot, publisher_key};
 use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
@@ -157,7 +157,7 @@ enum Msg {
     Hello { hello: Hello, reply: bool },
     Have(Have),
     Gossip { root: SignedRoot },
-    GetNodes { req: ReqId, hashes: Vec<NodeHash> },
+    GetNodes { req: ReqId, hashes: Vec<NodeHash>, descendants_max: u16 },
     GetDelta { req: ReqId, hash: DeltaHash },
     GetChunks { req: ReqId, chunks: Vec<ChunkId> },
     Cancel { req: ReqId },
@@ -165,7 +165,7 @@ enum Msg {
 
 #[derive(Debug)]
 enum Bulk {
-    Nodes { req: ReqId, nodes: Vec<Option<Vec<u8>>> },
+    Nodes { req: ReqId, nodes: Vec<Option<Vec<u8>>>, descendants: Vec<Vec<u8>> },
     Delta { req: ReqId, delta: Option<Vec<u8>> },
     Chunk { req: ReqId, number: u32, reply: Reply },
     Done { req: ReqId, bytes: u64 },
@@ -788,7 +788,9 @@ impl World {
             Output::Gossip(root) => self.gossip(node, root),
             Output::SendHello(to, hello) => self.send(node, to, Msg::Hello { hello, reply: false }),
             Output::SendHave(to, have) => self.send(node, to, Msg::Have(have)),
-            Output::FetchNodes { peer, req, hashes } => self.send(node, peer, Msg::GetNodes { req, hashes }),
+            Output::FetchNodes { peer, req, hashes, descendants_max } => {
+                self.send(node, peer, Msg::GetNodes { req, hashes, descendants_max })
+            }
             Output::FetchDelta { peer, req, hash } => self.send(node, peer, Msg::GetDelta { req, hash }),
             Output::StoreNodes(nodes) => {
                 let n = &mut self.nodes[node as usize];
@@ -928,7 +930,7 @@ impl World {
             Msg::Hello { hello, .. } => Sizes::hello(hello),
             Msg::Have(have) => self.sizes.have(have.chunks.len()),
             Msg::Gossip { root, .. } => root.encode().len() as u64 + crate::sizes::CONTROL_OVERHEAD_BYTES,
-            Msg::GetNodes { hashes, .. } => Sizes::get_nodes(hashes),
+            Msg::GetNodes { hashes, descendants_max, .. } => Sizes::get_nodes(hashes, *descendants_max),
             Msg::GetChunks { chunks, .. } => self.sizes.chunk_request(chunks.len()),
             Msg::GetDelta { .. } | Msg::Cancel { .. } => Sizes::small(),
         };
@@ -975,14 +977,20 @@ impl World {
                 }
                 self.call(to, Input::Root { via: RootVia::Gossip(from), root });
             }
-            Msg::GetNodes { req, hashes } => {
+            Msg::GetNodes { req, hashes, descendants_max } => {
                 let n = &self.nodes[to as usize];
                 let nodes: Vec<Option<Vec<u8>>> = hashes
                     .iter()
                     .map(|h| if n.held_nodes.contains(h) { self.store.get(h).cloned() } else { None })
                     .collect();
-                let bytes = Sizes::nodes(&nodes);
-                self.send_bulk(to, from, bytes, Bulk::Nodes { req, nodes });
+                let view = View { store: &self.store, held: &n.held_nodes, decoded: &self.decoded };
+                let answered: Vec<&[u8]> = nodes.iter().flatten().map(Vec::as_slice).collect();
+                let asked = usize::from(descendants_max).min(DESCENDANTS_PER_ANSWER_MAX);
+                let budget = NODES_RESPONSE_BYTES_MAX.saturating_sub(answered.iter().map(|b| b.len()).sum());
+                let descendants = node_store::descendants(&view, &answered, asked, budget)
+                    .expect("the simulator's node store does not fail");
+                let bytes = Sizes::nodes(&nodes, &descendants);
+                self.send_bulk(to, from, bytes, Bulk::Nodes { req, nodes, descendants });
             }
             Msg::GetDelta { req, hash } => {
                 let delta = if self.nodes[to as usize].held_deltas.contains(&hash) {
@@ -1054,8 +1062,8 @@ impl World {
     /// A bulk answer from `from` fully arrived at `to`.
     fn arrive(&mut self, from: u32, to: u32, bulk: Bulk) {
         match bulk {
-            Bulk::Nodes { req, nodes } => {
-                self.call(to, Input::Nodes { from, req, nodes });
+            Bulk::Nodes { req, nodes, descendants } => {
+                self.call(to, Input::Nodes { from, req, nodes, descendants });
             }
             Bulk::Delta { req, delta } => {
                 self.call(to, Input::Delta { from, req, delta });

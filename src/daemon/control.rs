@@ -30,7 +30,7 @@ enum Pending {
 pub enum Outgoing {
     Hello(Hello),
     Have(mirrormesh_proto::control::Have),
-    Nodes { req: ReqId, hashes: Vec<mirrormesh_proto::node::NodeHash> },
+    Nodes { req: ReqId, hashes: Vec<mirrormesh_proto::node::NodeHash>, descendants_max: u16 },
     Delta { req: ReqId, hash: mirrormesh_proto::delta::DeltaHash },
 }
 
@@ -98,7 +98,9 @@ impl Control {
         let (request, pending) = match request {
             Outgoing::Hello(hello) => (ControlRequest::Hello(hello), Pending::Hello { sent: Instant::now() }),
             Outgoing::Have(have) => (ControlRequest::Have(have), Pending::Have { sent: Instant::now() }),
-            Outgoing::Nodes { req, hashes } => (ControlRequest::GetNodes { hashes }, Pending::Nodes { peer, req }),
+            Outgoing::Nodes { req, hashes, descendants_max } => {
+                (ControlRequest::GetNodes { hashes, descendants_max }, Pending::Nodes { peer, req })
+            }
             Outgoing::Delta { req, hash } => (ControlRequest::GetDelta { hash }, Pending::Delta { peer, req }),
         };
         let id = swarm.behaviour_mut().control.send_request(&peer, request.into());
@@ -168,9 +170,10 @@ impl Control {
         }
         match (pending, response) {
             (Pending::Hello { .. }, ControlResponse::Hello(hello)) => steps.push(Step::Hello { peer, hello }),
-            (Pending::Nodes { peer, req }, ControlResponse::Nodes { nodes }) => {
+            (Pending::Nodes { peer, req }, ControlResponse::Nodes { nodes, descendants }) => {
                 let nodes = nodes.into_iter().map(|n| n.map(ByteBuf::into_vec)).collect();
-                steps.push(Step::Feed(Input::Nodes { from: peer, req, nodes }));
+                let descendants = descendants.into_iter().map(ByteBuf::into_vec).collect();
+                steps.push(Step::Feed(Input::Nodes { from: peer, req, nodes, descendants }));
             }
             (Pending::Delta { peer, req }, ControlResponse::Delta { delta }) => {
                 steps.push(Step::Feed(Input::Delta { from: peer, req, delta: delta.map(ByteBuf::into_vec) }));
@@ -191,7 +194,7 @@ impl Control {
             return None;
         }
         let refusal = match request {
-            ControlRequest::GetNodes { hashes } => manifest_answers::refusal(hashes.len(), false),
+            ControlRequest::GetNodes { hashes, .. } => manifest_answers::refusal(hashes.len(), false),
             _ => manifest_answers::refusal(1, true),
         };
         Some(refusal)

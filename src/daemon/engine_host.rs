@@ -49,8 +49,8 @@ impl Daemon {
                 self.fault_lie(&mut have.complete_seq);
                 self.control.send(&mut self.swarm, peer, control::Outgoing::Have(have));
             }
-            Output::FetchNodes { peer, req, hashes } => {
-                self.control.send(&mut self.swarm, peer, control::Outgoing::Nodes { req, hashes });
+            Output::FetchNodes { peer, req, hashes, descendants_max } => {
+                self.control.send(&mut self.swarm, peer, control::Outgoing::Nodes { req, hashes, descendants_max });
             }
             Output::FetchDelta { peer, req, hash } => {
                 self.control.send(&mut self.swarm, peer, control::Outgoing::Delta { req, hash });

@@ -13,10 +13,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use libp2p::PeerId;
-use mirrormesh_proto::control::ControlResponse;
+use mirrormesh_proto::control::{ControlResponse, DESCENDANTS_PER_ANSWER_MAX};
 use mirrormesh_proto::delta::DeltaHash;
 use mirrormesh_proto::node::NodeHash;
-use mirrormesh_proto::node_store::NodeSource;
+use mirrormesh_proto::node_store::{self, NodeSource};
 use serde_bytes::ByteBuf;
 
 use crate::store::StateStore;
@@ -27,8 +27,7 @@ use crate::store::StateStore;
 pub const ANSWER_BYTES_PER_PEER_PER_SEC: u64 = 32 << 20;
 /// What a peer may take at once: one largest delta (`DELTA_BYTES_MAX`, 64 MiB) plus one largest nodes answer.
 pub const ANSWER_BURST_BYTES: u64 = 80 << 20;
-/// Bytes of manifest nodes in one answer.
-pub const NODES_RESPONSE_BYTES_MAX: usize = 16 << 20;
+pub use mirrormesh_proto::control::NODES_RESPONSE_BYTES_MAX;
 /// Answers read for one peer at once: what an honest node asks at most (its manifest fetch keeps
 /// `NODE_REQUESTS_PER_PEER_MAX` requests in flight per peer, and one delta at a time).
 pub const ANSWERS_IN_FLIGHT_PER_PEER_MAX: usize = mirrormesh_proto::sync::manifest_fetch::NODE_REQUESTS_PER_PEER_MAX;
@@ -84,9 +83,14 @@ impl AnswerBudgets {
 }
 
 /// The answer to `GetNodes`: each hash's node if held, a hash asked again in the same request `None`, and nothing
-/// more once [`NODES_RESPONSE_BYTES_MAX`] is reached. Returns the answer, its node bytes and how many hashes were
-/// repeats (blocking: reads the store).
-pub fn nodes(store: &Arc<StateStore>, hashes: &[NodeHash]) -> Result<(ControlResponse, usize, usize)> {
+/// more once [`NODES_RESPONSE_BYTES_MAX`] is reached; then up to `descendants_max` (at most
+/// `DESCENDANTS_PER_ANSWER_MAX`) nodes below them, breadth first, within the same byte budget. Returns the answer,
+/// its node bytes and how many hashes were repeats (blocking: reads the store).
+pub fn nodes(
+    store: &Arc<StateStore>,
+    hashes: &[NodeHash],
+    descendants_max: u16,
+) -> Result<(ControlResponse, usize, usize)> {
     let reader = store.reader()?;
     let mut seen = HashSet::with_capacity(hashes.len());
     let (mut total, mut repeats) = (0, 0);
@@ -101,7 +105,16 @@ pub fn nodes(store: &Arc<StateStore>, hashes: &[NodeHash]) -> Result<(ControlRes
         total += bytes.as_ref().map_or(0, Vec::len);
         nodes.push(bytes.map(ByteBuf::from));
     }
-    Ok((ControlResponse::Nodes { nodes }, total, repeats))
+    let answered: Vec<&[u8]> = nodes.iter().flatten().map(|b| b.as_slice()).collect();
+    let below = node_store::descendants(
+        &reader,
+        &answered,
+        usize::from(descendants_max).min(DESCENDANTS_PER_ANSWER_MAX),
+        NODES_RESPONSE_BYTES_MAX.saturating_sub(total),
+    )?;
+    total += below.iter().map(Vec::len).sum::<usize>();
+    let descendants = below.into_iter().map(ByteBuf::from).collect();
+    Ok((ControlResponse::Nodes { nodes, descendants }, total, repeats))
 }
 
 /// The answer to `GetDelta` and its bytes (blocking: reads the store).
@@ -113,7 +126,11 @@ pub fn delta(store: &Arc<StateStore>, hash: &DeltaHash) -> Result<(ControlRespon
 
 /// What is answered to a peer in debt: nothing held.
 pub fn refusal(hashes: usize, delta: bool) -> ControlResponse {
-    if delta { ControlResponse::Delta { delta: None } } else { ControlResponse::Nodes { nodes: vec![None; hashes] } }
+    if delta {
+        ControlResponse::Delta { delta: None }
+    } else {
+        ControlResponse::Nodes { nodes: vec![None; hashes], descendants: Vec::new() }
+    }
 }
 
 #[cfg(test)]

@@ -1084,8 +1084,8 @@ impl Daemon {
         let events = self.events_tx.clone();
         tokio::task::spawn_blocking(move || {
             let answer = match request {
-                ControlRequest::GetNodes { hashes } => {
-                    manifest_answers::nodes(&store, &hashes).map(|(response, bytes, repeats)| {
+                ControlRequest::GetNodes { hashes, descendants_max } => {
+                    manifest_answers::nodes(&store, &hashes, descendants_max).map(|(response, bytes, repeats)| {
                         if repeats > 0 {
                             tracing::debug!(%peer, repeats, "a node fetch asked for the same hash more than once");
                         }

@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::delta::{DeltaHash, ManifestDelta};
-use crate::entry::EntryKind;
 use crate::node::{Node, NodeHash, verify_node};
 use crate::node_store::{NodeSource, Overlay, SourceError};
 use crate::sync::{PeerKey, ReqId};
@@ -21,6 +20,11 @@ pub const METADATA_TIMEOUT_MS: u64 = 10_000;
 pub const NODE_REQUESTS_PER_PEER_MAX: usize = 4;
 /// Hashes per node request.
 pub const NODES_PER_FETCH: usize = 128;
+/// Descendants a node request asks for when the fetch is not from a delta (the tree is mostly new here): a fresh
+/// mirror's first manifest then takes a round trip per few thousand nodes instead of one per level of the tree
+/// (a mirror 327 ms from the origin took 2.8 s for six levels; BENCHMARKS.md, WAN). After a delta, the nodes still
+/// wanted are few and their subtrees mostly held, so none are asked for.
+pub const DESCENDANTS_PER_FETCH: u16 = 4096;
 /// Nodes held pending in memory while their subtrees are fetched.
 pub const PENDING_NODES_MAX: usize = 1 << 22;
 /// What peers said they lack (or failed to send) is forgotten this long after the first of it: a peer still
@@ -34,6 +38,8 @@ pub enum FetchOut<P> {
         peer: P,
         req: ReqId,
         hashes: Vec<NodeHash>,
+        /// Nodes below them to ask for as well.
+        descendants_max: u16,
     },
     Delta {
         peer: P,
@@ -90,6 +96,8 @@ pub struct ManifestFetch<P: PeerKey> {
     started: bool,
     /// Bytes of nodes and deltas received (for metrics).
     pub bytes_received: u64,
+    /// What node requests ask for below the nodes they name ([`DESCENDANTS_PER_FETCH`], or none after a delta).
+    descendants_max: u16,
 }
 
 impl<P: PeerKey> ManifestFetch<P> {
@@ -106,6 +114,7 @@ impl<P: PeerKey> ManifestFetch<P> {
             f.complete = true;
         } else if let Some((hash, base)) = delta {
             f.delta = DeltaState::Wanted { hash, base };
+            f.descendants_max = 0;
         } else {
             f.wanted.insert(root);
         }
@@ -129,6 +138,7 @@ impl<P: PeerKey> ManifestFetch<P> {
             complete: false,
             started: false,
             bytes_received: 0,
+            descendants_max: DESCENDANTS_PER_FETCH,
         }
     }
 
@@ -193,24 +203,31 @@ impl<P: PeerKey> ManifestFetch<P> {
                     self.requested.insert(*h, req);
                 }
                 self.in_flight.insert(req, (peer.clone(), hashes.clone(), now));
-                out.push(FetchOut::Nodes { peer: peer.clone(), req, hashes });
+                out.push(FetchOut::Nodes { peer: peer.clone(), req, hashes, descendants_max: self.descendants_max });
             }
         }
         out
     }
 
-    /// Nodes answered for request `req` (one entry per requested hash; `None` = the peer does not hold it).
+    /// Nodes answered for request `req` (one entry per requested hash; `None` = the peer does not hold it), and
+    /// the descendants it sent with them (breadth first). A descendant is taken only if a verified node named it
+    /// and it is still wanted (or asked of someone else); anything else it sent is ignored.
     pub fn on_nodes(
         &mut self,
         req: ReqId,
         nodes: Vec<Option<Vec<u8>>>,
+        descendants: Vec<Vec<u8>>,
         source: &impl NodeSource,
     ) -> Result<Vec<FetchOut<P>>, SourceError> {
         let Some((peer, hashes, _)) = self.in_flight.remove(&req) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         let mut answers = nodes.into_iter();
         for hash in hashes {
-            self.requested.remove(&hash);
+            // A hash may have arrived meanwhile as another answer's descendant: then it is no longer this request's.
+            let ours = self.requested.get(&hash) == Some(&req);
+            if ours {
+                self.requested.remove(&hash);
+            }
             match answers.next().flatten() {
                 Some(bytes) => {
                     self.bytes_received += bytes.len() as u64;
@@ -219,14 +236,35 @@ impl<P: PeerKey> ManifestFetch<P> {
                         Err(_) => {
                             out.push(FetchOut::Corrupt { peer: peer.clone() });
                             self.lacks.insert((peer.clone(), hash));
-                            self.wanted.insert(hash);
+                            if ours {
+                                self.wanted.insert(hash);
+                            }
                         }
                     }
                 }
                 None => {
                     self.lacks.insert((peer.clone(), hash));
-                    self.wanted.insert(hash);
+                    if ours {
+                        self.wanted.insert(hash);
+                    }
                 }
+            }
+        }
+        for bytes in descendants {
+            self.bytes_received += bytes.len() as u64;
+            let hash = NodeHash::of(&bytes);
+            if !self.wanted.contains(&hash) && !self.requested.contains_key(&hash) {
+                continue;
+            }
+            match verify_node(&hash, &bytes) {
+                Ok(node) => {
+                    self.wanted.remove(&hash);
+                    self.requested.remove(&hash);
+                    self.accept(hash, bytes, &node, source, &mut out)?;
+                }
+                // Bytes that hash to a node a verified parent names but do not decode: the publisher's tree is
+                // broken there, or the peer found a collision; either way this peer's answer is not used.
+                Err(_) => out.push(FetchOut::Corrupt { peer: peer.clone() }),
             }
         }
         Ok(out)
@@ -281,7 +319,7 @@ impl<P: PeerKey> ManifestFetch<P> {
         while let Some(hash) = stack.pop() {
             let Some(bytes) = by_hash.remove(&hash) else { continue };
             let Ok(node) = Node::decode(&bytes) else { continue };
-            for child in children(&node).into_iter().rev() {
+            for child in node.children().into_iter().rev() {
                 if by_hash.contains_key(&child) {
                     stack.push(child);
                 }
@@ -370,7 +408,7 @@ impl<P: PeerKey> ManifestFetch<P> {
         }
         let parents = self.waiting_parents.remove(&hash).unwrap_or_default();
         let mut missing = 0;
-        for child in children(node) {
+        for child in node.children() {
             if self.stored.contains(&child) || source.has_node(&child)? {
                 continue;
             }
@@ -411,20 +449,6 @@ impl<P: PeerKey> ManifestFetch<P> {
                 }
             }
         }
-    }
-}
-
-/// Hashes a node refers to: interior children, and the roots of directories in a leaf.
-fn children(node: &Node) -> Vec<NodeHash> {
-    match node {
-        Node::Interior { children, .. } => children.clone(),
-        Node::Leaf { entries } => entries
-            .iter()
-            .filter_map(|e| match &e.kind {
-                EntryKind::Dir { root, .. } => Some(*root),
-                _ => None,
-            })
-            .collect(),
     }
 }
 

@@ -188,6 +188,8 @@ pub enum Output<P> {
         peer: P,
         req: ReqId,
         hashes: Vec<crate::node::NodeHash>,
+        /// Nodes below them the answer may carry as well (`GetNodes`).
+        descendants_max: u16,
     },
     FetchDelta {
         peer: P,
@@ -407,11 +409,13 @@ pub enum Input<P> {
         via: RootVia<P>,
         root: SignedRoot,
     },
-    /// The answer to `FetchNodes` `req`: each node's bytes, or `None` where the peer lacks it.
+    /// The answer to `FetchNodes` `req`: each node's bytes, or `None` where the peer lacks it, and the descendants
+    /// it carried (unverified: the core checks each against the nodes it already verified).
     Nodes {
         from: P,
         req: ReqId,
         nodes: Vec<Option<Vec<u8>>>,
+        descendants: Vec<Vec<u8>>,
     },
     /// The answer to `FetchDelta` `req`.
     Delta {
@@ -715,7 +719,7 @@ impl<P: PeerKey> Engine<P> {
             Input::Hello { from, hello } => self.on_hello(now, from, hello, source)?,
             Input::Have { from, have } => self.on_have(now, from, have),
             Input::Root { via, root } => self.on_root(now, via, root, source)?,
-            Input::Nodes { req, nodes, .. } => self.on_nodes(now, req, nodes, source)?,
+            Input::Nodes { req, nodes, descendants, .. } => self.on_nodes(now, req, nodes, descendants, source)?,
             Input::Delta { req, delta, .. } => self.on_delta(now, req, delta, source)?,
             Input::FetchFailed { req, .. } => self.on_fetch_failed(now, req),
             Input::Staged { seq, held } => self.on_staged(now, seq, held),
@@ -1036,10 +1040,11 @@ impl<P: PeerKey> Engine<P> {
         now: Now,
         req: ReqId,
         nodes: Vec<Option<Vec<u8>>>,
+        descendants: Vec<Vec<u8>>,
         source: &impl NodeSource,
     ) -> Result<(), EngineError> {
         if let Phase::Manifest { fetch, .. } = &mut self.phase {
-            let outs = fetch.on_nodes(req, nodes, source)?;
+            let outs = fetch.on_nodes(req, nodes, descendants, source)?;
             self.fetch_outputs(outs);
         }
         self.advance(now, source)
@@ -1594,7 +1599,9 @@ impl<P: PeerKey> Engine<P> {
     fn fetch_outputs(&mut self, outs: Vec<FetchOut<P>>) {
         for out in outs {
             match out {
-                FetchOut::Nodes { peer, req, hashes } => self.out.push_back(Output::FetchNodes { peer, req, hashes }),
+                FetchOut::Nodes { peer, req, hashes, descendants_max } => {
+                    self.out.push_back(Output::FetchNodes { peer, req, hashes, descendants_max })
+                }
                 FetchOut::Delta { peer, req, hash } => self.out.push_back(Output::FetchDelta { peer, req, hash }),
                 FetchOut::Store(nodes) => {
                     for (hash, bytes) in &nodes {
