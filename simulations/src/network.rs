@@ -13,6 +13,10 @@
 //! more). [`Network::time_to_next_completion`] lets a caller with few flows step from one completion to the next
 //! exactly (the client-server baseline does).
 //!
+//! Optionally every flow also passes through one **shared** capacity: the CPU of a single machine that runs every
+//! node (the testbed: nine daemons on two cores), where each byte costs CPU at its sender and its receiver, so the
+//! bytes per second of all flows together are bounded ([`Network::with_shared`]).
+//!
 //! Latency is not modelled here: the caller adds the pair's one-way latency to each finishing instant.
 
 use std::cmp::Ordering;
@@ -64,6 +68,8 @@ pub struct Network<T> {
     pub recomputations: u64,
     /// Bytes each node has sent so far, counted as they leave (not when an item completes).
     sent: Vec<f64>,
+    /// Bytes per second all flows together may carry (`None`: no such bound).
+    shared: Option<f64>,
 }
 
 /// A min-heap entry of progressive filling: a resource and its fair share when pushed.
@@ -93,7 +99,31 @@ impl<T> Network<T> {
     pub fn new(up: Vec<f64>, down: Vec<f64>) -> Self {
         assert_eq!(up.len(), down.len(), "one upload and one download capacity per node");
         let sent = vec![0.0; up.len()];
-        Self { up, down, flows: Vec::new(), by_pair: HashMap::new(), dirty: false, recomputations: 0, sent }
+        Self {
+            up,
+            down,
+            flows: Vec::new(),
+            by_pair: HashMap::new(),
+            dirty: false,
+            recomputations: 0,
+            sent,
+            shared: None,
+        }
+    }
+
+    /// The same network where all flows together carry at most `bytes_per_sec` (a shared resource every flow passes
+    /// through, filled max-min fairly with the links).
+    pub fn with_shared(mut self, bytes_per_sec: f64) -> Self {
+        assert!(bytes_per_sec > 0.0, "a shared capacity must be positive");
+        self.shared = Some(bytes_per_sec);
+        self
+    }
+
+    /// The resources flow `f` passes through: its sender's upload (`2 src`), its receiver's download (`2 dst + 1`)
+    /// and, if there is one, the shared capacity (`2 n`).
+    fn resources_of(&self, f: &Flow<T>) -> ([usize; 3], usize) {
+        let links = [2 * f.src as usize, 2 * f.dst as usize + 1, 2 * self.up.len()];
+        (links, if self.shared.is_some() { 3 } else { 2 })
     }
 
     pub fn up(&self, node: u32) -> f64 {
@@ -227,13 +257,16 @@ impl<T> Network<T> {
     fn compute_rates(&mut self) {
         self.dirty = false;
         self.recomputations += 1;
-        let resources = 2 * self.up.len();
+        let links = 2 * self.up.len();
+        let resources = links + usize::from(self.shared.is_some());
         let mut remaining: Vec<f64> =
-            (0..resources).map(|r| if r % 2 == 0 { self.up[r / 2] } else { self.down[r / 2] }).collect();
+            (0..links).map(|r| if r % 2 == 0 { self.up[r / 2] } else { self.down[r / 2] }).chain(self.shared).collect();
         let mut users: Vec<u32> = vec![0; resources];
         for f in &self.flows {
-            users[2 * f.src as usize] += 1;
-            users[2 * f.dst as usize + 1] += 1;
+            let (rs, k) = self.resources_of(f);
+            for &r in &rs[..k] {
+                users[r] += 1;
+            }
         }
         // Flows through each resource, as one array sliced by offsets (counting sort).
         let mut start: Vec<usize> = vec![0; resources + 1];
@@ -243,7 +276,8 @@ impl<T> Network<T> {
         let mut fill = start.clone();
         let mut through: Vec<usize> = vec![0; start[resources]];
         for (i, f) in self.flows.iter().enumerate() {
-            for r in [2 * f.src as usize, 2 * f.dst as usize + 1] {
+            let (rs, k) = self.resources_of(f);
+            for &r in &rs[..k] {
                 through[fill[r]] = i;
                 fill[r] += 1;
             }
@@ -269,9 +303,9 @@ impl<T> Network<T> {
                     continue;
                 }
                 frozen[i] = true;
-                let f = &mut self.flows[i];
-                f.rate = current;
-                for r in [2 * f.src as usize, 2 * f.dst as usize + 1] {
+                let (rs, k) = self.resources_of(&self.flows[i]);
+                self.flows[i].rate = current;
+                for &r in &rs[..k] {
                     remaining[r] -= current;
                     users[r] -= 1;
                 }
@@ -294,6 +328,33 @@ mod tests {
             now += dt;
         }
         out
+    }
+
+    #[test]
+    fn a_shared_capacity_bounds_all_flows_together_and_is_shared_max_min_fairly() {
+        // Three disjoint pairs of 100 MB/s links, all on one 150 MB/s machine: 50 MB/s each, so 100 MB each take 2 s.
+        let mut net = Network::new(vec![100.0 * MB; 6], vec![100.0 * MB; 6]).with_shared(150.0 * MB);
+        for src in 0..3 {
+            net.send(src, src + 3, 100_000_000, src);
+        }
+        let done = run_to_idle(&mut net);
+        assert_eq!(done.len(), 3);
+        for d in &done {
+            assert!((d.at as f64 / 1e9 - 2.0).abs() < 1e-3, "{} s", d.at as f64 / 1e9);
+        }
+        // A flow held below its share by its own link leaves the rest to the others: 10 MB/s, then 70 each.
+        let mut net = Network::new(
+            vec![100.0 * MB; 6],
+            vec![100.0 * MB, 100.0 * MB, 100.0 * MB, 10.0 * MB, 100.0 * MB, 100.0 * MB],
+        )
+        .with_shared(150.0 * MB);
+        net.send(1, 4, 70_000_000, 1);
+        net.send(2, 5, 70_000_000, 2);
+        net.send(0, 3, 10_000_000, 0);
+        let done = run_to_idle(&mut net);
+        for d in &done {
+            assert!((d.at as f64 / 1e9 - 1.0).abs() < 1e-3, "flow {}: {} s", d.payload, d.at as f64 / 1e9);
+        }
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct Scenario {
     pub placement: Option<Vec<usize>>,
     #[serde(default)]
     pub loss: f64,
+    /// Every node on one machine whose CPU bounds their traffic together (the testbed); absent: CPU to spare.
+    #[serde(default)]
+    pub host_cpu: Option<HostCpu>,
     /// Step of the network model.
     #[serde(default = "default_step_us")]
     pub step_us: u64,
@@ -126,6 +129,25 @@ pub enum Dist {
 pub struct Region {
     pub name: String,
     pub weight: f64,
+}
+
+/// One machine's CPU shared by every node: each byte costs CPU at its sender and its receiver, so all flows
+/// together carry at most `cores / cpu_s_per_gb` GB/s.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostCpu {
+    /// Cores the daemons get (the machine's, less what else runs on it, such as the testbed's WAN emulators).
+    pub cores: f64,
+    /// CPU seconds the daemons spend per GB of chunk traffic, sender and receiver together (`testbed sync` prints
+    /// it per step as the daemons' CPU per GB the mirrors received).
+    pub cpu_s_per_gb: f64,
+}
+
+impl HostCpu {
+    /// Bytes per second all flows together may carry.
+    pub fn bytes_per_sec(&self) -> f64 {
+        self.cores / self.cpu_s_per_gb * 1e9
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -290,6 +312,13 @@ impl Scenario {
         ensure!(self.degree.is_none_or(|d| d < self.mirrors.max(1) || d == 0), "degree: must be less than mirrors");
         for (key, v) in [("origin_up_mbit", self.origin_up_mbit), ("origin_down_mbit", self.origin_down_mbit)] {
             check_capacity(key, v)?;
+        }
+        if let Some(host) = &self.host_cpu {
+            ensure!(host.cores.is_finite() && (0.1..=1024.0).contains(&host.cores), "host_cpu.cores: 0.1 to 1024");
+            ensure!(
+                host.cpu_s_per_gb.is_finite() && (0.01..=1000.0).contains(&host.cpu_s_per_gb),
+                "host_cpu.cpu_s_per_gb: 0.01 to 1000"
+            );
         }
         self.mirror_up_mbit.validate("mirror_up_mbit")?;
         self.mirror_down_mbit.validate("mirror_down_mbit")?;

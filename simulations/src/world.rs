@@ -542,7 +542,10 @@ impl World {
             slab: Vec::new(),
             free: Vec::new(),
             order: 0,
-            net: Network::new(up, down),
+            net: match &scenario.host_cpu {
+                Some(host) => Network::new(up, down).with_shared(host.bytes_per_sec()),
+                None => Network::new(up, down),
+            },
             delivered: Vec::new(),
             nodes,
             store: HashMap::new(),

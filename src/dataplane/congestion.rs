@@ -49,6 +49,10 @@ pub struct LossCeiling {
     round_lost: u64,
     /// The window was held at the cap at some point in this round.
     round_capped: bool,
+    /// The largest window in use in this round: a cut is a share of it, not of a moment's window (BBR drops its
+    /// window to four packets for 200 ms every 10 s to measure the round trip; a cut based on that would leave a
+    /// far peer a few kilobytes per round trip for seconds).
+    round_window_max: u64,
     last_cut: Option<Instant>,
     mtu: u64,
 }
@@ -61,6 +65,7 @@ impl LossCeiling {
             round_acked: 0,
             round_lost: 0,
             round_capped: false,
+            round_window_max: 0,
             last_cut: None,
             mtu: u64::from(mtu),
         }
@@ -85,6 +90,7 @@ impl LossCeiling {
     /// `bytes` sent at `sent` were acknowledged at `now`; `inner` is the inner controller's window after it.
     pub fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, inner: u64) {
         self.round_acked += bytes;
+        self.round_window_max = self.round_window_max.max(self.window(inner));
         if self.cap.is_some_and(|cap| inner >= cap) {
             self.round_capped = true;
         }
@@ -103,7 +109,7 @@ impl LossCeiling {
     }
 
     fn end_round(&mut self, now: Instant, inner: u64) {
-        let in_use = self.window(inner);
+        let in_use = self.round_window_max.max(self.window(inner));
         let lost = self.round_lost;
         let total = self.round_acked + lost;
         if lost >= ROUND_LOSS_PACKETS_MIN * self.mtu && lost * 1000 > total * ROUND_LOSS_PER_MILLE_MAX {
@@ -123,6 +129,7 @@ impl LossCeiling {
         self.round_acked = 0;
         self.round_lost = 0;
         self.round_capped = false;
+        self.round_window_max = 0;
     }
 }
 
@@ -274,6 +281,20 @@ mod tests {
             at = send(&mut ceiling, at, cap * 3 / 4, 0);
         }
         assert_eq!(ceiling.cap(), Some(cap));
+    }
+
+    #[test]
+    fn a_cut_is_a_share_of_the_rounds_largest_window_not_of_a_moments() {
+        let start = Instant::now();
+        let mut ceiling = LossCeiling::new(start, MTU);
+        let mut at = send(&mut ceiling, start, 8_000_000, 0);
+        // A lossy round whose last acknowledgements came while BBR's window was down to four packets (its round-trip
+        // probe): the cut is still a share of the 8 MB window the round used.
+        at = send(&mut ceiling, at, 8_000_000, 1000);
+        let probe = 4 * u64::from(MTU);
+        ceiling.on_ack(at + RTT, at + RTT / 2, u64::from(MTU), probe);
+        let cap = ceiling.cap().expect("a lossy round caps the window");
+        assert!(cap >= 4_000_000, "cut to {cap} bytes from an 8 MB round");
     }
 
     #[test]

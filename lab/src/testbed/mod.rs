@@ -311,8 +311,17 @@ impl Bed {
         self.wan.as_ref().map(|w| Ok(w.cpu()?.total())).transpose()
     }
 
+    /// CPU the daemons used so far (user and system), all nodes together.
+    fn daemons_cpu(&self) -> Result<Duration> {
+        (0..self.fabric.nodes.len())
+            .filter_map(|i| self.fabric.pid(i))
+            .map(|pid| Ok(wan::Cpu::of(pid)?.total()))
+            .try_fold(Duration::ZERO, |sum, cpu: Result<Duration>| Ok(sum + cpu?))
+    }
+
     fn mirrormesh_update(&self, timeline: Option<&str>) -> Result<Measured> {
         let tx0 = self.origin_tx()?;
+        let daemons0 = self.daemons_cpu()?;
         let origin0 = self.fabric.status(0)?;
         let (served0, wire0) = (origin0.bytes_served_total, WireSent::of(&origin0, &self.net.hosts[0])?);
         let cpu0 = self.emulator_cpu()?;
@@ -333,6 +342,7 @@ impl Bed {
                 .try_fold(Duration::ZERO, |max, t| anyhow::Ok(max.max(t?)))
         })?;
         let emulator_cpu = self.emulator_cpu()?.zip(cpu0).map(|(c, c0)| c - c0);
+        let daemons_cpu = Some(self.daemons_cpu()? - daemons0);
         if let (Some(recorder), Some(title)) = (recorder, timeline) {
             recorder.finish_and_print(title, &self.rates);
         }
@@ -349,6 +359,7 @@ impl Bed {
             origin_tx: tx,
             origin_chunks: Some(origin.bytes_served_total - served0),
             emulator_cpu,
+            daemons_cpu,
             origin_wire: Some(WireSent::of(&origin, &self.net.hosts[0])?.since(wire0)),
         })
     }
@@ -442,7 +453,15 @@ impl Bed {
         for i in 1..self.fabric.nodes.len() {
             compare_trees(&self.fabric.nodes[0].tree, &self.rsync_dir(cc, i), &format!("rsync mirror{i}"))?;
         }
-        Ok(Measured { bytes: changed, elapsed, origin_tx: tx, origin_chunks: None, emulator_cpu, origin_wire: None })
+        Ok(Measured {
+            bytes: changed,
+            elapsed,
+            origin_tx: tx,
+            origin_chunks: None,
+            emulator_cpu,
+            daemons_cpu: None,
+            origin_wire: None,
+        })
     }
 
     /// Stops the WAN emulators (printing what they did) and keeps the work directory if asked.
@@ -468,6 +487,8 @@ struct Measured {
     origin_chunks: Option<u64>,
     /// CPU the WAN emulators used from the start of the step until its time was taken.
     emulator_cpu: Option<Duration>,
+    /// CPU the daemons (all nodes) used in the same span (mirrormesh only).
+    daemons_cpu: Option<Duration>,
     /// What the origin daemon's data plane sent on the wire in the step (mirrormesh only).
     origin_wire: Option<WireSent>,
 }
@@ -695,6 +716,20 @@ fn sync(a: &SyncArgs) -> Result<()> {
             mirrors.sort_unstable();
             mirrors.get(mirrors.len() / 2).copied().unwrap_or(0) as f64 / 1000.0
         }
+    );
+    println!(
+        "daemons' CPU (all {} nodes, user + system) per step, until its time was taken: {}; per GB the mirrors \
+         received (N x S): {}",
+        n + 1,
+        steps
+            .map(|(name, mm, _)| format!("{name} {:.1} s", mm.daemons_cpu.unwrap_or_default().as_secs_f64()))
+            .join(", "),
+        steps
+            .map(|(name, mm, _)| format!(
+                "{name} {:.1} s",
+                mm.daemons_cpu.unwrap_or_default().as_secs_f64() / (n as f64 * mm.bytes as f64 / 1e9)
+            ))
+            .join(", "),
     );
     if ccs.len() > 1 {
         println!();

@@ -112,7 +112,7 @@ pub struct Cpu {
 
 impl Cpu {
     /// `/proc/PID/stat`'s utime and stime.
-    fn of(pid: u32) -> Result<Cpu> {
+    pub fn of(pid: u32) -> Result<Cpu> {
         let path = format!("/proc/{pid}/stat");
         let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         // utime and stime are fields 14 and 15, 12 and 13 after the command name (in parentheses).
