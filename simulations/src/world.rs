@@ -342,6 +342,9 @@ pub struct World {
     scenario: Scenario,
     plan: Vec<PlannedUpdate>,
     rng: ChaCha8Rng,
+    /// Draws which control messages are lost, apart from `rng`, so that a scenario with loss publishes the same
+    /// updates and places the same faults as the same scenario without it.
+    loss_rng: ChaCha8Rng,
     now: Nanos,
     step: Nanos,
     limit: Nanos,
@@ -535,6 +538,7 @@ impl World {
             sizes: Sizes::new(&repo),
             plan,
             rng,
+            loss_rng: ChaCha8Rng::seed_from_u64(seed ^ u64::from_le_bytes(*b"lossdraw")),
             now: 0,
             step,
             limit,
@@ -940,7 +944,7 @@ impl World {
         let latency = self.latency(from, to);
         let rate = self.net.up(from).min(self.net.down(to));
         let mut delay = latency + (bytes as f64 / rate * SEC) as Nanos;
-        if self.scenario.loss > 0.0 && self.rng.random::<f64>() < self.scenario.loss {
+        if self.scenario.loss > 0.0 && self.loss_rng.random::<f64>() < self.scenario.loss {
             if matches!(msg, Msg::Gossip { .. }) {
                 return;
             }
