@@ -457,14 +457,17 @@ impl SlotRelease {
     /// Returns once the peer acknowledged every byte of `send`, its connection has put at least `written` bytes on
     /// the wire since the slot was taken (the reply's bytes have left this node: the slot is the link, and on a
     /// long path the acknowledgement comes a round trip later, while the link could carry the next reply), or
-    /// the deadline passed.
+    /// the deadline passed. The connection's bytes count every stream's, so a peer holding two slots (it holds more
+    /// than one only while nobody else waits) frees one up to a reply early; retransmissions count as well, as
+    /// they take the link too.
     async fn wait(self, send: &mut quinn::SendStream, written: u64) {
         let left = async {
             let mut tick = tokio::time::interval(SENT_CHECK_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if self.conn.stats().udp_tx.bytes.saturating_sub(self.wire_from) >= written {
+                // The connection's counter only grows.
+                if self.conn.stats().udp_tx.bytes - self.wire_from >= written {
                     return;
                 }
             }
