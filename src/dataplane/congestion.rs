@@ -1,23 +1,23 @@
 //! The data plane's congestion controller: quinn's BBR under a ceiling that falls when a round trip loses too much.
 //!
 //! Mirrors are continents apart and links lose packets at random, so the sender keeps BBR, which does not take a
-//! random loss for congestion (quinn's Cubic halves its window on every loss and on a 300 ms path needs minutes to
-//! grow back; BENCHMARKS.md, "Congestion control"). But quinn's BBR ignores loss altogether: it keeps up to twice
-//! its bandwidth-delay estimate in flight, and several flows into one shallow queue (a 100 Mbit/s link's 50 ms) each
-//! overfill it. On the world profile the origin resent 4-9% of what it sent (BENCHMARKS.md, "The origin's extra bytes
-//! on the wire"), and the origin's upload is the scarce resource.
+//! random loss for congestion (quinn's Cubic cuts its window by 30% on every loss and on a 300 ms path needs many
+//! seconds to grow back; BENCHMARKS.md, "Congestion control"). But quinn's BBR ignores loss altogether: it keeps up
+//! to twice its bandwidth-delay estimate in flight, and several flows into one shallow queue (a 100 Mbit/s link's
+//! 50 ms) each overfill it. On the world profile the origin resent 8-11% of S (BENCHMARKS.md, "The fabric near the
+//! bound on the WAN"), and the origin's upload is the scarce resource.
 //!
 //! The rule, after BBR v2's `inflight_hi`:
 //! 1. Loss is counted per round trip (a round ends when a packet sent after it began is acknowledged).
 //! 2. A round that lost more than [`ROUND_LOSS_PER_MILLE_MAX`] of its bytes, and at least
 //!    [`ROUND_LOSS_PACKETS_MIN`] packets' worth, was congestion: the window is capped at what that round delivered,
-//!    at most [`CUT_PER_MILLE_MAX`] and at least [`CUT_PER_MILLE_MIN`] of the window in use. Random loss (0.1%) stays
-//!    below the threshold and changes nothing.
+//!    at most [`CUT_PER_MILLE_MAX`] and at least [`CUT_PER_MILLE_MIN`] of the round's largest window. Random loss
+//!    (0.1%) stays below the threshold and changes nothing.
 //! 3. The cap holds for [`PROBE_WAIT`] after the last cut, then rises by an eighth each round trip while the window
 //!    is held at it and the rounds stay clean; once BBR's own window is under half of it, the cap is lifted.
 //!
 //! Everything else (pacing, startup, probing for round-trip time) is BBR's. The rule is the pure [`LossCeiling`];
-//! [`Controller`] joins it to quinn's BBR.
+//! [`CappedBbr`] joins it to quinn's BBR through quinn's [`Controller`] trait.
 
 use std::any::Any;
 use std::sync::Arc;
