@@ -195,9 +195,10 @@ pub struct CappedBbrConfig {
 
 impl ControllerFactory for CappedBbrConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        let bbr = self.bbr.clone().build(now, current_mtu);
-        let bbr = *bbr.into_any().downcast::<Bbr>().expect("BbrConfig builds a Bbr");
-        Box::new(CappedBbr { bbr, ceiling: LossCeiling::new(now, current_mtu) })
+        Box::new(CappedBbr {
+            bbr: Bbr::new(self.bbr.clone(), current_mtu),
+            ceiling: LossCeiling::new(now, current_mtu),
+        })
     }
 }
 
@@ -207,6 +208,12 @@ mod tests {
 
     const MTU: u16 = 1200;
     const RTT: Duration = Duration::from_millis(300);
+
+    /// A fresh ceiling and the instant it starts at.
+    fn fresh() -> (LossCeiling, Instant) {
+        let start = Instant::now();
+        (LossCeiling::new(start, MTU), start)
+    }
 
     /// One round trip's worth of sending from `start`: the window in use goes out paced over an RTT, each packet is
     /// acknowledged an RTT after it left except `lost` of them, declared lost after the others were acknowledged.
@@ -224,8 +231,7 @@ mod tests {
 
     #[test]
     fn random_loss_below_the_threshold_never_caps_the_window() {
-        let start = Instant::now();
-        let mut ceiling = LossCeiling::new(start, MTU);
+        let (mut ceiling, start) = fresh();
         let inner = 4_000_000; // 100 Mbit/s x 320 ms
         let mut at = start;
         // 0.1% of ~3,300 packets a round: 3 or 4 lost each round, for a minute.
@@ -238,8 +244,7 @@ mod tests {
 
     #[test]
     fn a_lossy_round_caps_the_window_at_what_it_delivered_then_the_cap_probes_up_and_is_lifted() {
-        let start = Instant::now();
-        let mut ceiling = LossCeiling::new(start, MTU);
+        let (mut ceiling, start) = fresh();
         let inner = 8_000_000; // twice what fits
         let mut at = send(&mut ceiling, start, inner, 0);
         // A round that sends 8 MB and loses a tenth: congestion. It delivered 7.2 MB, more than 85% of 8 MB.
@@ -271,8 +276,7 @@ mod tests {
 
     #[test]
     fn a_cap_the_window_is_not_held_at_does_not_rise() {
-        let start = Instant::now();
-        let mut ceiling = LossCeiling::new(start, MTU);
+        let (mut ceiling, start) = fresh();
         let mut at = send(&mut ceiling, start, 8_000_000, 1000);
         at = send(&mut ceiling, at, 8_000_000, 0);
         let cap = ceiling.cap().expect("a lossy round caps the window");
@@ -285,8 +289,7 @@ mod tests {
 
     #[test]
     fn a_cut_is_a_share_of_the_rounds_largest_window_not_of_a_moments() {
-        let start = Instant::now();
-        let mut ceiling = LossCeiling::new(start, MTU);
+        let (mut ceiling, start) = fresh();
         let mut at = send(&mut ceiling, start, 8_000_000, 0);
         // A lossy round whose last acknowledgements came while BBR's window was down to four packets (its round-trip
         // probe): the cut is still a share of the 8 MB window the round used.
@@ -299,8 +302,7 @@ mod tests {
 
     #[test]
     fn a_few_losses_in_a_short_round_are_no_signal() {
-        let start = Instant::now();
-        let mut ceiling = LossCeiling::new(start, MTU);
+        let (mut ceiling, start) = fresh();
         // 20 packets a round, 2 lost: 10%, but under the minimum count.
         let mut at = start;
         for _ in 0..5 {
