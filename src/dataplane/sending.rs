@@ -119,6 +119,11 @@ impl SendingSlots {
         granted.await.ok()
     }
 
+    /// Slots `peer` holds now.
+    pub(super) fn held_by(&self, peer: &PeerId) -> usize {
+        self.lock().held.get(peer).copied().unwrap_or(0)
+    }
+
     /// Frees one of `peer`'s slots and grants free slots to waiting replies by the rules.
     fn release(self: &Arc<Self>, peer: PeerId) {
         let mut state = self.lock();

@@ -14,6 +14,7 @@ use tokio::time::timeout;
 use tracing::Instrument;
 
 use super::frame::{self, LenError};
+use super::sending::SendingSlots;
 use super::stall::Watchdog;
 use super::{
     CONNECTIONS_MAX, CONNECTIONS_PER_PEER_MAX, Decision, HANDSHAKE_TIMEOUT, HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE_MAX,
@@ -430,7 +431,12 @@ async fn serve_stream(
         .map(|(id, decision)| prepare(shared.clone(), memory.clone(), id, decision))
         .buffered(READ_AHEAD_CHUNKS + 1);
     let deadline = tokio::time::Instant::now() + SENDING_SLOT_HOLD_MAX;
-    let release = slot.is_some().then(|| SlotRelease { deadline, wire_from: conn.stats().udp_tx.bytes, conn });
+    let release = match (&shared.sending, &slot) {
+        (Some(slots), Some(_)) => {
+            Some(SlotRelease { deadline, wire_from: conn.stats().udp_tx.bytes, conn, slots: slots.clone(), peer })
+        }
+        _ => None,
+    };
     let sending = send_replies(&shared, peer, &mut send, replies, release);
     match slot {
         None => sending.await,
@@ -451,15 +457,20 @@ struct SlotRelease {
     /// The reply's connection, and what it had put on the wire (UDP payload bytes) when the reply took its slot.
     conn: quinn::Connection,
     wire_from: u64,
+    /// The slots and the peer, to know whether the peer holds more than this one.
+    slots: Arc<SendingSlots>,
+    peer: PeerId,
 }
 
 impl SlotRelease {
     /// Returns once the peer acknowledged every byte of `send`, its connection has put at least `written` bytes on
     /// the wire since the slot was taken (the reply's bytes have left this node: the slot is the link, and on a
     /// long path the acknowledgement comes a round trip later, while the link could carry the next reply), or
-    /// the deadline passed. The connection's bytes count every stream's, so a peer holding two slots (it holds more
-    /// than one only while nobody else waits) frees one up to a reply early; retransmissions count as well, as
-    /// they take the link too.
+    /// the deadline passed. The connection's bytes count every stream's (retransmissions too, as they take the link),
+    /// so they tell one reply's bytes apart only while its peer holds no other slot: a peer holding several (it gets
+    /// more than one only while nobody else waits) frees them at its acknowledgements, or its replies would free
+    /// each other's slots early and queue more of its bytes ahead of peers that come to wait
+    /// (`tests/dataplane.rs`, `a_greedy_peer_does_not_keep_others_waiting_for_sending_slots`).
     async fn wait(self, send: &mut quinn::SendStream, written: u64) {
         let left = async {
             let mut tick = tokio::time::interval(SENT_CHECK_INTERVAL);
@@ -467,7 +478,7 @@ impl SlotRelease {
             loop {
                 tick.tick().await;
                 // The connection's counter only grows.
-                if self.conn.stats().udp_tx.bytes - self.wire_from >= written {
+                if self.slots.held_by(&self.peer) == 1 && self.conn.stats().udp_tx.bytes - self.wire_from >= written {
                     return;
                 }
             }
