@@ -114,6 +114,13 @@ fn summary(scenario: &Scenario, file: &Path, seed: u64, report: &Report) -> Stri
         peak_memory().map_or("unknown".into(), |kb| format!("{:.0} MB", kb as f64 / 1024.0)),
         &report.trace_hex()[..16],
     ));
+    let seeder = &s.seeder;
+    let again = &seeder.again;
+    text.push_str(&format!(
+        "origin's seeder: {} chunks served, {} redirects; served again after the asker waited {}, after it banned the \
+         holders named {}, with no holder connected {}, to a recipient asking again {}\n",
+        seeder.served, seeder.redirects, again.after_wait, again.after_bans, again.no_holder, again.asked_again,
+    ));
     text
 }
 

@@ -36,7 +36,7 @@ use mirrormesh_proto::node_store::{self, NodeSink, NodeSource, SourceError};
 use mirrormesh_proto::root::{DeltaRef, RepoId, RootBody, RootId, SignedRoot, VerifiedRoot, publisher_key};
 use mirrormesh_proto::sync::driver::{Host, step};
 use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits};
-use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
+use mirrormesh_proto::sync::seeder::{SeederCounts, SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
     ChunkSet, Engine, EngineConfig, HAVE_FLUSH_MS, IndexNames, Input, Notice, Output, ReqId, Role, RootVia,
 };
@@ -137,6 +137,8 @@ pub struct RunStats {
     pub engine_errors: u64,
     pub virtual_ns: Nanos,
     pub converged: bool,
+    /// What the origin's serving policy did over the run (copies served again, by why).
+    pub seeder: SeederCounts,
 }
 
 /// Everything a run produced.
@@ -1417,6 +1419,9 @@ impl World {
             if let Some(engine) = n.engine.as_ref() {
                 n.record.distrusts = neighbours.iter().copied().filter(|p| engine.is_suspect(p)).collect();
             }
+        }
+        if let Some(engine) = self.nodes[ORIGIN as usize].engine.as_ref() {
+            self.stats.seeder = engine.seeder_counts();
         }
         let chunks = &self.content.chunks;
         let nodes = self

@@ -13,8 +13,19 @@
 //!    [`ROUND_LOSS_PACKETS_MIN`] packets' worth, was congestion: the window is capped at what that round delivered,
 //!    at most [`CUT_PER_MILLE_MAX`] and at least [`CUT_PER_MILLE_MIN`] of the round's largest window. Random loss
 //!    (0.1%) stays below the threshold and changes nothing.
+//!    The round after a cut is not judged: its packets left before the cut.
 //! 3. The cap holds for [`PROBE_WAIT`] after the last cut, then rises by an eighth each round trip while the window
 //!    is held at it and the rounds stay clean; once BBR's own window is under half of it, the cap is lifted.
+//!
+//! 4. Before the first cap, a round trip whose fastest acknowledgement came later than the round before's by more
+//!    than [`delay_rise_max`] of it (HyStart++, RFC 9406: an eighth, 4 to 16 ms) means the queue is filling:
+//!    startup overshoots, and a doubling window loses a whole queue's worth a round trip later, before rule 2 sees
+//!    it. The window is capped at the share that would have kept the round trip at the round before's (within the
+//!    same 50-85%), then probes as in rule 3. Only on paths of at least [`DELAY_RULE_RTT_MIN`]: on a short path the
+//!    receiver's event loop can hold a whole round's acknowledgements, and the overshoot is a few packets.
+//!
+//! 5. A cap is never below [`CAP_FLOOR_PER_MILLE_OF_WINDOW`] of BBR's own window, and a connection idle for
+//!    [`IDLE_RESET`] starts afresh.
 //!
 //! Everything else (pacing, startup, probing for round-trip time) is BBR's. The rule is the pure [`LossCeiling`];
 //! [`CappedBbr`] joins it to quinn's BBR through quinn's [`Controller`] trait.
@@ -37,6 +48,25 @@ pub const CUT_PER_MILLE_MAX: u64 = 850;
 pub const CUT_PER_MILLE_MIN: u64 = 500;
 /// The cap holds this long after a cut before it rises again (BBR v2 waits 2 to 3 s between probes).
 pub const PROBE_WAIT: Duration = Duration::from_secs(2);
+/// A cap is never below this share of BBR's own window (one sixteenth: an eighth of its bandwidth-delay estimate).
+/// A cut is a share of what the round had in flight, and a round with little in flight (a small reply that lost
+/// a few packets to a queue others filled) would otherwise leave the connection a few packets per round trip, which
+/// on a 300 ms path takes seconds of probing to undo.
+pub const CAP_FLOOR_PER_MILLE_OF_WINDOW: u64 = 62;
+/// A connection that had nothing in flight for this long starts afresh: the cap is lifted and rule 4 applies again
+/// (the queue it was learnt from is gone; BBR's own state restarts from idle likewise).
+pub const IDLE_RESET: Duration = PROBE_WAIT;
+
+/// Rule 4 (the queue is filling) applies only on paths whose round trip is at least this.
+pub const DELAY_RULE_RTT_MIN: Duration = Duration::from_millis(20);
+/// Rule 4 judges a round by at least this many acknowledgements (RFC 9406's `N_RTT_SAMPLE`).
+pub const DELAY_RULE_SAMPLES_MIN: u32 = 8;
+
+/// How much later than `base` a round's fastest acknowledgement may come before the queue counts as filling: an
+/// eighth of it, at least 4 and at most 16 ms (RFC 9406's `MIN_RTT_THRESH`, `MAX_RTT_THRESH`).
+pub fn delay_rise_max(base: Duration) -> Duration {
+    (base / 8).clamp(Duration::from_millis(4), Duration::from_millis(16))
+}
 
 /// The ceiling over a sender's window, kept from its acknowledgements and losses.
 #[derive(Clone, Debug)]
@@ -49,12 +79,23 @@ pub struct LossCeiling {
     round_lost: u64,
     /// The window was held at the cap at some point in this round.
     round_capped: bool,
-    /// The largest window in use in this round: a cut is a share of it, not of a moment's window (BBR drops its
-    /// window to four packets for 200 ms every 10 s to measure the round trip; a cut based on that would leave a
-    /// far peer a few kilobytes per round trip for seconds).
-    round_window_max: u64,
+    /// Bytes in flight now, and the most in flight at once in this round: a cut is a share of what the round had in
+    /// flight, not of a moment's window (BBR drops its window to four packets for 200 ms every 10 s to measure the
+    /// round trip; a cut based on that would leave a far peer a few kilobytes per round trip for seconds), nor of a
+    /// window it did not use (a connection sending one 1 MiB reply under an 8 MB window that lost half of it).
+    in_flight: u64,
+    round_in_flight_max: u64,
     last_cut: Option<Instant>,
     mtu: u64,
+    /// The shortest round trip acknowledged in this round, and how many acknowledgements it is taken from.
+    round_rtt_min: Option<Duration>,
+    round_rtt_samples: u32,
+    /// The shortest round trip of the round before (rule 4's base).
+    last_round_rtt_min: Option<Duration>,
+    /// A cap was set once: startup is over and rule 4 no longer applies.
+    capped_once: bool,
+    /// The last packet sent or acknowledged.
+    last_active: Instant,
 }
 
 impl LossCeiling {
@@ -65,9 +106,15 @@ impl LossCeiling {
             round_acked: 0,
             round_lost: 0,
             round_capped: false,
-            round_window_max: 0,
+            in_flight: 0,
+            round_in_flight_max: 0,
             last_cut: None,
             mtu: u64::from(mtu),
+            round_rtt_min: None,
+            round_rtt_samples: 0,
+            last_round_rtt_min: None,
+            capped_once: false,
+            last_active: now,
         }
     }
 
@@ -90,33 +137,94 @@ impl LossCeiling {
     /// `bytes` sent at `sent` were acknowledged at `now`; `inner` is the inner controller's window after it.
     pub fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, inner: u64) {
         self.round_acked += bytes;
-        self.round_window_max = self.round_window_max.max(self.window(inner));
-        if self.cap.is_some_and(|cap| inner >= cap) {
-            self.round_capped = true;
-        }
+        self.in_flight = self.in_flight.saturating_sub(bytes);
+        self.last_active = now;
+        let rtt = now.saturating_duration_since(sent);
+        self.round_rtt_min = Some(self.round_rtt_min.map_or(rtt, |min| min.min(rtt)));
+        self.round_rtt_samples += 1;
+        self.check_queue_filling(now, inner);
         if sent > self.round_start {
             self.end_round(now, inner);
+        }
+    }
+
+    /// `bytes` were sent.
+    pub fn on_sent(&mut self, now: Instant, bytes: u64) {
+        if self.in_flight == 0 && now.saturating_duration_since(self.last_active) >= IDLE_RESET {
+            self.cap = None;
+            self.capped_once = false;
+            self.last_round_rtt_min = None;
+            self.round_rtt_min = None;
+            self.round_rtt_samples = 0;
+        }
+        self.last_active = now;
+        self.in_flight += bytes;
+        self.round_in_flight_max = self.round_in_flight_max.max(self.in_flight);
+        if self.cap.is_some_and(|cap| self.in_flight + self.mtu > cap) {
+            self.round_capped = true;
         }
     }
 
     /// `bytes` were declared lost.
     pub fn on_loss(&mut self, bytes: u64) {
         self.round_lost += bytes;
+        self.in_flight = self.in_flight.saturating_sub(bytes);
+    }
+
+    /// The sender's own count of bytes in flight, after a batch of acknowledgements.
+    pub fn on_end_acks(&mut self, in_flight: u64) {
+        self.in_flight = in_flight;
+    }
+
+    /// What this round used: the most it had in flight at once (at least the minimum window).
+    fn in_use(&self) -> u64 {
+        self.round_in_flight_max.max(self.in_flight).max(self.window_min())
     }
 
     pub fn on_mtu_update(&mut self, mtu: u16) {
         self.mtu = u64::from(mtu);
     }
 
+    /// Rule 4: before the first cap, a round trip risen by more than [`delay_rise_max`] over the round before's.
+    fn check_queue_filling(&mut self, now: Instant, inner: u64) {
+        if self.capped_once || self.round_rtt_samples < DELAY_RULE_SAMPLES_MIN {
+            return;
+        }
+        let (Some(base), Some(current)) = (self.last_round_rtt_min, self.round_rtt_min) else {
+            return;
+        };
+        if base < DELAY_RULE_RTT_MIN || current < base + delay_rise_max(base) {
+            return;
+        }
+        let in_use = self.in_use();
+        let most = in_use * CUT_PER_MILLE_MAX / 1000;
+        let least = in_use * CUT_PER_MILLE_MIN / 1000;
+        let keeps_base = u64::try_from(u128::from(in_use) * base.as_micros() / current.as_micros()).unwrap_or(in_use);
+        self.set_cap(now, keeps_base.clamp(least, most), inner);
+        tracing::debug!(?base, ?current, in_use, cap = self.cap, "queue filling: window capped");
+    }
+
+    fn set_cap(&mut self, now: Instant, cap: u64, inner: u64) {
+        let floor = (inner * CAP_FLOOR_PER_MILLE_OF_WINDOW / 1000).max(self.window_min());
+        self.cap = Some(cap.max(floor));
+        self.last_cut = Some(now);
+        self.capped_once = true;
+    }
+
     fn end_round(&mut self, now: Instant, inner: u64) {
-        let in_use = self.round_window_max.max(self.window(inner));
+        let in_use = self.in_use();
         let lost = self.round_lost;
         let total = self.round_acked + lost;
-        if lost >= ROUND_LOSS_PACKETS_MIN * self.mtu && lost * 1000 > total * ROUND_LOSS_PER_MILLE_MAX {
+        // The round just after a cut judges packets sent before it, under the window just cut: one cut per episode.
+        let after_cut = self.last_cut == Some(self.round_start);
+        let congested = lost >= ROUND_LOSS_PACKETS_MIN * self.mtu && lost * 1000 > total * ROUND_LOSS_PER_MILLE_MAX;
+        if after_cut {
+            // Judged by the next round.
+        } else if congested {
             let most = in_use * CUT_PER_MILLE_MAX / 1000;
             let least = in_use * CUT_PER_MILLE_MIN / 1000;
-            self.cap = Some(self.round_acked.clamp(least, most).max(self.window_min()));
-            self.last_cut = Some(now);
+            self.set_cap(now, self.round_acked.clamp(least, most), inner);
+            tracing::debug!(lost, total, in_use, cap = self.cap, "lossy round: window capped");
         } else if let Some(cap) = self.cap {
             let waited = self.last_cut.is_none_or(|cut| now.saturating_duration_since(cut) >= PROBE_WAIT);
             if inner < cap / 2 {
@@ -129,7 +237,9 @@ impl LossCeiling {
         self.round_acked = 0;
         self.round_lost = 0;
         self.round_capped = false;
-        self.round_window_max = 0;
+        self.round_in_flight_max = self.in_flight;
+        self.last_round_rtt_min = self.round_rtt_min.take();
+        self.round_rtt_samples = 0;
     }
 }
 
@@ -143,6 +253,7 @@ pub struct CappedBbr {
 impl Controller for CappedBbr {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
         self.bbr.on_sent(now, bytes, last_packet_number);
+        self.ceiling.on_sent(now, bytes);
     }
 
     fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
@@ -152,6 +263,7 @@ impl Controller for CappedBbr {
 
     fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool, largest_packet_num_acked: Option<u64>) {
         self.bbr.on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+        self.ceiling.on_end_acks(in_flight);
     }
 
     fn on_congestion_event(&mut self, now: Instant, sent: Instant, is_persistent_congestion: bool, lost_bytes: u64) {
@@ -209,6 +321,12 @@ mod tests {
     const MTU: u16 = 1200;
     const RTT: Duration = Duration::from_millis(300);
 
+    /// Within ten packets (the helpers count whole packets, and a round's edge moves its bytes by a few).
+    #[track_caller]
+    fn assert_near(got: u64, want: u64, what: &str) {
+        assert!(got.abs_diff(want) <= 10 * u64::from(MTU), "{what}: {got}, not {want}");
+    }
+
     /// A fresh ceiling and the instant it starts at.
     fn fresh() -> (LossCeiling, Instant) {
         let start = Instant::now();
@@ -219,14 +337,77 @@ mod tests {
     /// acknowledged an RTT after it left except `lost` of them, declared lost after the others were acknowledged.
     /// A round ends at the second acknowledgement of the next call, so what a call sends is judged there.
     fn send(ceiling: &mut LossCeiling, start: Instant, inner: u64, lost: u64) -> Instant {
-        let packets = ceiling.window(inner) / u64::from(MTU);
+        send_over(ceiling, start, inner, lost, |_| RTT)
+    }
+
+    /// [`send`], the `i`th packet of the round taking `rtt(i)` to be acknowledged.
+    fn send_over(
+        ceiling: &mut LossCeiling,
+        start: Instant,
+        inner: u64,
+        lost: u64,
+        rtt: impl Fn(u64) -> Duration,
+    ) -> Instant {
+        send_app_limited(ceiling, start, inner, ceiling.window(inner), lost, rtt)
+    }
+
+    /// [`send_over`], sending only `bytes` of the window.
+    fn send_app_limited(
+        ceiling: &mut LossCeiling,
+        start: Instant,
+        inner: u64,
+        bytes: u64,
+        lost: u64,
+        rtt: impl Fn(u64) -> Duration,
+    ) -> Instant {
+        let packets = bytes / u64::from(MTU);
         let lost = lost.min(packets);
+        for i in 0..packets {
+            ceiling.on_sent(start + RTT * i as u32 / packets as u32, u64::from(MTU));
+        }
         for i in 0..packets - lost {
             let sent = start + RTT * i as u32 / packets as u32;
-            ceiling.on_ack(sent + RTT, sent, u64::from(MTU), inner);
+            ceiling.on_ack(sent + rtt(i), sent, u64::from(MTU), inner);
         }
         ceiling.on_loss(lost * u64::from(MTU));
         start + RTT
+    }
+
+    #[test]
+    fn a_filling_queue_caps_a_startup_before_it_loses() {
+        let (mut ceiling, start) = fresh();
+        let mut at = send(&mut ceiling, start, 1_000_000, 0);
+        at = send(&mut ceiling, at, 2_000_000, 0);
+        assert_eq!(ceiling.cap(), None, "a steady round trip is no signal");
+        // The window doubles into a queue: every acknowledgement of the round comes 150 ms later (more than 16 ms
+        // counts on a 300 ms path).
+        send_over(&mut ceiling, at, 4_000_000, 0, |_| RTT + Duration::from_millis(150));
+        let cap = ceiling.cap().expect("a filling queue caps the window");
+        assert_near(cap, 4_000_000 * 300 / 450, "the share that kept the round trip at 300 ms");
+    }
+
+    #[test]
+    fn a_round_trip_risen_in_part_of_a_round_or_on_a_short_path_or_after_a_cap_is_no_signal() {
+        // A few acknowledgements held back (the receiver's loop was busy): the round's fastest did not rise.
+        let (mut ceiling, start) = fresh();
+        let mut at = send(&mut ceiling, start, 1_000_000, 0);
+        for _ in 0..10 {
+            at = send_over(&mut ceiling, at, 2_000_000, 0, |i| RTT + Duration::from_millis(100 * (i % 2)));
+        }
+        assert_eq!(ceiling.cap(), None);
+        // A 10 ms path whose round trip doubles.
+        let (mut ceiling, start) = fresh();
+        let short = |_| Duration::from_millis(10);
+        let mut at = send_over(&mut ceiling, start, 100_000, 0, short);
+        send_over(&mut ceiling, at, 100_000, 0, |_| Duration::from_millis(20));
+        assert_eq!(ceiling.cap(), None, "below {DELAY_RULE_RTT_MIN:?}");
+        // After a loss cut, a rising round trip leaves the cap to rule 3.
+        let (mut ceiling, start) = fresh();
+        at = send(&mut ceiling, start, 8_000_000, 1000);
+        at = send(&mut ceiling, at, 8_000_000, 0);
+        let cap = ceiling.cap().expect("a lossy round caps the window");
+        send_over(&mut ceiling, at, 8_000_000, 0, |_| RTT * 2);
+        assert_eq!(ceiling.cap(), Some(cap));
     }
 
     #[test]
@@ -251,7 +432,7 @@ mod tests {
         at = send(&mut ceiling, at, inner, 667);
         at = send(&mut ceiling, at, inner, 0);
         let cap = ceiling.cap().expect("a lossy round caps the window");
-        assert_eq!(cap, 6_800_000, "at most 85% of the window in use");
+        assert_near(cap, 6_800_000, "at most 85% of the window in use");
         // A round that loses half of what it sends: cut to what it delivered, at least half.
         at = send(&mut ceiling, at, inner, cap / 1200 / 2);
         let cut = at;
@@ -298,6 +479,52 @@ mod tests {
         ceiling.on_ack(at + RTT, at + RTT / 2, u64::from(MTU), probe);
         let cap = ceiling.cap().expect("a lossy round caps the window");
         assert!(cap >= 4_000_000, "cut to {cap} bytes from an 8 MB round");
+    }
+
+    #[test]
+    fn a_cut_is_a_share_of_what_the_round_had_in_flight_not_of_a_window_it_did_not_use() {
+        let (mut ceiling, start) = fresh();
+        let inner = 8_000_000;
+        let reply = 1_200_000;
+        let mut at = send_app_limited(&mut ceiling, start, inner, reply, 0, |_| RTT);
+        // One reply of 1.2 MB under an 8 MB window, half of it lost (other connections filled the queue).
+        at = send_app_limited(&mut ceiling, at, inner, reply, 500, |_| RTT);
+        send_app_limited(&mut ceiling, at, inner, reply, 0, |_| RTT);
+        let cap = ceiling.cap().expect("a lossy round caps the window");
+        assert_near(cap, reply / 2, "cut to what was delivered, half of what was in flight");
+        // Replies of that size under the cap do not raise it, however long they go on.
+        for _ in 0..20 {
+            at = send_app_limited(&mut ceiling, at, inner, reply / 4, 0, |_| RTT);
+        }
+        assert_eq!(ceiling.cap(), Some(cap));
+    }
+
+    #[test]
+    fn one_episode_of_loss_is_one_cut() {
+        let (mut ceiling, start) = fresh();
+        let inner = 8_400_000;
+        let mut at = send(&mut ceiling, start, inner, 0);
+        // Two lossy rounds in a row: the second was sent before the first's cut took effect.
+        at = send(&mut ceiling, at, inner, 700);
+        at = send(&mut ceiling, at, inner, 700);
+        let cap = ceiling.cap().expect("a lossy round caps the window");
+        send(&mut ceiling, at, inner, 0);
+        assert_eq!(ceiling.cap(), Some(cap), "cut once");
+        assert_near(cap, inner * CUT_PER_MILLE_MAX / 1000, "the first round's cut");
+    }
+
+    #[test]
+    fn a_cut_keeps_a_floor_and_an_idle_connection_starts_afresh() {
+        let (mut ceiling, start) = fresh();
+        let inner = 8_000_000;
+        // A 60 KB answer that lost half of itself.
+        let mut at = send_app_limited(&mut ceiling, start, inner, 60_000, 25, |_| RTT);
+        at = send_app_limited(&mut ceiling, at, inner, 60_000, 0, |_| RTT);
+        assert_eq!(ceiling.cap(), Some(inner * CAP_FLOOR_PER_MILLE_OF_WINDOW / 1000), "not 30 KB");
+        // Nothing in flight for the idle time: the next packet starts without a cap.
+        at += RTT + IDLE_RESET;
+        ceiling.on_sent(at, u64::from(MTU));
+        assert_eq!(ceiling.cap(), None);
     }
 
     #[test]
