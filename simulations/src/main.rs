@@ -121,6 +121,14 @@ fn summary(scenario: &Scenario, file: &Path, seed: u64, report: &Report) -> Stri
          holders named {}, with no holder connected {}, to a recipient asking again {}\n",
         seeder.served, seeder.redirects, again.after_wait, again.after_bans, again.no_holder, again.asked_again,
     ));
+    let meta = &s.origin_metadata;
+    text.push_str(&format!(
+        "origin's manifest answers: {} deltas ({:.1} MB), {} node answers ({:.1} MB)\n",
+        meta.deltas,
+        meta.deltas_bytes as f64 / 1e6,
+        meta.nodes,
+        meta.nodes_bytes as f64 / 1e6,
+    ));
     text
 }
 

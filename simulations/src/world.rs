@@ -139,6 +139,17 @@ pub struct RunStats {
     pub converged: bool,
     /// What the origin's serving policy did over the run (copies served again, by why).
     pub seeder: SeederCounts,
+    /// Manifest answers the origin sent.
+    pub origin_metadata: MetadataServed,
+}
+
+/// Manifest answers one node sent: node answers and deltas, and their bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MetadataServed {
+    pub nodes: u64,
+    pub nodes_bytes: u64,
+    pub deltas: u64,
+    pub deltas_bytes: u64,
 }
 
 /// Everything a run produced.
@@ -999,6 +1010,10 @@ impl World {
                 let descendants = node_store::descendants(&view, &answered, asked, budget)
                     .expect("the simulator's node store does not fail");
                 let bytes = Sizes::nodes(&nodes, &descendants);
+                if to == ORIGIN {
+                    self.stats.origin_metadata.nodes += 1;
+                    self.stats.origin_metadata.nodes_bytes += bytes as u64;
+                }
                 self.send_bulk(to, from, bytes, Bulk::Nodes { req, nodes, descendants });
             }
             Msg::GetDelta { req, hash } => {
@@ -1008,6 +1023,10 @@ impl World {
                     None
                 };
                 let bytes = Sizes::delta(delta.as_ref());
+                if to == ORIGIN && delta.is_some() {
+                    self.stats.origin_metadata.deltas += 1;
+                    self.stats.origin_metadata.deltas_bytes += bytes as u64;
+                }
                 self.send_bulk(to, from, bytes, Bulk::Delta { req, delta });
             }
             Msg::GetChunks { req, chunks } => self.serve_chunks(to, from, req, chunks),
