@@ -1012,7 +1012,7 @@ impl World {
                 let bytes = Sizes::nodes(&nodes, &descendants);
                 if to == ORIGIN {
                     self.stats.origin_metadata.nodes += 1;
-                    self.stats.origin_metadata.nodes_bytes += bytes as u64;
+                    self.stats.origin_metadata.nodes_bytes += bytes;
                 }
                 self.send_bulk(to, from, bytes, Bulk::Nodes { req, nodes, descendants });
             }
@@ -1025,7 +1025,7 @@ impl World {
                 let bytes = Sizes::delta(delta.as_ref());
                 if to == ORIGIN && delta.is_some() {
                     self.stats.origin_metadata.deltas += 1;
-                    self.stats.origin_metadata.deltas_bytes += bytes as u64;
+                    self.stats.origin_metadata.deltas_bytes += bytes;
                 }
                 self.send_bulk(to, from, bytes, Bulk::Delta { req, delta });
             }
