@@ -11,19 +11,18 @@
 //! 1. Loss is counted per round trip (a round ends when a packet sent after it began is acknowledged).
 //! 2. A round that lost more than [`ROUND_LOSS_PER_MILLE_MAX`] of its bytes, and at least
 //!    [`ROUND_LOSS_PACKETS_MIN`] packets' worth, was congestion: the window is capped at what that round delivered,
-//!    at most [`CUT_PER_MILLE_MAX`] and at least [`CUT_PER_MILLE_MIN`] of the round's largest window. Random loss
-//!    (0.1%) stays below the threshold and changes nothing.
-//!    The round after a cut is not judged: its packets left before the cut.
-//! 3. The cap holds for [`PROBE_WAIT`] after the last cut, then rises by an eighth each round trip while the window
-//!    is held at it and the rounds stay clean; once BBR's own window is under half of it, the cap is lifted.
-//!
+//!    at most [`CUT_PER_MILLE_MAX`] and at least [`CUT_PER_MILLE_MIN`] of the most the round had in flight (not of
+//!    the window: a connection sending one 1 MiB reply under a 4 MB window that lost half of it was cut to 2 MB,
+//!    which never bound). Random loss (0.1%) stays below the threshold and changes nothing. The round after a cut is
+//!    not judged: its packets left before the cut (one episode, one cut).
+//! 3. The cap holds for [`PROBE_WAIT`] after the last cut, then rises by an eighth each round trip in which sending
+//!    reached it and the rounds stay clean; once BBR's own window is under half of it, the cap is lifted.
 //! 4. Before the first cap, a round trip whose fastest acknowledgement came later than the round before's by more
-//!    than [`delay_rise_max`] of it (HyStart++, RFC 9406: an eighth, 4 to 16 ms) means the queue is filling:
+//!    than [`delay_rise_max`] (HyStart++, RFC 9406: an eighth of it, 4 to 16 ms) means the queue is filling:
 //!    startup overshoots, and a doubling window loses a whole queue's worth a round trip later, before rule 2 sees
 //!    it. The window is capped at the share that would have kept the round trip at the round before's (within the
 //!    same 50-85%), then probes as in rule 3. Only on paths of at least [`DELAY_RULE_RTT_MIN`]: on a short path the
 //!    receiver's event loop can hold a whole round's acknowledgements, and the overshoot is a few packets.
-//!
 //! 5. A cap is never below [`CAP_FLOOR_PER_MILLE_OF_WINDOW`] of BBR's own window, and a connection idle for
 //!    [`IDLE_RESET`] starts afresh.
 //!
