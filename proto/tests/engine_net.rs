@@ -47,6 +47,8 @@ struct Node {
     chunk_lie: Option<ChunkLie>,
     /// Chunks it asked the origin for, and other peers.
     asked_of_origin: u64,
+    /// Deltas it asked the origin for.
+    deltas_asked_of_origin: u64,
     asked_of_peers: u64,
     /// When it last applied a snapshot.
     applied_at: Option<Timestamp>,
@@ -401,6 +403,9 @@ impl Net {
                 self.call(from, Input::Nodes { from: to, req, nodes: answer, descendants });
             }
             Msg::GetDelta { req, hash, .. } => {
+                if to == ORIGIN {
+                    self.node(from).deltas_asked_of_origin += 1;
+                }
                 let answer = self.node(to).deltas.get(&hash).cloned();
                 self.call(from, Input::Delta { from: to, req, delta: answer });
             }
@@ -783,6 +788,25 @@ fn a_peer_claiming_the_snapshot_without_a_data_address_does_not_stop_the_sync() 
 }
 
 /// An origin and two mirrors synced to a first snapshot of 30 packages; then a release of 6 packages is published.
+#[test]
+fn a_new_manifest_is_asked_of_the_origin_by_a_few_mirrors_and_of_neighbours_by_the_rest() {
+    // 24 mirrors in a full mesh: each has 23 neighbours, so about 3 in 24 ask the origin for the delta at once;
+    // the others wait for a neighbour's announcement that it holds the manifest (before, all 24 asked the origin).
+    let mut net = synced(24, 30);
+    release(&mut net, 1);
+    net.run(400);
+    assert!(net.converged(), "every mirror applies the release");
+    let mut asked = 0;
+    for id in 1..=24 {
+        let n = net.node(id);
+        assert!(n.notices.contains(&Notice::SyncComplete { seq: 2 }), "mirror {id}");
+        assert!(!n.notices.contains(&Notice::DeltaRejected), "mirror {id} used the delta");
+        asked += n.deltas_asked_of_origin;
+    }
+    println!("{asked} of 24 mirrors asked the origin for the delta");
+    assert!((1..=8).contains(&asked), "{asked} of 24 mirrors asked the origin for the delta");
+}
+
 fn release_after_a_first_snapshot() -> Net {
     let mut net = synced(2, 30);
     release(&mut net, 1);

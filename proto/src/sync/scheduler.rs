@@ -295,7 +295,7 @@ fn set_bits(i: usize, mut word: usize) -> impl Iterator<Item = u32> {
 }
 
 /// splitmix64: spreads chunk ids so different salts order chunks differently.
-fn mix(mut x: u64) -> u64 {
+pub(crate) fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
