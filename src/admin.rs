@@ -22,7 +22,9 @@
 //!   fabric (itself included). 408 after `T` ms (default 30 s, at most
 //!   10 min). Tests and scripts synchronise on this instead of sleeping.
 //! - `POST /publish` (origin): scan, sign and announce a new snapshot; answers with its sequence number and root.
-//!   `?force=true` skips the publish checks (an empty tree, too many removals); a refusal answers 409 with why.
+//!   `?force=true` skips the publish checks (an empty tree, too many removals); a refusal answers 409 with why. A
+//!   JSON body `{"paths": [...]}` names what changed (relative to the tree): only those paths' directories (a
+//!   directory named: all of it) and their ancestors are read; a path that is not a clean relative path is refused.
 //!
 //! # Who may do what
 //!
@@ -401,9 +403,27 @@ struct PublishQuery {
     force: bool,
 }
 
-async fn publish(State(state): State<AppState>, Query(q): Query<PublishQuery>) -> Response {
+/// The body of `POST /publish`, when there is one: the paths (relative to the tree) that changed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    paths: Vec<String>,
+}
+
+async fn publish(State(state): State<AppState>, Query(q): Query<PublishQuery>, body: axum::body::Bytes) -> Response {
+    let paths = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<PublishBody>(&body) {
+            Ok(b) => Some(b.paths),
+            Err(e) => {
+                return (StatusCode::BAD_REQUEST, format!("publish: the body is not {{\"paths\": [...]}}: {e}\n"))
+                    .into_response();
+            }
+        }
+    };
     let (reply, answer) = oneshot::channel();
-    if state.handle.events.send(LoopEvent::Publish { force: q.force, reply }).await.is_err() {
+    if state.handle.events.send(LoopEvent::Publish { force: q.force, paths, reply }).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "daemon stopped\n").into_response();
     }
     match answer.await {

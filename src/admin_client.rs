@@ -41,6 +41,11 @@ impl AdminClient {
 
     /// Sends a request; returns its URL, the answer's status code and body.
     fn send(&self, method: &str, path: &str) -> Result<(String, u16, String)> {
+        self.send_with(method, path, None)
+    }
+
+    /// Sends a request with a JSON body (POST only).
+    fn send_with(&self, method: &str, path: &str, json: Option<&serde_json::Value>) -> Result<(String, u16, String)> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match method {
@@ -50,7 +55,10 @@ impl AdminClient {
                 if let Some(auth) = &auth {
                     req = req.header("authorization", auth);
                 }
-                req.send_empty()
+                match json {
+                    Some(json) => req.header("content-type", "application/json").send(json.to_string()),
+                    None => req.send_empty(),
+                }
             }
             _ => {
                 let mut req = self.agent.get(&url);
@@ -98,6 +106,14 @@ impl AdminClient {
     /// Publishes whatever the publish checks say (an empty tree, many removals).
     pub fn publish_forced(&self) -> Result<PublishReply> {
         self.call("POST", "/publish?force=true")
+    }
+
+    /// Publishes reading only `paths` (relative to the tree) and their directories; `force` as for
+    /// [`Self::publish_forced`].
+    pub fn publish_paths(&self, paths: &[String], force: bool) -> Result<PublishReply> {
+        let path = if force { "/publish?force=true" } else { "/publish" };
+        let (url, code, body) = self.send_with("POST", path, Some(&serde_json::json!({ "paths": paths })))?;
+        self.decode(&url, code, &body)
     }
 
     /// Long-polls `/wait?{query}` (conditions as the admin API documents them) for at most `timeout_ms`

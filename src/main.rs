@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -16,6 +16,7 @@ use mirrormesh::config::{Config, DEFAULT_ADMIN};
 use mirrormesh::gentree::{self, GenTreeArgs};
 use mirrormesh::key::NodeKey;
 use mirrormesh::publish::{DEFAULT_REMOVAL_LIMIT_PERCENT, DEFAULT_VALIDITY, PublishGuard, PublishOptions, publish};
+use mirrormesh::scan::Changed;
 use mirrormesh::store::StateStore;
 use mirrormesh::table;
 use mirrormesh_proto::RepoId;
@@ -175,6 +176,26 @@ struct PublishArgs {
     /// Publish even if the snapshot is empty or removes more than the limit (the operator means it).
     #[arg(long)]
     force: bool,
+    /// Read only these paths (relative to the tree) and the directories holding them, keeping everything else as
+    /// the previous snapshot has it: for a master that knows what it changed. A directory named is read whole.
+    #[arg(long, num_args = 1.., value_name = "PATH")]
+    paths: Vec<String>,
+    /// As --paths, one path per line, from this file (`-`: standard input).
+    #[arg(long, value_name = "FILE", conflicts_with = "paths")]
+    paths_from: Option<PathBuf>,
+}
+
+/// The paths `publish --paths` or `--paths-from` names, if either does.
+fn changed_paths(args: &PublishArgs) -> Result<Option<Vec<String>>> {
+    if let Some(file) = &args.paths_from {
+        let text = if file == Path::new("-") {
+            std::io::read_to_string(std::io::stdin()).context("--paths-from -: reading standard input")?
+        } else {
+            std::fs::read_to_string(file).with_context(|| format!("--paths-from {}", file.display()))?
+        };
+        return Ok(Some(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()));
+    }
+    Ok((!args.paths.is_empty()).then(|| args.paths.clone()))
 }
 
 fn main() {
@@ -230,9 +251,15 @@ fn run(command: Command) -> Result<()> {
             show(&repos, args.json, |r| table::repos_table(r, now_ms(), table::terminal_width()))
         }
         Command::Wait(args) => wait(&args),
-        Command::Publish(PublishArgs { admin: Some(admin), token, force, .. }) => {
-            let client = AdminClient::new(&admin, token, Duration::from_secs(3600));
-            let r = if force { client.publish_forced()? } else { client.publish()? };
+        Command::Publish(args @ PublishArgs { admin: Some(_), .. }) => {
+            let paths = changed_paths(&args)?;
+            let (Some(admin), force) = (args.admin, args.force) else { unreachable!() };
+            let client = AdminClient::new(&admin, args.token, Duration::from_secs(3600));
+            let r = match paths {
+                Some(paths) => client.publish_paths(&paths, force)?,
+                None if force => client.publish_forced()?,
+                None => client.publish()?,
+            };
             let mut text = String::new();
             writeln!(text, "published {} seq {}", r.repo, r.seq)?;
             writeln!(text, "  root      {}", r.root)?;
@@ -244,6 +271,7 @@ fn run(command: Command) -> Result<()> {
             out(&text)
         }
         Command::Publish(args) => {
+            let paths = changed_paths(&args)?;
             let (Some(tree), Some(key), Some(state)) = (args.tree, args.key, args.state) else {
                 anyhow::bail!("publish needs --admin ADDR (a running origin) or all of --tree, --key and --state");
             };
@@ -264,6 +292,7 @@ fn run(command: Command) -> Result<()> {
                     ..PublishGuard::default()
                 },
                 exclude: Vec::new(),
+                changed: paths.map(|p| Changed::from_paths(&tree, &p)).transpose()?,
             };
             let r = publish(&store, &key, &opts)?;
             let s = &r.scan;
@@ -272,7 +301,11 @@ fn run(command: Command) -> Result<()> {
             writeln!(text, "published {} seq {}", r.body.repo, r.body.seq)?;
             writeln!(text, "  root      {}", r.body.root.to_hex())?;
             writeln!(text, "  files     {} ({}, {} bytes)", r.body.files, HumanBytes(r.body.bytes), r.body.bytes)?;
-            writeln!(text, "  entries   {} dirs, {} symlinks, {} skipped", s.dirs, s.symlinks, s.skipped)?;
+            writeln!(
+                text,
+                "  entries   {} dirs read, {} kept unread, {} symlinks, {} skipped, {} dirs read again (changed while read)",
+                s.dirs, s.dirs_kept, s.symlinks, s.skipped, s.dirs_reread
+            )?;
             writeln!(
                 text,
                 "  scan      {:.2} s: hashed {} files ({}, {}/s), {} unchanged from cache",

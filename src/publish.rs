@@ -12,7 +12,7 @@ use mirrormesh_proto::root::{DeltaRef, RootBody};
 use mirrormesh_proto::{RepoId, SignedRoot, Timestamp};
 
 use crate::key::NodeKey;
-use crate::scan::{ScanStats, scan};
+use crate::scan::{Changed, ScanStats, scan};
 use crate::store::StateStore;
 
 /// How long a published root stays valid unless the publisher says otherwise.
@@ -30,6 +30,9 @@ pub struct PublishOptions<'a> {
     pub guard: PublishGuard,
     /// Paths (relative to the tree) left out of the snapshot: the origin's own downstream files.
     pub exclude: Vec<String>,
+    /// Read only what changed since the previous snapshot (`publish --paths`, the tree watcher); `None`, or no
+    /// previous snapshot, reads the whole tree.
+    pub changed: Option<Changed>,
 }
 
 /// What a publish must find before it signs anything: the checks that keep an unmounted, moved or emptied tree from
@@ -185,7 +188,11 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         None => None,
     };
 
-    let scanned = scan(opts.tree, &mut writer, opts.progress, &opts.exclude)?;
+    let changes_since = match (&previous, &opts.changed) {
+        (Some(prev), Some(changed)) => Some((prev.root, changed)),
+        _ => None,
+    };
+    let scanned = scan(opts.tree, &mut writer, opts.progress, &opts.exclude, changes_since)?;
     let build_started = Instant::now();
     let root = scanned.root;
     let (changes, delta) = match &previous {
@@ -198,9 +205,28 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         None => (Vec::new(), None),
     };
     let build_elapsed = build_started.elapsed();
+    // The tree's totals: counted by a full scan; a scan of changes counts only what it read, so the previous
+    // snapshot's totals are moved by the changes.
+    let (files, bytes) = match (changes_since, &previous) {
+        (Some(_), Some(prev)) => changes.iter().fold((prev.files, prev.bytes), |(n, b), c| {
+            let size = |e: &Option<mirrormesh_proto::entry::Entry>| match e.as_ref().map(|e| &e.kind) {
+                Some(EntryKind::File(meta)) => Some(meta.size),
+                _ => None,
+            };
+            let (n, b) = match size(&c.old) {
+                Some(s) => (n.saturating_sub(1), b.saturating_sub(s)),
+                None => (n, b),
+            };
+            match size(&c.new) {
+                Some(s) => (n + 1, b + s),
+                None => (n, b),
+            }
+        }),
+        _ => (scanned.stats.files, scanned.stats.bytes),
+    };
     if !guard.force {
         // Dropping the writer records nothing of this scan.
-        check_removals(guard, scanned.stats.files, previous.as_ref(), &changes)?;
+        check_removals(guard, files, previous.as_ref(), &changes)?;
     }
 
     let created = now();
@@ -214,8 +240,8 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         created,
         expires: created.plus_ms(opts.validity.as_millis() as u64),
         root,
-        files: scanned.stats.files,
-        bytes: scanned.stats.bytes,
+        files,
+        bytes,
         delta: delta.as_ref().map(|(prev, bytes)| DeltaRef {
             base_seq: prev.seq,
             base_root: prev.root,
@@ -242,7 +268,7 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
             _ => (n, b),
         })
     } else {
-        (scanned.stats.files, scanned.stats.bytes)
+        (files, bytes)
     };
 
     Ok(PublishReport {

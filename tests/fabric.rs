@@ -205,15 +205,22 @@ fn an_origin_in_watch_mode_publishes_once_the_tree_is_quiet() {
     let origin = NodeOptions { watch_quiet_secs: Some(1), ..NodeOptions::default() };
     let mut fabric = LocalFabric::create(dir.path(), binary(), 1, &[origin, NodeOptions::default()]).unwrap();
     generate(&fabric.nodes[0].tree, 0.005, 4);
+    let other = fabric.nodes[0].tree.join("alpine/v3.20/main/x86_64");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("other-1.0-r0.apk"), b"another repository").unwrap();
     fabric.start_all().unwrap();
     // Nobody calls publish: the origin publishes on its own once the tree has been quiet for a second.
     let first = fabric.client(1, WAIT).wait_settled(1, WAIT_MS).unwrap();
     fabric.check_identical(1).unwrap();
     let seq = first.repos[0].seq.unwrap();
 
+    let published = fabric.watch_log(0, "published");
     std::fs::write(fabric.nodes[0].tree.join("alpine/edge/main/x86_64/new-1.0-r0.apk"), vec![7u8; 50_000]).unwrap();
     let second = fabric.client(1, WAIT).wait_settled(seq + 1, WAIT_MS).unwrap();
     assert!(second.repos[0].seq.unwrap() > seq);
     fabric.check_identical(1).unwrap();
     assert!(fabric.nodes[1].tree.join("alpine/edge/main/x86_64/new-1.0-r0.apk").exists());
+    // Only the changed directory and its ancestors were read: the other repository kept its previous root unread.
+    let line = published.recv_timeout(Duration::from_secs(WAIT_MS / 1000)).unwrap();
+    assert!(line.contains("dirs_read=4") && line.contains("dirs_kept=1"), "{line}");
 }

@@ -241,3 +241,157 @@ fn a_file_over_the_size_limit_is_left_out_and_counted_not_a_failed_publish() {
     let entries = published(&dir.path().join("state"));
     assert!(entries.contains_key("small.apk") && !entries.contains_key("huge.iso"));
 }
+
+/// A tree of `dirs` directories under `alpine/` with `per_dir` small packages and an index each.
+fn alpine_like(tree: &Path, dirs: &[&str], per_dir: u8) {
+    for (i, d) in dirs.iter().enumerate() {
+        for p in 0..per_dir {
+            write(tree, &format!("alpine/{d}/pkg{p}-1.0-r0.apk"), &bytes(1_000 + usize::from(p), (i as u8) ^ p));
+        }
+        write(tree, &format!("alpine/{d}/APKINDEX.tar.gz"), &bytes(300, i as u8));
+    }
+}
+
+/// Publishes `tree` with the library (into `state`), reading only `paths` when given.
+fn publish_lib(tree: &Path, state: &Path, paths: Option<&[&str]>) -> mirrormesh::publish::PublishReport {
+    use mirrormesh::publish::{PublishGuard, PublishOptions, publish};
+    let store = StateStore::open(state).unwrap();
+    let key = mirrormesh::key::NodeKey::from_seed([7; 32]).unwrap();
+    let opts = PublishOptions {
+        tree,
+        repo: RepoId::new("alpine").unwrap(),
+        validity: std::time::Duration::from_secs(3600),
+        progress: false,
+        guard: PublishGuard::default(),
+        exclude: Vec::new(),
+        changed: paths.map(|p| mirrormesh::scan::Changed::from_paths(tree, p).unwrap()),
+    };
+    publish(&store, &key, &opts).unwrap()
+}
+
+#[test]
+fn a_publish_of_named_paths_reads_only_their_directories_and_equals_a_full_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    let dirs = ["edge/main/x86_64", "edge/community/x86_64", "v3.20/main/x86_64", "v3.20/main/aarch64"];
+    alpine_like(&tree, &dirs, 40);
+    let first = publish_lib(&tree, &dir.path().join("state"), None);
+    assert_eq!(first.body.files, 4 * 41);
+
+    // A rebuilt package (new file, new index, old file gone), a package added elsewhere, and a new repository.
+    write(&tree, "alpine/edge/main/x86_64/pkg3-1.0-r1.apk", &bytes(5_000, 99));
+    write(&tree, "alpine/edge/main/x86_64/APKINDEX.tar.gz", &bytes(301, 98));
+    std::fs::remove_file(tree.join("alpine/edge/main/x86_64/pkg3-1.0-r0.apk")).unwrap();
+    write(&tree, "alpine/v3.20/main/aarch64/extra-2-r0.apk", &bytes(7_000, 97));
+    alpine_like(&tree.join("alpine/v3.21"), &["main/x86_64"], 5);
+    std::fs::rename(tree.join("alpine/v3.21/alpine/main"), tree.join("alpine/v3.21/main")).unwrap();
+    std::fs::remove_dir(tree.join("alpine/v3.21/alpine")).unwrap();
+    let paths = [
+        "alpine/edge/main/x86_64/pkg3-1.0-r1.apk",
+        "alpine/edge/main/x86_64/APKINDEX.tar.gz",
+        "alpine/edge/main/x86_64/pkg3-1.0-r0.apk",
+        "/alpine/v3.20/main/aarch64/extra-2-r0.apk",
+        "alpine/v3.21",
+    ];
+    let changed = publish_lib(&tree, &dir.path().join("state"), Some(&paths));
+    // Read: the two changed directories, the new repository's two, and their ancestors; the other two repositories'
+    // directories were kept unread.
+    assert_eq!(changed.scan.dirs_kept, 2, "{:?}", changed.scan);
+    assert_eq!(
+        changed.scan.files,
+        41 + 42 + 6,
+        "only the changed directories' files are looked at: {:?}",
+        changed.scan
+    );
+    assert_eq!(changed.scan.hashed_files, 2 + 1 + 6, "{:?}", changed.scan);
+    assert_eq!(changed.changed_files, 2 + 1 + 6);
+
+    // The same snapshot a full scan of the tree gives, totals included.
+    let full = publish_lib(&tree, &dir.path().join("state-full"), None);
+    assert_eq!(changed.body.root, full.body.root);
+    assert_eq!((changed.body.files, changed.body.bytes), (full.body.files, full.body.bytes));
+}
+
+#[test]
+fn a_directory_still_being_written_keeps_its_previous_content_until_it_is_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    alpine_like(&tree, &["edge/main/x86_64", "edge/testing/x86_64"], 3);
+    let state = dir.path().join("state");
+    let first = publish_lib(&tree, &state, None);
+    write(&tree, "alpine/edge/main/x86_64/new-1-r0.apk", b"quiet");
+    write(&tree, "alpine/edge/testing/x86_64/half-1-r0.apk", b"still being written");
+    std::fs::create_dir_all(tree.join("alpine/edge/busy/x86_64")).unwrap();
+    write(&tree, "alpine/edge/busy/x86_64/a.apk", b"new, busy");
+
+    let store = StateStore::open(&state).unwrap();
+    let key = mirrormesh::key::NodeKey::from_seed([7; 32]).unwrap();
+    let changed = mirrormesh::scan::Changed {
+        dirs: ["alpine/edge/main/x86_64".to_owned(), "alpine/edge".to_owned()].into(),
+        trees: Default::default(),
+        keep: ["alpine/edge/testing/x86_64".to_owned(), "alpine/edge/busy".to_owned()].into(),
+    };
+    let opts = mirrormesh::publish::PublishOptions {
+        tree: &tree,
+        repo: RepoId::new("alpine").unwrap(),
+        validity: std::time::Duration::from_secs(3600),
+        progress: false,
+        guard: Default::default(),
+        exclude: Vec::new(),
+        changed: Some(changed),
+    };
+    let report = mirrormesh::publish::publish(&store, &key, &opts).unwrap();
+    drop(store);
+    let entries = published(&state);
+    assert!(entries.contains_key("alpine/edge/main/x86_64/new-1-r0.apk"));
+    assert!(!entries.contains_key("alpine/edge/testing/x86_64/half-1-r0.apk"), "a busy directory was read");
+    assert!(!entries.keys().any(|p| p.starts_with("alpine/edge/busy")), "a new busy directory was published");
+    assert_eq!(report.body.files, first.body.files + 1);
+}
+
+#[test]
+fn publish_paths_on_the_command_line_and_from_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    alpine_like(&tree, &["edge/main/x86_64", "edge/community/x86_64", "v3.20/main/x86_64"], 10);
+    publish_offline(dir.path(), &tree);
+    write(&tree, "alpine/edge/main/x86_64/one-1-r0.apk", b"one");
+    let key = dir.path().join("origin.key");
+    let state = dir.path().join("state");
+    let base = [
+        "publish",
+        "--tree",
+        tree.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+    ];
+    let out = mirrormesh(&[&base[..], &["--paths", "alpine/edge/main/x86_64/one-1-r0.apk"]].concat());
+    assert!(field(&out, "entries").contains("2 kept unread"), "{out}");
+    assert!(field(&out, "files").starts_with("34 "), "{out}");
+
+    // From standard input, one path per line.
+    write(&tree, "alpine/v3.20/main/x86_64/two-1-r0.apk", b"two");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mirrormesh"))
+        .args([&base[..], &["--paths-from", "-"]].concat())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(b"alpine/v3.20/main/x86_64/two-1-r0.apk\n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let out = String::from_utf8(out.stdout).unwrap();
+    assert!(field(&out, "files").starts_with("35 "), "{out}");
+    assert!(published(&state).contains_key("alpine/v3.20/main/x86_64/two-1-r0.apk"));
+
+    // A path that is not a clean relative path is refused before anything is read.
+    let out = Command::new(env!("CARGO_BIN_EXE_mirrormesh"))
+        .args([&base[..], &["--paths", "alpine/../etc/passwd"]].concat())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("changed path \"alpine/../etc/passwd\""), "{err}");
+}

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`testbed`]: real daemons on hosts in network namespaces, shaped links, WAN emulation, the rsync recipe side by
 //!   side (`mirrormesh-lab testbed ...`).
+//! - [`fullsize`]: trees of a whole Alpine mirror's shape, and builders' updates across them (`mirrormesh-lab gen-mirror`).
 //! - [`raw`]: the raw quinn baseline that data-plane benchmarks compare against.
 //!
 //! The daemons the testbed runs are the product's own binary, `mirrormesh`, found by [`daemon_binary`].
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
+pub mod fullsize;
 pub mod raw;
 pub mod testbed;
 

@@ -15,6 +15,9 @@ struct Cli {
 enum Command {
     /// Benchmarks on real hosts (network namespaces, shaped links), rsync side by side (needs root and rsync).
     Testbed(mirrormesh_lab::testbed::TestbedArgs),
+    /// Writes a tree of a whole Alpine mirror's shape (432 directories, a chosen number of files and bytes), or
+    /// rebuilds packages across one, for the full-size benchmarks.
+    GenMirror(mirrormesh_lab::fullsize::GenMirrorArgs),
 }
 
 fn main() {
@@ -26,5 +29,6 @@ fn main() {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Testbed(args) => mirrormesh_lab::testbed::run(&args),
+        Command::GenMirror(args) => mirrormesh_lab::fullsize::run(&args),
     }
 }

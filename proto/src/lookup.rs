@@ -76,8 +76,9 @@ impl<'a, S: NodeSource> Lookup<'a, S> {
         Ok(self.listed.back().map(|(_, entries)| entries.as_slice()).unwrap_or_default())
     }
 
-    /// Every entry of the directory whose tree root is `dir`, in name order.
-    fn list(&self, dir: &NodeHash) -> Result<Vec<Entry>, LookupError> {
+    /// Every entry of the directory whose tree root is `dir`, in name order (read from the source each time: the
+    /// publisher's scan of a changed directory reads the previous snapshot's listing once).
+    pub fn list(&self, dir: &NodeHash) -> Result<Vec<Entry>, LookupError> {
         let mut entries = Vec::new();
         let mut stack = vec![(*dir, None)];
         while let Some((hash, level)) = stack.pop() {

@@ -98,7 +98,7 @@ impl Daemon {
                 if !self.publisher.is_running() {
                     let seq = self.engine.current().map(|c| c.body.seq);
                     tracing::info!(seq, "root past half its validity: re-signing");
-                    self.start_publish(false, None);
+                    self.start_publish(false, super::PublishScope::Whole, None);
                 }
             }
             Output::PersistRoot(root) => {

@@ -59,6 +59,7 @@ use crate::dataplane::{DataPlane, DataPlaneConfig, Decision, ORIGIN_SENDING_REPL
 use crate::key::NodeKey;
 use crate::metrics::Metrics;
 use crate::publish::{PublishError, PublishGuard, PublishOptions, PublishReport, now, publish};
+use crate::scan::Changed;
 use crate::staging::{Prepared, Staging};
 use crate::status::{PublishReply, Status};
 use crate::store::{StateStore, StoreReader};
@@ -107,6 +108,16 @@ enum Wake {
     Chores,
 }
 
+/// What a publish reads.
+pub(crate) enum PublishScope {
+    /// The whole tree.
+    Whole,
+    /// Paths an operator named (`publish --paths`).
+    Paths(Vec<String>),
+    /// What the watcher saw change.
+    Changed(Changed),
+}
+
 /// Things tasks and the admin API tell the loop.
 pub enum LoopEvent {
     Staged {
@@ -136,9 +147,11 @@ pub enum LoopEvent {
         chunks: Vec<ChunkId>,
         reply: oneshot::Sender<Vec<Decision>>,
     },
-    /// The admin API asks the origin to publish (`force`: whatever the publish checks say).
+    /// The admin API asks the origin to publish (`force`: whatever the publish checks say; `paths`: only these
+    /// changed, relative to the tree).
     Publish {
         force: bool,
+        paths: Option<Vec<String>>,
         reply: oneshot::Sender<Result<PublishReply, String>>,
     },
     /// Something changed in the served tree (origin watch mode).
@@ -723,7 +736,10 @@ impl Daemon {
                     .collect();
                 let _ = reply.send(decisions);
             }
-            LoopEvent::Publish { force, reply } => self.start_publish(force, Some(reply)),
+            LoopEvent::Publish { force, paths, reply } => {
+                let scope = paths.map_or(PublishScope::Whole, PublishScope::Paths);
+                self.start_publish(force, scope, Some(reply))
+            }
             LoopEvent::TreeChanged => self.publisher.tree_changed(Instant::now()),
             LoopEvent::Reload => {
                 self.service.reloading();
@@ -794,14 +810,23 @@ impl Daemon {
         self.count("reloads");
     }
 
-    fn start_publish(&mut self, force: bool, reply: Option<oneshot::Sender<Result<PublishReply, String>>>) {
+    fn start_publish(
+        &mut self,
+        force: bool,
+        scope: PublishScope,
+        reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
+    ) {
         if self.cfg.role != RoleName::Origin {
             if let Some(reply) = reply {
                 let _ = reply.send(Err("this node is a mirror; only the origin publishes".into()));
             }
             return;
         }
-        if !self.publisher.begin() {
+        let taken = match &scope {
+            PublishScope::Changed(changed) => Some(changed.clone()),
+            _ => None,
+        };
+        if !self.publisher.begin(taken) {
             if let Some(reply) = reply {
                 let _ = reply.send(Err("a publish is already running".into()));
             }
@@ -819,8 +844,15 @@ impl Daemon {
         }
         let events = self.events_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let opts = PublishOptions { tree: &tree, repo, validity, progress: false, guard, exclude };
-            let result = publish(&store, &key, &opts);
+            let changed = match scope {
+                PublishScope::Whole => Ok(None),
+                PublishScope::Paths(paths) => Changed::from_paths(&tree, &paths).map(Some),
+                PublishScope::Changed(changed) => Ok(Some(changed)),
+            };
+            let result = changed.map_err(PublishError::Failed).and_then(|changed| {
+                let opts = PublishOptions { tree: &tree, repo, validity, progress: false, guard, exclude, changed };
+                publish(&store, &key, &opts)
+            });
             let _ = events.blocking_send(LoopEvent::Published { result: Box::new(result), reply });
         });
     }
@@ -878,7 +910,17 @@ impl Daemon {
         let served = self.data.traffic().values().map(|t| t.bytes_sent).sum();
         let published = crate::history::Newest { seq: report.body.seq, created_ms: report.body.created.0 };
         self.projector.snapshot_published(self.cfg.repo.as_str(), t.0, published, report.changed_bytes, served);
-        tracing::info!(seq = report.body.seq, root = %report.body.root, files = report.body.files, changes = report.changes, "published");
+        tracing::info!(
+            seq = report.body.seq,
+            root = %report.body.root,
+            files = report.body.files,
+            changes = report.changes,
+            dirs_read = report.scan.dirs,
+            dirs_kept = report.scan.dirs_kept,
+            dirs_reread = report.scan.dirs_reread,
+            scan_ms = report.scan.elapsed.as_millis() as u64,
+            "published"
+        );
         // A client that reads the status after the answer sees the new snapshot.
         let key = self.status_key();
         self.publish_status(key);
@@ -1150,8 +1192,10 @@ impl Daemon {
             self.fault_announce_fake_chunks();
             hurry = true;
         }
-        if self.publisher.watch_due(Instant::now()) {
-            self.start_publish(false, None);
+        match self.publisher.watch_due(Instant::now()) {
+            Some(publisher::Due::Full) => self.start_publish(false, PublishScope::Whole, None),
+            Some(publisher::Due::Changed(changed)) => self.start_publish(false, PublishScope::Changed(changed), None),
+            None => {}
         }
         hurry |= self.publisher.change_pending();
         self.report_data_refusals();

@@ -508,10 +508,21 @@ pub const ORIGIN_METADATA_ASKERS: u64 = 3;
 /// would concentrate them (1 s was the first value; in the simulator no mirror waited even 300 ms).
 pub const ORIGIN_METADATA_WAIT_MS: u64 = 300;
 
+/// A mirror with fewer neighbours than this asks the origin for a new manifest at once: the origin saves at most
+/// that many copies of the manifest, while a wait can only add to the mirror's time (up to
+/// [`ORIGIN_METADATA_WAIT_MS`]). On the WAN testbed (8 mirrors, 7 neighbours each, round trips up to 327 ms) the
+/// 50-package update took 15.4-16.1 s with the wait and 12.5-15.2 s without (four and three runs, one machine, one
+/// hour: not a clear difference, but no gain either; BENCHMARKS.md, "release-1000, corrected").
+pub const ORIGIN_METADATA_STAGGER_NEIGHBOURS_MIN: usize = 16;
+
 /// Whether this node is one of those asking the origin for snapshot `seq`'s manifest at once, among `others`
-/// neighbours (not the origin): with probability [`ORIGIN_METADATA_ASKERS`] in
-/// `others + 1`, drawn from the node's salt and `seq` (another draw for every snapshot).
+/// neighbours (not the origin): always below [`ORIGIN_METADATA_STAGGER_NEIGHBOURS_MIN`], else with probability
+/// [`ORIGIN_METADATA_ASKERS`] in `others + 1`, drawn from the node's salt and `seq` (another draw for every
+/// snapshot).
 pub fn asks_origin_for_manifest_at_once(salt: u64, seq: u64, others: usize) -> bool {
+    if others < ORIGIN_METADATA_STAGGER_NEIGHBOURS_MIN {
+        return true;
+    }
     let draw = scheduler::mix(salt ^ scheduler::mix(seq)) % 1_000_000;
     draw * (others as u64 + 1) < ORIGIN_METADATA_ASKERS * 1_000_000
 }
@@ -1770,8 +1781,11 @@ mod tests {
 
     #[test]
     fn about_three_of_a_mirrors_neighbours_ask_the_origin_for_a_new_manifest_at_once() {
-        // Alone with the origin: always at once.
-        assert!((0..1000).all(|salt| asks_origin_for_manifest_at_once(salt, 7, 0)));
+        // Alone with the origin, or among few neighbours: always at once.
+        assert!((0..1000).all(|salt| asks_origin_for_manifest_at_once(mix_salt(salt), 7, 0)));
+        assert!((0..1000).all(|salt| asks_origin_for_manifest_at_once(mix_salt(salt), 7, 7)));
+        assert!((0..1000).all(|salt| asks_origin_for_manifest_at_once(mix_salt(salt), 7, 15)));
+        assert!(!(0..1000).all(|salt| asks_origin_for_manifest_at_once(mix_salt(salt), 7, 16)));
         // Among 23 neighbours (24 mirrors): 3 in 24, each snapshot another draw.
         for seq in [1, 2, 3] {
             let at_once =
