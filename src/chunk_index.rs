@@ -28,19 +28,39 @@ pub struct ChunkLoc {
 #[derive(Default)]
 pub struct ChunkIndex {
     map: HashMap<ChunkId, Vec<ChunkLoc>>,
+    /// The snapshot this index is known to describe (`None` once a diff whose target it was not told was applied).
+    root: Option<NodeHash>,
 }
 
 impl ChunkIndex {
-    /// The index of the snapshot at `root`.
+    /// The index of the snapshot at `root` (a walk of its whole manifest).
     pub fn build(source: &impl NodeSource, root: &NodeHash) -> Result<Self> {
         let (changes, _) = diff(source, None, root).context("walking the applied manifest")?;
         let mut index = Self::default();
         index.apply(&changes);
+        index.root = Some(*root);
         Ok(index)
+    }
+
+    /// Moves the index from snapshot `from` to snapshot `to` by their diff, in proportion to the change; false (and
+    /// nothing done) if the index does not describe `from` (build it anew then).
+    pub fn advance(&mut self, from: &NodeHash, to: &NodeHash, changes: &[Change]) -> bool {
+        if self.root != Some(*from) {
+            return false;
+        }
+        self.apply(changes);
+        self.root = Some(*to);
+        true
+    }
+
+    /// Every chunk the index knows, in no order.
+    pub fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.map.keys().copied()
     }
 
     /// Follows a diff: chunks of removed or replaced files are forgotten, those of new files recorded.
     pub fn apply(&mut self, changes: &[Change]) {
+        self.root = None;
         for change in changes {
             if let Some(EntryKind::File(meta)) = change.old.as_ref().map(|e| &e.kind) {
                 self.remove_file(&change.path, meta);
@@ -85,5 +105,51 @@ impl ChunkIndex {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use mirrormesh_proto::tree::TreeDir;
+
+    use super::*;
+
+    fn file(seed: &[u8]) -> FileMeta {
+        FileMeta { mode: 0o644, size: 10, mtime: 0, chunks: vec![ChunkId::of(seed)] }
+    }
+
+    fn locations(index: &ChunkIndex) -> BTreeMap<ChunkId, Vec<(String, u32)>> {
+        index.map.iter().map(|(id, locs)| (*id, locs.iter().map(|l| (l.path.to_string(), l.index)).collect())).collect()
+    }
+
+    #[test]
+    fn advancing_by_a_diff_gives_the_index_a_build_of_the_new_snapshot_gives() {
+        let mut nodes = BTreeMap::new();
+        let mut old = TreeDir::default();
+        old.insert_file("a/x.apk", file(b"x")).unwrap();
+        old.insert_file("a/y.apk", file(b"y")).unwrap();
+        old.insert_file("b/z.apk", file(b"z")).unwrap();
+        let from = old.build(&mut nodes).unwrap();
+        let mut new = TreeDir::default();
+        new.insert_file("a/x.apk", file(b"x2")).unwrap();
+        new.insert_file("b/z.apk", file(b"z")).unwrap();
+        new.insert_file("b/w.apk", file(b"y")).unwrap();
+        let to = new.build(&mut nodes).unwrap();
+
+        let mut index = ChunkIndex::build(&nodes, &from).unwrap();
+        let (changes, _) = diff(&nodes, Some(&from), &to).unwrap();
+        // Not from the snapshot it describes: refused, untouched.
+        assert!(!index.advance(&to, &from, &changes));
+        assert_eq!(locations(&index), locations(&ChunkIndex::build(&nodes, &from).unwrap()));
+        assert!(index.advance(&from, &to, &changes));
+        assert_eq!(locations(&index), locations(&ChunkIndex::build(&nodes, &to).unwrap()));
+        let mut ids: Vec<ChunkId> = index.chunk_ids().collect();
+        ids.sort();
+        assert_eq!(ids.len(), 3);
+        // A diff applied without naming its target leaves the index not knowing its snapshot.
+        index.apply(&[]);
+        assert!(!index.advance(&to, &to, &[]));
     }
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use mirrormesh_proto::delta::{DELTA_BYTES_MAX, DeltaHash, ManifestDelta};
 use mirrormesh_proto::diff::diff;
 use mirrormesh_proto::entry::EntryKind;
+use mirrormesh_proto::node::NodeHash;
 use mirrormesh_proto::root::{DeltaRef, RootBody};
 use mirrormesh_proto::{RepoId, SignedRoot, Timestamp};
 
@@ -168,6 +169,9 @@ pub struct PublishReport {
     /// what mirrors must fetch.
     pub changed_files: u64,
     pub changed_bytes: u64,
+    /// The previous snapshot's root and what changed since (empty for the first snapshot).
+    pub previous_root: Option<NodeHash>,
+    pub diff: Vec<mirrormesh_proto::diff::Change>,
 }
 
 /// The wall clock as the core's timestamp.
@@ -283,5 +287,7 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         delta_bytes: delta.map(|(_, d)| d.len()),
         changed_files,
         changed_bytes,
+        previous_root: previous.as_ref().map(|p| p.root),
+        diff: changes,
     })
 }

@@ -886,13 +886,27 @@ impl Daemon {
         };
         self.health.clear(ProblemKind::PublishRefused);
         self.health.clear(ProblemKind::PublishFailed);
-        let reader = self.store.reader()?;
-        let index = ChunkIndex::build(&reader, &report.body.root)?;
-        let chunks = mirrormesh_proto::sync::ChunkSet::of_snapshot(&reader, &report.body.root)?;
-        drop(reader);
-        if let Ok(mut current) = self.index.write() {
-            *current = index;
-        }
+        // The served chunks' index follows the diff (in proportion to the change); built anew from the manifest only
+        // when it does not describe the previous snapshot (the first publish).
+        let advanced = match (report.previous_root, self.index.write()) {
+            (Some(from), Ok(mut current)) => current
+                .advance(&from, &report.body.root, &report.diff)
+                .then(|| mirrormesh_proto::sync::ChunkSet::new(current.chunk_ids())),
+            _ => None,
+        };
+        let chunks = match advanced {
+            Some(chunks) => chunks,
+            None => {
+                let reader = self.store.reader()?;
+                let index = ChunkIndex::build(&reader, &report.body.root)?;
+                let chunks = mirrormesh_proto::sync::ChunkSet::of_snapshot(&reader, &report.body.root)?;
+                drop(reader);
+                if let Ok(mut current) = self.index.write() {
+                    *current = index;
+                }
+                chunks
+            }
+        };
         let accepted = self.feed(Input::Published { root: report.signed.clone(), chunks });
         if let Err(e) = accepted {
             let message = format!("publishing: the engine refused the new root: {e}");
