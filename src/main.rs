@@ -303,8 +303,8 @@ fn run(command: Command) -> Result<()> {
             writeln!(text, "  files     {} ({}, {} bytes)", r.body.files, HumanBytes(r.body.bytes), r.body.bytes)?;
             writeln!(
                 text,
-                "  entries   {} dirs read, {} kept unread, {} symlinks, {} skipped, {} dirs read again (changed while read)",
-                s.dirs, s.dirs_kept, s.symlinks, s.skipped, s.dirs_reread
+                "  entries   {} dirs read, {} kept unread, {} symlinks, {} skipped, {} dirs read again (changed while read), {} kept as before (changed during every read)",
+                s.dirs, s.dirs_kept, s.symlinks, s.skipped, s.dirs_reread, s.dirs_kept_busy
             )?;
             writeln!(
                 text,

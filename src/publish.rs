@@ -192,11 +192,9 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         None => None,
     };
 
-    let changes_since = match (&previous, &opts.changed) {
-        (Some(prev), Some(changed)) => Some((prev.root, changed)),
-        _ => None,
-    };
-    let scanned = scan(opts.tree, &mut writer, opts.progress, &opts.exclude, changes_since)?;
+    let changes_since = previous.as_ref().and(opts.changed.as_ref());
+    let previous_root = previous.as_ref().map(|p| p.root);
+    let scanned = scan(opts.tree, &mut writer, opts.progress, &opts.exclude, previous_root, changes_since)?;
     let build_started = Instant::now();
     let root = scanned.root;
     let (changes, delta) = match &previous {
@@ -209,10 +207,11 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         None => (Vec::new(), None),
     };
     let build_elapsed = build_started.elapsed();
-    // The tree's totals: counted by a full scan; a scan of changes counts only what it read, so the previous
-    // snapshot's totals are moved by the changes.
-    let (files, bytes) = match (changes_since, &previous) {
-        (Some(_), Some(prev)) => changes.iter().fold((prev.files, prev.bytes), |(n, b), c| {
+    // The tree's totals: counted by a full scan; a scan of changes counts only what it read (and a busy directory
+    // kept as it was is not read), so then the previous snapshot's totals are moved by the changes.
+    let partial = changes_since.is_some() || scanned.stats.dirs_kept_busy > 0;
+    let (files, bytes) = match (partial, &previous) {
+        (true, Some(prev)) => changes.iter().fold((prev.files, prev.bytes), |(n, b), c| {
             let size = |e: &Option<mirrormesh_proto::entry::Entry>| match e.as_ref().map(|e| &e.kind) {
                 Some(EntryKind::File(meta)) => Some(meta.size),
                 _ => None,

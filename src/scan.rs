@@ -11,8 +11,9 @@
 //!
 //! **A busy tree.** Builders write into the tree while it is scanned. Each directory is captured whole or not at
 //! all: after its files are read, it is listed and its files `lstat`ed again, and if anything differs (a name came or
-//! went, a file changed while it was read) the directory is read again, up to [`DIR_READ_ATTEMPTS`] times; only then
-//! does the scan fail. So an index and the packages it names are taken from one moment of their directory.
+//! went, a file changed while it was read) the directory is read again, up to [`DIR_READ_ATTEMPTS`] times; then it is
+//! published as the previous snapshot has it (its changes wait for the next publish), or, with no previous snapshot
+//! holding it, the scan fails. So an index and the packages it names are taken from one moment of their directory.
 //!
 //! **Reading only what changed** ([`Changed`]). Given the previous snapshot's root and the directories that changed
 //! since (from the tree watcher, or named by the operator: `publish --paths`), the scan lists those directories and
@@ -165,8 +166,10 @@ pub struct ScanStats {
     pub hashed_files: u64,
     pub hashed_bytes: u64,
     pub cached_files: u64,
-    /// Directories read again because they changed while they were read.
+    /// Directories read again because they changed while they were read, and those that changed during every
+    /// read and were published as the previous snapshot has them.
     pub dirs_reread: u64,
+    pub dirs_kept_busy: u64,
     pub elapsed: Duration,
     /// Time spent reading and hashing (part of `elapsed`).
     pub hash_elapsed: Duration,
@@ -190,6 +193,10 @@ struct Scope {
     listed: BTreeSet<String>,
 }
 
+/// Tests' hook between a directory's read and its second look.
+#[cfg(test)]
+type BetweenLooks = Box<dyn FnMut(&str, u32)>;
+
 /// One read of one directory: what it found, before it is checked against a second look.
 #[derive(Default)]
 struct DirRead {
@@ -199,7 +206,7 @@ struct DirRead {
     /// Every entry read, as `lstat` saw it (checked again once the directory is read).
     seen: Vec<(PathBuf, Metadata)>,
     names: Vec<String>,
-    skipped: Vec<(String, String)>,
+    skipped: Skipped,
     files: u64,
     bytes: u64,
     cached_files: u64,
@@ -210,22 +217,26 @@ struct Scanner<'a> {
     writer: &'a mut StoreWriter,
     exclude: &'a [String],
     scope: Option<Scope>,
+    /// The previous snapshot's root, if any.
+    previous_root: Option<NodeHash>,
     stats: ScanStats,
     bar: ProgressBar,
     /// Tests: called between a directory's read and its second look, with the directory and the attempt.
     #[cfg(test)]
-    between_looks: Option<Box<dyn FnMut(&str, u32)>>,
+    between_looks: Option<BetweenLooks>,
 }
 
 /// Scans the tree at `root`, writing its manifest nodes and scan-cache entries into `writer`; the paths in `exclude`
-/// (relative to `root`) are left out. With `changes` (the previous snapshot's root and what changed since), only the
-/// changed directories and their ancestors are read (see the module doc).
+/// (relative to `root`) are left out. `previous` is the previous snapshot's root: with `changed` (what changed since),
+/// only the changed directories and their ancestors are read (see the module doc); a directory that changed during
+/// every read is published as `previous` has it.
 pub fn scan(
     root: &Path,
     writer: &mut StoreWriter,
     progress: bool,
     exclude: &[String],
-    changes: Option<(NodeHash, &Changed)>,
+    previous: Option<NodeHash>,
+    changed: Option<&Changed>,
 ) -> Result<Scan> {
     let started = Instant::now();
     let meta = std::fs::metadata(root).with_context(|| format!("tree {}", root.display()))?;
@@ -243,18 +254,19 @@ pub fn scan(
     } else {
         ProgressBar::hidden()
     };
-    let scope = changes.map(|(_, c)| Scope { listed: c.listed(), changed: c.clone() });
-    let previous = changes.map(|(root, _)| root);
+    let scope = changed.filter(|_| previous.is_some()).map(|c| Scope { listed: c.listed(), changed: c.clone() });
     let mut scanner = Scanner {
         writer,
         exclude,
         scope,
+        previous_root: previous,
         stats: ScanStats::default(),
         bar,
         #[cfg(test)]
         between_looks: None,
     };
-    let root = scanner.dir(root, "", previous)?;
+    let start = if scanner.scope.is_some() { previous } else { None };
+    let root = scanner.dir(root, "", start)?;
     scanner.bar.finish_and_clear();
     let mut stats = scanner.stats;
     stats.elapsed = started.elapsed();
@@ -285,7 +297,30 @@ impl Scanner<'_> {
             self.stats.dirs_reread += 1;
             tracing::info!(dir = rel, attempt, "changed while it was read; reading it again");
         }
+        if let Some(kept) = self.previous_dir_root(rel)? {
+            self.stats.dirs_kept_busy += 1;
+            tracing::warn!(
+                dir = rel,
+                "changed during each of {DIR_READ_ATTEMPTS} reads: published as the previous snapshot has it"
+            );
+            return Ok(kept);
+        }
         bail!("{} changed during each of {DIR_READ_ATTEMPTS} reads; publish again once it is quiet", abs.display())
+    }
+
+    /// The root directory `rel` has in the previous snapshot, if there is one and it has it.
+    fn previous_dir_root(&self, rel: &str) -> Result<Option<NodeHash>> {
+        let Some(root) = self.previous_root else { return Ok(None) };
+        if rel.is_empty() {
+            return Ok(Some(root));
+        }
+        let entry = Lookup::new(&*self.writer, root)
+            .entry(rel)
+            .with_context(|| format!("reading the previous snapshot's entry of {rel:?}"))?;
+        Ok(match entry.map(|e| e.kind) {
+            Some(EntryKind::Dir { root, .. }) => Some(root),
+            _ => None,
+        })
     }
 
     /// Lists a directory and `lstat`s its entries, scanning subdirectories as it goes; `None` if an entry went away
@@ -444,8 +479,11 @@ impl Scanner<'_> {
     }
 }
 
+/// Entries left out of a manifest: path and why.
+type Skipped = Vec<(String, String)>;
+
 /// A directory's names a manifest can carry, sorted, and those it cannot (with why).
-fn list_names(abs: &Path, rel: &str) -> Result<(Vec<String>, Vec<(String, String)>)> {
+fn list_names(abs: &Path, rel: &str) -> Result<(Vec<String>, Skipped)> {
     let (mut names, mut skipped) = (Vec::new(), Vec::new());
     for item in std::fs::read_dir(abs).with_context(|| format!("listing {}", abs.display()))? {
         let item = item.with_context(|| format!("listing {}", abs.display()))?;
@@ -522,12 +560,13 @@ mod tests {
     }
 
     /// Scans `root` whole with `hook` between each directory's read and its second look.
-    fn scan_with(store: &StateStore, root: &Path, hook: Box<dyn FnMut(&str, u32)>) -> Result<Scan> {
+    fn scan_with(store: &StateStore, root: &Path, previous: Option<NodeHash>, hook: BetweenLooks) -> Result<Scan> {
         let mut writer = store.writer()?;
         let mut scanner = Scanner {
             writer: &mut writer,
             exclude: &[],
             scope: None,
+            previous_root: previous,
             stats: ScanStats::default(),
             bar: ProgressBar::hidden(),
             between_looks: Some(hook),
@@ -566,7 +605,7 @@ mod tests {
                 write(&builder_tree, "repo/x86_64/APKINDEX", b"a-1.apk\nb-1.apk\n");
             }
         });
-        let scan = scan_with(&store, &tree, hook).unwrap();
+        let scan = scan_with(&store, &tree, None, hook).unwrap();
         assert_eq!(scan.stats.dirs_reread, 1, "{:?}", scan.stats);
         let files = files(&store, scan.root);
         // The second read's state, whole: the new index with the package it names.
@@ -575,22 +614,37 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_that_changes_during_every_read_fails_the_scan_with_a_clear_error() {
+    fn a_directory_that_changes_during_every_read_keeps_its_previous_content_or_fails_the_first_scan_clearly() {
         let dir = tempfile::tempdir().unwrap();
         let tree = dir.path().join("tree");
         write(&tree, "repo/APKINDEX", b"0");
+        write(&tree, "other/APKINDEX", b"1");
         let store = StateStore::open(&dir.path().join("state")).unwrap();
-        let builder_tree = tree.clone();
-        let hook = Box::new(move |_: &str, attempt: u32| {
-            write(&builder_tree, "repo/APKINDEX", &[b'0'; 40][..attempt as usize + 1])
-        });
-        let err = format!("{:#}", scan_with(&store, &tree, hook).err().expect("the scan gives up"));
+        let builder = |tree: PathBuf| -> BetweenLooks {
+            Box::new(move |rel: &str, attempt: u32| {
+                if rel == "repo" {
+                    write(&tree, "repo/APKINDEX", &[b'0'; 40][..attempt as usize + 1]);
+                }
+            })
+        };
+        // No previous snapshot to fall back on: the scan fails, and says why.
+        let err = format!("{:#}", scan_with(&store, &tree, None, builder(tree.clone())).err().expect("it gives up"));
         assert!(err.contains("changed during each of 5 reads"), "{err}");
+
+        // With one, the busy directory is published as it was; the rest as it is now.
+        let quiet = scan_with(&store, &tree, None, Box::new(|_: &str, _: u32| {})).unwrap();
+        write(&tree, "other/APKINDEX", b"2");
+        let scan = scan_with(&store, &tree, Some(quiet.root), builder(tree.clone())).unwrap();
+        assert_eq!(scan.stats.dirs_kept_busy, 1, "{:?}", scan.stats);
+        let files = files(&store, scan.root);
+        assert_eq!(files["repo/APKINDEX"], vec![ChunkId::of(&[b'0'; 6])]);
+        assert_eq!(files["other/APKINDEX"], vec![ChunkId::of(b"2")]);
     }
 
     /// A builder keeps writing packages and indexes (package first, index next, the old package last, as Alpine's
-    /// upload does) into four directories while the tree is scanned again and again: every scan's manifest has, in
-    /// every directory, an index naming only files that the manifest has there too.
+    /// upload does) into four directories, as fast as it can, while the tree is scanned again and again: every scan
+    /// succeeds, and its manifest has, in every directory, an index naming only files that the manifest has there
+    /// too.
     #[test]
     fn scans_during_continuous_writes_capture_every_index_with_the_packages_it_names() {
         let dir = tempfile::tempdir().unwrap();
@@ -614,6 +668,11 @@ mod tests {
             write_index(&tree, d, &names, &indexes);
             current.push(names);
         }
+        // The first snapshot, of the quiet tree.
+        let store = StateStore::open(&dir.path().join("state")).unwrap();
+        let mut writer = store.writer().unwrap();
+        let mut previous = scan(&tree, &mut writer, false, &[], None, None).unwrap().root;
+        writer.commit().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let builder = {
             let (tree, stop, indexes) = (tree.clone(), stop.clone(), indexes.clone());
@@ -633,15 +692,16 @@ mod tests {
                 round
             })
         };
-        let store = StateStore::open(&dir.path().join("state")).unwrap();
         let mut scans = 0;
-        let mut rereads = 0;
+        let (mut rereads, mut kept) = (0, 0);
         while scans < 40 {
             let mut writer = store.writer().unwrap();
-            let scan = scan(&tree, &mut writer, false, &[], None).unwrap();
+            let scan = scan(&tree, &mut writer, false, &[], Some(previous), None).unwrap();
             writer.commit().unwrap();
+            previous = scan.root;
             scans += 1;
             rereads += scan.stats.dirs_reread;
+            kept += scan.stats.dirs_kept_busy;
             let files = files(&store, scan.root);
             let known = indexes.lock().unwrap().clone();
             for d in dirs {
@@ -657,7 +717,9 @@ mod tests {
         }
         stop.store(true, Ordering::Relaxed);
         let rounds = builder.join().unwrap();
-        println!("{scans} scans during {rounds} builder rounds; {rereads} directories read again");
+        println!(
+            "{scans} scans during {rounds} builder rounds; {rereads} directories read again, {kept} kept as before"
+        );
         assert!(rounds > 0);
     }
 }

@@ -932,6 +932,7 @@ impl Daemon {
             dirs_read = report.scan.dirs,
             dirs_kept = report.scan.dirs_kept,
             dirs_reread = report.scan.dirs_reread,
+            dirs_kept_busy = report.scan.dirs_kept_busy,
             scan_ms = report.scan.elapsed.as_millis() as u64,
             "published"
         );
