@@ -293,6 +293,7 @@ fn run(command: Command) -> Result<()> {
                 },
                 exclude: Vec::new(),
                 changed: paths.map(|p| Changed::from_paths(&tree, &p)).transpose()?,
+                only_if_changed: false,
             };
             let r = publish(&store, &key, &opts)?;
             let s = &r.scan;

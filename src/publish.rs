@@ -34,6 +34,9 @@ pub struct PublishOptions<'a> {
     /// Read only what changed since the previous snapshot (`publish --paths`, the tree watcher); `None`, or no
     /// previous snapshot, reads the whole tree.
     pub changed: Option<Changed>,
+    /// Sign nothing when the tree is as the previous snapshot has it ([`PublishError::Unchanged`]): the watcher's
+    /// publishes and its hourly whole-tree read, not an operator's or a re-signing.
+    pub only_if_changed: bool,
 }
 
 /// What a publish must find before it signs anything: the checks that keep an unmounted, moved or emptied tree from
@@ -85,6 +88,10 @@ pub enum PublishError {
     Refused(Refusal),
     #[error(transparent)]
     Failed(#[from] anyhow::Error),
+    /// Nothing changed since the previous snapshot and the publish asked for nothing then (`only_if_changed`): no
+    /// new snapshot (what the scan learned about files is kept).
+    #[error("nothing changed since the previous snapshot")]
+    Unchanged,
 }
 
 impl From<Refusal> for PublishError {
@@ -207,6 +214,10 @@ pub fn publish(store: &StateStore, key: &NodeKey, opts: &PublishOptions<'_>) -> 
         None => (Vec::new(), None),
     };
     let build_elapsed = build_started.elapsed();
+    if opts.only_if_changed && previous.as_ref().is_some_and(|p| p.root == root) {
+        writer.commit()?;
+        return Err(PublishError::Unchanged);
+    }
     // The tree's totals: counted by a full scan; a scan of changes counts only what it read (and a busy directory
     // kept as it was is not read), so then the previous snapshot's totals are moved by the changes.
     let partial = changes_since.is_some() || scanned.stats.dirs_kept_busy > 0;

@@ -265,6 +265,7 @@ fn publish_lib(tree: &Path, state: &Path, paths: Option<&[&str]>) -> mirrormesh:
         guard: PublishGuard::default(),
         exclude: Vec::new(),
         changed: paths.map(|p| mirrormesh::scan::Changed::from_paths(tree, p).unwrap()),
+        only_if_changed: false,
     };
     publish(&store, &key, &opts).unwrap()
 }
@@ -339,6 +340,7 @@ fn a_directory_still_being_written_keeps_its_previous_content_until_it_is_quiet(
         guard: Default::default(),
         exclude: Vec::new(),
         changed: Some(changed),
+        only_if_changed: false,
     };
     let report = mirrormesh::publish::publish(&store, &key, &opts).unwrap();
     drop(store);
@@ -394,4 +396,37 @@ fn publish_paths_on_the_command_line_and_from_stdin() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("changed path \"alpine/../etc/passwd\""), "{err}");
+}
+
+#[test]
+fn a_watched_publish_of_an_unchanged_tree_signs_nothing() {
+    use mirrormesh::publish::{PublishError, PublishOptions, publish};
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    alpine_like(&tree, &["edge/main/x86_64"], 3);
+    let state = dir.path().join("state");
+    let first = publish_lib(&tree, &state, None);
+    let store = StateStore::open(&state).unwrap();
+    let key = mirrormesh::key::NodeKey::from_seed([7; 32]).unwrap();
+    let opts = |only_if_changed| PublishOptions {
+        tree: &tree,
+        repo: RepoId::new("alpine").unwrap(),
+        validity: std::time::Duration::from_secs(3600),
+        progress: false,
+        guard: Default::default(),
+        exclude: Vec::new(),
+        changed: None,
+        only_if_changed,
+    };
+    assert!(matches!(publish(&store, &key, &opts(true)), Err(PublishError::Unchanged)));
+    let root = |store: &StateStore| {
+        store.reader().unwrap().root(&RepoId::new("alpine").unwrap()).unwrap().unwrap().verify_signature().unwrap()
+    };
+    assert_eq!(root(&store).seq, first.body.seq, "nothing was signed");
+    // An operator's publish (or a re-signing) of the same tree still signs a new root.
+    let again = publish(&store, &key, &opts(false)).unwrap();
+    assert!(again.body.seq > first.body.seq);
+    write(&tree, "alpine/edge/main/x86_64/new-1-r0.apk", b"new");
+    let changed = publish(&store, &key, &opts(true)).unwrap();
+    assert_eq!(changed.changed_files, 1);
 }

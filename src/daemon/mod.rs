@@ -112,9 +112,11 @@ enum Wake {
 pub(crate) enum PublishScope {
     /// The whole tree.
     Whole,
+    /// The whole tree, for the watcher (nothing is published if nothing changed).
+    WatchedWhole,
     /// Paths an operator named (`publish --paths`).
     Paths(Vec<String>),
-    /// What the watcher saw change.
+    /// What the watcher saw change (nothing is published if nothing did).
     Changed(Changed),
 }
 
@@ -844,13 +846,23 @@ impl Daemon {
         }
         let events = self.events_tx.clone();
         tokio::task::spawn_blocking(move || {
+            let only_if_changed = matches!(scope, PublishScope::WatchedWhole | PublishScope::Changed(_));
             let changed = match scope {
-                PublishScope::Whole => Ok(None),
+                PublishScope::Whole | PublishScope::WatchedWhole => Ok(None),
                 PublishScope::Paths(paths) => Changed::from_paths(&tree, &paths).map(Some),
                 PublishScope::Changed(changed) => Ok(Some(changed)),
             };
             let result = changed.map_err(PublishError::Failed).and_then(|changed| {
-                let opts = PublishOptions { tree: &tree, repo, validity, progress: false, guard, exclude, changed };
+                let opts = PublishOptions {
+                    tree: &tree,
+                    repo,
+                    validity,
+                    progress: false,
+                    guard,
+                    exclude,
+                    changed,
+                    only_if_changed,
+                };
                 publish(&store, &key, &opts)
             });
             let _ = events.blocking_send(LoopEvent::Published { result: Box::new(result), reply });
@@ -876,6 +888,10 @@ impl Daemon {
                     PublishError::Failed(_) => {
                         self.count("publish_failures");
                         self.set_problem(ProblemKind::PublishFailed, format!("publishing: {message}"), t.0);
+                    }
+                    PublishError::Unchanged => {
+                        self.count("publishes_unchanged");
+                        tracing::info!("the tree is as the served snapshot has it: nothing published");
                     }
                 }
                 if let Some(reply) = reply {
@@ -1208,7 +1224,7 @@ impl Daemon {
             hurry = true;
         }
         match self.publisher.watch_due(Instant::now()) {
-            Some(publisher::Due::Full) => self.start_publish(false, PublishScope::Whole, None),
+            Some(publisher::Due::Full) => self.start_publish(false, PublishScope::WatchedWhole, None),
             Some(publisher::Due::Changed(changed)) => self.start_publish(false, PublishScope::Changed(changed), None),
             None => {}
         }
