@@ -252,22 +252,33 @@ fn alpine_like(tree: &Path, dirs: &[&str], per_dir: u8) {
     }
 }
 
-/// Publishes `tree` with the library (into `state`), reading only `paths` when given.
-fn publish_lib(tree: &Path, state: &Path, paths: Option<&[&str]>) -> mirrormesh::publish::PublishReport {
-    use mirrormesh::publish::{PublishGuard, PublishOptions, publish};
-    let store = StateStore::open(state).unwrap();
-    let key = mirrormesh::key::NodeKey::from_seed([7; 32]).unwrap();
-    let opts = PublishOptions {
+/// Library publish options for `tree` (key and validity as every test here uses them).
+fn lib_opts(
+    tree: &Path,
+    changed: Option<mirrormesh::scan::Changed>,
+    only_if_changed: bool,
+) -> mirrormesh::publish::PublishOptions<'_> {
+    mirrormesh::publish::PublishOptions {
         tree,
         repo: RepoId::new("alpine").unwrap(),
         validity: std::time::Duration::from_secs(3600),
         progress: false,
-        guard: PublishGuard::default(),
+        guard: Default::default(),
         exclude: Vec::new(),
-        changed: paths.map(|p| mirrormesh::scan::Changed::from_paths(tree, p).unwrap()),
-        only_if_changed: false,
-    };
-    publish(&store, &key, &opts).unwrap()
+        changed,
+        only_if_changed,
+    }
+}
+
+fn lib_key() -> mirrormesh::key::NodeKey {
+    mirrormesh::key::NodeKey::from_seed([7; 32]).unwrap()
+}
+
+/// Publishes `tree` with the library (into `state`), reading only `paths` when given.
+fn publish_lib(tree: &Path, state: &Path, paths: Option<&[&str]>) -> mirrormesh::publish::PublishReport {
+    let store = StateStore::open(state).unwrap();
+    let changed = paths.map(|p| mirrormesh::scan::Changed::from_paths(tree, p).unwrap());
+    mirrormesh::publish::publish(&store, &lib_key(), &lib_opts(tree, changed, false)).unwrap()
 }
 
 #[test]
@@ -326,23 +337,12 @@ fn a_directory_still_being_written_keeps_its_previous_content_until_it_is_quiet(
     write(&tree, "alpine/edge/busy/x86_64/a.apk", b"new, busy");
 
     let store = StateStore::open(&state).unwrap();
-    let key = mirrormesh::key::NodeKey::from_seed([7; 32]).unwrap();
     let changed = mirrormesh::scan::Changed {
         dirs: ["alpine/edge/main/x86_64".to_owned(), "alpine/edge".to_owned()].into(),
         trees: Default::default(),
         keep: ["alpine/edge/testing/x86_64".to_owned(), "alpine/edge/busy".to_owned()].into(),
     };
-    let opts = mirrormesh::publish::PublishOptions {
-        tree: &tree,
-        repo: RepoId::new("alpine").unwrap(),
-        validity: std::time::Duration::from_secs(3600),
-        progress: false,
-        guard: Default::default(),
-        exclude: Vec::new(),
-        changed: Some(changed),
-        only_if_changed: false,
-    };
-    let report = mirrormesh::publish::publish(&store, &key, &opts).unwrap();
+    let report = mirrormesh::publish::publish(&store, &lib_key(), &lib_opts(&tree, Some(changed), false)).unwrap();
     drop(store);
     let entries = published(&state);
     assert!(entries.contains_key("alpine/edge/main/x86_64/new-1-r0.apk"));
@@ -400,24 +400,15 @@ fn publish_paths_on_the_command_line_and_from_stdin() {
 
 #[test]
 fn a_watched_publish_of_an_unchanged_tree_signs_nothing() {
-    use mirrormesh::publish::{PublishError, PublishOptions, publish};
+    use mirrormesh::publish::{PublishError, publish};
     let dir = tempfile::tempdir().unwrap();
     let tree = dir.path().join("tree");
     alpine_like(&tree, &["edge/main/x86_64"], 3);
     let state = dir.path().join("state");
     let first = publish_lib(&tree, &state, None);
     let store = StateStore::open(&state).unwrap();
-    let key = mirrormesh::key::NodeKey::from_seed([7; 32]).unwrap();
-    let opts = |only_if_changed| PublishOptions {
-        tree: &tree,
-        repo: RepoId::new("alpine").unwrap(),
-        validity: std::time::Duration::from_secs(3600),
-        progress: false,
-        guard: Default::default(),
-        exclude: Vec::new(),
-        changed: None,
-        only_if_changed,
-    };
+    let key = lib_key();
+    let opts = |only_if_changed| lib_opts(&tree, None, only_if_changed);
     assert!(matches!(publish(&store, &key, &opts(true)), Err(PublishError::Unchanged)));
     let root = |store: &StateStore| {
         store.reader().unwrap().root(&RepoId::new("alpine").unwrap()).unwrap().unwrap().verify_signature().unwrap()
