@@ -2,12 +2,18 @@
 //! the [`Plan`] the engine's `Apply` carries; carried out here):
 //!
 //! 1. new directories (parents first);
-//! 2. new and changed files that are not index files: each staged file gets its mode and mtime, is flushed to disk
-//!    (all of them first, many at once), and is renamed into place (atomic: a reader sees the old file or the new
-//!    one, never a mix);
-//! 3. symlinks (created in staging, renamed into place) and directory mode changes;
+//! 2. new and changed files that are not index files: each staged file gets its mode and mtime (all of them first,
+//!    many at once, and the copies for paths that share content with another are made then), the filesystem is flushed once (`syncfs`: every staged file's content is on disk before any is
+//!    renamed), and each is renamed into place (atomic: a reader sees the old file or the new one, never a mix);
+//! 3. symlinks (created in staging, renamed into place) and directory mode changes; the filesystem is flushed
+//!    again, so the renames are on disk before any index names what they brought;
 //! 4. index files (`repo.index_globs`, default `APKINDEX.tar.gz`), so no index names a package not yet in place;
-//! 5. the directories written to are flushed;
+//! 5. the filesystem is flushed a last time (the index renames and the directories written to).
+//!
+//! The flushes are of the whole filesystem the staging directory is on (which is the tree's: files are renamed
+//! from one to the other), three per apply whatever its size: one `fsync` per file made a 10^5-file first sync
+//! spend most of its time waiting for the disk (BENCHMARKS.md, "An initial sync at full size"). They flush
+//! whatever else is waiting on that filesystem too.
 //! 6. removals are not done here: they are returned, to be carried out after the grace period (`removals.rs`
 //!    checks each again then). A path the new snapshot names is never among them, even when it changed kind (a
 //!    file that became a directory is removed as a file and added as a directory by the diff).
@@ -19,22 +25,21 @@
 //! index with old files still present, or new files with the old index, or everything new); re-running the apply
 //! finishes it: a file whose staged copy was already renamed into place is recognised there by its content.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::HashMap;
 use std::fs::{File, FileTimes, OpenOptions, Permissions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use mirrormesh_proto::chunk::{ChunkId, chunk_range};
 use mirrormesh_proto::entry::{FileMeta, served_mode};
 use mirrormesh_proto::sync::Plan;
-use mirrormesh_proto::tree::split_parent;
 
 use crate::staging::{FileKey, Staging};
 
-/// Staged files flushed to disk at once before they are renamed into place.
-pub const FLUSH_THREADS: usize = 16;
+/// Staged files given their mode and mtime at once before they are renamed into place.
+pub const FINALIZE_THREADS: usize = 16;
 
 #[derive(Debug, Default, Clone)]
 pub struct ApplyReport {
@@ -48,6 +53,19 @@ pub struct ApplyReport {
     /// Paths the new snapshot names that this apply wrote or created (files, symlinks, directories): pending
     /// removals of these paths must be cancelled.
     pub written: Vec<String>,
+    /// Where its time went, step by step (for the log).
+    pub steps: Vec<(&'static str, Duration)>,
+}
+
+/// Times the steps of an apply.
+struct Steps(Instant);
+
+impl Steps {
+    fn end(&mut self, report: &mut ApplyReport, step: &'static str) {
+        let now = Instant::now();
+        report.steps.push((step, now - self.0));
+        self.0 = now;
+    }
 }
 
 /// Applies `plan` to the tree in its order, taking file contents from `staging` (blocking).
@@ -55,6 +73,7 @@ pub fn apply(staging: &Staging, plan: &Plan) -> Result<ApplyReport> {
     let tree = staging.tree().to_owned();
     let staged = staging.plan().context("no staged snapshot to apply")?;
     let mut report = ApplyReport { removals: plan.removals().map(str::to_owned).collect(), ..ApplyReport::default() };
+    let mut steps = Steps(Instant::now());
 
     for (path, mode, created) in plan.dirs() {
         let full = tree.join(path);
@@ -70,56 +89,59 @@ pub fn apply(staging: &Staging, plan: &Plan) -> Result<ApplyReport> {
             .with_context(|| format!("setting mode of {}", full.display()))?;
         report.written.push(path.to_owned());
     }
+    steps.end(&mut report, "dirs");
 
-    // How many paths still need each staged file: the last one takes it by rename, the others get copies.
-    let mut uses: BTreeMap<FileKey, usize> = BTreeMap::new();
-    for (path, _) in plan.files().chain(plan.indexes()) {
-        if let Some((key, _)) = staged.paths.get(path) {
-            *uses.entry(*key).or_default() += 1;
+    // Every file the plan places, in order. Paths with the same content share a staged file: the last of them takes
+    // it by rename, the others get copies, made here before anything is renamed (Alpine's noarch packages are the
+    // same bytes in every architecture's directory).
+    let order: Vec<(&str, &FileMeta)> = plan.files().chain(plan.indexes()).collect();
+    let mut last_use: HashMap<FileKey, usize> = HashMap::new();
+    for (i, (path, _)) in order.iter().enumerate() {
+        if let Some((key, _)) = staged.paths.get(*path) {
+            last_use.insert(*key, i);
         }
     }
-    // Staged files that one path takes by rename are given their mode and mtime and flushed first, many at once
-    // (flushing is waiting for the disk; one at a time it was most of the apply). The renames below stay in order.
-    // A staged file already renamed into place by an earlier, interrupted run of this apply is not flushed again.
-    let direct: Vec<(FileKey, &FileMeta)> = plan
-        .files()
-        .chain(plan.indexes())
-        .filter_map(|(path, meta)| staged.paths.get(path).map(|(key, _)| (*key, meta)))
-        .filter(|(key, _)| uses.get(key) == Some(&1) && staging.object_path(key).exists())
-        .collect();
-    let flushers = rayon::ThreadPoolBuilder::new().num_threads(FLUSH_THREADS).build().context("flush threads")?;
-    flushers.install(|| {
+    let source_of = |i: usize, key: &FileKey| {
+        if last_use.get(key) == Some(&i) { staging.object_path(key) } else { staging.tmp_path(&format!("copy-{i}")) }
+    };
+    // Each source gets its copy made and its mode and mtime, many at once; then one flush of the filesystem puts
+    // them all on disk. A staged file already renamed into place by an earlier, interrupted run of this apply is
+    // left alone (the renames below find it in place).
+    let finalizers =
+        rayon::ThreadPoolBuilder::new().num_threads(FINALIZE_THREADS).build().context("finalize threads")?;
+    finalizers.install(|| {
         use rayon::prelude::*;
-        direct.par_iter().try_for_each(|(key, meta)| finalize(&staging.object_path(key), meta))
+        order.par_iter().enumerate().try_for_each(|(i, (path, meta))| -> Result<()> {
+            let Some((key, _)) = staged.paths.get(*path) else { return Ok(()) };
+            let (object, source) = (staging.object_path(key), source_of(i, key));
+            if !object.exists() {
+                return Ok(());
+            }
+            if source != object {
+                std::fs::copy(&object, &source).with_context(|| format!("copying {}", object.display()))?;
+            }
+            finalize(&source, meta)
+        })
     })?;
-    let flushed: BTreeSet<FileKey> = direct.iter().map(|(key, _)| *key).collect();
-    let mut touched_dirs = BTreeSet::new();
+    steps.end(&mut report, "modes");
+    flush_filesystem(&tree)?;
+    steps.end(&mut report, "flush");
+    let mut placed = 0;
     let mut place = |path: &str, meta: &FileMeta, report: &mut ApplyReport| -> Result<()> {
+        let i = placed;
+        placed += 1;
         let (key, _) = staged.paths.get(path).with_context(|| format!("{path} was not staged"))?;
-        let staged = staging.object_path(key);
-        let remaining = uses.get_mut(key).context("staged file accounting")?;
-        *remaining -= 1;
+        let source = source_of(i, key);
         let full = tree.join(path);
-        if !staged.exists() && in_place(&full, meta)? {
+        if !source.exists() && in_place(&full, meta)? {
             // Renamed into place by an earlier run of this apply that stopped before the end.
             report.bytes += meta.size;
             report.written.push(path.to_owned());
             return Ok(());
         }
-        let source = if *remaining > 0 {
-            let copy = staging.tmp_path(&format!("copy-{}", report.files + report.index_files));
-            std::fs::copy(&staged, &copy).with_context(|| format!("copying {}", staged.display()))?;
-            copy
-        } else {
-            staged
-        };
-        if !flushed.contains(key) {
-            finalize(&source, meta)?;
-        }
         clear_other_kind(&full, Kind::File)?;
         std::fs::rename(&source, &full)
             .with_context(|| format!("renaming {} into {}", source.display(), full.display()))?;
-        touched_dirs.insert(split_parent(path).0.to_owned());
         report.bytes += meta.size;
         report.written.push(path.to_owned());
         Ok(())
@@ -138,20 +160,26 @@ pub fn apply(staging: &Staging, plan: &Plan) -> Result<ApplyReport> {
         report.written.push(path.to_owned());
         report.symlinks += 1;
     }
+    steps.end(&mut report, "renames");
+    flush_filesystem(&tree)?;
+    steps.end(&mut report, "flush");
     for (path, meta) in plan.indexes() {
         place(path, meta, &mut report)?;
         report.index_files += 1;
     }
-    for dir in touched_dirs {
-        let full = tree.join(&dir);
-        File::open(&full)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("flushing directory {}", full.display()))?;
-    }
+    flush_filesystem(&tree)?;
+    steps.end(&mut report, "indexes");
     Ok(report)
 }
 
-/// Sets a staged file's mode and mtime and flushes it.
+/// Flushes everything written to the filesystem `dir` is on (contents, metadata, renames) to disk: one wait for
+/// the disk instead of one per file.
+fn flush_filesystem(dir: &Path) -> Result<()> {
+    let dir_file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    rustix::fs::syncfs(&dir_file).with_context(|| format!("flushing the filesystem of {}", dir.display()))
+}
+
+/// Sets a staged file's mode and mtime (checking its size; it is flushed with the rest).
 fn finalize(path: &Path, meta: &FileMeta) -> Result<()> {
     let file = OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
     if file.metadata()?.len() != meta.size {
@@ -164,7 +192,6 @@ fn finalize(path: &Path, meta: &FileMeta) -> Result<()> {
         UNIX_EPOCH - Duration::from_secs(meta.mtime.unsigned_abs())
     };
     file.set_times(FileTimes::new().set_modified(mtime).set_accessed(SystemTime::now()))?;
-    file.sync_all().with_context(|| format!("flushing {}", path.display()))?;
     Ok(())
 }
 

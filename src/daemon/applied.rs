@@ -46,6 +46,7 @@ impl Daemon {
             files = report.files,
             index_files = report.index_files,
             removals = report.removals.len(),
+            steps_ms = %report.steps.iter().map(|(step, d)| format!("{step}:{}", d.as_millis())).collect::<Vec<_>>().join(","),
             "snapshot in place"
         );
         let accepted_ms = self
