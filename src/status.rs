@@ -47,8 +47,9 @@ pub struct RepoStatus {
     pub root: Option<String>,
     /// `idle`, `syncing`, or (a mirror that has never applied a snapshot and is not syncing) `never-synced`.
     pub state: String,
-    /// What the sync is doing: `idle`, `fetching-manifest`, `staging`, `transferring`, `applying`, `apply-retrying`
-    /// (the last apply failed; it is tried again with back-off, or a newer snapshot is synced instead).
+    /// What the sync is doing: `idle`, `fetching-manifest`, `planning`, `staging`, `transferring`, `applying`,
+    /// `apply-retrying` (the last apply failed; it is tried again with back-off, or a newer snapshot is synced
+    /// instead).
     pub phase: String,
     pub target_seq: Option<u64>,
     /// Snapshot whose files are staged (its chunks are being fetched or it is being applied).

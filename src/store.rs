@@ -39,6 +39,10 @@ const MEMBER_BYTES_MAX: usize = 4096;
 
 /// File name of the database inside the state directory.
 pub const STATE_DB: &str = "state.redb";
+/// The database's own page cache. redb's default is 1 GiB, which a daemon at 10^6 files filled (manifest nodes,
+/// scan cache): it was most of its resident memory. Pages it does not keep are read again from the kernel's page
+/// cache.
+pub const STATE_DB_CACHE_BYTES: usize = 64 << 20;
 
 pub struct StateStore {
     db: Database,
@@ -50,7 +54,7 @@ impl StateStore {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
         let path = dir.join(STATE_DB);
-        let db = Database::create(&path).with_context(|| {
+        let db = Database::builder().set_cache_size(STATE_DB_CACHE_BYTES).create(&path).with_context(|| {
             format!("opening state database {} (is another mirrormesh process using it?)", path.display())
         })?;
         let txn = db.begin_write()?;
@@ -233,6 +237,18 @@ impl StoreWriter {
         }
         self.txn.commit().context("committing the state database")
     }
+
+    /// Makes everything written visible to readers at once, atomically, without waiting for the disk: it becomes
+    /// durable with the next [`StoreWriter::commit`]; a crash before that loses it (and only it). For what can be
+    /// fetched again, written on the event loop: manifest nodes as they arrive (one flush per answer stalled the
+    /// loop 65-450 ms per answer in a 10^5-file first sync, several seconds on a busy disk).
+    pub fn commit_unflushed(mut self) -> Result<()> {
+        if let Some(error) = self.error {
+            return Err(error.context("not committing the state database after a failed write"));
+        }
+        self.txn.set_durability(redb::Durability::None).context("committing the state database")?;
+        self.txn.commit().context("committing the state database")
+    }
 }
 
 impl NodeSink for StoreWriter {
@@ -298,6 +314,26 @@ mod tests {
         drop(store);
         let reopened = StateStore::open(dir.path()).unwrap();
         assert!(reopened.reader().unwrap().has_node(&hash).unwrap());
+    }
+
+    #[test]
+    fn nodes_committed_unflushed_are_readable_at_once_and_kept_by_the_next_durable_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let hashes: Vec<NodeHash> = (0..3u8).map(|i| NodeHash::of(&[i])).collect();
+        for (i, hash) in hashes.iter().enumerate() {
+            let mut w = store.writer().unwrap();
+            w.put_node(*hash, vec![i as u8]);
+            w.commit_unflushed().unwrap();
+            assert_eq!(store.reader().unwrap().node_bytes(hash).unwrap(), Some(vec![i as u8]));
+        }
+        // An empty durable commit flushes them all.
+        store.writer().unwrap().commit().unwrap();
+        drop(store);
+        let reopened = StateStore::open(dir.path()).unwrap();
+        for hash in &hashes {
+            assert!(reopened.reader().unwrap().has_node(hash).unwrap());
+        }
     }
 
     #[test]

@@ -20,8 +20,8 @@ use mirrormesh_proto::sync::scheduler::{BanReason, ChunkOutcome, SchedulerLimits
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
     APPLY_RETRY_FIRST_MS, APPLY_RETRY_MAX_MS, ApplyFailure, ChunkSet, Engine, EngineConfig, IndexNames, Input,
-    LOCAL_FAILURE_BACKOFF_FIRST_MS, LOCAL_FAILURE_BACKOFF_MAX_MS, Notice, Output, REPUBLISH_RETRY_MS, ReqId, Role,
-    RootVia, SyncPhase,
+    LOCAL_FAILURE_BACKOFF_FIRST_MS, LOCAL_FAILURE_BACKOFF_MAX_MS, Notice, Output, PlanJob, REPUBLISH_RETRY_MS, ReqId,
+    Role, RootVia, SyncPhase,
 };
 use mirrormesh_proto::tree::TreeDir;
 use mirrormesh_proto::{Mono, Now, RepoId, Timestamp};
@@ -68,6 +68,8 @@ struct Node {
     store_fails: bool,
     /// When it sent chunk requests to the origin (the network's time).
     origin_fetch_times: Vec<u64>,
+    /// `Plan` jobs are kept here instead of run at once (as a daemon's blocking thread may take its time).
+    held_plans: Option<Vec<PlanJob>>,
 }
 
 /// A peer's answer to every chunk request, whatever it holds.
@@ -302,6 +304,10 @@ impl Net {
                 node.deltas.insert(hash, bytes);
             }
             Output::PersistRoot(_) => {}
+            Output::Plan(job) => match &mut node.held_plans {
+                Some(held) => held.push(job),
+                None => return vec![Input::Planned(job.run(&node.nodes))],
+            },
             Output::Stage { seq, files } => {
                 let held: Vec<ChunkId> = files
                     .iter()
@@ -1076,6 +1082,47 @@ impl Host<u32> for NetHost<'_> {
     fn execute(&mut self, now: Now, output: Output<u32>) -> Vec<Input<u32>> {
         self.net.execute(self.id, now, output)
     }
+}
+
+#[test]
+fn a_plan_made_for_a_root_the_mirror_has_moved_on_from_is_dropped_and_the_newer_one_is_synced() {
+    let mut net = synced(1, 5);
+    net.node(1).held_plans = Some(Vec::new());
+    let status = |net: &mut Net| net.node(1).engine.as_ref().unwrap().status();
+
+    // Snapshot 2: the manifest arrives, and the mirror waits for its plan (nothing is staged meanwhile).
+    packages(&mut net.tree, 6, 1);
+    net.publish();
+    net.run(20);
+    assert_eq!(status(&mut net).phase, SyncPhase::Planning);
+    let old = net.node(1).held_plans.as_mut().unwrap().pop().expect("a plan job for snapshot 2");
+    assert_eq!(old.seq(), 2);
+
+    // Snapshot 3 comes before that plan is made: the mirror fetches its manifest and plans it instead.
+    packages(&mut net.tree, 7, 2);
+    net.publish();
+    net.run(20);
+    assert_eq!(status(&mut net).phase, SyncPhase::Planning);
+    let new = net.node(1).held_plans.as_mut().unwrap().pop().expect("a plan job for snapshot 3");
+    assert_eq!(new.seq(), 3);
+
+    // The late plan for snapshot 2 is dropped: nothing is staged, the mirror still waits for snapshot 3's.
+    let planned = {
+        let node = net.node(1);
+        old.run(&node.nodes)
+    };
+    net.call(1, Input::Planned(planned));
+    assert_eq!(status(&mut net).phase, SyncPhase::Planning, "still waiting for snapshot 3's plan");
+    let planned = {
+        let node = net.node(1);
+        new.run(&node.nodes)
+    };
+    net.call(1, Input::Planned(planned));
+    // (This network stages at once.)
+    assert_eq!(status(&mut net).phase, SyncPhase::Transferring);
+    net.run(400);
+    assert!(net.converged(), "the mirror applies snapshot 3");
+    assert_eq!(net.node(1).apply_attempts.iter().map(|(_, seq)| *seq).collect::<Vec<_>>(), [1, 3]);
 }
 
 #[test]

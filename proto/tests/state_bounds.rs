@@ -393,8 +393,18 @@ fn once_the_sync_is_planned_only_announcements_of_needed_chunks_are_kept() {
         let hello = Hello { repo: repo(), root: None, complete_seq: None, data_addrs: Vec::new() };
         call(&mut mirror, now, Input::Hello { from: peer, hello }, &nodes);
     }
-    // The manifest is here: the sync is planned and the caller asked to stage (and has not answered yet).
+    // The manifest is here: the caller runs the plan's job, the sync is planned and the caller asked to stage (and
+    // has not answered yet).
     call(&mut mirror, now, Input::Root { via: RootVia::Gossip(0), root: signed }, &nodes);
+    assert_eq!(mirror.status().phase, SyncPhase::Planning);
+    let job = std::iter::from_fn(|| mirror.poll_output())
+        .find_map(|out| match out {
+            Output::Plan(job) => Some(job),
+            _ => None,
+        })
+        .expect("a complete manifest is handed out to plan");
+    drain(&mut mirror);
+    call(&mut mirror, now, Input::Planned(job.run(&nodes)), &nodes);
     assert_eq!(mirror.status().phase, SyncPhase::Staging);
     drain(&mut mirror);
     let grown = flood_haves(&mut mirror, now, 1, 1 << 20, MIB, "the staging mirror");

@@ -823,6 +823,11 @@ impl World {
                 self.nodes[node as usize].held_deltas.insert(hash);
                 self.deltas.entry(hash).or_insert(bytes);
             }
+            Output::Plan(job) => {
+                let n = &self.nodes[node as usize];
+                let view = View { store: &self.store, held: &n.held_nodes, decoded: &self.decoded };
+                return vec![Input::Planned(job.run(&view))];
+            }
             Output::Stage { seq, files } => {
                 let n = &mut self.nodes[node as usize];
                 let held: Vec<ChunkId> = files

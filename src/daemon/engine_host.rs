@@ -56,28 +56,52 @@ impl Daemon {
                 self.control.send(&mut self.swarm, peer, control::Outgoing::Delta { req, hash });
             }
             Output::StoreNodes(nodes) => {
+                // Flushed with the next durable commit (at the latest when the manifest is complete, below): a
+                // crash before loses only nodes the sync fetches again.
                 let mut writer = self.store.writer()?;
                 for (hash, bytes) in nodes {
                     writer.put_node(hash, bytes);
                 }
-                writer.commit()?;
+                writer.commit_unflushed()?;
             }
             Output::StoreDelta(hash, bytes) => {
                 let mut writer = self.store.writer()?;
                 writer.put_delta(&hash, &bytes)?;
                 writer.commit()?;
             }
+            Output::Plan(job) => {
+                // The whole diff and the scheduler of every chunk to fetch: off the loop.
+                let (store, events) = (self.store.clone(), self.events_tx.clone());
+                let span = self.sync_span.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _sync = span.enter();
+                    let started = Instant::now();
+                    let seq = job.seq();
+                    let planned = job.run(&Reader::open(&store));
+                    tracing::info!(seq, ms = started.elapsed().as_millis() as u64, "planned");
+                    let _ = events.blocking_send(LoopEvent::Planned(planned));
+                });
+            }
             Output::Stage { seq, files } => {
-                self.sync.files = Some(progress::FileProgress::new(seq, &files));
+                // Both in proportion to the files (the whole tree in a first sync): off the loop.
+                self.sync.files = None;
                 let staging = self.staging.clone();
                 let index = self.index.clone();
                 let events = self.events_tx.clone();
+                let store = self.store.clone();
                 tokio::task::spawn_blocking(move || {
-                    let result = match index.read() {
-                        Ok(index) => staging.prepare(seq, &files, &index),
-                        Err(_) => Err(anyhow!("chunk index lock poisoned")),
+                    // The manifest is complete: its nodes, stored unflushed as they came, are made durable.
+                    let flushed = store.writer().and_then(|w| w.commit()).context("flushing the manifest's nodes");
+                    let result = match (flushed, index.read()) {
+                        (Err(e), _) => Err(e),
+                        (Ok(()), Ok(index)) => staging.prepare(seq, &files, &index),
+                        (Ok(()), Err(_)) => Err(anyhow!("chunk index lock poisoned")),
                     };
-                    let _ = events.blocking_send(LoopEvent::Staged { seq, result });
+                    let mut progress = Box::new(progress::FileProgress::new(seq, &files));
+                    for id in result.iter().flat_map(|prepared| &prepared.held) {
+                        progress.held(id);
+                    }
+                    let _ = events.blocking_send(LoopEvent::Staged { seq, result, progress });
                 });
             }
             Output::FetchChunks { peer, req, chunks } => self.fetch_chunks(peer, req, chunks),
@@ -213,7 +237,7 @@ impl Host<PeerId> for Daemon {
 
     fn with_engine<R>(&mut self, f: impl FnOnce(&mut Engine<PeerId>, &Reader) -> R) -> Option<R> {
         // A fresh read transaction per input: it sees every node stored by the outputs carried out before.
-        let reader = Reader(self.store.reader().map_err(|e| SourceError(format!("opening the state database: {e:#}"))));
+        let reader = Reader::open(&self.store);
         Some(f(&mut self.engine, &reader))
     }
 
@@ -227,6 +251,13 @@ impl Host<PeerId> for Daemon {
 
 /// The state database as the engine's node store; a database that cannot be opened fails every read.
 pub struct Reader(Result<StoreReader, SourceError>);
+
+impl Reader {
+    /// A fresh read transaction: it sees every commit made before.
+    pub fn open(store: &StateStore) -> Self {
+        Reader(store.reader().map_err(|e| SourceError(format!("opening the state database: {e:#}"))))
+    }
+}
 
 impl NodeSource for Reader {
     fn node_bytes(&self, hash: &mirrormesh_proto::node::NodeHash) -> Result<Option<Vec<u8>>, SourceError> {

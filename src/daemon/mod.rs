@@ -99,6 +99,10 @@ struct LoopTurns {
     longest: Duration,
 }
 
+/// A turn of the event loop this long is logged with what woke it and where its time went (the bar for
+/// the loop's longest stall at 10^6 files).
+const LOOP_TURN_SLOW: Duration = Duration::from_millis(50);
+
 /// What woke the event loop (events boxed: the enum only carries them from the wait to their handler).
 enum Wake {
     Loop(Box<LoopEvent>),
@@ -106,6 +110,32 @@ enum Wake {
     Engine,
     Status,
     Chores,
+}
+
+impl Wake {
+    /// What woke the loop, for the log of slow turns.
+    fn kind(&self) -> &'static str {
+        match self {
+            Wake::Loop(event) => match **event {
+                LoopEvent::Planned(_) => "planned",
+                LoopEvent::Staged { .. } => "staged",
+                LoopEvent::Fetched { .. } => "fetched",
+                LoopEvent::Applied { .. } => "applied",
+                LoopEvent::Removed(_) => "removed",
+                LoopEvent::Served => "served",
+                LoopEvent::Serve { .. } => "serve",
+                LoopEvent::Publish { .. } => "publish",
+                LoopEvent::TreeChanged => "tree_changed",
+                LoopEvent::Reload => "reload",
+                LoopEvent::Answer { .. } => "answer",
+                LoopEvent::Published { .. } => "published",
+            },
+            Wake::Swarm(_) => "swarm",
+            Wake::Engine => "engine_timeout",
+            Wake::Status => "status",
+            Wake::Chores => "chores",
+        }
+    }
 }
 
 /// What a publish reads.
@@ -122,9 +152,13 @@ pub(crate) enum PublishScope {
 
 /// Things tasks and the admin API tell the loop.
 pub enum LoopEvent {
+    /// A sync's plan, made off the loop (`Output::Plan`).
+    Planned(Box<mirrormesh_proto::sync::Planned<PeerId>>),
     Staged {
         seq: u64,
         result: Result<Prepared>,
+        /// Which files miss which chunks, for the status (built beside the staging, off the loop).
+        progress: Box<progress::FileProgress>,
     },
     Fetched {
         peer: PeerId,
@@ -167,8 +201,9 @@ pub enum LoopEvent {
         channel: request_response::ResponseChannel<ControlResponse>,
         answer: Result<(ControlResponse, usize)>,
     },
+    /// A publish finished: its report and the new snapshot's chunk ids (the served chunks' index already follows it).
     Published {
-        result: Box<Result<PublishReport, PublishError>>,
+        result: Box<Result<(PublishReport, ChunkSet), PublishError>>,
         reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
     },
 }
@@ -242,6 +277,26 @@ pub struct Handle {
     pub metrics: Metrics,
     /// The fabric view and the history (`GET /fabric`, `GET /history`).
     pub feeds: crate::history::Feeds,
+}
+
+/// After a publish (off the loop: in proportion to the tree): the served chunks' index follows the diff (in
+/// proportion to the change; built anew from the manifest only when it does not describe the previous snapshot, as
+/// after the first publish), and the new snapshot's chunk ids for the engine.
+fn served_chunks(store: &StateStore, index: &RwLock<ChunkIndex>, report: &PublishReport) -> Result<ChunkSet> {
+    let poisoned = || anyhow!("chunk index lock poisoned");
+    let advanced = match &report.previous_root {
+        Some(from) => index.write().map_err(|_| poisoned())?.advance(from, &report.body.root, &report.diff),
+        None => false,
+    };
+    if advanced {
+        // (Read-locked only: the data plane keeps serving meanwhile.)
+        return Ok(ChunkSet::new(index.read().map_err(|_| poisoned())?.chunk_ids()));
+    }
+    let reader = store.reader()?;
+    let built = ChunkIndex::build(&reader, &report.body.root)?;
+    let chunks = ChunkSet::of_snapshot(&reader, &report.body.root)?;
+    *index.write().map_err(|_| poisoned())? = built;
+    Ok(chunks)
 }
 
 fn verified(root: &SignedRoot) -> Result<VerifiedRoot> {
@@ -482,6 +537,7 @@ impl Daemon {
             };
             // The turn: from here until the loop waits again.
             let woke = Instant::now();
+            let kind = wake.kind();
             match wake {
                 Wake::Loop(event) => self.on_loop_event(*event),
                 Wake::Swarm(event) => self.on_swarm_event(*event),
@@ -492,8 +548,17 @@ impl Daemon {
             if self.peers.take_soon() {
                 chores_due = chores_due.min(tokio::time::Instant::now() + TICK);
             }
+            let handled = woke.elapsed();
             self.after_event();
             let turn = woke.elapsed();
+            if turn >= LOOP_TURN_SLOW {
+                tracing::warn!(
+                    woken_by = kind,
+                    turn_ms = turn.as_millis() as u64,
+                    handler_ms = handled.as_millis() as u64,
+                    "slow event-loop turn"
+                );
+            }
             self.turns.count += 1;
             self.turns.longest = self.turns.longest.max(turn);
             self.projector.metrics.observe_loop_turn(turn.as_secs_f64());
@@ -659,7 +724,8 @@ impl Daemon {
         match event {
             // The status after this event shows what was sent.
             LoopEvent::Served => {}
-            LoopEvent::Staged { seq, result } => match result {
+            LoopEvent::Planned(planned) => self.feed(Input::Planned(planned))?,
+            LoopEvent::Staged { seq, result, progress } => match result {
                 Ok(prepared) => {
                     tracing::info!(
                         seq,
@@ -669,11 +735,7 @@ impl Daemon {
                         "staged"
                     );
                     self.sync.staged_seq = Some(seq);
-                    if let Some(files) = self.sync.files.as_mut().filter(|f| f.seq == seq) {
-                        for id in &prepared.held {
-                            files.held(id);
-                        }
-                    }
+                    self.sync.files = Some(*progress);
                     self.feed(Input::Staged { seq, held: prepared.held })?;
                 }
                 Err(e) => {
@@ -845,6 +907,7 @@ impl Daemon {
             tracing::warn!("publishing with --force: the publish checks are skipped");
         }
         let events = self.events_tx.clone();
+        let index = self.index.clone();
         tokio::task::spawn_blocking(move || {
             let only_if_changed = matches!(scope, PublishScope::WatchedWhole | PublishScope::Changed(_));
             let changed = match scope {
@@ -863,7 +926,9 @@ impl Daemon {
                     changed,
                     only_if_changed,
                 };
-                publish(&store, &key, &opts)
+                let report = publish(&store, &key, &opts)?;
+                let chunks = served_chunks(&store, &index, &report).map_err(PublishError::Failed)?;
+                Ok((report, chunks))
             });
             let _ = events.blocking_send(LoopEvent::Published { result: Box::new(result), reply });
         });
@@ -871,13 +936,13 @@ impl Daemon {
 
     fn on_published(
         &mut self,
-        result: Result<PublishReport, PublishError>,
+        result: Result<(PublishReport, ChunkSet), PublishError>,
         reply: Option<oneshot::Sender<Result<PublishReply, String>>>,
     ) -> Result<()> {
         let t = now();
         self.publisher.end(matches!(result, Err(PublishError::Failed(_))));
-        let report = match result {
-            Ok(report) => report,
+        let (report, chunks) = match result {
+            Ok(published) => published,
             Err(e) => {
                 let message = format!("{e:#}");
                 match &e {
@@ -902,27 +967,6 @@ impl Daemon {
         };
         self.health.clear(ProblemKind::PublishRefused);
         self.health.clear(ProblemKind::PublishFailed);
-        // The served chunks' index follows the diff (in proportion to the change); built anew from the manifest only
-        // when it does not describe the previous snapshot (the first publish).
-        let advanced = match (report.previous_root, self.index.write()) {
-            (Some(from), Ok(mut current)) => current
-                .advance(&from, &report.body.root, &report.diff)
-                .then(|| mirrormesh_proto::sync::ChunkSet::new(current.chunk_ids())),
-            _ => None,
-        };
-        let chunks = match advanced {
-            Some(chunks) => chunks,
-            None => {
-                let reader = self.store.reader()?;
-                let index = ChunkIndex::build(&reader, &report.body.root)?;
-                let chunks = mirrormesh_proto::sync::ChunkSet::of_snapshot(&reader, &report.body.root)?;
-                drop(reader);
-                if let Ok(mut current) = self.index.write() {
-                    *current = index;
-                }
-                chunks
-            }
-        };
         let accepted = self.feed(Input::Published { root: report.signed.clone(), chunks });
         if let Err(e) = accepted {
             let message = format!("publishing: the engine refused the new root: {e}");

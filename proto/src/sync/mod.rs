@@ -12,7 +12,8 @@
 //!    every timer, wall-clock time for roots only) and the node store as a [`NodeSource`].
 //! 3. After every call, take the outputs with [`Engine::poll_output`] and carry them out **in order**. Nodes of a
 //!    `StoreNodes` must be readable through the source by the next call; `PersistRoot` must be durable before the
-//!    next call; `Stage` is answered by [`Input::Staged`], `Apply` by [`Input::Applied`] or
+//!    next call; `Plan` is answered by [`Input::Planned`] (its job may run anywhere, e.g. on another thread, as long
+//!    as no `StoreNodes` is skipped meanwhile), `Stage` by [`Input::Staged`], `Apply` by [`Input::Applied`] or
 //!    [`Input::ApplyFailed`] (after an apply the caller reports the removals it recorded pending with
 //!    [`Input::RemovalsScheduled`], before `Applied`), `RemoveDue` by [`Input::RemovalsDone`], every fetch by its
 //!    answer or failure.
@@ -24,8 +25,8 @@
 //!
 //! # Life of a snapshot (mirror role)
 //! A newer root is accepted ([`RootTracker`]) → its manifest is fetched (the delta when this node holds its base,
-//! otherwise nodes; [`manifest_fetch`]) → the diff against the applied snapshot gives the files to stage → the
-//! caller stages them, copying chunks it already holds, and reports what it holds → the rest is fetched from peers
+//! otherwise nodes; [`manifest_fetch`]) → the diff against the applied snapshot gives the files to stage (a job the
+//! caller runs off its loop: [`planning`]) → the caller stages them, copying chunks it already holds, and reports what it holds → the rest is fetched from peers
 //! ([`scheduler`]), with the origin asked only for chunks no peer holds → every chunk held: `Apply` → applied:
 //! the node announces that it is complete at the new snapshot; the files the snapshot no longer names go once their
 //! grace period is over ([`removals`]: the engine's timer names the instant, `RemoveDue` asks for the run). An apply that fails (a full disk, a permission) is
@@ -50,27 +51,29 @@ pub mod bans;
 pub mod chunk_set;
 pub mod driver;
 pub mod manifest_fetch;
+pub mod planning;
 pub mod removals;
 pub mod scheduler;
 pub mod seeder;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::chunk::{ChunkId, chunk_range};
+use crate::chunk::ChunkId;
 use crate::control::{HAVE_CHUNKS_MAX, Have, Hello};
 use crate::delta::DeltaHash;
-use crate::diff::diff;
-use crate::entry::{EntryKind, FileMeta};
+use crate::entry::FileMeta;
 use crate::node::NodeHash;
 use crate::node_store::{NodeSource, SourceError};
 use crate::root::{PublisherKey, RepoId, RootError, RootTracker, SignedRoot, VerifiedRoot};
 use crate::timestamp::{Mono, Now, Timestamp};
 pub use chunk_set::ChunkSet;
 use manifest_fetch::{FetchOut, ManifestFetch};
+use planning::{PlanFailure, Ready};
 use scheduler::{BanReason, ChunkOutcome, SchedOut, Scheduler, SchedulerLimits};
 use seeder::{Seeder, SeederLimits, ServeDecision};
 
 pub use apply_order::{IndexNames, Plan};
+pub use planning::{PlanJob, Planned};
 
 /// What the engine needs of a peer identity: the daemon uses libp2p `PeerId`s, the simulator integers.
 pub trait PeerKey: Clone + Ord + Eq + std::hash::Hash + std::fmt::Debug {}
@@ -202,6 +205,9 @@ pub enum Output<P> {
     StoreDelta(DeltaHash, Vec<u8>),
     /// The newest accepted root: record it durably (the sync to it resumes after a restart).
     PersistRoot(SignedRoot),
+    /// The manifest is complete: run the job (off the event loop: it reads the whole diff) and answer with
+    /// [`Input::Planned`] ([`planning`]).
+    Plan(PlanJob),
     /// Prepare staging for these files (copy chunks held locally), then answer with [`Input::Staged`].
     Stage {
         seq: u64,
@@ -297,6 +303,8 @@ pub enum ManifestProblem {
 pub enum SyncPhase {
     Idle,
     FetchingManifest,
+    /// The manifest is complete; the caller runs the plan's job.
+    Planning,
     Staging,
     Transferring,
     Applying,
@@ -309,6 +317,7 @@ impl SyncPhase {
         match self {
             SyncPhase::Idle => "idle",
             SyncPhase::FetchingManifest => "fetching-manifest",
+            SyncPhase::Planning => "planning",
             SyncPhase::Staging => "staging",
             SyncPhase::Transferring => "transferring",
             SyncPhase::Applying => "applying",
@@ -391,8 +400,8 @@ pub enum EngineError {
 }
 
 /// What happened, for [`Engine::handle`].
-#[derive(Clone, Debug)]
-pub enum Input<P> {
+#[derive(Debug)]
+pub enum Input<P: PeerKey> {
     PeerConnected(P),
     PeerDisconnected(P),
     /// A peer's hello (its request, or its answer to ours).
@@ -428,6 +437,8 @@ pub enum Input<P> {
         from: P,
         req: ReqId,
     },
+    /// `Plan` done: the job's result.
+    Planned(Box<Planned<P>>),
     /// `Stage` done: these chunks of snapshot `seq` are held (copied locally or verified from an earlier run).
     Staged {
         seq: u64,
@@ -572,6 +583,8 @@ enum Phase<P: PeerKey> {
     Manifest {
         target: VerifiedRoot,
         fetch: ManifestFetch<P>,
+        /// The fetch is complete and its `Plan` job is out ([`planning`]).
+        planning: bool,
     },
     /// The caller stages the files; the scheduler already collects what peers announce (only chunks it needs).
     /// `plan` (the diff from the applied snapshot) is computed once, here, and carried to the apply.
@@ -689,7 +702,8 @@ impl<P: PeerKey> Engine<P> {
             && engine.cfg.role == Role::Mirror
         {
             // Resumed on the first call (the manifest may be complete already): `poll_timeout` asks for it at once.
-            engine.phase = Phase::Manifest { fetch: ManifestFetch::resume(latest.body.root), target: latest };
+            engine.phase =
+                Phase::Manifest { fetch: ManifestFetch::resume(latest.body.root), target: latest, planning: false };
         }
         engine
     }
@@ -757,6 +771,7 @@ impl<P: PeerKey> Engine<P> {
             Input::Nodes { req, nodes, descendants, .. } => self.on_nodes(now, req, nodes, descendants, source)?,
             Input::Delta { req, delta, .. } => self.on_delta(now, req, delta, source)?,
             Input::FetchFailed { req, .. } => self.on_fetch_failed(now, req),
+            Input::Planned(planned) => self.on_planned(now, planned)?,
             Input::Staged { seq, held } => self.on_staged(now, seq, held),
             Input::Chunk { from, req, id, outcome } => self.on_chunk(now, from, req, id, outcome),
             Input::ChunksDone { from, req, bytes } => self.on_chunks_done(now, from, req, bytes),
@@ -802,7 +817,8 @@ impl<P: PeerKey> Engine<P> {
     pub fn status(&self) -> EngineStatus {
         let (phase, target, bytes_missing, chunks_missing) = match &self.phase {
             Phase::Idle => (SyncPhase::Idle, None, 0, 0),
-            Phase::Manifest { target, .. } => (SyncPhase::FetchingManifest, Some(target), 0, 0),
+            Phase::Manifest { target, planning: false, .. } => (SyncPhase::FetchingManifest, Some(target), 0, 0),
+            Phase::Manifest { target, planning: true, .. } => (SyncPhase::Planning, Some(target), 0, 0),
             Phase::Staging { target, .. } => (SyncPhase::Staging, Some(target), 0, 0),
             Phase::Transfer { target, sched, .. } => {
                 (SyncPhase::Transferring, Some(target), sched.bytes_missing(), sched.chunks_missing())
@@ -1467,12 +1483,12 @@ impl<P: PeerKey> Engine<P> {
         let delta = target.body.delta.as_ref().filter(|d| Some(d.base_root) == base).map(|d| (d.hash, d.base_root));
         let fetch = ManifestFetch::new(target.body.root, delta, source)?;
         self.origin_metadata_wait = Some((target.body.seq, now.mono.plus_ms(ORIGIN_METADATA_WAIT_MS)));
-        self.phase = Phase::Manifest { target, fetch };
+        self.phase = Phase::Manifest { target, fetch, planning: false };
         self.advance(now, source)
     }
 
-    /// Moves the manifest phase forward: a resumed fetch is started, a complete manifest is planned (reading the
-    /// nodes this call stored through [`Unstored`]).
+    /// Moves the manifest phase forward: a resumed fetch is started (reading the nodes this call stored through
+    /// [`Unstored`]), a complete manifest's `Plan` job is handed out.
     fn advance(&mut self, now: Now, source: &impl NodeSource) -> Result<(), EngineError> {
         let mut unstored = std::mem::take(&mut self.unstored);
         let result = self.advance_with(now, &Unstored { base: source, nodes: &unstored });
@@ -1487,46 +1503,59 @@ impl<P: PeerKey> Engine<P> {
         {
             *fetch = ManifestFetch::new(fetch.root(), None, source)?;
         }
-        if let Phase::Manifest { fetch, target } = &self.phase
+        if let Phase::Manifest { fetch, target, planning } = &mut self.phase
             && fetch.is_complete()
+            && !*planning
         {
-            let target = target.clone();
-            self.plan(now, target, source)?;
+            *planning = true;
+            let base = self.current.as_ref().map(|c| c.body.root);
+            let cfg = &self.cfg;
+            let job = PlanJob::new(
+                target.body.seq,
+                target.body.root,
+                base,
+                cfg.scheduler.clone(),
+                cfg.salt,
+                cfg.index_names.clone(),
+            );
+            self.out.push_back(Output::Plan(job));
         }
         self.pump(now);
         Ok(())
     }
 
-    fn plan(&mut self, now: Now, target: VerifiedRoot, source: &impl NodeSource) -> Result<(), EngineError> {
-        let base = self.current.as_ref().map(|c| c.body.root);
-        let changes = match diff(source, base.as_ref(), &target.body.root) {
-            Ok((changes, _)) => changes,
-            Err(crate::diff::DiffError::Source(e)) => return Err(e.into()),
-            Err(crate::diff::DiffError::Missing(hash)) => {
-                // A node the store should hold is gone: fetch that subtree again, then plan again.
+    /// A `Plan` job's result: stage the files (or fetch a missing subtree again, or give up on a broken manifest).
+    /// The result of a job for a target this node has moved on from is dropped.
+    fn on_planned(&mut self, now: Now, planned: Box<Planned<P>>) -> Result<(), EngineError> {
+        let is_awaited = matches!(&self.phase, Phase::Manifest { target, planning: true, .. }
+            if target.body.seq == planned.seq && target.body.root == planned.root);
+        if !is_awaited {
+            return Ok(());
+        }
+        let Phase::Manifest { target, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            unreachable!("the phase was matched above")
+        };
+        let ready = match planned.outcome {
+            Ok(ready) => ready,
+            Err(PlanFailure::Source(e)) => {
+                // As when the fetch reads the store: the sync waits for the next event to try again.
+                self.phase =
+                    Phase::Manifest { fetch: ManifestFetch::resume(target.body.root), target, planning: false };
+                return Err(e.into());
+            }
+            Err(PlanFailure::Missing(hash)) => {
                 self.out.push_back(Output::Notice(Notice::ManifestError(ManifestProblem::NodeMissing(hash))));
-                self.phase = Phase::Manifest { fetch: ManifestFetch::resume(hash), target };
+                self.phase = Phase::Manifest { fetch: ManifestFetch::resume(hash), target, planning: false };
+                self.pump(now);
                 return Ok(());
             }
-            Err(e) => {
-                // A stored node is damaged or the manifest breaks a rule: nothing to apply until a new root.
+            Err(PlanFailure::Invalid(e)) => {
                 self.out.push_back(Output::Notice(Notice::ManifestError(ManifestProblem::Invalid(e))));
-                self.phase = Phase::Idle;
                 return Ok(());
             }
         };
-        let files: Vec<StageFile> = changes
-            .iter()
-            .filter_map(|c| match c.new.as_ref().map(|e| &e.kind) {
-                Some(EntryKind::File(meta)) => Some(StageFile { path: c.path.clone(), meta: meta.clone() }),
-                _ => None,
-            })
-            .collect();
+        let Ready { files, mut sched, plan } = ready;
         let seq = target.body.seq;
-        let chunks = files.iter().flat_map(|f| {
-            f.meta.chunks.iter().enumerate().filter_map(|(i, id)| Some((*id, chunk_range(f.meta.size, i as u64)?.1)))
-        });
-        let mut sched = Scheduler::new(self.cfg.scheduler.clone(), self.cfg.salt, chunks);
         // What peers announced so far moves into the scheduler, which keeps only chunks this sync needs.
         for (peer, info) in &mut self.peers {
             let holdings = std::mem::take(&mut info.holdings);
@@ -1546,10 +1575,10 @@ impl<P: PeerKey> Engine<P> {
         }
         self.kept_waiting.clear();
         self.out.push_back(Output::Stage { seq, files });
-        let plan = Plan::new(changes, &self.cfg.index_names);
         self.phase = Phase::Staging { target, sched, plan };
         // Neighbours waiting for the manifest ask here (chunks are announced later, when they arrive).
         self.announce_manifest(seq);
+        self.pump(now);
         Ok(())
     }
 
@@ -1589,7 +1618,7 @@ impl<P: PeerKey> Engine<P> {
             ReqId(next)
         };
         match &mut self.phase {
-            Phase::Manifest { target, fetch } => {
+            Phase::Manifest { target, fetch, .. } => {
                 let seq = target.body.seq;
                 // Peers that hold the manifest (complete at the snapshot, or announcing chunks of it) first, then
                 // the origin, then peers that only know the root (they may still be fetching it themselves).
