@@ -27,6 +27,12 @@ const ADMIN_HOST_LEN_MAX: usize = 253;
 pub const DEFAULT_DELETE_GRACE_SECS: u64 = 300;
 /// Default validity of a signed root, in hours (re-signed at half of it).
 pub const DEFAULT_VALIDITY_HOURS: u64 = 168;
+/// How long a watched directory must have been quiet before it is published, by default (`origin.quiet_secs`).
+pub const DEFAULT_QUIET: Duration = Duration::from_secs(30);
+/// Shortest `origin.quiet_ms`: the watcher's events come through the event loop's 50 ms tick; below a few ticks a
+/// builder's package and index, written a moment apart, would be published separately more often (each
+/// directory's read is consistent regardless: the scan reads a directory again if it changed meanwhile).
+pub const QUIET_MS_MIN: u64 = 100;
 /// Longest validity of a signed root, in hours: a stolen or stale root must not stay acceptable for years.
 pub const VALIDITY_HOURS_MAX: u64 = 24 * 366;
 
@@ -118,6 +124,8 @@ struct OriginSection {
     #[serde(default)]
     watch: bool,
     quiet_secs: Option<u64>,
+    /// `quiet_secs` in milliseconds, for masters that want a change published within a second (one or the other).
+    quiet_ms: Option<u64>,
     validity_hours: Option<u64>,
     removal_limit_percent: Option<u32>,
     #[serde(default)]
@@ -393,6 +401,19 @@ impl Config {
         if file.origin.quiet_secs == Some(0) {
             problems.push("origin.quiet_secs: must be positive".into());
         }
+        let watch_quiet = match (file.origin.quiet_secs, file.origin.quiet_ms) {
+            (Some(_), Some(_)) => {
+                problems.push("origin.quiet_secs and origin.quiet_ms: set one of them".into());
+                DEFAULT_QUIET
+            }
+            (_, Some(ms)) if ms < QUIET_MS_MIN => {
+                problems.push(format!("origin.quiet_ms: {ms} is below {QUIET_MS_MIN}"));
+                DEFAULT_QUIET
+            }
+            (_, Some(ms)) => Duration::from_millis(ms),
+            (Some(secs), None) => Duration::from_secs(secs),
+            (None, None) => DEFAULT_QUIET,
+        };
         let removal_limit_percent =
             file.origin.removal_limit_percent.unwrap_or(crate::publish::DEFAULT_REMOVAL_LIMIT_PERCENT);
         if removal_limit_percent > 100 {
@@ -459,7 +480,7 @@ impl Config {
             admin_read_token,
             admin_hosts,
             watch: file.origin.watch,
-            watch_quiet: Duration::from_secs(file.origin.quiet_secs.unwrap_or(30)),
+            watch_quiet,
             validity: Duration::from_secs(validity_hours * 3600),
             publish_guard: PublishGuard {
                 removal_limit_percent,
@@ -681,6 +702,18 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN);
         assert_eq!(c.publishers.len(), 1);
         assert_eq!(c.publishers[0].1.to_string(), PEER);
+    }
+
+    #[test]
+    fn the_watch_quiet_time_is_given_in_seconds_or_milliseconds_not_both() {
+        let origin = |extra: &str| minimal("origin") + "[origin]\nwatch = true\n" + extra;
+        let quiet = |extra: &str| Config::parse(&origin(extra), Path::new("/")).map(|c| c.watch_quiet);
+        assert_eq!(quiet("").unwrap(), DEFAULT_QUIET);
+        assert_eq!(quiet("quiet_secs = 5\n").unwrap(), Duration::from_secs(5));
+        assert_eq!(quiet("quiet_ms = 200\n").unwrap(), Duration::from_millis(200));
+        let err = |extra: &str| format!("{:#}", quiet(extra).unwrap_err());
+        assert!(err("quiet_secs = 5\nquiet_ms = 200\n").contains("set one of them"));
+        assert!(err("quiet_ms = 20\n").contains("origin.quiet_ms: 20 is below 100"));
     }
 
     #[test]
