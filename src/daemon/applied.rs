@@ -5,7 +5,7 @@ use super::*;
 
 impl Daemon {
     pub(super) fn on_applied(&mut self, target: VerifiedRoot, result: Result<tree_writer::Applied>) -> Result<()> {
-        let tree_writer::Applied { report, changed_dirs } = match result {
+        let tree_writer::Applied { report, changed_dirs, scheduled, pending, staging_left } = match result {
             Ok(applied) => applied,
             Err(e) => {
                 // The tree is consistent (see apply.rs); the engine tries again with back-off, or moves on to a
@@ -18,23 +18,10 @@ impl Daemon {
                 return Ok(());
             }
         };
-        let due = removal_due(now(), self.cfg.delete_grace.as_millis() as u64);
-        let mut writer = self.store.writer()?;
-        writer.set_applied(&target.signed, &self.cfg.repo)?;
-        for path in &report.written {
-            writer.remove_pending_deletion(path)?;
-        }
-        let own = self.downstream.config().paths();
-        let mut scheduled = None;
-        for path in report.removals.iter().filter(|p| !own.contains(*p)) {
-            writer.add_pending_deletion(path, due.0)?;
-            scheduled = Some(due);
-        }
-        writer.commit()?;
-        let pending = self.store.reader()?.pending_deletion_count()?;
+        // (The tree writer recorded the snapshot and its removals, and cleared staging.)
         self.feed(Input::RemovalsScheduled { due: scheduled, pending })?;
-        if let Err(e) = self.staging.finish() {
-            tracing::warn!("cleaning staging: {e:#}");
+        if let Some(e) = staging_left {
+            tracing::warn!("cleaning staging: {e}");
         }
         self.totals = (target.body.files, target.body.bytes);
         for kind in [ProblemKind::ApplyFailing, ProblemKind::StagingFailing, ProblemKind::Manifest, ProblemKind::Other]

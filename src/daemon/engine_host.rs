@@ -112,7 +112,12 @@ impl Daemon {
             }
             Output::Apply { target, plan } => {
                 tracing::info!(seq = target.body.seq, "applying snapshot");
-                self.tree_writer.submit(tree_writer::TreeJob::Apply { target: Box::new(target), plan })?;
+                let record = tree_writer::Record {
+                    repo: self.cfg.repo.clone(),
+                    grace_ms: self.cfg.delete_grace.as_millis() as u64,
+                    keep: self.downstream.config().paths().into_iter().collect(),
+                };
+                self.tree_writer.submit(tree_writer::TreeJob::Apply { target: Box::new(target), plan, record })?;
             }
             Output::Ban { peer, reason, until: None } => {
                 tracing::warn!(%peer, reason = reason.name(), "peer banned for this snapshot");

@@ -44,7 +44,6 @@ use mirrormesh_proto::node_store::{NodeSource, SourceError};
 use mirrormesh_proto::root::Freshness;
 use mirrormesh_proto::sync::bans::Offence;
 use mirrormesh_proto::sync::driver::{Host, step};
-use mirrormesh_proto::sync::removals::removal_due;
 use mirrormesh_proto::sync::scheduler::{ChunkOutcome, SchedulerLimits};
 use mirrormesh_proto::sync::seeder::{SeederLimits, ServeDecision};
 use mirrormesh_proto::sync::{
