@@ -1107,16 +1107,10 @@ fn a_plan_made_for_a_root_the_mirror_has_moved_on_from_is_dropped_and_the_newer_
     assert_eq!(new.seq(), 3);
 
     // The late plan for snapshot 2 is dropped: nothing is staged, the mirror still waits for snapshot 3's.
-    let planned = {
-        let node = net.node(1);
-        old.run(&node.nodes)
-    };
+    let planned = old.run(&net.node(1).nodes);
     net.call(1, Input::Planned(planned));
     assert_eq!(status(&mut net).phase, SyncPhase::Planning, "still waiting for snapshot 3's plan");
-    let planned = {
-        let node = net.node(1);
-        new.run(&node.nodes)
-    };
+    let planned = new.run(&net.node(1).nodes);
     net.call(1, Input::Planned(planned));
     // (This network stages at once.)
     assert_eq!(status(&mut net).phase, SyncPhase::Transferring);

@@ -1510,14 +1510,14 @@ impl<P: PeerKey> Engine<P> {
             *planning = true;
             let base = self.current.as_ref().map(|c| c.body.root);
             let cfg = &self.cfg;
-            let job = PlanJob::new(
-                target.body.seq,
-                target.body.root,
+            let job = PlanJob {
+                seq: target.body.seq,
+                root: target.body.root,
                 base,
-                cfg.scheduler.clone(),
-                cfg.salt,
-                cfg.index_names.clone(),
-            );
+                limits: cfg.scheduler.clone(),
+                salt: cfg.salt,
+                index_names: cfg.index_names.clone(),
+            };
             self.out.push_back(Output::Plan(job));
         }
         self.pump(now);

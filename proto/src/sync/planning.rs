@@ -26,12 +26,12 @@ use super::{IndexNames, PeerKey, Plan, StageFile};
 /// What to plan: the diff from `base` (the applied snapshot's root, if any) to the target `root` of snapshot `seq`.
 #[derive(Clone)]
 pub struct PlanJob {
-    seq: u64,
-    root: NodeHash,
-    base: Option<NodeHash>,
-    limits: SchedulerLimits,
-    salt: u64,
-    index_names: IndexNames,
+    pub(super) seq: u64,
+    pub(super) root: NodeHash,
+    pub(super) base: Option<NodeHash>,
+    pub(super) limits: SchedulerLimits,
+    pub(super) salt: u64,
+    pub(super) index_names: IndexNames,
 }
 
 /// Two jobs are the same if they plan the same diff for the same snapshot (the limits, salt and index names are the
@@ -87,17 +87,6 @@ pub(super) enum PlanFailure {
 }
 
 impl PlanJob {
-    pub(super) fn new(
-        seq: u64,
-        root: NodeHash,
-        base: Option<NodeHash>,
-        limits: SchedulerLimits,
-        salt: u64,
-        index_names: IndexNames,
-    ) -> Self {
-        Self { seq, root, base, limits, salt, index_names }
-    }
-
     /// The snapshot this job plans for.
     pub fn seq(&self) -> u64 {
         self.seq
